@@ -1,0 +1,24 @@
+"""echoplex: a concurrent TCP echo server toolkit.
+
+Five concurrency models behind one contract (`echoplex.models`), one config object
+(`ServerConfig`), and `run()` to serve until stopped.
+"""
+
+from .config import ServerConfig
+from .errors import StartupError
+from .events import ConnectionRecord, LogEvents, ServerEvents
+from .models import MODELS
+from .server import run
+from .shutdown import Shutdown
+
+__all__ = [
+    "MODELS",
+    "ConnectionRecord",
+    "LogEvents",
+    "ServerConfig",
+    "ServerEvents",
+    "Shutdown",
+    "StartupError",
+    "run",
+]
+__version__ = "0.1.0"

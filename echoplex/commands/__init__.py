@@ -1,0 +1,6 @@
+"""One module per `echoplex` subcommand: `add_arguments(parser)` and `run(args) -> int`."""
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("echoplex.commands.serve", "run an echo server"),
+    "client": ("echoplex.commands.client", "talk to an echo server, like nc"),
+}

@@ -1,0 +1,70 @@
+"""`echoplex client`: interactive like nc, or one-shot with `--message`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._cli_util import fail, non_negative_seconds, port_number, positive_int
+from ..client import connect, describe_connect_error, interact, one_shot, stopped_quietly
+from ..config import DEFAULT_PORT
+
+PROG = "echoplex client"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"server port (default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "-m",
+        "--message",
+        action="append",
+        metavar="TEXT",
+        help="send TEXT, print the echo as the tutorial does, exit; repeatable. "
+        "Without it, stdin is sent and the echo printed, like nc",
+    )
+    parser.add_argument(
+        "--count",
+        type=positive_int,
+        default=1,
+        help="send each --message this many times (default 1)",
+    )
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="with --message, print the echoed bytes instead of their repr",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=non_negative_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up on a connect or a read after this long (default: wait)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    with stopped_quietly():
+        if args.message:
+            if not args.raw:
+                print("Starting client...", flush=True)
+            messages = [text.encode() for text in args.message] * args.count
+            return one_shot(
+                PROG, args.host, args.port, messages, raw=args.raw, timeout_s=args.timeout
+            )
+        try:
+            sock = connect(args.host, args.port, args.timeout)
+        except OSError as exc:
+            return fail(PROG, describe_connect_error(args.host, args.port, exc), status=1)
+        with sock:
+            sock.settimeout(None)  # an interactive session may stay idle as long as it likes
+            try:
+                interact(sock, sys.stdin.buffer, sys.stdout.buffer)
+            except OSError as exc:
+                return fail(PROG, f"connection failed: {exc.strerror or exc}", status=1)
+    return 0

@@ -1,0 +1,115 @@
+"""`echoplex serve`: the echo server, any model, logging to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .._cli_util import (
+    fail,
+    non_negative_int,
+    non_negative_seconds,
+    port_number,
+    positive_int,
+)
+from ..config import DEFAULT_BACKLOG, DEFAULT_PORT, LOOPS, ServerConfig
+from ..errors import StartupError
+from ..models import DESCRIPTIONS, MODELS
+from ..server import run as run_server
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models = "; ".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items())
+    parser.add_argument(
+        "--mode",
+        choices=MODELS,
+        default="threads",
+        help=f"concurrency model (default threads). {models}",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port",
+        type=port_number,
+        default=DEFAULT_PORT,
+        help=f"port to listen on, 0 for any free one (default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--backlog",
+        type=positive_int,
+        default=DEFAULT_BACKLOG,
+        help=f"listen backlog (default {DEFAULT_BACKLOG})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=ServerConfig.threads,
+        help=f"worker threads of the pool model (default {ServerConfig.threads})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="processes of the workers model (default 0: one per CPU)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop of asyncio/workers (default auto: uvloop if installed)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=non_negative_seconds,
+        default=ServerConfig.drain_timeout_s,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long open connections may finish (default 5)",
+    )
+    parser.add_argument(
+        "--log-data",
+        action="store_true",
+        help="log every chunk received, as the tutorial prints it",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="least severe log level shown (default info)",
+    )
+
+
+def config_from(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        mode=args.mode,
+        host=args.host,
+        port=args.port,
+        backlog=args.backlog,
+        threads=args.threads,
+        workers=args.workers,
+        loop=args.loop,
+        drain_timeout_s=args.drain_timeout,
+        log_data=args.log_data,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    prog = "echoplex serve"
+    try:
+        config = config_from(args)
+    except ValueError as exc:
+        return fail(prog, str(exc))
+    where = "%(processName)s " if config.mode == "workers" else ""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        run_server(config)
+    except StartupError as exc:
+        return fail(prog, str(exc))
+    return 0

@@ -1,0 +1,69 @@
+"""The one configuration object behind `echoplex serve`, the tutorial script and the API.
+
+Every concurrency model reads the same frozen `ServerConfig`; the CLI only builds one.
+Units are part of the field names (`_s` for seconds, `_bytes` for sizes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DEFAULT_PORT = 12345
+# The kernel caps this at net.core.somaxconn; asking for more costs nothing and
+# lets bursts of thousands of connects queue instead of being refused.
+DEFAULT_BACKLOG = 4096
+LOOPS = ("auto", "asyncio", "uvloop")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    mode: str = "threads"
+    """Concurrency model, a key of `echoplex.models.MODELS`."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; an IPv6 literal (contains ':') listens on IPv6."""
+
+    port: int = DEFAULT_PORT
+    """TCP port; 0 picks a free one (read back from the ready callback)."""
+
+    backlog: int = DEFAULT_BACKLOG
+    """listen() backlog: connections the kernel queues before we accept them."""
+
+    threads: int = 32
+    """Worker threads of the `pool` model."""
+
+    workers: int = 0
+    """Processes of the `workers` model; 0 means one per CPU."""
+
+    loop: str = "auto"
+    """Event loop of `asyncio` and `workers`: auto (uvloop if installed), asyncio, uvloop."""
+
+    drain_timeout_s: float = 5.0
+    """On SIGTERM/SIGINT, how long open connections may go on before they are closed."""
+
+    log_data: bool = False
+    """Report every chunk received (the tutorial's `Received: b'...'` lines)."""
+
+    recv_bytes: int = 65536
+    """Largest read from a connection at once."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, not {self.port}")
+        if self.backlog < 1:
+            raise ValueError(f"backlog must be at least 1, not {self.backlog}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.threads}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (one per CPU) or more, not {self.workers}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be 0 or more, not {self.drain_timeout_s}")
+        if self.recv_bytes < 1:
+            raise ValueError(f"recv size must be at least 1, not {self.recv_bytes}")
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1

@@ -1,0 +1,82 @@
+"""What a server reports as it runs, and the two ways of reporting it.
+
+Models call these hooks; they never print or log directly. `LogEvents` is the
+`echoplex serve` default (stderr, one line per connection); the tutorial's front
+door prints its own lines (`echoplex.tutorial`). `data_received` is only called
+when `ServerConfig.log_data` is set, so the echo hot path pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ._net import format_address
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """Running totals for one connection, filled in by the model that serves it."""
+
+    peer: Any
+    opened_at: float = field(default_factory=time.monotonic)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    outcome: str | None = None
+    """How it ended: `closed` (client finished), `reset`, `error:ERRNO`, `drained` (cut off
+    at shutdown). The first cause recorded wins: a drain that cuts a connection off is
+    not overwritten by the error the cut then causes."""
+
+    def finish(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+
+    @property
+    def duration_s(self) -> float:
+        return time.monotonic() - self.opened_at
+
+
+class ServerEvents(Protocol):
+    def listening(self, addresses: list[Any]) -> None:
+        """The server accepts connections on these socket addresses (the readiness signal)."""
+
+    def connection_opened(self, record: ConnectionRecord) -> None: ...
+
+    def data_received(self, record: ConnectionRecord, data: bytes) -> None: ...
+
+    def connection_closed(self, record: ConnectionRecord) -> None: ...
+
+    def stopping(self) -> None:
+        """A stop was requested: the listener is closed, open connections drain."""
+
+
+class LogEvents:
+    """Reports through the `echoplex.server` logger: one line per connection opened and closed."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger("echoplex.server")
+
+    def listening(self, addresses: list[Any]) -> None:
+        for address in addresses:
+            self.log.info("listening on %s", format_address(address))
+
+    def connection_opened(self, record: ConnectionRecord) -> None:
+        self.log.info("open %s", format_address(record.peer))
+
+    def data_received(self, record: ConnectionRecord, data: bytes) -> None:
+        self.log.info("%s Received: %r", format_address(record.peer), data)
+
+    def connection_closed(self, record: ConnectionRecord) -> None:
+        self.log.info(
+            "close %s in=%d out=%d duration=%.3fs outcome=%s",
+            format_address(record.peer),
+            record.bytes_in,
+            record.bytes_out,
+            record.duration_s,
+            record.outcome or "closed",
+        )
+
+    def stopping(self) -> None:
+        self.log.info("stopping: no new connections; draining open ones")

@@ -1,0 +1,172 @@
+"""`workers`: N processes, each running the `asyncio` model on its own listener.
+
+Every worker binds the same port with `SO_REUSEPORT`, so the kernel spreads new
+connections over the workers' accept queues (no shared accept lock, no thundering
+herd). The parent only supervises: it restarts a worker that dies and, on a stop
+request, passes it on to every worker and waits for them to drain. With port 0 the
+parent first binds a non-listening placeholder to pick the port and keeps it for
+the server's lifetime, so restarted workers get the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from .._net import open_listener
+from ..config import ServerConfig
+from ..errors import StartupError
+from ..events import ServerEvents
+from ..shutdown import STOP_SIGNALS, Shutdown
+from . import asyncio_
+
+log = logging.getLogger("echoplex.workers")
+
+# A worker that dies sooner than this after starting is restarted only after this long,
+# so a worker that cannot start does not turn into a fork loop.
+RESTART_BACKOFF_S = 1.0
+# After the drain timeout, how long workers get to exit before they are killed.
+EXIT_GRACE_S = 2.0
+STARTUP_TIMEOUT_S = 30.0
+
+
+class _ReadyReporter:
+    """A worker's events: everything as the parent's, but `listening` tells the parent."""
+
+    def __init__(self, events: ServerEvents, ready: Connection) -> None:
+        self._events = events
+        self._ready = ready
+
+    def listening(self, addresses: list[Any]) -> None:
+        self._ready.send(addresses)
+        self._ready.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._events, name)
+
+
+def _worker_main(index: int, config: ServerConfig, events: ServerEvents, ready: Connection) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)  # until the worker's own loop handles them
+    multiprocessing.current_process().name = f"worker-{index}"
+    shutdown = Shutdown()
+    try:
+        asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, reuse_port=True)  # type: ignore[arg-type]
+    except StartupError as exc:
+        log.error("%s", exc)
+        os._exit(2)
+
+
+class _Supervisor:
+    def __init__(self, config: ServerConfig, events: ServerEvents) -> None:
+        self.config = config
+        self.events = events
+        self.context = multiprocessing.get_context("fork")
+        self.workers: dict[int, tuple[BaseProcess, float]] = {}
+
+    def start(self, index: int) -> Connection:
+        parent_end, child_end = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=_worker_main,
+            args=(index, self.config, self.events, child_end),
+            name=f"worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        child_end.close()
+        self.workers[index] = (process, time.monotonic())
+        return parent_end
+
+    def start_all(self) -> list[Any]:
+        pending = {self.start(index): index for index in range(self.config.worker_count)}
+        addresses: list[Any] = []
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while pending:
+            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise StartupError("workers did not start in time")
+            for conn in ready:
+                assert isinstance(conn, Connection)
+                index = pending.pop(conn)
+                try:
+                    addresses = conn.recv()
+                except EOFError:
+                    raise StartupError(f"worker {index} exited during startup") from None
+                finally:
+                    conn.close()
+        return addresses
+
+    def supervise(self, shutdown: Shutdown) -> None:
+        """Restart workers that die until a stop is requested."""
+        while not shutdown.requested:
+            sentinels = {process.sentinel: index for index, (process, _) in self.workers.items()}
+            wait([*sentinels, shutdown.fileno()])
+            shutdown.clear_wakeup()
+            for index, (process, started_at) in list(self.workers.items()):
+                if process.is_alive() or shutdown.requested:
+                    continue
+                process.join()
+                log.warning(
+                    "worker %d (pid %s) exited with status %s; restarting",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                )
+                if time.monotonic() - started_at < RESTART_BACKOFF_S:
+                    shutdown.wait(RESTART_BACKOFF_S)
+                    if shutdown.requested:
+                        break
+                self.start(index).close()
+
+    def stop(self, shutdown: Shutdown) -> None:
+        """Pass the stop on (again, if forced), wait for the drain, kill what is left."""
+        self.signal_all(signal.SIGTERM)
+        forwarded_force = False
+        latest_drain_end = time.monotonic() + self.config.drain_timeout_s
+
+        def grace_ends() -> float:
+            drain_end = min(shutdown.drain_deadline(self.config.drain_timeout_s), latest_drain_end)
+            return drain_end + EXIT_GRACE_S
+
+        while self.alive() and time.monotonic() < grace_ends():
+            if shutdown.forced and not forwarded_force:
+                forwarded_force = True
+                self.signal_all(signal.SIGTERM)
+            sentinels = [process.sentinel for process in self.alive()]
+            wait([*sentinels, shutdown.fileno()], timeout=max(0.0, grace_ends() - time.monotonic()))
+            shutdown.clear_wakeup()
+        for process in self.alive():
+            log.warning("worker %s did not exit in time; killing it", process.pid)
+            process.kill()
+        for process, _ in self.workers.values():
+            process.join()
+
+    def alive(self) -> list[BaseProcess]:
+        return [process for process, _ in self.workers.values() if process.is_alive()]
+
+    def signal_all(self, sig: signal.Signals) -> None:
+        for process in self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, sig)  # type: ignore[arg-type]
+
+
+def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
+    asyncio_.loop_factory(config.loop)  # fail here, once, if the loop cannot be had
+    with open_listener(config, reuse_port=True, listen=False) as placeholder:
+        worker_config = replace(config, port=placeholder.getsockname()[1])
+        supervisor = _Supervisor(worker_config, events)
+        try:
+            events.listening(supervisor.start_all())
+            log.info("%d workers running", config.worker_count)
+            supervisor.supervise(shutdown)
+            events.stopping()
+        finally:
+            supervisor.stop(shutdown)
