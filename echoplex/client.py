@@ -34,7 +34,7 @@ def round_trip(sock: socket.socket, message: bytes) -> bytes:
         chunk = sock.recv(min(CHUNK_BYTES, len(message) - len(received)))
         if not chunk:
             raise EchoMismatch(
-                f"server closed the connection after echoing {len(received)} of {len(message)} bytes"
+                f"server closed after echoing {len(received)} of {len(message)} bytes"
             )
         received += chunk
     if received != message:
