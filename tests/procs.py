@@ -1,0 +1,174 @@
+"""Helpers to run echoplex (and other real programs) as subprocesses in tests."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+STARTUP_TIMEOUT_S = 20.0
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skip the test if it is missing, except under CI where it must exist."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install the package that provides it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}: CI must install it")
+        pytest.skip(message)
+    return path
+
+
+class Process:
+    """A subprocess whose stdout and stderr lines are collected as they arrive."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: int | None = subprocess.DEVNULL,
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.argv = list(argv)
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.stdout_lines: queue.Queue[str] = queue.Queue()
+        self.stdout_seen: list[str] = []
+        self.stderr_seen: list[str] = []
+        self._readers = [
+            threading.Thread(
+                target=self._pump, args=(self.proc.stdout, self.stdout_seen, True), daemon=True
+            ),
+            threading.Thread(
+                target=self._pump, args=(self.proc.stderr, self.stderr_seen, False), daemon=True
+            ),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _pump(self, stream, seen: list[str], to_queue: bool) -> None:  # type: ignore[no-untyped-def]
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
+            seen.append(line)
+            if to_queue:
+                self.stdout_lines.put(line)
+        stream.close()
+
+    def next_line(self, timeout_s: float = 10.0) -> str:
+        """The next stdout line; fails the test if none comes in time."""
+        try:
+            return self.stdout_lines.get(timeout=timeout_s)
+        except queue.Empty:
+            pytest.fail(
+                f"no output line from {self.argv} within {timeout_s}s; "
+                f"stderr: {''.join(self.stderr_seen)[-2000:]}"
+            )
+
+    def wait_for_stderr(
+        self, pattern: re.Pattern[str] | str, timeout_s: float = STARTUP_TIMEOUT_S, start: int = 0
+    ) -> re.Match[str]:
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.stderr_seen[start:]:
+                if match := regex.search(line):
+                    return match
+            if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
+                break
+            time.sleep(0.01)
+        pytest.fail(
+            f"{regex.pattern!r} not seen on stderr of {self.argv}: "
+            f"{''.join(self.stderr_seen)[-3000:]}"
+        )
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_seen)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.stdout_seen)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float = 15.0) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(
+                f"{self.argv} did not exit within {timeout_s}s; stderr: {self.stderr[-2000:]}"
+            )
+        for reader in self._readers:
+            reader.join(timeout=5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        if self.proc.stdin:
+            self.proc.stdin.close()
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+class Server(Process):
+    """`python -m echoplex serve --port 0 ...`, started and ready (its port read from its log)."""
+
+    def __init__(self, *args: str, mode: str = "threads") -> None:
+        super().__init__(
+            [sys.executable, "-m", "echoplex", "serve", "--port", "0", "--mode", mode, *args]
+        )
+        match = self.wait_for_stderr(LISTENING)
+        self.host, self.port = match.group(1), int(match.group(2))
+        self.address = (self.host, self.port)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        self.signal(sig)
+        return self.wait(timeout_s)
+
+
+def echoplex(
+    *args: str,
+    timeout_s: float = 60.0,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m echoplex ARGS` to completion and return its result (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "echoplex", *args],
+        cwd=ROOT,
+        capture_output=True,
+        input=input.decode() if input is not None else None,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
