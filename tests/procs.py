@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Self
 
 import pytest
 
@@ -66,7 +67,7 @@ class Process:
         for reader in self._readers:
             reader.start()
 
-    def _pump(self, stream, seen: list[str], to_queue: bool) -> None:  # type: ignore[no-untyped-def]
+    def _pump(self, stream: IO[bytes], seen: list[str], to_queue: bool) -> None:
         for raw in iter(stream.readline, b""):
             line = raw.decode(errors="replace")
             seen.append(line)
@@ -134,7 +135,7 @@ class Process:
         if self.proc.stdin:
             self.proc.stdin.close()
 
-    def __enter__(self) -> Process:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

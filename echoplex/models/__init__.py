@@ -43,5 +43,5 @@ def load_model(name: str) -> Model:
         module_name = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown mode {name!r} (choose from {', '.join(MODELS)})") from None
-    module: Model = importlib.import_module(module_name)  # type: ignore[assignment]
+    module: Model = importlib.import_module(module_name)
     return module

@@ -11,6 +11,7 @@ import math
 import select
 import socket
 import time
+from functools import partial
 
 from .._net import open_listener
 from ..config import ServerConfig
@@ -37,8 +38,8 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
                 shutdown.clear_wakeup()
             deadline = shutdown.drain_deadline(config.drain_timeout_s)
             timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
-            readable, _, _ = select.select([conn, shutdown], [], [], timeout)
-            if conn in readable:
+            readable, _, _ = select.select([conn.fileno(), shutdown.fileno()], [], [], timeout)
+            if conn.fileno() in readable:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -51,7 +52,7 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
                 ConnectionRecord(peer),
                 config,
                 events,
-                wait_readable=lambda conn=conn: readable_before_deadline(conn),
+                partial(readable_before_deadline, conn),
             )
     finally:
         stop_listening()

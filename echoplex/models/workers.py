@@ -59,7 +59,7 @@ def _worker_main(index: int, config: ServerConfig, events: ServerEvents, ready: 
     multiprocessing.current_process().name = f"worker-{index}"
     shutdown = Shutdown()
     try:
-        asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, reuse_port=True)  # type: ignore[arg-type]
+        asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, reuse_port=True)
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
