@@ -71,8 +71,10 @@ class _Supervisor:
         self.events = events
         self.context = multiprocessing.get_context("fork")
         self.workers: dict[int, tuple[BaseProcess, float]] = {}
+        # Ready pipes of workers that have not reported listening yet.
+        self.starting: dict[Connection, int] = {}
 
-    def start(self, index: int) -> Connection:
+    def start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
@@ -83,32 +85,45 @@ class _Supervisor:
         process.start()
         child_end.close()
         self.workers[index] = (process, time.monotonic())
-        return parent_end
+        self.starting[parent_end] = index
+
+    def take_ready(self, conn: Connection) -> list[Any] | None:
+        """Read a starting worker's ready message: its addresses, or None if it died first."""
+        index = self.starting.pop(conn)
+        try:
+            addresses: list[Any] = conn.recv()
+        except EOFError:
+            return None
+        finally:
+            conn.close()
+        log.debug("worker %d (pid %s) is listening", index, self.workers[index][0].pid)
+        return addresses
 
     def start_all(self) -> list[Any]:
-        pending = {self.start(index): index for index in range(self.config.worker_count)}
+        for index in range(self.config.worker_count):
+            self.start(index)
         addresses: list[Any] = []
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while pending:
-            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+        while self.starting:
+            ready = wait(list(self.starting), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise StartupError("workers did not start in time")
             for conn in ready:
                 assert isinstance(conn, Connection)
-                index = pending.pop(conn)
-                try:
-                    addresses = conn.recv()
-                except EOFError:
-                    raise StartupError(f"worker {index} exited during startup") from None
-                finally:
-                    conn.close()
+                index = self.starting[conn]
+                started = self.take_ready(conn)
+                if started is None:
+                    raise StartupError(f"worker {index} exited during startup")
+                addresses = started
         return addresses
 
     def supervise(self, shutdown: Shutdown) -> None:
         """Restart workers that die until a stop is requested."""
         while not shutdown.requested:
-            sentinels = {process.sentinel: index for index, (process, _) in self.workers.items()}
-            wait([*sentinels, shutdown.fileno()])
+            sentinels = [process.sentinel for process, _ in self.workers.values()]
+            for ready in wait([*sentinels, *self.starting, shutdown.fileno()]):
+                if isinstance(ready, Connection):
+                    self.take_ready(ready)
             shutdown.clear_wakeup()
             for index, (process, started_at) in list(self.workers.items()):
                 if process.is_alive() or shutdown.requested:
@@ -124,7 +139,7 @@ class _Supervisor:
                     shutdown.wait(RESTART_BACKOFF_S)
                     if shutdown.requested:
                         break
-                self.start(index).close()
+                self.start(index)
 
     def stop(self, shutdown: Shutdown) -> None:
         """Pass the stop on (again, if forced), wait for the drain, kill what is left."""
@@ -148,6 +163,8 @@ class _Supervisor:
             process.kill()
         for process, _ in self.workers.values():
             process.join()
+        for conn in self.starting:
+            conn.close()
 
     def alive(self) -> list[BaseProcess]:
         return [process for process, _ in self.workers.values() if process.is_alive()]
