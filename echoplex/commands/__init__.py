@@ -3,4 +3,5 @@
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("echoplex.commands.serve", "run an echo server"),
     "client": ("echoplex.commands.client", "talk to an echo server, like nc"),
+    "bench": ("echoplex.commands.bench", "run every model under the same load and compare"),
 }

@@ -1,0 +1,149 @@
+"""What a server process tree costs, read from `/proc`: CPU seconds and peak memory.
+
+The `workers` model is a supervisor plus one process per worker, so every figure is
+summed over the whole tree (the root and all its descendants), found by scanning
+`/proc/*/stat` for parent pids (`/proc/PID/task/*/children` needs a kernel option
+that is not always on). CPU is read at the start and at the end of a measured window,
+so the cost of starting the server is left out. Linux only: elsewhere the readers
+return None and the bench reports the figures as missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of `/proc/PID/stat` the bench needs; times in clock ticks."""
+
+    pid: int
+    ppid: int
+    utime: int
+    stime: int
+    cutime: int
+    cstime: int
+
+    @property
+    def cpu_ticks(self) -> int:
+        # cutime/cstime hold children already reaped: a worker that died and was
+        # restarted keeps counting, and the tree's total never goes backwards.
+        return self.utime + self.stime + self.cutime + self.cstime
+
+
+def parse_stat(pid: int, text: str) -> ProcStat:
+    """Parse one `/proc/PID/stat` line. The command name (field 2) may hold spaces
+    and parentheses, so the fields are counted from the last `)`."""
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); ppid is field 4; utime..cstime are fields 14..17.
+    return ProcStat(
+        pid=pid,
+        ppid=int(fields[1]),
+        utime=int(fields[11]),
+        stime=int(fields[12]),
+        cutime=int(fields[13]),
+        cstime=int(fields[14]),
+    )
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    try:
+        return parse_stat(pid, (PROC / str(pid) / "stat").read_text())
+    except (OSError, ValueError, IndexError):
+        return None  # gone already, or not Linux
+
+
+def _all_stats() -> dict[int, ProcStat]:
+    stats: dict[int, ProcStat] = {}
+    try:
+        entries = list(PROC.iterdir())
+    except OSError:
+        return stats
+    for entry in entries:
+        if entry.name.isdigit() and (stat := read_stat(int(entry.name))) is not None:
+            stats[stat.pid] = stat
+    return stats
+
+
+def tree_stats(root_pid: int) -> list[ProcStat]:
+    """`root_pid` and every live descendant; empty if the root is gone."""
+    stats = _all_stats()
+    if root_pid not in stats:
+        return []
+    children: dict[int, list[int]] = {}
+    for stat in stats.values():
+        children.setdefault(stat.ppid, []).append(stat.pid)
+    tree, pending = [], [root_pid]
+    while pending:
+        pid = pending.pop()
+        tree.append(stats[pid])
+        pending.extend(children.get(pid, ()))
+    return tree
+
+
+def tree_pids(root_pid: int) -> list[int]:
+    return [stat.pid for stat in tree_stats(root_pid)]
+
+
+def tree_cpu_s(root_pid: int) -> float | None:
+    """User + system CPU seconds used so far by the tree (threads included)."""
+    tree = tree_stats(root_pid)
+    if not tree:
+        return None
+    return sum(stat.cpu_ticks for stat in tree) / CLOCK_TICKS_PER_S
+
+
+def status_bytes(pid: int, field: str) -> int | None:
+    """A `kB` line of `/proc/PID/status` (VmHWM, VmRSS), in bytes."""
+    try:
+        text = (PROC / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def tree_peak_rss_bytes(root_pid: int) -> int | None:
+    """The sum over the tree of each process's peak resident set (VmHWM; VmRSS if the
+    kernel has no VmHWM). Forked workers share some pages with their parent and each
+    peaks at its own moment, so for a multi-process tree this is an upper bound."""
+    total, seen = 0, False
+    for pid in tree_pids(root_pid):
+        value = status_bytes(pid, "VmHWM")
+        if value is None:
+            value = status_bytes(pid, "VmRSS")
+        if value is not None:
+            total += value
+            seen = True
+    return total if seen else None
+
+
+def tree_rss_bytes(root_pid: int) -> int | None:
+    """The tree's resident memory now (sum of VmRSS)."""
+    values = [status_bytes(pid, "VmRSS") for pid in tree_pids(root_pid)]
+    present = [value for value in values if value is not None]
+    return sum(present) if present else None
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's soft descriptor limit to its hard limit (children inherit
+    it); return the (soft, hard) limits now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        # Linux refuses an infinite soft limit for NOFILE; the kernel's ceiling is
+        # nr_open, so settle for a large finite value when the hard limit is unlimited.
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        # If refused, keep what we have: the hold scenario checks and says so.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard

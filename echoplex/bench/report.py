@@ -1,0 +1,185 @@
+"""The bench's output: `results.json` (every run and every row) and `results.md`
+(one table per scenario), plus the charts (`charts.py`) when writing a directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .results import Row
+from .runner import BenchReport, ScenarioResult
+
+MIB = 1024 * 1024
+
+Column = tuple[str, Callable[[Row], str]]
+
+
+def to_json(report: BenchReport) -> dict[str, Any]:
+    return {
+        "command": report.command,
+        "started_at": report.started_at,
+        "finished_at": report.finished_at,
+        "machine": report.machine,
+        "settings": asdict(report.settings),
+        "scenarios": [_scenario_json(result) for result in report.scenarios],
+    }
+
+
+def _scenario_json(result: ScenarioResult) -> dict[str, Any]:
+    scenario = result.scenario
+    return {
+        "name": scenario.name,
+        "description": scenario.description,
+        "metric": scenario.metric,
+        "higher_is_better": scenario.higher_is_better,
+        "servers": result.servers,
+        "reference": result.reference,
+        "duration_s": result.duration_s,
+        "warmup_s": result.warmup_s,
+        "skipped": result.skipped,
+        "rows": [row.as_json() for row in result.rows],
+        "runs": [
+            {**asdict(run), "connections_accepted": run.connections_accepted} for run in result.runs
+        ],
+    }
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value / scale, spec)
+
+
+def _per_connection_kib(row: Row) -> str:
+    peak, idle, alive = (
+        row.figure("peak_rss_bytes"),
+        row.figure("idle_rss_bytes"),
+        row.figure("connections_alive"),
+    )
+    if peak is None or idle is None or not alive:
+        return "-"
+    return f"{(peak - idle) / alive / 1024:.1f}"
+
+
+def _vs(row: Row) -> str:
+    return "-" if row.vs_baseline is None else f"{row.vs_baseline:.2f}x"
+
+
+THROUGHPUT_COLUMNS: list[Column] = [
+    ("req/s", lambda row: _fmt(row.figure("requests_per_s"), ",.0f")),
+    ("MB/s", lambda row: _fmt(row.figure("mb_per_s"), ",.2f")),
+    ("p50 µs", lambda row: _fmt(row.figure("p50_us"), ",.0f")),
+    ("p99 µs", lambda row: _fmt(row.figure("p99_us"), ",.0f")),
+    ("CPU µs/req", lambda row: _fmt(row.figure("cpu_us_per_request"), ",.1f")),
+    ("peak RSS MiB", lambda row: _fmt(row.figure("peak_rss_bytes"), ",.1f", MIB)),
+    ("accepted", lambda row: _fmt(row.figure("connections_accepted"), ",.0f")),
+    ("errors", lambda row: str(row.errors_total)),
+]
+HOLD_COLUMNS: list[Column] = [
+    ("alive", lambda row: _fmt(row.figure("connections_alive"), ",.0f")),
+    ("accepted", lambda row: _fmt(row.figure("connections_accepted"), ",.0f")),
+    ("peak RSS MiB", lambda row: _fmt(row.figure("peak_rss_bytes"), ",.1f", MIB)),
+    ("KiB/conn", _per_connection_kib),
+    ("server CPU %", lambda row: _fmt(row.figure("server_cpu_pct"), ",.1f")),
+    ("errors", lambda row: str(row.errors_total)),
+]
+
+
+def table(result: ScenarioResult) -> str:
+    """The scenario's rows as one markdown table, grouped by load point."""
+    columns = HOLD_COLUMNS if result.scenario.metric == "peak_rss_bytes" else THROUGHPUT_COLUMNS
+    headers = ["load", "server", *(name for name, _ in columns), f"vs {result.reference}"]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "| " + " | ".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + " |",
+    ]
+    for row in result.rows:
+        cells = [row.point, row.server, *(render(row) for _, render in columns), _vs(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) -> str:
+    machine = report.machine
+    pinning = machine.get("pinning")
+    pinned = (
+        f"server on CPU {pinning['server_cpu']}, load generator on CPU {pinning['load_cpu']}"
+        if pinning
+        else "not pinned"
+    )
+    parts = [
+        "# echoplex bench results",
+        "",
+        f"Command: `{report.command}`",
+        "",
+        f"Machine: {machine.get('cpu_model') or 'unknown CPU'}, {machine.get('cpus')} CPUs, "
+        f"{machine.get('platform')}, Python {machine.get('python')}, "
+        f"uvloop {machine.get('uvloop') or 'not installed'}; {pinned}. "
+        f"Started {report.started_at}, finished {report.finished_at}.",
+    ]
+    for result in report.scenarios:
+        scenario = result.scenario
+        parts += ["", f"## {scenario.name}", "", scenario.description + "."]
+        if result.skipped:
+            parts += ["", f"**Skipped:** {result.skipped}."]
+            continue
+        better = "higher" if scenario.higher_is_better else "lower"
+        parts += [
+            "",
+            f"Each figure is the median of {report.settings.repeat} run(s) of "
+            f"{result.duration_s:g} s after {result.warmup_s:g} s of warmup, servers taking "
+            f"turns. `vs {result.reference}` is `{scenario.metric}` over the reference's in the "
+            f"same repeat ({better} is better), median over repeats.",
+            "",
+            table(result),
+        ]
+        if per_worker := _per_worker_lines(result):
+            parts += [
+                "",
+                "Connections accepted per worker process (workers model):",
+                "",
+                *per_worker,
+            ]
+        if failures := _failure_lines(result):
+            parts += ["", "Failed runs:", "", *failures]
+        for chart in (charts or {}).get(scenario.name, []):
+            parts += ["", f"![{scenario.name}]({chart})"]
+    return "\n".join(parts) + "\n"
+
+
+def _per_worker_lines(result: ScenarioResult) -> list[str]:
+    lines = []
+    for row in result.rows:
+        counts = [
+            opened
+            for opened in row.connections_opened
+            if any(name.startswith("worker-") for name in opened)
+        ]
+        if counts:
+            runs = "; ".join(", ".join(f"{name} {n}" for name, n in c.items()) for c in counts)
+            lines.append(f"- {row.server}, {row.point}: {runs}")
+    return lines
+
+
+def _failure_lines(result: ScenarioResult) -> list[str]:
+    return [
+        f"- {row.server}, {row.point}: {failure}"
+        for row in result.rows
+        for failure in dict.fromkeys(row.failures)
+    ]
+
+
+def write_results(report: BenchReport, out_dir: Path) -> list[Path]:
+    """Write results.json, the charts and results.md into `out_dir`; return the paths."""
+    from .charts import write_charts
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps(to_json(report), indent=2) + "\n")
+    charts = write_charts(report, out_dir)
+    md_path = out_dir / "results.md"
+    md_path.write_text(
+        markdown(report, {name: [path.name for path in paths] for name, paths in charts.items()})
+    )
+    return [json_path, md_path, *(path for paths in charts.values() for path in paths)]

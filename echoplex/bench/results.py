@@ -1,0 +1,182 @@
+"""What one bench run measured, and how repeated runs become one row: medians, an
+error total, and the ratio to the reference server. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# The per-run figures a row reports as the median over its repeats.
+MEDIAN_FIELDS = (
+    "requests",
+    "requests_per_s",
+    "mb_per_s",
+    "p50_us",
+    "p90_us",
+    "p99_us",
+    "p999_us",
+    "max_us",
+    "connections_alive",
+    "server_cpu_pct",
+    "cpu_us_per_request",
+    "peak_rss_bytes",
+    "idle_rss_bytes",
+    "connections_accepted",
+    "client_cpu_s",
+)
+
+
+@dataclass
+class RunResult:
+    """One server under one load point, once."""
+
+    scenario: str
+    point: str
+    server: str
+    kind: str
+    repeat: int
+    pattern: str
+    connections: int
+    size_bytes: int
+    requests: float | None = None
+    requests_per_s: float | None = None
+    mb_per_s: float | None = None
+    p50_us: float | None = None
+    p90_us: float | None = None
+    p99_us: float | None = None
+    p999_us: float | None = None
+    max_us: float | None = None
+    errors: int = 0
+    mismatches: int = 0
+    connections_alive: float | None = None
+    client_cpu_s: float | None = None
+    server_cpu_s: float | None = None
+    """Server CPU (user + system, whole process tree) over the measured window."""
+    cpu_window_s: float | None = None
+    server_cpu_pct: float | None = None
+    cpu_us_per_request: float | None = None
+    peak_rss_bytes: float | None = None
+    """Sum over the server's process tree of each process's peak resident memory."""
+    idle_rss_bytes: float | None = None
+    """Resident memory of the tree once it listened, before any load."""
+    connections_opened: dict[str, int] | None = None
+    """Connections the server accepted, by process (`worker-N` for workers)."""
+    failure: str | None = None
+    """Why the run did not complete normally (timeout, crash, no report), if it did not."""
+
+    @property
+    def connections_accepted(self) -> int | None:
+        return (
+            sum(self.connections_opened.values()) if self.connections_opened is not None else None
+        )
+
+    @property
+    def error_count(self) -> int:
+        return self.errors + self.mismatches + (1 if self.failure else 0)
+
+
+@dataclass
+class Row:
+    """One server at one load point: the medians of its repeated runs."""
+
+    scenario: str
+    point: str
+    server: str
+    kind: str
+    pattern: str
+    connections: int
+    size_bytes: int
+    runs: int
+    medians: dict[str, float | None]
+    errors_total: int
+    """Errors + mismatches reported by the load generator, plus failed runs, over all repeats."""
+    failures: list[str] = field(default_factory=list)
+    connections_opened: list[dict[str, int]] = field(default_factory=list)
+    reference: str | None = None
+    vs_baseline: float | None = None
+    """Median over repeats of (this server's headline figure / the reference's, same repeat)."""
+
+    def figure(self, name: str) -> float | None:
+        return self.medians.get(name)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "point": self.point,
+            "server": self.server,
+            "kind": self.kind,
+            "pattern": self.pattern,
+            "connections": self.connections,
+            "size_bytes": self.size_bytes,
+            "runs": self.runs,
+            **self.medians,
+            "errors_total": self.errors_total,
+            "failures": self.failures,
+            "connections_opened": self.connections_opened,
+            "reference": self.reference,
+            "vs_baseline": self.vs_baseline,
+        }
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values that are present; None if there are none."""
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def paired_ratio(
+    runs: Sequence[RunResult], reference_runs: Sequence[RunResult], metric: str
+) -> float | None:
+    """Median over repeats of run.metric / reference.metric, pairing runs of the same
+    repeat: they ran moments apart, so slow drift on a shared machine cancels out."""
+    by_repeat = {run.repeat: getattr(run, metric) for run in reference_runs}
+    ratios = []
+    for run in runs:
+        value, reference = getattr(run, metric), by_repeat.get(run.repeat)
+        if value is not None and reference:
+            ratios.append(value / reference)
+    return median(ratios)
+
+
+def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> list[Row]:
+    """One row per (point, server), in the order first run; `vs_baseline` against
+    `reference` at the same point when it ran there."""
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault((run.point, run.server), []).append(run)
+    rows = []
+    for (point, server), group in groups.items():
+        first = group[0]
+        row = Row(
+            scenario=first.scenario,
+            point=point,
+            server=server,
+            kind=first.kind,
+            pattern=first.pattern,
+            connections=first.connections,
+            size_bytes=first.size_bytes,
+            runs=len(group),
+            medians={name: median(getattr(run, name) for run in group) for name in MEDIAN_FIELDS},
+            errors_total=sum(run.error_count for run in group),
+            failures=[run.failure for run in group if run.failure],
+            connections_opened=[run.connections_opened for run in group if run.connections_opened],
+        )
+        reference_runs = groups.get((point, reference)) if reference else None
+        if reference_runs:
+            row.reference = reference
+            row.vs_baseline = paired_ratio(group, reference_runs, metric)
+        rows.append(row)
+    return rows
+
+
+def choose_reference(servers: Sequence[str], requested: str | None) -> str | None:
+    """The server ratios are taken against: the one asked for, else the uvloop
+    reference server if it runs, else the asyncio model, else the first server."""
+    if requested:
+        return requested
+    for candidate in ("ref-uvloop", "asyncio"):
+        if candidate in servers:
+            return candidate
+    return servers[0] if servers else None

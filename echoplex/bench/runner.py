@@ -1,0 +1,315 @@
+"""The bench's loop: for every load point, for every repeat, every server in turn.
+
+Servers alternate within a repeat (A, B, C, A, B, C, ...) so that slow changes on a
+shared machine hit them alike, and every run starts a fresh server on a free port.
+With 2+ CPUs and `taskset`, the server is pinned to one CPU and the load generator to
+another, so they do not compete for a core.
+
+Server CPU is read from `/proc` (whole process tree) over a window inside the load's
+measured phase and divided by that window's length, giving a CPU rate; dividing the
+rate by the load's requests/s gives CPU per request. Only rates are compared, so the
+window need not line up exactly with the load generator's own measurement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .loadgen import LoadRun, LoadSpec
+from .proctree import raise_nofile_limit, tree_cpu_s, tree_peak_rss_bytes, tree_rss_bytes
+from .results import Row, RunResult, choose_reference, summarize
+from .scenarios import ALL, SCENARIOS, LoadPoint, Scenario
+from .servers import SERVERS, RunningServer, ServerSpec, ServerStartError
+
+log = logging.getLogger("echoplex.bench")
+
+DEFAULT_DURATION_S = 2.0
+DEFAULT_WARMUP_S = 0.5
+# The load generator is a fresh Python process: give it this long to start before
+# its warmup is assumed to be running.
+LOAD_STARTUP_S = 0.3
+# The CPU window covers this share of the measured duration, so it ends before the
+# load does even if the load generator started quickly.
+CPU_WINDOW_SHARE = 0.9
+# Descriptors the bench, a server or the load generator need beyond one per connection.
+NOFILE_MARGIN = 200
+
+
+@dataclass(frozen=True)
+class Pinning:
+    server_cpu: int
+    load_cpu: int
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    scenarios: tuple[str, ...]
+    servers: tuple[str, ...] | None = None
+    """Servers to run (models and/or `ref-*`); None: each scenario's own choice."""
+    baselines: bool = False
+    duration_s: float | None = None
+    warmup_s: float | None = None
+    repeat: int = 1
+    pin: bool = True
+    reference: str | None = None
+
+
+@dataclass
+class ScenarioResult:
+    scenario: Scenario
+    servers: list[str] = field(default_factory=list)
+    reference: str | None = None
+    duration_s: float = DEFAULT_DURATION_S
+    warmup_s: float = DEFAULT_WARMUP_S
+    runs: list[RunResult] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    skipped: str | None = None
+    """Why the scenario did not run, if it did not."""
+
+
+@dataclass
+class BenchReport:
+    command: str
+    started_at: str
+    machine: dict[str, Any]
+    settings: BenchSettings
+    scenarios: list[ScenarioResult] = field(default_factory=list)
+    finished_at: str | None = None
+
+
+def plan_pinning(wanted: bool) -> Pinning | None:
+    """One CPU for the server, another for the load, if there are two and taskset."""
+    if not wanted or shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return Pinning(server_cpu=cpus[0], load_cpu=cpus[1])
+
+
+def servers_for(scenario: Scenario, settings: BenchSettings) -> list[str]:
+    names = list(
+        settings.servers or scenario.models or [n for n, s in SERVERS.items() if s.kind == "model"]
+    )
+    if settings.baselines:
+        names += [
+            name for name, spec in SERVERS.items() if spec.kind == "baseline" and name not in names
+        ]
+    return names
+
+
+def machine_info(pinning: Pinning | None, nofile: tuple[int, int]) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "pinning": (
+            {"server_cpu": pinning.server_cpu, "load_cpu": pinning.load_cpu} if pinning else None
+        ),
+        "nofile_soft": nofile[0],
+        "nofile_hard": nofile[1],
+    }
+    try:
+        import uvloop
+
+        info["uvloop"] = uvloop.__version__
+    except ImportError:
+        info["uvloop"] = None
+    return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def run_bench(settings: BenchSettings, command: str) -> BenchReport:
+    nofile = raise_nofile_limit()
+    pinning = plan_pinning(settings.pin)
+    if settings.pin and pinning is None:
+        log.warning("not pinning: needs taskset and 2+ CPUs; server and load share the CPUs")
+    report = BenchReport(
+        command=command,
+        started_at=_now(),
+        machine=machine_info(pinning, nofile),
+        settings=settings,
+    )
+    for name in settings.scenarios:
+        report.scenarios.append(run_scenario(SCENARIOS[name], settings, pinning, nofile[0]))
+    report.finished_at = _now()
+    return report
+
+
+def run_scenario(
+    scenario: Scenario, settings: BenchSettings, pinning: Pinning | None, nofile_soft: int
+) -> ScenarioResult:
+    result = ScenarioResult(
+        scenario,
+        duration_s=_first(settings.duration_s, scenario.duration_s, DEFAULT_DURATION_S),
+        warmup_s=_first(settings.warmup_s, scenario.warmup_s, DEFAULT_WARMUP_S),
+    )
+    needed = scenario.max_connections + NOFILE_MARGIN
+    if nofile_soft < needed:
+        result.skipped = (
+            f"needs {needed} open files per process but the limit is {nofile_soft} even after "
+            f"raising it to the hard limit (raise it with `ulimit -n {needed}` as root, or "
+            f"in /etc/security/limits.conf)"
+        )
+        log.warning("scenario %s skipped: %s", scenario.name, result.skipped)
+        return result
+    specs: list[ServerSpec] = []
+    for name in servers_for(scenario, settings):
+        spec = SERVERS[name]
+        if (reason := spec.unavailable_reason()) is not None:
+            log.warning("skipping %s", reason)
+            continue
+        specs.append(spec)
+    result.servers = [spec.name for spec in specs]
+    result.reference = choose_reference(result.servers, settings.reference)
+    for point in scenario.points:
+        load = LoadSpec(
+            point.pattern, point.connections, point.size_bytes, result.duration_s, result.warmup_s
+        )
+        for repeat in range(settings.repeat):
+            for spec in specs:
+                run = measure(scenario, point, spec, repeat, load, pinning)
+                log.info(
+                    "%s %s %s [%d/%d]: %s",
+                    scenario.name,
+                    point.label,
+                    spec.name,
+                    repeat + 1,
+                    settings.repeat,
+                    _progress(run),
+                )
+                result.runs.append(run)
+    result.rows = summarize(result.runs, scenario.metric, result.reference)
+    return result
+
+
+def measure(
+    scenario: Scenario,
+    point: LoadPoint,
+    spec: ServerSpec,
+    repeat: int,
+    load: LoadSpec,
+    pinning: Pinning | None,
+) -> RunResult:
+    """Start `spec` on a free port, drive it with `load`, measure it, stop it."""
+    result = RunResult(
+        scenario=scenario.name,
+        point=point.label,
+        server=spec.name,
+        kind=spec.kind,
+        repeat=repeat,
+        pattern=point.pattern,
+        connections=point.connections,
+        size_bytes=point.size_bytes,
+    )
+    try:
+        server = RunningServer(spec, cpu=pinning.server_cpu if pinning else None)
+    except ServerStartError as exc:
+        result.failure = str(exc)
+        return result
+    try:
+        result.idle_rss_bytes = tree_rss_bytes(server.pid)
+        run = LoadRun(server.host, server.port, load, cpu=pinning.load_cpu if pinning else None)
+        try:
+            run.wait(load.warmup_s + LOAD_STARTUP_S)
+            cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
+            run.wait(load.duration_s * CPU_WINDOW_SHARE)
+            cpu_after, window_s = tree_cpu_s(server.pid), time.monotonic() - started
+            report, failure = run.finish()
+        finally:
+            run.stop()
+        result.peak_rss_bytes = tree_peak_rss_bytes(server.pid)
+        result.connections_opened = server.connections_opened()
+        if not server.alive():
+            failure = failure or f"server exited with status {server.proc.returncode}"
+            failure += f"; its log ends: {server.stderr_tail()[-300:]}"
+    finally:
+        server.stop()
+    result.failure = failure
+    if report is not None:
+        apply_load_report(result, report)
+    if cpu_before is not None and cpu_after is not None and window_s > 0:
+        result.server_cpu_s = cpu_after - cpu_before
+        result.cpu_window_s = window_s
+        cpu_rate = result.server_cpu_s / window_s
+        result.server_cpu_pct = 100 * cpu_rate
+        if result.requests_per_s:
+            result.cpu_us_per_request = 1e6 * cpu_rate / result.requests_per_s
+    return result
+
+
+def apply_load_report(result: RunResult, report: dict[str, Any]) -> None:
+    """Copy the figures of an `echoplex load --json` report into `result`."""
+    latency = report.get("latency_us")
+    latency = latency if isinstance(latency, dict) else {}
+    result.requests = _number(report.get("requests"))
+    result.requests_per_s = _number(report.get("requests_per_s"))
+    result.mb_per_s = _number(report.get("mb_per_s"))
+    for name in ("p50", "p90", "p99", "p999", "max"):
+        setattr(result, f"{name}_us", _number(latency.get(name)))
+    result.errors = int(_number(report.get("errors")) or 0)
+    result.mismatches = int(_number(report.get("mismatches")) or 0)
+    result.connections_alive = _number(report.get("connections_alive"))
+    result.client_cpu_s = _number(report.get("client_cpu_s"))
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _first(*values: float | None) -> float:
+    return next(value for value in values if value is not None)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _progress(run: RunResult) -> str:
+    parts = []
+    if run.requests_per_s is not None:
+        parts.append(f"{run.requests_per_s:,.0f} req/s")
+    if run.mb_per_s is not None:
+        parts.append(f"{run.mb_per_s:.1f} MB/s")
+    if run.p99_us is not None:
+        parts.append(f"p99 {run.p99_us:,.0f} µs")
+    if run.cpu_us_per_request is not None:
+        parts.append(f"{run.cpu_us_per_request:.1f} CPU µs/req")
+    if run.connections_alive is not None:
+        parts.append(f"{run.connections_alive:.0f} alive")
+    if run.error_count:
+        parts.append(f"{run.error_count} errors")
+    if run.failure:
+        parts.append(f"FAILED: {run.failure}")
+    return ", ".join(parts) or "no figures"
+
+
+def selected(names: Sequence[str]) -> tuple[str, ...]:
+    """Scenario names with `all` expanded, in order, without duplicates."""
+    expanded: list[str] = []
+    for name in names:
+        for each in ALL if name == "all" else (name,):
+            if each not in expanded:
+                expanded.append(each)
+    return tuple(expanded)

@@ -1,0 +1,167 @@
+"""`echoplex bench`: run every model (and reference servers) under the same load and
+report requests/s, MB/s, latency, server CPU per request, peak memory and errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from .._cli_util import fail, non_negative_seconds, positive_int
+from ..bench import SCENARIOS, SERVERS, BenchSettings, run_bench
+from ..bench.charts import MissingDependency, check_available
+from ..bench.report import markdown, write_results
+from ..bench.runner import selected, servers_for
+
+PROG = "echoplex bench"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    scenarios = "; ".join(f"{name}: {scenario.description}" for name, scenario in SCENARIOS.items())
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=[*SCENARIOS, "all"],
+        help=f"what load to apply; repeat to run several (default concurrency). {scenarios}; "
+        "all: every one but smoke",
+    )
+    parser.add_argument(
+        "--models",
+        type=_server_list,
+        metavar="NAME,...",
+        help="servers to run, comma-separated: models "
+        f"({', '.join(n for n, s in SERVERS.items() if s.kind == 'model')}) and/or reference "
+        f"servers ({', '.join(n for n, s in SERVERS.items() if s.kind == 'baseline')}) "
+        "(default: every model; smoke: simple,asyncio)",
+    )
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also run the reference servers: stdlib socketserver, asyncio and uvloop "
+        "Protocol echoes (bench/baseline_*.py)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="measured seconds per run (default 2; smoke 0.5)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=non_negative_seconds,
+        metavar="SECONDS",
+        help="unmeasured seconds of load before each run (default 0.5; smoke 0.2)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="runs per server and load point, servers taking turns; medians reported (default 1)",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=SERVERS,
+        metavar="NAME",
+        help="server the vs_baseline ratios are relative to (default ref-uvloop with "
+        "--baselines, else asyncio)",
+    )
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin the server and the load generator to separate CPUs with taskset",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write results.json, results.md and PNG charts into DIR (created if needed)",
+    )
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress lines on stderr, only warnings",
+    )
+
+
+def _server_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in SERVERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown server {', '.join(map(repr, unknown)) or text!r} "
+            f"(choose from {', '.join(SERVERS)})"
+        )
+    return names
+
+
+def _positive_seconds(text: str) -> float:
+    value = non_negative_seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Progress lines are ours; other libraries (matplotlib) stay at warnings.
+    logging.getLogger("echoplex").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    settings = BenchSettings(
+        scenarios=selected(args.scenario or ["concurrency"]),
+        servers=args.models,
+        baselines=args.baselines,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        repeat=args.repeat,
+        pin=not args.no_pin,
+        reference=args.reference,
+    )
+    for name in settings.scenarios:
+        if args.reference and args.reference not in servers_for(SCENARIOS[name], settings):
+            return fail(PROG, f"--reference {args.reference} is not among the servers {name} runs")
+    if args.out is not None:
+        try:
+            check_available()  # before a long run, not after it
+        except MissingDependency as exc:
+            return fail(PROG, str(exc))
+    try:
+        report = run_bench(settings, command_line(args))
+    except KeyboardInterrupt:
+        return fail(PROG, "interrupted", 130)
+    if args.out is not None:
+        try:
+            write_results(report, args.out)
+        except OSError as exc:
+            return fail(PROG, f"cannot write results to {args.out}: {exc}")
+    print(markdown(report), end="")
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, for the results files."""
+    argv = ["echoplex", "bench"]
+    for scenario in args.scenario or ["concurrency"]:
+        argv += ["--scenario", scenario]
+    if args.models:
+        argv += ["--models", ",".join(args.models)]
+    if args.baselines:
+        argv.append("--baselines")
+    for flag, value in (("--duration", args.duration), ("--warmup", args.warmup)):
+        if value is not None:
+            argv += [flag, f"{value:g}"]
+    if args.repeat != 1:
+        argv += ["--repeat", str(args.repeat)]
+    if args.reference:
+        argv += ["--reference", args.reference]
+    if args.no_pin:
+        argv.append("--no-pin")
+    if args.out is not None:
+        argv += ["--out", str(args.out)]
+    return shlex.join(argv)
