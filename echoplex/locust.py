@@ -247,7 +247,6 @@ def _echo_size(text: str) -> int:
     return size
 
 
-@events.init_command_line_parser.add_listener
 def add_arguments(parser: LocustArgumentParser, **_: Any) -> None:
     parser.add_argument(
         "--echo-size",
@@ -258,7 +257,6 @@ def add_arguments(parser: LocustArgumentParser, **_: Any) -> None:
     )
 
 
-@events.init.add_listener
 def check_targets(environment: Environment, **_: Any) -> None:
     """Refuse a bad `--host` at start-up, on the process that owns it, not once per user."""
     if isinstance(environment.runner, WorkerRunner):
@@ -270,3 +268,9 @@ def check_targets(environment: Environment, **_: Any) -> None:
             except InvalidTarget as exc:
                 log.error("%s: %s", user_class.__name__, exc)
                 raise SystemExit(1) from None
+
+
+# Registered on import, as Locust documents for locustfiles: any locustfile that uses
+# EchoUser gets `--echo-size` and the start-up check of `--host`.
+events.init_command_line_parser.add_listener(add_arguments)
+events.init.add_listener(check_targets)
