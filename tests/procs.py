@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -52,6 +53,7 @@ class Process:
             stderr=subprocess.PIPE,
             cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,  # so kill() reaches its children too
         )
         self.stdout_lines: queue.Queue[str] = queue.Queue()
         self.stdout_seen: list[str] = []
@@ -127,8 +129,9 @@ class Process:
         return code
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """Kill the process and anything it started (it runs in its own process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         for reader in self._readers:
             reader.join(timeout=5)
