@@ -3,5 +3,6 @@
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("echoplex.commands.serve", "run an echo server"),
     "client": ("echoplex.commands.client", "talk to an echo server, like nc"),
+    "load": ("echoplex.commands.load", "load an echo server with verified traffic, report latency"),
     "bench": ("echoplex.commands.bench", "run every model under the same load and compare"),
 }

@@ -1,0 +1,199 @@
+"""`echoplex load`: drive an echo server with verified traffic and report what came back."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from .._cli_util import fail, non_negative_seconds, positive_int
+from ..config import DEFAULT_PORT, LOOPS
+from ..errors import StartupError
+from ..load.config import MAX_SIZE_BYTES, PATTERNS, LoadConfig
+
+PROG = "echoplex load"
+EXIT_INTERRUPTED = 130
+
+_SIZE = re.compile(r"\s*(\d+)\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3}
+
+
+def size_bytes(text: str) -> int:
+    """`1024`, `1K`/`1KiB` (1024), `1KB` (1000), `64KiB`, `2M`, `1MB`... at least 1 byte."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a size in bytes: {text!r} (examples: 512, 1K, 64KiB, 1MB)"
+        )
+    digits, prefix, binary, unit = match.groups()
+    power = _POWERS[prefix.lower()]
+    if binary and not prefix:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
+    # K and KiB are binary, as most load tools read them; KB (no i) is decimal.
+    base = 1000 if (unit and not binary and prefix) else 1024
+    value = int(digits) * base**power
+    if not 1 <= value <= MAX_SIZE_BYTES:
+        raise argparse.ArgumentTypeError(f"must be 1 byte to 1GiB, not {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = non_negative_seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return value
+
+
+def target_port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, not {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    patterns = "; ".join(f"{name}: {text}" for name, text in PATTERNS.items())
+    parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument(
+        "--port",
+        type=target_port,
+        default=DEFAULT_PORT,
+        help=f"server port (default {DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--pattern",
+        choices=PATTERNS,
+        default="pingpong",
+        help=f"traffic pattern (default pingpong). {patterns}",
+    )
+    parser.add_argument(
+        "-c",
+        "--connections",
+        type=positive_int,
+        default=LoadConfig.connections,
+        help=f"connections to open (default {LoadConfig.connections})",
+    )
+    parser.add_argument(
+        "-s",
+        "--size",
+        type=size_bytes,
+        default=LoadConfig.size_bytes,
+        metavar="BYTES",
+        help="bytes per message; K/KiB/M/MiB are powers of 1024, KB/MB of 1000 "
+        f"(default {LoadConfig.size_bytes})",
+    )
+    parser.add_argument(
+        "-d",
+        "--duration",
+        type=positive_seconds,
+        default=LoadConfig.duration_s,
+        metavar="SECONDS",
+        help="measured time; for hold, how long connections stay idle "
+        f"(default {LoadConfig.duration_s:g})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=non_negative_seconds,
+        default=LoadConfig.warmup_s,
+        metavar="SECONDS",
+        help="traffic before the measured time, left out of every figure (default 0)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=positive_rate,
+        default=None,
+        metavar="PER_S",
+        help="with --pattern rate (required there): messages per second, all connections together",
+    )
+    parser.add_argument(
+        "--window",
+        type=size_bytes,
+        default=None,
+        metavar="BYTES",
+        help=f"with --pattern stream: bytes in flight per connection "
+        f"(default {LoadConfig.window_bytes // 1024}KiB)",
+    )
+    parser.add_argument(
+        "--connect-rate",
+        type=positive_rate,
+        default=None,
+        metavar="PER_S",
+        help="new connections per second while opening (default: as fast as they open)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=LoadConfig.timeout_s,
+        metavar="SECONDS",
+        help="a connect, or an echo making no progress, fails after this long; also how "
+        f"long the end waits for echoes in flight (default {LoadConfig.timeout_s:g})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=LoadConfig.seed, help="seed of the payload bytes (default 0)"
+    )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="auto",
+        help="event loop (default auto: uvloop if installed)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with every figure instead of the summary",
+    )
+
+
+def config_from(args: argparse.Namespace) -> LoadConfig:
+    if args.window is not None and args.pattern != "stream":
+        raise ValueError("--window applies only to --pattern stream")
+    window = args.window if args.window is not None else LoadConfig.window_bytes
+    return LoadConfig(
+        host=args.host,
+        port=args.port,
+        pattern=args.pattern,
+        connections=args.connections,
+        size_bytes=args.size,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        rate_per_s=args.rate,
+        window_bytes=window,
+        connect_rate_per_s=args.connect_rate,
+        timeout_s=args.timeout,
+        seed=args.seed,
+        loop=args.loop,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from(args)
+    except ValueError as exc:
+        return fail(PROG, str(exc))
+    # Imported here: `echoplex serve` builds this parser too, and needs none of it.
+    from ..load import engine, report
+
+    try:
+        with report.live_progress() as progress:
+            result = engine.run(config, progress)
+    except StartupError as exc:
+        return fail(PROG, str(exc), status=1)
+    except KeyboardInterrupt:
+        # Only before the run's own signal handling is in place (or after it ended).
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(report.to_json(result) if args.json else report.format_summary(result), flush=True)
+    return 0 if result.ok else 1

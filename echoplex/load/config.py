@@ -1,0 +1,99 @@
+"""The one configuration object of a load run, built by `echoplex load` or by hand.
+
+Units are part of the field names, as in `ServerConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import DEFAULT_PORT, LOOPS
+
+PATTERNS: dict[str, str] = {
+    "pingpong": "closed loop: each connection sends --size bytes, waits for all of them "
+    "back, repeats",
+    "rate": "open loop at --rate messages/s in all, sent on schedule whatever comes back; "
+    "latency from each message's intended send time",
+    "stream": "each connection keeps --window bytes in flight: bulk throughput",
+    "hold": "open -c connections, one round trip each, hold them idle for --duration, "
+    "one more round trip: how many stay alive",
+}
+MAX_CONNECTIONS = 100_000
+MAX_SIZE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    host: str = "127.0.0.1"
+    """Server to load; a name is resolved once, before the first connect."""
+
+    port: int = DEFAULT_PORT
+    """Server port, 1..65535."""
+
+    pattern: str = "pingpong"
+    """A key of `PATTERNS`."""
+
+    connections: int = 10
+    """Connections opened (and, for `rate`, sharing the rate)."""
+
+    size_bytes: int = 1024
+    """Bytes in one message: a ping-pong, a scheduled send, a stream chunk, a hold check."""
+
+    duration_s: float = 10.0
+    """Measured time after the warmup; for `hold`, how long connections stay idle."""
+
+    warmup_s: float = 0.0
+    """Traffic before the measured time, left out of every figure (not used by `hold`)."""
+
+    rate_per_s: float | None = None
+    """`rate` only: messages per second in all, spread evenly over the connections."""
+
+    window_bytes: int = 256 * 1024
+    """`stream` only: bytes in flight per connection (at least one message)."""
+
+    connect_rate_per_s: float | None = None
+    """New connections per second while opening; None opens them as fast as they come up."""
+
+    timeout_s: float = 10.0
+    """A connect, or an echo that makes no progress, fails after this long; also how long
+    the end of a run waits for echoes still in flight."""
+
+    seed: int = 0
+    """Seed of the payload bytes."""
+
+    loop: str = "auto"
+    """Event loop: auto (uvloop if installed), asyncio, uvloop."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.pattern not in PATTERNS:
+            problems.append(f"unknown pattern {self.pattern!r} (choose from {', '.join(PATTERNS)})")
+        if not 1 <= self.port <= 65535:
+            problems.append(f"port must be 1..65535, not {self.port}")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            problems.append(f"connections must be 1..{MAX_CONNECTIONS}, not {self.connections}")
+        if not 1 <= self.size_bytes <= MAX_SIZE_BYTES:
+            problems.append(f"size must be 1..{MAX_SIZE_BYTES} bytes, not {self.size_bytes}")
+        if not 0 < self.duration_s < float("inf"):
+            problems.append(f"duration must be more than 0 seconds, not {self.duration_s}")
+        if not 0 <= self.warmup_s < float("inf"):
+            problems.append(f"warmup must be 0 seconds or more, not {self.warmup_s}")
+        if not 0 < self.timeout_s < float("inf"):
+            problems.append(f"timeout must be more than 0 seconds, not {self.timeout_s}")
+        if self.window_bytes < 1:
+            problems.append(f"window must be at least 1 byte, not {self.window_bytes}")
+        if self.pattern == "rate":
+            if self.rate_per_s is None:
+                problems.append("--pattern rate needs --rate MESSAGES_PER_S")
+            elif not 0 < self.rate_per_s < float("inf"):
+                problems.append(f"rate must be more than 0 messages/s, not {self.rate_per_s}")
+        elif self.rate_per_s is not None:
+            problems.append("--rate applies only to --pattern rate")
+        if self.connect_rate_per_s is not None and not 0 < self.connect_rate_per_s < float("inf"):
+            problems.append(
+                f"connect rate must be more than 0 connections/s, not {self.connect_rate_per_s}"
+            )
+        if self.loop not in LOOPS:
+            problems.append(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
+        if problems:
+            raise ValueError(problems[0])

@@ -1,0 +1,329 @@
+"""One load connection: a verifying `asyncio.Protocol`, and one subclass per pattern.
+
+Every echoed chunk goes through the connection's `Verifier` before anything else, so
+a wrong byte ends the connection with a mismatch at its exact offset. Counting
+and timing go into the run's shared `Tally`. The hot path (`data_received` of a
+ping-pong) allocates nothing of its own: payloads are views of the shared block,
+timestamps are integers, and latencies are only counted, not stored.
+
+Asyncio Protocols, not streams: a stream reader adds a buffer copy and a task
+switch per message, which is the load generator's whole budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections import Counter, deque
+from time import perf_counter_ns
+from typing import cast
+
+from ..payload import Mismatch, PayloadPattern, Sender, Verifier
+from .config import LoadConfig
+from .result import MAX_SAMPLES, ConnectionFailure
+
+NEVER_NS = 1 << 62
+# Larger sends go to the transport in pieces, each a view of the payload block.
+WRITE_CHUNK_BYTES = 256 * 1024
+
+OPEN, CLOSING, CLOSED, FAILED = "open", "closing", "closed", "failed"
+
+
+class Tally:
+    """What every connection of one run reports into: counts, latencies, failures.
+
+    A message counts (in `requests` and the latency counts) when it was sent, or was
+    due to be sent, inside [window_start_ns, window_end_ns), and its echo came back
+    whole and verified, even if that was after the window closed.
+    """
+
+    def __init__(self, config: LoadConfig) -> None:
+        self.size = config.size_bytes
+        self.sending = False
+        self.window_start_ns = NEVER_NS
+        self.window_end_ns = NEVER_NS
+        self.requests = 0
+        self.completed = 0  # every verified message, measured or not (for progress)
+        self.latency_counts: dict[int, int] = {}
+        self.errors_by_kind: Counter[str] = Counter()
+        self.error_samples: list[ConnectionFailure] = []
+        self.mismatches = 0
+        self.mismatch_samples: list[Mismatch] = []
+
+    def record(self, sent_ns: int, now_ns: int, messages: int) -> None:
+        self.completed += messages
+        if self.window_start_ns <= sent_ns < self.window_end_ns:
+            self.requests += messages
+            latency_us = (now_ns - sent_ns) // 1000
+            counts = self.latency_counts
+            counts[latency_us] = counts.get(latency_us, 0) + messages
+
+    def take_latency_counts(self) -> dict[int, int]:
+        counts, self.latency_counts = self.latency_counts, {}
+        return counts
+
+    def failed(self, failure: ConnectionFailure) -> None:
+        self.errors_by_kind[failure.kind] += 1
+        if len(self.error_samples) < MAX_SAMPLES:
+            self.error_samples.append(failure)
+
+    def mismatched(self, mismatch: Mismatch) -> None:
+        self.mismatches += 1
+        if len(self.mismatch_samples) < MAX_SAMPLES:
+            self.mismatch_samples.append(mismatch)
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short, countable name for why a connection failed."""
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return "reset"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    code = getattr(exc, "errno", None)
+    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    if code:
+        return errno.errorcode.get(code, str(code)).lower()
+    return type(exc).__name__
+
+
+class LoadConnection(asyncio.Protocol):
+    """Sends connection `index`'s payload stream and verifies its echo as it arrives."""
+
+    __slots__ = (
+        "index",
+        "lost",
+        "owed",
+        "sender",
+        "size",
+        "stalled_s",
+        "state",
+        "tally",
+        "transport",
+        "verifier",
+        "watched_offset",
+        "write_paused",
+    )
+
+    def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
+        self.tally = tally
+        self.index = index
+        self.size = tally.size
+        self.sender = Sender(payload, index)
+        self.verifier = Verifier(payload, index)
+        self.transport: asyncio.Transport | None = None
+        self.state = OPEN
+        self.lost = False  # connection_lost has run: the socket is closed
+        self.write_paused = False
+        self.owed = 0  # bytes due to be sent, held back while the transport is full
+        self.watched_offset = 0  # for the run's watchdog: echo progress seen last tick
+        self.stalled_s = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self.state == OPEN
+
+    def outstanding(self) -> int:
+        """Bytes sent or due whose echo has not come back yet."""
+        return self.sender.offset + self.owed - self.verifier.offset
+
+    def settled(self) -> bool:
+        return self.state != OPEN or self.outstanding() == 0
+
+    def begin(self) -> None:
+        """Start this connection's traffic (the run calls it once sending starts)."""
+
+    def echoed(self) -> None:
+        """Called after each verified chunk: pattern-specific bookkeeping."""
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state != OPEN:
+            return
+        excess = len(data) - (self.sender.offset - self.verifier.offset)
+        checked = data if excess <= 0 else memoryview(data)[: len(data) - excess]
+        mismatch = self.verifier.feed(checked)
+        if mismatch is not None:
+            self.tally.mismatched(mismatch)
+            self._end(FAILED)
+            return
+        if excess > 0:
+            self.fail("extra bytes", f"{excess} bytes more than were sent")
+            return
+        self.echoed()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost says whether that was early
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        while self.owed and not self.write_paused and self.state == OPEN:
+            length = min(self.owed, WRITE_CHUNK_BYTES)
+            self.owed -= length
+            self._write(length)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.state == OPEN:
+            if exc is not None:
+                self._record_failure(error_kind(exc), getattr(exc, "strerror", None) or str(exc))
+                self.state = FAILED
+            elif self.tally.sending or self.outstanding():
+                self._record_failure("closed early", "the server closed the connection")
+                self.state = FAILED
+            else:
+                self.state = CLOSED  # closed once everything came back and nothing more was due
+        elif self.state == CLOSING:
+            self.state = CLOSED
+
+    # for the run and the subclasses
+
+    def fail(self, kind: str, detail: str = "") -> None:
+        """Count a failure of this connection and abort it."""
+        if self.state == OPEN:
+            self._record_failure(kind, detail)
+            self._end(FAILED)
+
+    def close(self) -> None:
+        """End a healthy connection: queued bytes are flushed, then it closes."""
+        if self.state == OPEN:
+            self.state = CLOSING
+            if self.transport is not None:
+                self.transport.close()
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _record_failure(self, kind: str, detail: str) -> None:
+        self.tally.failed(ConnectionFailure(self.index, kind, self.verifier.offset, detail))
+
+    def _write(self, length: int) -> None:
+        transport = cast(asyncio.Transport, self.transport)
+        while length > 0:
+            piece = min(length, WRITE_CHUNK_BYTES)
+            transport.write(self.sender.take(piece))
+            length -= piece
+
+
+class PingPong(LoadConnection):
+    """Closed loop: one message in flight; the next goes as soon as its echo is whole."""
+
+    __slots__ = ("message_end", "sent_ns")
+
+    def begin(self) -> None:
+        self._send(perf_counter_ns())
+
+    def _send(self, now_ns: int) -> None:
+        self.sent_ns = now_ns
+        self._write(self.size)
+        self.message_end = self.sender.offset
+
+    def echoed(self) -> None:
+        if self.verifier.offset == self.message_end:
+            now_ns = perf_counter_ns()
+            self.tally.record(self.sent_ns, now_ns, 1)
+            if self.tally.sending:
+                self._send(now_ns)
+
+
+class Hold(PingPong):
+    """One round trip when asked (`begin`), then idle until asked again."""
+
+    __slots__ = ()
+
+    def echoed(self) -> None:
+        if self.verifier.offset == self.message_end:
+            self.tally.record(self.sent_ns, perf_counter_ns(), 1)
+
+
+class Stream(LoadConnection):
+    """Keeps `window` bytes in flight, refilled in one write as messages come back.
+
+    Each message's latency runs from the write that carried it to its last echoed
+    byte; writes are remembered as (end offset, time) batches, so the bookkeeping is
+    per refill, not per message.
+    """
+
+    __slots__ = ("batches", "done", "window")
+
+    def __init__(self, tally: Tally, payload: PayloadPattern, index: int, window: int) -> None:
+        super().__init__(tally, payload, index)
+        self.window = max(window, self.size)
+        self.batches: deque[tuple[int, int]] = deque()
+        self.done = 0  # messages whose echo is complete
+
+    def begin(self) -> None:
+        self._top_up(perf_counter_ns())
+
+    def _top_up(self, now_ns: int) -> None:
+        messages = (self.window - self.outstanding()) // self.size
+        if messages > 0 and self.tally.sending:
+            self._write(messages * self.size)
+            self.batches.append((self.sender.offset, now_ns))
+
+    def echoed(self) -> None:
+        completed = self.verifier.offset // self.size
+        if completed == self.done:
+            return
+        now_ns = perf_counter_ns()
+        while self.done < completed:
+            batch_end, sent_ns = self.batches[0]
+            batch_last = batch_end // self.size
+            upto = min(completed, batch_last)
+            self.tally.record(sent_ns, now_ns, upto - self.done)
+            self.done = upto
+            if upto == batch_last:
+                self.batches.popleft()
+        self._top_up(now_ns)
+
+
+class Rate(LoadConnection):
+    """Open loop: sends when the run's schedule says, whatever has come back.
+
+    Message `m` of this connection was due at `first_ns + m * interval_ns`; its
+    latency is measured from then, not from when it could actually be written, so
+    a stalled server (or a late client) shows up in the latency instead of
+    silently slowing the schedule down (no coordinated omission). While the
+    transport's buffer is full the bytes due are only counted (`owed`), which is
+    enough since the payload at any offset can be regenerated.
+    """
+
+    __slots__ = ("done", "first_ns", "interval_ns")
+
+    def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
+        super().__init__(tally, payload, index)
+        self.done = 0
+        self.first_ns = 0.0
+        self.interval_ns = 0.0
+
+    def schedule(self, first_ns: float, interval_ns: float) -> None:
+        self.first_ns = first_ns
+        self.interval_ns = interval_ns
+
+    def send_due(self) -> None:
+        if self.write_paused or self.owed:
+            self.owed += self.size
+        else:
+            self._write(self.size)
+
+    def echoed(self) -> None:
+        completed = self.verifier.offset // self.size
+        if completed == self.done:
+            return
+        now_ns = perf_counter_ns()
+        while self.done < completed:
+            intended_ns = int(self.first_ns + self.done * self.interval_ns)
+            self.tally.record(intended_ns, now_ns, 1)
+            self.done += 1

@@ -1,0 +1,464 @@
+"""The load run: open the connections, drive one pattern, watch it, and tally the result.
+
+Timeline of `pingpong`, `rate` and `stream`:
+
+    connect (at --connect-rate) | warmup | measured (--duration) | drain | close
+
+Traffic starts on every connection at once when the connect phase ends. Only
+messages sent (for `rate`: due) in the measured window count, and the client's own
+CPU time is taken over that window too. At the end nothing new is sent, and the
+run waits up to `timeout_s` for every echo still in flight, so every byte sent is
+verified; one that never comes back is a "timeout" error.
+
+`hold`: connect, one round trip on each connection, idle for --duration, one more
+round trip on each, close.
+
+A watchdog (every TICK_S) fails a connection whose echo makes no progress for
+`timeout_s` while bytes are outstanding, folds latency counts into the histogram,
+and feeds the progress display. SIGINT/SIGTERM only set a flag: the run stops
+early and still returns its result; a second one also cuts the drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import perf_counter_ns
+from typing import Any
+
+from ..client import describe_connect_error
+from ..errors import StartupError
+from ..models.asyncio_ import loop_factory
+from ..payload import PayloadPattern
+from ..stats import LatencyHistogram, require_hdrh
+from .config import LoadConfig
+from .connections import (
+    NEVER_NS,
+    Hold,
+    LoadConnection,
+    PingPong,
+    Rate,
+    Stream,
+    Tally,
+    error_kind,
+)
+from .result import ConnectionFailure, LoadResult
+from .timer import OneShotTimer
+
+TICK_S = 0.25
+SETTLE_POLL_S = 0.01
+# Connects in progress at once when no --connect-rate is given: enough to open
+# thousands quickly, few enough not to overflow a default listen backlog.
+MAX_CONNECTS_IN_FLIGHT = 128
+INTERRUPTED_DRAIN_S = 1.0
+CLOSE_WAIT_S = 2.0
+FD_HEADROOM = 64
+
+
+class LoadError(StartupError):
+    """The run cannot start: bad target, unreachable server, too few file descriptors."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for the live display."""
+
+    phase: str
+    elapsed_s: float
+    completed: int
+    recent_per_s: float
+    recent_mb_per_s: float
+    p99_us: int
+    errors: int
+    mismatches: int
+    alive: int
+    connections: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def run(config: LoadConfig, progress: ProgressCallback | None = None) -> LoadResult:
+    """Run one load against a server and return what it found (blocking)."""
+    require_hdrh()
+    factory = loop_factory(config.loop)
+    _ensure_descriptors(config.connections)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(LoadRun(config, progress).run())
+
+
+def _ensure_descriptors(connections: int) -> None:
+    try:
+        import resource
+    except ImportError:  # not Unix: nothing to adjust
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = connections + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise LoadError(
+                f"{connections} connections need {needed} open files, "
+                f"but the limit is {hard} (raise it with ulimit -n)"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _cpu_seconds() -> float:
+    try:
+        import resource
+    except ImportError:
+        times = time.process_time()
+        return times
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class LoadRun:
+    def __init__(self, config: LoadConfig, progress: ProgressCallback | None = None) -> None:
+        self.config = config
+        self.progress = progress
+        self.payload = PayloadPattern(config.seed)
+        self.tally = Tally(config)
+        self.histogram = LatencyHistogram()
+        self.connections: list[LoadConnection | None] = [None] * config.connections
+        self.phase = "connecting"
+        self.interrupted = False
+        self.forced = False
+        self._stop: asyncio.Event | None = None
+        self._started = time.monotonic()
+        self._last_tick = (time.monotonic(), 0)
+
+    # the whole run
+
+    async def run(self) -> LoadResult:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        handle_signals = threading.current_thread() is threading.main_thread()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop)
+        result = LoadResult(
+            self.config, loop="uvloop" if "uvloop" in type(loop).__module__ else "asyncio"
+        )
+        ticker = asyncio.ensure_future(self._tick_forever())
+        try:
+            address = await self._resolve()
+            await self._open_all(address)
+            result.connections_opened = sum(conn is not None for conn in self.connections)
+            if self.config.pattern == "hold":
+                await self._hold(result)
+            else:
+                await self._load(result)
+            result.connections_alive = len(self._live())
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await self._close_all()
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+        self.histogram.record_counts(self.tally.take_latency_counts())
+        result.requests = self.tally.requests
+        result.latency = self.histogram.summary()
+        result.errors_by_kind = dict(self.tally.errors_by_kind)
+        result.error_samples = list(self.tally.error_samples)
+        result.mismatches = self.tally.mismatches
+        result.mismatch_samples = list(self.tally.mismatch_samples)
+        result.interrupted = self.interrupted
+        return result
+
+    def request_stop(self) -> None:
+        """Signal handler: the first stops the run early, a second one skips waiting."""
+        if self.interrupted:
+            self.forced = True
+        self.interrupted = True
+        if self._stop is not None:
+            self._stop.set()
+
+    # connecting
+
+    async def _resolve(self) -> tuple[socket.AddressFamily, Any]:
+        host, port = self.config.host, self.config.port
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise LoadError(describe_connect_error(host, port, exc)) from None
+        family, _type, _proto, _name, sockaddr = infos[0]
+        return family, sockaddr
+
+    async def _open_all(self, address: tuple[socket.AddressFamily, Any]) -> None:
+        # The first connection alone: if the server is not there, say so once and stop.
+        try:
+            await self._connect(0, address)
+        except OSError as exc:
+            host, port = self.config.host, self.config.port
+            raise LoadError(describe_connect_error(host, port, exc)) from None
+        limiter = asyncio.Semaphore(MAX_CONNECTS_IN_FLIGHT)
+        tasks = []
+        started = time.monotonic()
+        rate = self.config.connect_rate_per_s
+        for index in range(1, self.config.connections):
+            if rate is not None and await self._sleep(started + index / rate - time.monotonic()):
+                break
+            await limiter.acquire()
+            if self.interrupted:
+                limiter.release()
+                break
+            tasks.append(asyncio.ensure_future(self._connect_counted(index, address, limiter)))
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def _connect_counted(
+        self, index: int, address: tuple[socket.AddressFamily, Any], limiter: asyncio.Semaphore
+    ) -> None:
+        try:
+            await self._connect(index, address)
+        except OSError as exc:
+            self.tally.failed(
+                ConnectionFailure(
+                    index, f"connect {error_kind(exc)}", 0, getattr(exc, "strerror", "") or ""
+                )
+            )
+        finally:
+            limiter.release()
+
+    async def _connect(self, index: int, address: tuple[socket.AddressFamily, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        family, sockaddr = address
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with asyncio.timeout(self.config.timeout_s):
+                await loop.sock_connect(sock, sockaddr)
+            connection = self._new_connection(index)
+            await loop.create_connection(lambda: connection, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.connections[index] = connection
+
+    def _new_connection(self, index: int) -> LoadConnection:
+        pattern = self.config.pattern
+        if pattern == "stream":
+            return Stream(self.tally, self.payload, index, self.config.window_bytes)
+        if pattern == "rate":
+            return Rate(self.tally, self.payload, index)
+        if pattern == "hold":
+            return Hold(self.tally, self.payload, index)
+        return PingPong(self.tally, self.payload, index)
+
+    # the patterns
+
+    async def _load(self, result: LoadResult) -> None:
+        config, tally = self.config, self.tally
+        start_ns = perf_counter_ns()
+        window_start_ns = start_ns + int(config.warmup_s * 1e9)
+        tally.window_start_ns = window_start_ns
+        tally.window_end_ns = window_start_ns + int(config.duration_s * 1e9)
+        tally.sending = True
+        schedule = _RateSchedule(self, start_ns) if config.pattern == "rate" else None
+        try:
+            for connection in self._live():
+                connection.begin()
+            if schedule is not None:
+                schedule.tick()
+            self.phase = "warmup"
+            if config.warmup_s > 0:
+                await self._sleep(config.warmup_s)
+            cpu_start = _cpu_seconds()
+            self.phase = "measuring"
+            await self._sleep((tally.window_end_ns - perf_counter_ns()) / 1e9)
+        finally:
+            tally.sending = False
+            if schedule is not None:
+                schedule.close()
+        end_ns = min(perf_counter_ns(), tally.window_end_ns)
+        tally.window_end_ns = end_ns
+        result.client_cpu_s = _cpu_seconds() - cpu_start if end_ns > window_start_ns else 0.0
+        result.measured_s = max(0, end_ns - window_start_ns) / 1e9
+        if schedule is not None:
+            lag = LatencyHistogram()
+            lag.record_counts(schedule.lag_counts)
+            result.send_lag = lag.summary()
+        self.phase = "draining"
+        await self._wait_settled()
+        self._settle_stragglers(result)
+
+    async def _hold(self, result: LoadResult) -> None:
+        tally = self.tally
+        start_ns = perf_counter_ns()
+        cpu_start = _cpu_seconds()
+        tally.window_start_ns = 0
+        tally.sending = True
+        self.phase = "checking"
+        for connection in self._live():
+            connection.begin()
+        await self._wait_settled()
+        self._settle_stragglers(result)
+        if not self.interrupted:
+            self.phase = "holding"
+            await self._sleep(self.config.duration_s)
+        if not self.forced:
+            self.phase = "checking"
+            for connection in self._live():
+                connection.begin()
+            await self._wait_settled()
+            self._settle_stragglers(result)
+        tally.sending = False
+        result.client_cpu_s = _cpu_seconds() - cpu_start
+        result.measured_s = (perf_counter_ns() - start_ns) / 1e9
+
+    # waiting and watching
+
+    def _live(self) -> list[LoadConnection]:
+        return [conn for conn in self.connections if conn is not None and conn.alive]
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, or less if a stop is requested; whether a stop was requested."""
+        assert self._stop is not None
+        if seconds > 0 and not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._stop.wait()
+        return self._stop.is_set()
+
+    async def _wait_settled(self) -> None:
+        """Wait until every live connection has all its echoes back (or has failed)."""
+        wait_s = min(INTERRUPTED_DRAIN_S, self.config.timeout_s) if self.interrupted else None
+        deadline = time.monotonic() + (wait_s or self.config.timeout_s)
+        while not self.forced and time.monotonic() < deadline:
+            if all(conn.settled() for conn in self._live()):
+                return
+            await asyncio.sleep(SETTLE_POLL_S)
+
+    def _settle_stragglers(self, result: LoadResult) -> None:
+        """Connections whose echoes did not all come back in time: an error, unless the
+        user stopped the run (then they are only reported as unfinished)."""
+        for connection in self._live():
+            outstanding = connection.outstanding()
+            if outstanding <= 0:
+                continue
+            if self.interrupted:
+                result.unfinished += math.ceil(outstanding / self.config.size_bytes)
+                connection.close()
+            else:
+                connection.fail(
+                    "timeout", f"{outstanding} bytes not echoed {self.config.timeout_s:g}s later"
+                )
+
+    async def _close_all(self) -> None:
+        for connection in self.connections:
+            if connection is not None:
+                connection.close()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while time.monotonic() < deadline:
+            if all(conn is None or conn.lost for conn in self.connections):
+                return
+            await asyncio.sleep(SETTLE_POLL_S)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._tick()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        previous_at, previous_completed = self._last_tick
+        elapsed = max(now - previous_at, 1e-9)
+        self._last_tick = (now, self.tally.completed)
+        timeout_s = self.config.timeout_s
+        for connection in self._live():
+            offset = connection.verifier.offset
+            if connection.outstanding() > 0 and offset == connection.watched_offset:
+                connection.stalled_s += elapsed
+                if connection.stalled_s >= timeout_s:
+                    connection.fail("timeout", f"no echo for {timeout_s:g}s")
+            else:
+                connection.stalled_s = 0.0
+                connection.watched_offset = offset
+        self.histogram.record_counts(self.tally.take_latency_counts())
+        if self.progress is not None:
+            recent = (self.tally.completed - previous_completed) / elapsed
+            self.progress(
+                Progress(
+                    phase=self.phase,
+                    elapsed_s=now - self._started,
+                    completed=self.tally.completed,
+                    recent_per_s=recent,
+                    recent_mb_per_s=recent * self.config.size_bytes / 1e6,
+                    p99_us=self.histogram.percentile(99.0) if self.histogram.count else 0,
+                    errors=sum(self.tally.errors_by_kind.values()),
+                    mismatches=self.tally.mismatches,
+                    alive=len(self._live()),
+                    connections=self.config.connections,
+                )
+            )
+
+
+class _RateSchedule:
+    """Sends message k (of all connections) at start + k / rate, on connection k mod c.
+
+    Each wakeup sends every message that has come due since the last one. How late
+    each went out (`lag_counts`, µs) is kept apart: it is part of every latency
+    measured from the intended time, and says whether the client kept up.
+    """
+
+    def __init__(self, run: LoadRun, start_ns: int) -> None:
+        config = run.config
+        assert config.rate_per_s is not None
+        self.run = run
+        self.start_ns = start_ns
+        self.ns_per_message = 1e9 / config.rate_per_s
+        count = config.connections
+        # Due times of messages past the end of the window are never reached.
+        self.last_due = math.ceil((run.tally.window_end_ns - start_ns) / self.ns_per_message)
+        self.next_message = 0
+        self.lag_counts: dict[int, int] = {}
+        self.timer = OneShotTimer(asyncio.get_running_loop(), self.tick)
+        for index, connection in enumerate(run.connections):
+            if isinstance(connection, Rate):
+                connection.schedule(
+                    start_ns + index * self.ns_per_message, count * self.ns_per_message
+                )
+
+    def tick(self) -> None:
+        run = self.run
+        if not run.tally.sending:
+            return
+        now_ns = perf_counter_ns()
+        due = min(int((now_ns - self.start_ns) / self.ns_per_message) + 1, self.last_due)
+        connections = run.connections
+        count = len(connections)
+        window_start_ns = run.tally.window_start_ns
+        lag_counts = self.lag_counts
+        message = self.next_message
+        while message < due:
+            connection = connections[message % count]
+            if connection is not None and connection.alive:
+                assert isinstance(connection, Rate)
+                connection.send_due()
+                due_ns = self.start_ns + message * self.ns_per_message
+                if due_ns >= window_start_ns:
+                    lag_us = int(now_ns - due_ns) // 1000
+                    lag_counts[lag_us] = lag_counts.get(lag_us, 0) + 1
+            message += 1
+        self.next_message = message
+        if message < self.last_due:
+            next_due_ns = self.start_ns + message * self.ns_per_message
+            self.timer.start(int(next_due_ns) - perf_counter_ns())
+
+    def close(self) -> None:
+        self.timer.close()
+
+
+__all__ = ["NEVER_NS", "LoadError", "LoadRun", "Progress", "run"]

@@ -1,0 +1,135 @@
+"""What a load run found: counts, latency, errors, mismatches, and its own CPU cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..payload import Mismatch
+from ..stats import LatencySummary
+from .config import LoadConfig
+
+MAX_SAMPLES = 20  # errors and mismatches kept in detail; all of them are counted
+
+
+@dataclass(frozen=True)
+class ConnectionFailure:
+    connection: int
+    kind: str
+    offset: int
+    """Bytes of this connection's echo verified before it failed."""
+
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = f"connection {self.connection} offset {self.offset}: {self.kind}"
+        return f"{text} ({self.detail})" if self.detail else text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "connection": self.connection,
+            "kind": self.kind,
+            "offset": self.offset,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class LoadResult:
+    config: LoadConfig
+    loop: str
+    """The event loop that ran the load: uvloop or asyncio."""
+
+    requests: int = 0
+    """Messages sent in the measured time whose echo came back whole and verified."""
+
+    measured_s: float = 0.0
+    latency: LatencySummary = field(default_factory=LatencySummary)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    error_samples: list[ConnectionFailure] = field(default_factory=list)
+    send_lag: LatencySummary | None = None
+    """`rate` only: how late messages went out after their intended time, in µs."""
+
+    mismatches: int = 0
+    mismatch_samples: list[Mismatch] = field(default_factory=list)
+    connections_opened: int = 0
+    connections_alive: int = 0
+    client_cpu_s: float = 0.0
+    """CPU time (user + system) of this process over the measured time."""
+
+    interrupted: bool = False
+    unfinished: int = 0
+    """Messages still in flight when an interrupted run stopped waiting for them."""
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_kind.values())
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.mismatches
+
+    @property
+    def bytes(self) -> int:
+        """Payload bytes echoed and verified (each counted once, not once per direction)."""
+        return self.requests * self.config.size_bytes
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.measured_s if self.measured_s > 0 else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.measured_s if self.measured_s > 0 else 0.0
+
+    @property
+    def client_cpu_us_per_request(self) -> float | None:
+        return self.client_cpu_s * 1e6 / self.requests if self.requests else None
+
+    def to_json(self) -> dict[str, Any]:
+        config = self.config
+        cpu_per_request = self.client_cpu_us_per_request
+        return {
+            "ok": self.ok,
+            "pattern": config.pattern,
+            "host": config.host,
+            "port": config.port,
+            "connections": config.connections,
+            "size": config.size_bytes,
+            "duration_s": config.duration_s,
+            "warmup_s": config.warmup_s,
+            "rate": config.rate_per_s,
+            "window": config.window_bytes if config.pattern == "stream" else None,
+            "connect_rate": config.connect_rate_per_s,
+            "timeout_s": config.timeout_s,
+            "seed": config.seed,
+            "loop": self.loop,
+            "measured_s": round(self.measured_s, 6),
+            "requests": self.requests,
+            "requests_per_s": round(self.requests_per_s, 3),
+            "bytes": self.bytes,
+            "mb_per_s": round(self.mb_per_s, 6),
+            "latency_us": self.latency.to_dict(),
+            "send_lag_us": self.send_lag.to_dict() if self.send_lag is not None else None,
+            "errors": self.errors,
+            "errors_by_kind": dict(sorted(self.errors_by_kind.items())),
+            "error_samples": [failure.to_dict() for failure in self.error_samples],
+            "mismatches": self.mismatches,
+            "mismatch_samples": [
+                {
+                    "connection": m.connection,
+                    "offset": m.offset,
+                    "expected": m.expected,
+                    "received": m.received,
+                }
+                for m in self.mismatch_samples
+            ],
+            "connections_opened": self.connections_opened,
+            "connections_alive": self.connections_alive,
+            "client_cpu_s": round(self.client_cpu_s, 6),
+            "client_cpu_us_per_request": (
+                round(cpu_per_request, 3) if cpu_per_request is not None else None
+            ),
+            "interrupted": self.interrupted,
+            "unfinished": self.unfinished,
+        }
