@@ -71,26 +71,37 @@ def _headline_chart(plt: Any, result: ScenarioResult, out_dir: Path) -> Path:
     scale = 1024 * 1024 if metric == "peak_rss_bytes" else 1
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = sorted({_x_value(row, scenario.x_axis) for row in result.rows})
-    for server in result.servers:
-        points = [
-            (_x_value(row, scenario.x_axis), row.figure(metric))
-            for row in result.rows
-            if row.server == server
-        ]
-        points = [(x, y / scale) for x, y in points if y is not None]
-        if points:
-            style = "--" if server.startswith("ref-") else "-"
-            ax.plot(*zip(*points, strict=True), style, marker="o", label=server)
-    if len(xs) > 1:
+    if len(xs) == 1:
+        # One load point: a bar per server says more than a column of dots.
+        rows = [row for row in result.rows if row.figure(metric) is not None]
+        ax.bar(
+            [row.server for row in rows],
+            [(row.figure(metric) or 0.0) / scale for row in rows],
+            color=["tab:gray" if row.kind == "baseline" else "tab:blue" for row in rows],
+        )
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.set_xlabel(rows[0].point if rows else "")
+    else:
+        for server in result.servers:
+            points = [
+                (_x_value(row, scenario.x_axis), row.figure(metric))
+                for row in result.rows
+                if row.server == server
+            ]
+            points = [(x, y / scale) for x, y in points if y is not None]
+            if points:
+                style = "--" if server.startswith("ref-") else "-"
+                ax.plot(*zip(*points, strict=True), style, marker="o", label=server)
         ax.set_xscale("log")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([format_size(x) if scenario.x_axis == "size_bytes" else str(x) for x in xs])
-    ax.minorticks_off()
-    ax.set_xlabel("message size" if scenario.x_axis == "size_bytes" else "connections")
+        ax.set_xticks(xs)
+        labels = [format_size(x) if scenario.x_axis == "size_bytes" else str(x) for x in xs]
+        ax.set_xticklabels(labels)
+        ax.minorticks_off()
+        ax.set_xlabel("message size" if scenario.x_axis == "size_bytes" else "connections")
+        ax.legend(fontsize="small")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{scenario.name}: {METRIC_LABELS.get(metric, metric)} per server")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     path = out_dir / f"{scenario.name}-{'memory' if scale > 1 else 'throughput'}.png"
     fig.savefig(path, dpi=DPI)

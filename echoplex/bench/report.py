@@ -17,6 +17,17 @@ MIB = 1024 * 1024
 Column = tuple[str, Callable[[Row], str]]
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 6 significant digits (the measurements are not more precise), deeply."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(item) for item in value]
+    return value
+
+
 def to_json(report: BenchReport) -> dict[str, Any]:
     return {
         "command": report.command,
@@ -176,7 +187,7 @@ def write_results(report: BenchReport, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(to_json(report), indent=2) + "\n")
+    json_path.write_text(json.dumps(_rounded(to_json(report)), indent=2) + "\n")
     charts = write_charts(report, out_dir)
     md_path = out_dir / "results.md"
     md_path.write_text(

@@ -91,9 +91,9 @@ def _server_list(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = [name for name in names if name not in SERVERS]
     if unknown or not names:
+        what = ", ".join(map(repr, unknown)) or repr(text)
         raise argparse.ArgumentTypeError(
-            f"unknown server {', '.join(map(repr, unknown)) or text!r} "
-            f"(choose from {', '.join(SERVERS)})"
+            f"unknown server {what} (choose from {', '.join(SERVERS)})"
         )
     return names
 

@@ -1,0 +1,339 @@
+"""`echoplex bench`: /proc measurement, medians and ratios, the report files, and the
+whole bench end to end on its tiny `smoke` scenario."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from echoplex.bench import loadgen
+from echoplex.bench.proctree import (
+    parse_stat,
+    raise_nofile_limit,
+    tree_cpu_s,
+    tree_peak_rss_bytes,
+    tree_pids,
+    tree_rss_bytes,
+)
+from echoplex.bench.report import markdown, write_results
+from echoplex.bench.results import (
+    RunResult,
+    choose_reference,
+    median,
+    paired_ratio,
+    summarize,
+)
+from echoplex.bench.runner import BenchReport, BenchSettings, ScenarioResult, run_scenario
+from echoplex.bench.scenarios import SCENARIOS
+from echoplex.bench.servers import SERVERS, RunningServer
+from echoplex.commands import COMMANDS
+
+from .procs import echoplex
+
+T = TypeVar("T")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BUSY = "import time\nwhile True: time.perf_counter()"
+
+
+def _poll(predicate: Callable[[], T], timeout_s: float = 20.0) -> T | None:
+    """The predicate's first truthy value, polled until `timeout_s`; None if never."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    return None
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+# --- /proc measurement ---------------------------------------------------------------
+
+
+def test_parse_stat_counts_fields_after_a_command_name_with_spaces_and_parens() -> None:
+    text = "1234 (a (weird) name) S 99 1234 1234 0 -1 4194560 1 0 0 0 70 30 5 6 20 0 1 0"
+    stat = parse_stat(1234, text)
+    assert (stat.ppid, stat.utime, stat.stime, stat.cutime, stat.cstime) == (99, 70, 30, 5, 6)
+    assert stat.cpu_ticks == 111
+
+
+def test_a_busy_child_accumulates_cpu_and_has_memory() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        cpu = _poll(lambda: tree_cpu_s(proc.pid))
+        assert cpu is not None and cpu > 0
+        rss = tree_rss_bytes(proc.pid)
+        peak = tree_peak_rss_bytes(proc.pid)
+        assert rss is not None and rss > 0
+        assert peak is not None and peak >= rss
+    finally:
+        _stop(proc)
+    assert tree_cpu_s(proc.pid) is None  # gone: no figure, no crash
+
+
+def test_the_tree_includes_grandchildren_and_their_cpu() -> None:
+    # A parent that only waits, and a busy child: the tree's CPU is the child's.
+    parent_code = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {BUSY!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", parent_code])
+    try:
+        pids = _poll(lambda: (p := tree_pids(proc.pid)) and len(p) == 2 and p)
+        assert pids and pids[0] == proc.pid
+        child = pids[1]
+        cpu = _poll(lambda: (c := tree_cpu_s(child)) and c > 0.05 and c)
+        assert cpu is not None
+        assert (tree_cpu_s(proc.pid) or 0) >= cpu
+        assert (tree_peak_rss_bytes(proc.pid) or 0) > (tree_peak_rss_bytes(child) or 0)
+    finally:
+        for pid in tree_pids(proc.pid)[1:]:
+            os.kill(pid, 9)
+        _stop(proc)
+
+
+def test_raising_the_descriptor_limit_never_lowers_it() -> None:
+    import resource
+
+    before, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = raise_nofile_limit()
+    assert soft >= before
+    assert soft == hard or hard == resource.RLIM_INFINITY
+
+
+# --- medians and ratios --------------------------------------------------------------
+
+
+def _run(
+    server: str, repeat: int, rps: float | None, point: str = "p", **figures: float
+) -> RunResult:
+    return RunResult(
+        scenario="s",
+        point=point,
+        server=server,
+        kind="baseline" if server.startswith("ref-") else "model",
+        repeat=repeat,
+        pattern="pingpong",
+        connections=int(point[1:]) if point[1:].isdigit() else 1,
+        size_bytes=64,
+        requests_per_s=rps,
+        **figures,  # type: ignore[arg-type]
+    )
+
+
+def test_median_ignores_missing_values() -> None:
+    assert median([3.0, None, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0]) == 2.5
+    assert median([None]) is None
+    assert median([]) is None
+
+
+def test_paired_ratio_pairs_runs_of_the_same_repeat() -> None:
+    runs = [_run("a", 0, 200.0), _run("a", 1, 50.0), _run("a", 2, 300.0)]
+    reference = [_run("ref", 0, 100.0), _run("ref", 1, 100.0), _run("ref", 2, 100.0)]
+    assert paired_ratio(runs, reference, "requests_per_s") == 2.0
+    # A repeat where either side has no figure (or the reference is 0) is left out.
+    reference[0].requests_per_s = None
+    reference[2].requests_per_s = 0.0
+    assert paired_ratio(runs, reference, "requests_per_s") == 0.5
+    assert paired_ratio(runs, [], "requests_per_s") is None
+
+
+def test_summarize_gives_one_row_per_point_and_server_with_medians_and_errors() -> None:
+    runs = []
+    for repeat in range(3):
+        for point in ("c1", "c10"):
+            runs.append(_run("ref-uvloop", repeat, 1000.0, point, p99_us=100.0 + repeat))
+            slow = _run("simple", repeat, 10.0 * (repeat + 1), point, p99_us=5000.0)
+            slow.errors = 2
+            runs.append(slow)
+    runs[-1].failure = "load did not finish within 30s"
+    rows = summarize(runs, "requests_per_s", "ref-uvloop")
+    assert [(row.point, row.server) for row in rows] == [
+        ("c1", "ref-uvloop"),
+        ("c1", "simple"),
+        ("c10", "ref-uvloop"),
+        ("c10", "simple"),
+    ]
+    ref, simple = rows[2], rows[3]
+    assert ref.runs == simple.runs == 3
+    assert ref.figure("p99_us") == 101.0
+    assert ref.vs_baseline == 1.0
+    assert simple.figure("requests_per_s") == 20.0
+    assert simple.vs_baseline == pytest.approx(0.02)
+    assert simple.errors_total == 3 * 2 + 1
+    assert simple.failures == ["load did not finish within 30s"]
+    assert summarize(runs, "requests_per_s", None)[0].vs_baseline is None
+
+
+def test_the_reference_defaults_to_uvloop_then_the_asyncio_model() -> None:
+    assert choose_reference(["simple", "asyncio", "ref-uvloop"], None) == "ref-uvloop"
+    assert choose_reference(["simple", "asyncio"], None) == "asyncio"
+    assert choose_reference(["simple", "threads"], None) == "simple"
+    assert choose_reference(["simple", "asyncio"], "simple") == "simple"
+
+
+# --- the load generator's interface --------------------------------------------------
+
+
+def test_load_command_and_its_json_report() -> None:
+    spec = loadgen.LoadSpec("pingpong", 10, 64, 2.0, 0.5)
+    pinned = loadgen.load_argv("127.0.0.1", 4242, spec, cpu=1)
+    assert pinned[:3] == ["taskset", "-c", "1"]
+    argv = pinned[3:]
+    assert argv[argv.index("--pattern") + 1] == "pingpong"
+    assert argv[argv.index("-c") + 1] == "10"
+    assert "--json" in argv
+    assert loadgen.parse_report('{"requests": 5}') == {"requests": 5}
+    assert loadgen.parse_report('progress\n{"requests": 5}\n') == {"requests": 5}
+    with pytest.raises(ValueError):
+        loadgen.parse_report("Traceback ...\n")
+
+
+def test_a_load_run_that_hangs_is_stopped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        loadgen, "LOAD_COMMAND", [sys.executable, "-c", "import time; time.sleep(60)"]
+    )
+    monkeypatch.setattr(loadgen, "GRACE_S", 0.2)
+    run = loadgen.LoadRun("127.0.0.1", 9, loadgen.LoadSpec("pingpong", 1, 64, 0.1, 0.0))
+    report, failure = run.finish()
+    assert report is None
+    assert failure is not None and "did not finish" in failure
+    assert run.proc.returncode is not None
+
+
+# --- servers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["workers", "ref-socketserver", "ref-asyncio"])
+def test_every_kind_of_server_starts_echoes_and_stops(name: str) -> None:
+    import socket
+
+    with RunningServer(SERVERS[name]) as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(b"ping")
+            assert sock.recv(16) == b"ping"
+        assert server.alive()
+        if name == "workers":
+            assert len(tree_pids(server.pid)) >= 2  # the supervisor and its workers
+            opened = _poll(server.connections_opened, timeout_s=10)
+            assert opened and sum(opened.values()) == 1
+            assert all(process.startswith("worker-") for process in opened)
+        else:
+            assert server.connections_opened() is None  # reference servers do not log them
+    assert server.proc.returncode is not None
+    assert tree_cpu_s(server.pid) is None
+
+
+def test_the_hold_scenario_is_skipped_with_a_reason_when_descriptors_are_short() -> None:
+    result = run_scenario(SCENARIOS["hold"], BenchSettings(scenarios=("hold",)), None, 1024)
+    assert result.skipped is not None and "open files" in result.skipped
+    assert result.runs == []
+
+
+# --- report files --------------------------------------------------------------------
+
+
+def test_report_files_from_known_results(tmp_path: Path) -> None:
+    runs = []
+    for repeat in range(2):
+        for point in ("c1", "c10"):
+            for server in ("asyncio", "workers"):
+                run = _run(server, repeat, 1000.0 * (repeat + 1), point, p50_us=50.0, p99_us=90.0)
+                run.mb_per_s, run.p90_us, run.peak_rss_bytes = 0.1, 70.0, 20e6
+                run.connections_opened = (
+                    {"worker-0": 3, "worker-1": 7} if server == "workers" else {"main": 10}
+                )
+                runs.append(run)
+    result = ScenarioResult(
+        SCENARIOS["concurrency"],
+        servers=["asyncio", "workers"],
+        reference="asyncio",
+        runs=runs,
+        rows=summarize(runs, "requests_per_s", "asyncio"),
+    )
+    report = BenchReport(
+        "echoplex bench", "now", {"cpus": 2}, BenchSettings(("concurrency",), repeat=2), [result]
+    )
+    paths = write_results(report, tmp_path)
+    assert {path.name for path in paths} == {
+        "results.json",
+        "results.md",
+        "concurrency-throughput.png",
+        "concurrency-latency.png",
+    }
+    for path in paths:
+        if path.suffix == ".png":
+            assert path.read_bytes().startswith(PNG_MAGIC)
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["scenarios"][0]["rows"]
+    assert len(rows) == 4 and rows[1]["vs_baseline"] == 1.0
+    text = (tmp_path / "results.md").read_text()
+    assert "| c10 | workers | 1,500 |" in text
+    assert "worker-0 3, worker-1 7" in text
+    assert "![concurrency](concurrency-latency.png)" in text
+    assert markdown(report).count("| c1 |") == 2
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def test_bench_rejects_unknown_servers_in_one_line() -> None:
+    result = echoplex("bench", "--models", "simple,nginx")
+    assert result.returncode == 2
+    assert "unknown server 'nginx'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_rejects_a_reference_that_does_not_run() -> None:
+    result = echoplex("bench", "--scenario", "smoke", "--reference", "ref-uvloop")
+    assert result.returncode == 2
+    assert "--reference ref-uvloop is not among the servers" in result.stderr
+
+
+@pytest.mark.skipif("load" not in COMMANDS, reason="`echoplex load` has not landed yet")
+def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = echoplex(
+        "bench",
+        "--scenario",
+        "smoke",
+        "--models",
+        "simple,workers,ref-asyncio",
+        "--quiet",
+        "--out",
+        str(out),
+        timeout_s=50,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((out / "results.json").read_text())
+    (scenario,) = data["scenarios"]
+    assert scenario["name"] == "smoke" and scenario["reference"] == "simple"
+    rows = {row["server"]: row for row in scenario["rows"]}
+    assert set(rows) == {"simple", "workers", "ref-asyncio"}
+    for row in rows.values():
+        assert row["errors_total"] == 0, row
+        for figure in (
+            "requests_per_s",
+            "p50_us",
+            "p99_us",
+            "cpu_us_per_request",
+            "peak_rss_bytes",
+        ):
+            assert isinstance(row[figure], int | float) and row[figure] > 0, (figure, row)
+    assert rows["simple"]["vs_baseline"] == 1.0
+    assert sum(rows["workers"]["connections_opened"][0].values()) == 1
+    text = (out / "results.md").read_text()
+    assert "| load | server | req/s |" in text
+    assert text in result.stdout + "\n" or "| pingpong c=1 s=64B | simple |" in result.stdout
+    for chart in ("smoke-throughput.png", "smoke-latency.png"):
+        assert (out / chart).read_bytes().startswith(PNG_MAGIC)
