@@ -266,6 +266,37 @@ def test_corrupted_echoes_are_failures_naming_connection_and_offset(tmp_path: Pa
         assert any("details left out" in row["error"] for row in run.failures)
 
 
+@pytest.mark.timeout(40)
+def test_messages_larger_than_the_socket_buffers_in_a_local_run(tmp_path: Path) -> None:
+    # Over the payload's ~1 MiB period and sent while the echo is read (a server that
+    # stops reading while its replies are unread cannot stall the user). One process:
+    # Locust's local runner, no master.
+    size = 3 * 1024 * 1024 + 1
+    stats_prefix = tmp_path / "stats"
+    with Server(mode="threads") as server:
+        with Process(
+            locust_argv(
+                "--headless",
+                "--only-summary",
+                "--users=2",
+                "--spawn-rate=2",
+                "--run-time=2s",
+                "--stop-timeout=5",
+                f"--host=tcp://127.0.0.1:{server.port}",
+                f"--json-file={stats_prefix}",
+            ),
+            env={"LOCUST_ECHO_SIZE": str(size)},  # the environment form of --echo-size
+        ) as locust:
+            exit_code = locust.wait(timeout_s=30)
+        assert server.stop() == 0
+    assert exit_code == 0, locust.stderr[-4000:]
+    run = LocustRun(exit_code, json.loads(stats_prefix.with_suffix(".json").read_text()), [], "")
+    assert [entry["name"] for entry in run.entries] == [f"{size} bytes"]
+    assert run.requests > 0
+    assert run.failure_count == 0
+    assert sum(bytes_out for _, _, bytes_out, _ in close_lines(server)) == run.requests * size
+
+
 def test_a_bad_host_stops_locust_at_start_up() -> None:
     with Process(
         locust_argv("--headless", "-u", "1", "-t", "5s", "--host", "http://127.0.0.1:1")
