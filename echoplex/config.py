@@ -48,6 +48,26 @@ class ServerConfig:
     recv_bytes: int = 65536
     """Largest read from a connection at once."""
 
+    max_connections: int = 20_000
+    """Connections served at once; past it a new one is accepted and closed at once. 0: no
+    limit. Bounded by default: a thread (or buffer) per connection is memory a flood takes."""
+
+    max_per_ip: int = 0
+    """Connections served at once from one client address; 0: no limit."""
+
+    idle_timeout_s: float = 300.0
+    """Close a connection with no byte in either direction for this long; 0: never."""
+
+    max_lifetime_s: float = 0.0
+    """Close a connection this old, however busy (bounds a client trickling bytes); 0: never."""
+
+    max_buffer_bytes: int = 65536
+    """Echo bytes held per connection at most: past it, the server stops reading that client
+    until its echo is written, so a client that never reads cannot grow server memory."""
+
+    send_timeout_s: float = 30.0
+    """Close a connection that accepts no byte of its echo for this long; 0: never."""
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
@@ -63,6 +83,14 @@ class ServerConfig:
             raise ValueError(f"drain timeout must be 0 or more, not {self.drain_timeout_s}")
         if self.recv_bytes < 1:
             raise ValueError(f"recv size must be at least 1, not {self.recv_bytes}")
+        if self.max_buffer_bytes < 1:
+            raise ValueError(f"max buffer must be at least 1 byte, not {self.max_buffer_bytes}")
+        for name in ("max_connections", "max_per_ip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be 0 (no limit) or more")
+        for name in ("idle_timeout_s", "max_lifetime_s", "send_timeout_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name[:-2].replace('_', '-')} must be 0 (none) or more seconds")
 
     @property
     def worker_count(self) -> int:

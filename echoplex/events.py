@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._net import format_address
+from ._throttle import Throttle
 
 
 @dataclass(slots=True)
@@ -48,6 +49,9 @@ class ServerEvents(Protocol):
 
     def connection_closed(self, record: ConnectionRecord) -> None: ...
 
+    def connection_rejected(self, peer: Any, reason: str) -> None:
+        """Accepted and closed at once: over a limit (`max-connections`, `max-per-ip`)."""
+
     def stopping(self) -> None:
         """A stop was requested: the listener is closed, open connections drain."""
 
@@ -57,6 +61,7 @@ class LogEvents:
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger or logging.getLogger("echoplex.server")
+        self._rejections_throttle = Throttle()
 
     def listening(self, addresses: list[Any]) -> None:
         for address in addresses:
@@ -77,6 +82,17 @@ class LogEvents:
             record.duration_s,
             record.outcome or "closed",
         )
+
+    def connection_rejected(self, peer: Any, reason: str) -> None:
+        # A flood of rejections must not become a flood of log lines: one per second.
+        suppressed = self._rejections_throttle.allow(reason)
+        if suppressed is not None:
+            self.log.warning(
+                "rejected %s: over %s (%d more rejected since the last such message)",
+                format_address(peer),
+                reason,
+                suppressed,
+            )
 
     def stopping(self) -> None:
         self.log.info("stopping: no new connections; draining open ones")

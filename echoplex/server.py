@@ -9,6 +9,9 @@ and your own `Shutdown` to stop it from another thread.
 
 from __future__ import annotations
 
+import contextlib
+import resource
+
 from .config import ServerConfig
 from .events import LogEvents, ServerEvents
 from .models import load_model
@@ -25,6 +28,7 @@ def run(
     Raises `StartupError` when the server cannot start (busy port, missing uvloop).
     """
     model = load_model(config.mode)
+    raise_descriptor_limit()
     own_shutdown = shutdown is None
     shutdown = shutdown or Shutdown()
     try:
@@ -33,3 +37,12 @@ def run(
     finally:
         if own_shutdown:
             shutdown.close()
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft limit on open files to the hard limit: every connection is a
+    descriptor, and the usual soft limit of 1024 is far below what a server needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

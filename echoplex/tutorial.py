@@ -43,6 +43,9 @@ class TutorialPrinter:
     def connection_closed(self, record: ConnectionRecord) -> None:
         pass
 
+    def connection_rejected(self, peer: Any, reason: str) -> None:
+        pass
+
     def stopping(self) -> None:
         pass
 

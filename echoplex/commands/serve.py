@@ -17,6 +17,7 @@ from ..config import DEFAULT_BACKLOG, DEFAULT_PORT, LOOPS, ServerConfig
 from ..errors import StartupError
 from ..models import DESCRIPTIONS, MODELS
 from ..server import run as run_server
+from .load import size_bytes
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -69,6 +70,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long open connections may finish (default 5)",
     )
+    limits = parser.add_argument_group("limits (0 turns a limit off)")
+    limits.add_argument(
+        "--max-connections",
+        type=non_negative_int,
+        default=ServerConfig.max_connections,
+        metavar="N",
+        help="connections served at once; more are accepted and closed at once "
+        f"(default {ServerConfig.max_connections})",
+    )
+    limits.add_argument(
+        "--max-per-ip",
+        type=non_negative_int,
+        default=ServerConfig.max_per_ip,
+        metavar="N",
+        help="connections at once from one client address (default 0)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=non_negative_seconds,
+        default=ServerConfig.idle_timeout_s,
+        metavar="SECONDS",
+        help="close a connection silent both ways this long "
+        f"(default {ServerConfig.idle_timeout_s:g})",
+    )
+    limits.add_argument(
+        "--max-lifetime",
+        type=non_negative_seconds,
+        default=ServerConfig.max_lifetime_s,
+        metavar="SECONDS",
+        help="close a connection this old, however busy (default 0: never)",
+    )
+    limits.add_argument(
+        "--max-buffer",
+        type=size_bytes,
+        default=ServerConfig.max_buffer_bytes,
+        metavar="BYTES",
+        help="echo bytes held per connection before it stops being read (default 64KiB)",
+    )
+    limits.add_argument(
+        "--send-timeout",
+        type=non_negative_seconds,
+        default=ServerConfig.send_timeout_s,
+        metavar="SECONDS",
+        help="close a connection that takes none of its echo this long "
+        f"(default {ServerConfig.send_timeout_s:g})",
+    )
     parser.add_argument(
         "--log-data",
         action="store_true",
@@ -93,6 +140,12 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         loop=args.loop,
         drain_timeout_s=args.drain_timeout,
         log_data=args.log_data,
+        max_connections=args.max_connections,
+        max_per_ip=args.max_per_ip,
+        idle_timeout_s=args.idle_timeout,
+        max_lifetime_s=args.max_lifetime,
+        max_buffer_bytes=args.max_buffer,
+        send_timeout_s=args.send_timeout,
     )
 
 

@@ -3,13 +3,16 @@
 The accept loop waits on the listener *and* the shutdown wakeup, so a stop request
 interrupts it at once. The echo loop reads into one preallocated buffer per
 connection (no allocation per chunk) and writes each chunk back in full before
-reading again, which also bounds what a connection can hold to one buffer.
+reading again: a client that does not read its echo stops being read, so it can
+never make the server hold more than one buffer (`max_buffer_bytes`) of its bytes.
+Time limits are socket timeouts, set only when a limit is configured.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import selectors
 import socket
@@ -18,48 +21,42 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .._net import tune_connection
+from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
+from .._net import open_listener
 from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
+from ..limits import Admission, Deadlines
 from ..shutdown import Shutdown, wait_until
 
 log = logging.getLogger("echoplex.server")
 
-# accept() errors that concern one connection that already went away: skip it.
-# (trio's _highlevel_socket.py surveys these; ECONNABORTED is the common one.)
-_GONE_BEFORE_ACCEPT = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
-# Out of descriptors: back off instead of spinning on a listener that stays readable.
-_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_ACCEPT_BACKOFF_S = 0.1
 _CUT_OFF_GRACE_S = 1.0
 
 
 def accept_connections(
-    listener: socket.socket, shutdown: Shutdown
+    listener: socket.socket, admission: Admission, events: ServerEvents, shutdown: Shutdown
 ) -> Iterator[tuple[socket.socket, Any]]:
-    """Yield accepted, tuned, blocking connections until a stop is requested."""
-    listener.setblocking(False)
-    with selectors.DefaultSelector() as selector:
-        selector.register(listener, selectors.EVENT_READ)
-        selector.register(shutdown.fileno(), selectors.EVENT_READ)
-        while not shutdown.requested:
-            for key, _ in selector.select():
-                if key.fileobj is not listener:
+    """Yield admitted, tuned, blocking connections until a stop is requested."""
+    acceptor = Acceptor(listener, admission, events)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener, selectors.EVENT_READ)
+            selector.register(shutdown.fileno(), selectors.EVENT_READ)
+            while not shutdown.requested:
+                if not any(key.fileobj is listener for key, _ in selector.select()):
                     continue
-                try:
-                    conn, peer = listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    if exc.errno in _OUT_OF_DESCRIPTORS:
-                        log.warning("accept failed: %s; backing off", exc.strerror)
-                        time.sleep(_ACCEPT_BACKOFF_S)
-                    elif exc.errno not in _GONE_BEFORE_ACCEPT:
-                        raise
-                    continue
-                conn.setblocking(True)
-                tune_connection(conn)
-                yield conn, peer
+                admitted, back_off = acceptor.accept_ready()
+                for conn, peer in admitted:
+                    conn.setblocking(True)
+                    yield conn, peer
+                if back_off:
+                    shutdown.wait(ACCEPT_BACKOFF_S)
+    finally:
+        acceptor.close()
+
+
+ReadGate = Callable[[], str | None]
+"""Called before each read by the `simple` model: None to read, or an outcome to stop with."""
 
 
 def echo_until_closed(
@@ -67,30 +64,39 @@ def echo_until_closed(
     record: ConnectionRecord,
     config: ServerConfig,
     events: ServerEvents,
-    wait_readable: Callable[[], bool] | None = None,
+    read_gate: ReadGate | None = None,
 ) -> None:
-    """Echo every byte back until the client closes; set `record.outcome` to how it ended.
-
-    `wait_readable`, when given, is called before each read and returns False to
-    stop (the `simple` model uses it to notice a shutdown while it waits).
-    """
-    buffer = bytearray(config.recv_bytes)
+    """Echo every byte back until the client closes; `record.finish()` says how it ended."""
+    buffer = bytearray(min(config.recv_bytes, config.max_buffer_bytes))
     view = memoryview(buffer)
     log_data = config.log_data
+    deadlines = Deadlines(config, record.opened_at)
+    timed = deadlines.any
+    wait = deadlines.for_read()
     try:
-        while wait_readable is None or wait_readable():
+        while True:
+            if read_gate is not None and (stop := read_gate()) is not None:
+                record.finish(stop)
+                return
+            if timed:
+                wait = deadlines.for_read()
+                conn.settimeout(wait.timeout_s)
             received = conn.recv_into(buffer)
             if not received:
                 # The client shut down its write side and every byte it sent has
-                # been echoed (we write each chunk in full before reading again).
+                # been echoed (each chunk is written in full before the next read).
                 record.finish("closed")
                 return
             record.bytes_in += received
             if log_data:
                 events.data_received(record, bytes(view[:received]))
+            if timed:
+                wait = deadlines.for_send()
+                conn.settimeout(wait.timeout_s)
             conn.sendall(view[:received])
             record.bytes_out += received
-        record.finish("drained")
+    except TimeoutError:
+        record.finish(wait.outcome)
     except (ConnectionResetError, BrokenPipeError):
         record.finish("reset")
     except OSError as exc:
@@ -104,14 +110,23 @@ def serve_connection(
     record: ConnectionRecord,
     config: ServerConfig,
     events: ServerEvents,
-    wait_readable: Callable[[], bool] | None = None,
+    admission: Admission,
+    read_gate: ReadGate | None = None,
 ) -> None:
-    """Serve one accepted connection to the end, report it, and close it whatever happens."""
+    """Serve one admitted connection to the end, report it, close it whatever happens.
+
+    An unexpected exception is logged once, with its traceback, and ends this
+    connection alone.
+    """
     try:
         events.connection_opened(record)
-        echo_until_closed(conn, record, config, events, wait_readable)
+        echo_until_closed(conn, record, config, events, read_gate)
+    except Exception:
+        record.finish("error:handler")
+        log.exception("unexpected error serving %s; closing that connection", record.peer)
     finally:
         conn.close()
+        admission.release(client_ip(record.peer))
         events.connection_closed(record)
 
 
@@ -155,3 +170,31 @@ def drain(open_connections: OpenConnections, config: ServerConfig, shutdown: Shu
         # Give the cut-off threads a moment to close and report their connections.
         grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
         wait_until(lambda: not open_connections, lambda: grace_ends)
+
+
+def serve_handing_off(
+    config: ServerConfig,
+    events: ServerEvents,
+    shutdown: Shutdown,
+    hand_off: Callable[[Callable[[], None]], object],
+) -> None:
+    """Accept on this thread and `hand_off` each connection's serving to another
+    (a new thread, a pool's queue); on a stop, close the listener and drain."""
+    open_connections = OpenConnections()
+    admission = Admission.from_config(config)
+
+    def serve_then_forget(conn: socket.socket, record: ConnectionRecord) -> None:
+        try:
+            serve_connection(conn, record, config, events, admission)
+        finally:
+            open_connections.discard(conn)
+
+    with open_listener(config) as listener:
+        events.listening([listener.getsockname()])
+        for conn, peer in accept_connections(listener, admission, events, shutdown):
+            record = ConnectionRecord(peer)
+            # Registered before it is handed off, so a drain also cuts off queued clients.
+            open_connections.add(conn, record)
+            hand_off(functools.partial(serve_then_forget, conn, record))
+    events.stopping()
+    drain(open_connections, config, shutdown)

@@ -2,8 +2,13 @@
 
 Each connection is an `asyncio.Protocol` whose `data_received` writes the chunk
 straight back. When the client stops reading and the transport's write buffer
-passes its high-water mark, the protocol pauses reading that connection, so a
-client can never make the server hold more than one buffer's worth of its bytes.
+passes `max_buffer_bytes`, the protocol pauses reading that connection, so a
+client can never make the server hold more than about one buffer of its bytes.
+
+Connections are taken off the listener by the shared `Acceptor` (the same
+descriptor-exhaustion and limit handling as the blocking models) and handed to
+the loop with `connect_accepted_socket`. Time limits are checked by one periodic
+sweep over all connections rather than a timer per connection per chunk.
 """
 
 from __future__ import annotations
@@ -11,17 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from .._net import open_listener, tune_connection
+from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
+from .._net import open_listener
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
+from ..limits import IDLE_TIMEOUT, Admission, Deadlines, ProgressWatch
 from ..shutdown import STOP_SIGNALS, Shutdown
 
+log = logging.getLogger("echoplex.server")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
@@ -41,34 +51,39 @@ def loop_factory(name: str) -> LoopFactory:
     return factory
 
 
-class _Connections:
-    """The protocols of open connections, and a wakeup for whoever waits on them to end."""
+class _Server:
+    """What every connection's protocol shares: config, reporting, limits, open set."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: ServerConfig, events: ServerEvents) -> None:
+        self.config = config
+        self.events = events
+        self.admission = Admission.from_config(config)
         self.open: set[EchoProtocol] = set()
         self.changed = asyncio.Event()
 
-    def discard(self, protocol: EchoProtocol) -> None:
+    def closed(self, protocol: EchoProtocol) -> None:
         self.open.discard(protocol)
+        self.admission.release(client_ip(protocol.record.peer))
         self.changed.set()
 
 
 class EchoProtocol(asyncio.Protocol):
-    __slots__ = ("connections", "events", "record", "transport")
+    __slots__ = ("record", "server", "transport", "watch")
 
-    def __init__(self, connections: _Connections, events: ServerEvents) -> None:
-        self.connections = connections
-        self.events = events
+    def __init__(self, server: _Server, peer: Any) -> None:
+        self.server = server
+        self.record = ConnectionRecord(peer)
+        self.watch = ProgressWatch(
+            Deadlines(server.config, self.record.opened_at), time.monotonic()
+        )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            tune_connection(sock)  # both loops set TCP_NODELAY already; this makes it explicit
-        self.record = ConnectionRecord(transport.get_extra_info("peername"))
-        self.connections.open.add(self)
-        self.events.connection_opened(self.record)
+        max_buffer = self.server.config.max_buffer_bytes
+        self.transport.set_write_buffer_limits(high=max_buffer, low=max_buffer // 4)
+        self.server.open.add(self)
+        self.server.events.connection_opened(self.record)
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
@@ -95,12 +110,16 @@ class EchoProtocol(asyncio.Protocol):
         else:
             code = getattr(exc, "errno", None) or 0
             self.record.finish(f"error:{errno.errorcode.get(code, type(exc).__name__)}")
-        self.connections.discard(self)
-        self.events.connection_closed(self.record)
+        self.server.closed(self)
+        self.server.events.connection_closed(self.record)
 
-    def cut_off(self) -> None:
-        self.record.finish("drained")
-        self.transport.abort()
+    def end(self, outcome: str) -> None:
+        """Close for a limit or a drain: gracefully if nothing is waiting to be sent."""
+        self.record.finish(outcome)
+        if outcome == IDLE_TIMEOUT:
+            self.transport.close()
+        else:
+            self.transport.abort()
 
 
 class DataLoggingEchoProtocol(EchoProtocol):
@@ -109,10 +128,8 @@ class DataLoggingEchoProtocol(EchoProtocol):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        self.record.bytes_in += len(data)
-        self.events.data_received(self.record, data)
-        self.transport.write(data)
-        self.record.bytes_out += len(data)
+        self.server.events.data_received(self.record, data)
+        super().data_received(data)
 
 
 def serve(
@@ -120,74 +137,121 @@ def serve(
 ) -> None:
     factory = loop_factory(config.loop)
     listener = open_listener(config, reuse_port=reuse_port)
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with listener, asyncio.Runner(loop_factory=factory) as runner:
         runner.run(_serve(listener, config, events, shutdown))
 
 
 async def _serve(
-    listener: Any, config: ServerConfig, events: ServerEvents, shutdown: Shutdown
+    listener: socket.socket, config: ServerConfig, events: ServerEvents, shutdown: Shutdown
 ) -> None:
     loop = asyncio.get_running_loop()
-    connections = _Connections()
-    wakeup = asyncio.Event()
+    server = _Server(config, events)
+    acceptor = Acceptor(listener, server.admission, events)
+    protocol_class = DataLoggingEchoProtocol if config.log_data else EchoProtocol
+    stop_wakeup = asyncio.Event()
+    adopting: set[asyncio.Task[None]] = set()
 
-    def on_shutdown_wakeup() -> None:
+    async def adopt(conn: socket.socket, peer: Any) -> None:
+        protocol = protocol_class(server, peer)
+        try:
+            await loop.connect_accepted_socket(lambda: protocol, conn)
+        except OSError as exc:  # gone before the loop took it
+            conn.close()
+            protocol.connection_lost(exc)
+
+    def on_acceptable() -> None:
+        admitted, back_off = acceptor.accept_ready()
+        for conn, peer in admitted:
+            task = loop.create_task(adopt(conn, peer))
+            adopting.add(task)
+            task.add_done_callback(adopting.discard)
+        if back_off:  # out of descriptors: pause accepting instead of spinning
+            loop.remove_reader(listener.fileno())
+            loop.call_later(ACCEPT_BACKOFF_S, loop.add_reader, listener.fileno(), on_acceptable)
+
+    def on_stop_requested() -> None:
         shutdown.clear_wakeup()
-        wakeup.set()
+        stop_wakeup.set()
 
-    loop.add_reader(shutdown.fileno(), on_shutdown_wakeup)
-    if threading.current_thread() is threading.main_thread():
+    loop.add_reader(shutdown.fileno(), on_stop_requested)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, shutdown.request)
-    protocol_class = DataLoggingEchoProtocol if config.log_data else EchoProtocol
+    sweeper = loop.create_task(_sweep_limits(server)) if _has_limits(config) else None
     try:
-        server = await loop.create_server(
-            lambda: protocol_class(connections, events), sock=listener, backlog=config.backlog
-        )
+        loop.add_reader(listener.fileno(), on_acceptable)
         events.listening([listener.getsockname()])
         while not shutdown.requested:
-            await wakeup.wait()
-            wakeup.clear()
-        server.close()  # stop listening: new connects are refused
+            await stop_wakeup.wait()
+            stop_wakeup.clear()
+        loop.remove_reader(listener.fileno())
+        listener.close()  # stop listening: new connects are refused
         events.stopping()
-        await _drain(connections, wakeup, config, shutdown)
+        if adopting:
+            await asyncio.wait(adopting)
+        await _drain(server, stop_wakeup, config, shutdown)
     finally:
+        if sweeper is not None:
+            sweeper.cancel()
+        acceptor.close()
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(listener.fileno())
         loop.remove_reader(shutdown.fileno())
-        if threading.current_thread() is threading.main_thread():
+        if in_main_thread:
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
-        listener.close()
+
+
+def _has_limits(config: ServerConfig) -> bool:
+    return bool(config.idle_timeout_s or config.send_timeout_s or config.max_lifetime_s)
+
+
+async def _sweep_limits(server: _Server) -> None:
+    """End connections whose idle, send or lifetime limit has run out."""
+    config = server.config
+    limits = [s for s in (config.idle_timeout_s, config.send_timeout_s, config.max_lifetime_s) if s]
+    # A limit is enforced at most a quarter of itself late (and within a second).
+    interval_s = min(1.0, max(0.01, min(limits) / 4))
+    while True:
+        await asyncio.sleep(interval_s)
+        now = time.monotonic()
+        for protocol in list(server.open):
+            pending = protocol.transport.get_write_buffer_size()
+            outcome = protocol.watch.check(protocol.record.bytes_in, pending, now)
+            if outcome is not None:
+                protocol.end(outcome)
 
 
 async def _drain(
-    connections: _Connections, wakeup: asyncio.Event, config: ServerConfig, shutdown: Shutdown
+    server: _Server, stop_wakeup: asyncio.Event, config: ServerConfig, shutdown: Shutdown
 ) -> None:
     """Wait for open connections to end until the deadline, then abort the rest."""
 
-    async def next_change() -> None:
+    async def next_change(timeout_s: float) -> None:
         # Whichever comes first: a connection ends, or a second stop request.
-        connections.changed.clear()
+        server.changed.clear()
         waiters = [
-            asyncio.ensure_future(connections.changed.wait()),
-            asyncio.ensure_future(wakeup.wait()),
+            asyncio.ensure_future(server.changed.wait()),
+            asyncio.ensure_future(stop_wakeup.wait()),
         ]
-        remaining = shutdown.drain_deadline(config.drain_timeout_s) - time.monotonic()
         try:
-            await asyncio.wait(
-                waiters, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
-        wakeup.clear()
+        stop_wakeup.clear()
 
-    while connections.open and time.monotonic() < shutdown.drain_deadline(config.drain_timeout_s):
-        await next_change()
-    for protocol in list(connections.open):
-        protocol.cut_off()
+    while server.open:
+        left_s = shutdown.drain_deadline(config.drain_timeout_s) - time.monotonic()
+        if left_s <= 0:
+            break
+        await next_change(left_s)
+    for protocol in list(server.open):
+        protocol.end("drained")
     # connection_lost runs on a later loop iteration; let the aborted ones report.
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(1.0):
-            while connections.open:
-                connections.changed.clear()
-                await connections.changed.wait()
+            while server.open:
+                server.changed.clear()
+                await server.changed.wait()

@@ -1,8 +1,9 @@
 """`simple`: one client at a time, the tutorial's first server.
 
 The next client waits in the listen backlog until the current one disconnects;
-that wait is the lesson. To notice a stop request while a client is connected,
-each read first waits on both the connection and the shutdown wakeup.
+that wait is the lesson. To notice a stop request (and its own time limits)
+while a client is connected, each read first waits on both the connection and
+the shutdown wakeup.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from functools import partial
 from .._net import open_listener
 from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
+from ..limits import Admission, Deadlines
 from ..shutdown import Shutdown
 from ._blocking import accept_connections, serve_connection
 
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
     listener = open_listener(config)
+    admission = Admission.from_config(config)
     stopped_listening = False
 
     def stop_listening() -> None:
@@ -31,28 +34,37 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
             listener.close()  # new connects are refused from now on
             events.stopping()
 
-    def readable_before_deadline(conn: socket.socket) -> bool:
+    def read_gate(conn: socket.socket, deadlines: Deadlines) -> str | None:
+        """Wait until the client sends something: None, or why to stop instead."""
         while True:
             if shutdown.requested:
                 stop_listening()
                 shutdown.clear_wakeup()
-            deadline = shutdown.drain_deadline(config.drain_timeout_s)
-            timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
-            readable, _, _ = select.select([conn.fileno(), shutdown.fileno()], [], [], timeout)
+            limit = deadlines.for_read()
+            timeout_s = math.inf if limit.timeout_s is None else limit.timeout_s
+            outcome = limit.outcome
+            drain_left_s = shutdown.drain_deadline(config.drain_timeout_s) - time.monotonic()
+            if drain_left_s <= 0:
+                return "drained"
+            if drain_left_s <= timeout_s:
+                timeout_s, outcome = max(0.0, drain_left_s), "drained"
+            readable, _, _ = select.select(
+                [conn.fileno(), shutdown.fileno()],
+                [],
+                [],
+                None if timeout_s == math.inf else timeout_s,
+            )
             if conn.fileno() in readable:
-                return True
-            if time.monotonic() >= deadline:
-                return False
+                return None
+            if not readable:
+                return outcome  # timed out
+            # Otherwise a stop request woke us: look again.
 
     try:
         events.listening([listener.getsockname()])
-        for conn, peer in accept_connections(listener, shutdown):
-            serve_connection(
-                conn,
-                ConnectionRecord(peer),
-                config,
-                events,
-                partial(readable_before_deadline, conn),
-            )
+        for conn, peer in accept_connections(listener, admission, events, shutdown):
+            record = ConnectionRecord(peer)
+            gate = partial(read_gate, conn, Deadlines(config, record.opened_at))
+            serve_connection(conn, record, config, events, admission, gate)
     finally:
         stop_listening()

@@ -1,43 +1,28 @@
 """`threads`: a thread per connection, the tutorial's second server.
 
 Threads get a small stack (they only run the echo loop), so thousands of
-connections cost little address space.
+connections cost little memory; `max_connections` caps how many there can be.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
+from collections.abc import Callable
 
-from .._net import open_listener
 from ..config import ServerConfig
-from ..events import ConnectionRecord, ServerEvents
+from ..events import ServerEvents
 from ..shutdown import Shutdown
-from ._blocking import OpenConnections, accept_connections, drain, serve_connection
+from ._blocking import serve_handing_off
 
 THREAD_STACK_BYTES = 256 * 1024
 
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    open_connections = OpenConnections()
+    def start_thread(serve_one: Callable[[], None]) -> None:
+        threading.Thread(target=serve_one, daemon=True).start()
 
-    def handle(conn: socket.socket, record: ConnectionRecord) -> None:
-        try:
-            serve_connection(conn, record, config, events)
-        finally:
-            open_connections.discard(conn)
-
-    threading.stack_size(THREAD_STACK_BYTES)
+    previous_stack_bytes = threading.stack_size(THREAD_STACK_BYTES)
     try:
-        with open_listener(config) as listener:
-            events.listening([listener.getsockname()])
-            for conn, peer in accept_connections(listener, shutdown):
-                record = ConnectionRecord(peer)
-                open_connections.add(conn, record)
-                threading.Thread(
-                    target=handle, args=(conn, record), name=f"echo {peer}", daemon=True
-                ).start()
+        serve_handing_off(config, events, shutdown, start_thread)
     finally:
-        threading.stack_size(0)
-    events.stopping()
-    drain(open_connections, config, shutdown)
+        threading.stack_size(previous_stack_bytes)

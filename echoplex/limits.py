@@ -1,0 +1,141 @@
+"""Who may connect, and for how long: the server's limits as plain logic, without I/O.
+
+Every model asks `Admission` before serving a connection and reads its time limits
+from `Deadlines`, so the rules are the same whichever model runs them and can be
+tested with a fake clock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import ServerConfig
+
+Clock = Callable[[], float]
+
+# Reasons a connection is turned away at the door (also metric label values).
+OVER_MAX_CONNECTIONS = "max-connections"
+OVER_MAX_PER_IP = "max-per-ip"
+
+# Outcomes of a connection that a time limit ended.
+IDLE_TIMEOUT = "idle-timeout"
+SEND_TIMEOUT = "send-timeout"
+LIFETIME = "max-lifetime"
+
+
+class Admission:
+    """Counts open connections, overall and per client address, against the limits.
+
+    Thread-safe: blocking models admit in the accept loop and release in handler threads.
+    """
+
+    def __init__(self, max_connections: int, max_per_ip: int) -> None:
+        self.max_connections = max_connections or math.inf
+        self.max_per_ip = max_per_ip or math.inf
+        self.open = 0
+        self._per_ip: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> Admission:
+        return cls(config.max_connections, config.max_per_ip)
+
+    def admit(self, ip: str) -> str | None:
+        """Count the connection in and return None, or return why it is turned away."""
+        with self._lock:
+            if self.open >= self.max_connections:
+                return OVER_MAX_CONNECTIONS
+            if self._per_ip[ip] >= self.max_per_ip:
+                return OVER_MAX_PER_IP
+            self.open += 1
+            self._per_ip[ip] += 1
+            return None
+
+    def release(self, ip: str) -> None:
+        with self._lock:
+            self.open -= 1
+            self._per_ip[ip] -= 1
+            if not self._per_ip[ip]:
+                del self._per_ip[ip]
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """How long the next read or write may block, and what it means if it runs out."""
+
+    timeout_s: float | None
+    outcome: str
+
+
+class Deadlines:
+    """The time limits of one connection (0 in the config means no limit).
+
+    - idle: no byte received for this long (while nothing is waiting to be sent);
+    - send: the client accepts no byte of its echo for this long;
+    - lifetime: the connection is this old, however busy.
+    """
+
+    def __init__(self, config: ServerConfig, opened_at: float, clock: Clock = time.monotonic):
+        self.idle_s = config.idle_timeout_s or None
+        self.send_s = config.send_timeout_s or None
+        self.lifetime_ends = opened_at + config.max_lifetime_s if config.max_lifetime_s else None
+        self.clock = clock
+        self.any = any(
+            limit is not None for limit in (self.idle_s, self.send_s, self.lifetime_ends)
+        )
+
+    def for_read(self) -> Wait:
+        return self._bounded(self.idle_s, IDLE_TIMEOUT)
+
+    def for_send(self) -> Wait:
+        return self._bounded(self.send_s, SEND_TIMEOUT)
+
+    def lifetime_over(self) -> bool:
+        return self.lifetime_ends is not None and self.clock() >= self.lifetime_ends
+
+    def _bounded(self, limit_s: float | None, outcome: str) -> Wait:
+        if self.lifetime_ends is None:
+            return Wait(limit_s, outcome)
+        left = max(0.0, self.lifetime_ends - self.clock())
+        if limit_s is None or left < limit_s:
+            return Wait(left, LIFETIME)
+        return Wait(limit_s, outcome)
+
+
+class ProgressWatch:
+    """Idle and send timeouts for event-loop models, which sweep all connections
+    periodically instead of arming a timer per connection per chunk.
+
+    Each sweep passes the connection's byte count received and its bytes still
+    waiting to be sent; the watch says whether a limit has run out.
+    """
+
+    __slots__ = ("_last_in", "_last_pending", "_received_at", "_sent_at", "deadlines")
+
+    def __init__(self, deadlines: Deadlines, now: float) -> None:
+        self.deadlines = deadlines
+        self._last_in = 0
+        self._last_pending = 0
+        self._received_at = now
+        self._sent_at = now
+
+    def check(self, bytes_in: int, pending_bytes: int, now: float) -> str | None:
+        if bytes_in != self._last_in:
+            self._last_in = bytes_in
+            self._received_at = now
+        if pending_bytes < self._last_pending or not pending_bytes:
+            self._sent_at = now  # the client took some of its echo (or had none waiting)
+        self._last_pending = pending_bytes
+        d = self.deadlines
+        if d.lifetime_ends is not None and now >= d.lifetime_ends:
+            return LIFETIME
+        if d.send_s is not None and pending_bytes and now - self._sent_at >= d.send_s:
+            return SEND_TIMEOUT
+        if d.idle_s is not None and not pending_bytes and now - self._received_at >= d.idle_s:
+            return IDLE_TIMEOUT
+        return None
