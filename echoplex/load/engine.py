@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import signal
 import socket
 import threading
@@ -108,6 +109,14 @@ def _ensure_descriptors(connections: int) -> None:
                 f"but the limit is {hard} (raise it with ulimit -n)"
             )
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _plain(exc: OSError) -> OSError:
+    """The error with the system's own wording: uvloop says "Connect call failed
+    ('127.0.0.1', 9)" where asyncio says "Connection refused"."""
+    if exc.errno and not isinstance(exc, socket.gaierror | TimeoutError):
+        return OSError(exc.errno, os.strerror(exc.errno))
+    return exc
 
 
 def _cpu_seconds() -> float:
@@ -201,7 +210,7 @@ class LoadRun:
             await self._connect(0, address)
         except OSError as exc:
             host, port = self.config.host, self.config.port
-            raise LoadError(describe_connect_error(host, port, exc)) from None
+            raise LoadError(describe_connect_error(host, port, _plain(exc))) from None
         limiter = asyncio.Semaphore(MAX_CONNECTS_IN_FLIGHT)
         tasks = []
         started = time.monotonic()
@@ -225,7 +234,7 @@ class LoadRun:
         except OSError as exc:
             self.tally.failed(
                 ConnectionFailure(
-                    index, f"connect {error_kind(exc)}", 0, getattr(exc, "strerror", "") or ""
+                    index, f"connect {error_kind(exc)}", 0, _plain(exc).strerror or ""
                 )
             )
         finally:
