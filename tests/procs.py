@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Self
 
@@ -44,6 +44,7 @@ class Process:
         stdin: int | None = subprocess.DEVNULL,
         cwd: Path = ROOT,
         env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.argv = list(argv)
         self.proc = subprocess.Popen(
@@ -54,6 +55,7 @@ class Process:
             cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # so kill() reaches its children too
+            preexec_fn=preexec_fn,
         )
         self.stdout_lines: queue.Queue[str] = queue.Queue()
         self.stdout_seen: list[str] = []

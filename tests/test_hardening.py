@@ -1,0 +1,354 @@
+"""The fault suite: hostile and broken clients against every model, with real sockets.
+
+`workers` runs with one worker here: limits are enforced per worker process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from echoplex import ConnectionRecord, LogEvents, ServerConfig, Shutdown, run
+from echoplex.bench.proctree import tree_cpu_s, tree_pids, tree_rss_bytes
+
+from .procs import LISTENING, Process, Server
+from .test_contract import recv_exactly
+
+CONCURRENT = ["threads", "pool", "asyncio", "workers"]
+
+
+def connect(server: Server, source_ip: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((source_ip, 0))
+    sock.connect(server.address)
+    return sock
+
+
+def echoes(sock: socket.socket, data: bytes = b"ping") -> bool:
+    try:
+        sock.sendall(data)
+        return recv_exactly(sock, len(data)) == data
+    except OSError:
+        return False
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed this connection (EOF or reset), within the timeout."""
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def open_fds(pid: int) -> int:
+    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in tree_pids(pid))
+
+
+def wait_for(predicate: object, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("mode", CONCURRENT)
+def test_max_connections_turns_away_the_extra_and_admits_when_a_slot_frees(mode: str) -> None:
+    with Server("--max-connections", "2", "--workers", "1", mode=mode) as server:
+        first, second = connect(server), connect(server)
+        with first, second:
+            assert echoes(first) and echoes(second)
+            for _ in range(5):
+                with connect(server) as extra:
+                    assert closed_by_server(extra)
+            assert echoes(first) and echoes(second)  # the admitted ones carry on
+            server.wait_for_stderr(r"rejected 127\.0\.0\.1:\d+: over max-connections")
+            first.close()
+
+            def a_newcomer_is_admitted() -> bool:
+                with connect(server) as newcomer:
+                    return echoes(newcomer)
+
+            assert wait_for(a_newcomer_is_admitted)
+        # Five rejections in well under a second: logged once, not five times.
+        assert server.stderr.count("over max-connections") == 1
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("mode", CONCURRENT)
+def test_max_per_ip_limits_each_client_address(mode: str) -> None:
+    with Server("--max-per-ip", "1", "--workers", "1", mode=mode) as server:
+        with connect(server, "127.0.0.1") as first:
+            assert echoes(first)
+            with connect(server, "127.0.0.1") as same_ip:
+                assert closed_by_server(same_ip)
+            with connect(server, "127.0.0.2") as other_ip:
+                assert echoes(other_ip)
+        server.wait_for_stderr("over max-per-ip")
+
+
+@pytest.mark.parametrize("mode", ["simple", *CONCURRENT])
+def test_a_silent_client_loses_its_slot_after_the_idle_timeout(mode: str) -> None:
+    with Server("--idle-timeout", "0.3", "--workers", "1", mode=mode) as server:
+        with connect(server) as silent:
+            assert echoes(silent)
+            assert closed_by_server(silent)
+        server.wait_for_stderr("outcome=idle-timeout")
+        with connect(server) as next_client:
+            assert echoes(next_client)
+
+
+@pytest.mark.parametrize("mode", ["simple", *CONCURRENT])
+def test_a_trickling_client_loses_its_slot_at_the_lifetime_limit(mode: str) -> None:
+    with Server(
+        "--idle-timeout", "0.4", "--max-lifetime", "1", "--workers", "1", mode=mode
+    ) as server:
+        with connect(server) as trickler:
+            ended = False
+            deadline = time.monotonic() + 10
+            while not ended and time.monotonic() < deadline:
+                # A byte well inside the idle timeout, every time.
+                ended = not echoes(trickler, b".")
+                time.sleep(0.1)
+            assert ended
+        server.wait_for_stderr("outcome=max-lifetime")
+
+
+@pytest.mark.parametrize("mode", ["simple", *CONCURRENT])
+def test_a_client_that_never_reads_cannot_grow_server_memory(mode: str) -> None:
+    with Server("--send-timeout", "1", "--workers", "1", mode=mode) as server:
+        hog = connect(server)
+        hog.setblocking(False)
+        rss_before = tree_rss_bytes(server.proc.pid) or 0
+        chunk = b"\xab" * (1 << 20)
+        pushed, stalled_since = 0, None
+        deadline = time.monotonic() + 10
+        # Push up to 300 MB without reading, until the server has stopped taking any for 0.5 s.
+        while pushed < 300 << 20 and time.monotonic() < deadline:
+            try:
+                pushed += hog.send(chunk)
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 0.5:
+                    break
+                time.sleep(0.01)
+            except (ConnectionResetError, BrokenPipeError):
+                break
+        rss_after = tree_rss_bytes(server.proc.pid) or 0
+        # Only socket buffers and one echo buffer hold the bytes: nowhere near 300 MB.
+        assert pushed < 64 << 20
+        assert rss_after - rss_before < 32 << 20
+        if mode != "simple":  # simple serves the hog alone, by design
+            with connect(server) as other:
+                assert echoes(other, b"x" * 10_000)
+        hog.setblocking(True)
+        hog.settimeout(10)
+        with hog:
+            # The send timeout ends the hog: its connection is closed under it.
+            assert wait_for(lambda: "outcome=send-timeout" in server.stderr)
+
+
+@pytest.mark.parametrize("mode", ["simple", *CONCURRENT])
+def test_half_closes_and_resets_under_load_leak_no_descriptor(mode: str) -> None:
+    with Server("--max-connections", "40", "--workers", "1", mode=mode) as server:
+        with connect(server) as warm_up:  # the event loops open a descriptor or two lazily
+            assert echoes(warm_up)
+        assert wait_for(lambda: "close " in server.stderr)
+        baseline = open_fds(server.proc.pid)
+        errors: list[BaseException] = []
+
+        def half_close(index: int) -> None:
+            try:
+                with connect(server) as sock:
+                    data = bytes([index]) * 30_000
+                    sock.sendall(data)
+                    sock.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while chunk := sock.recv(65536):
+                        got += chunk
+                    # At the limit a client may be turned away (b""), never half-echoed.
+                    assert got in (data, b"")
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+
+        def reset(_: int) -> None:
+            with contextlib.suppress(OSError), connect(server) as sock:
+                sock.sendall(b"r" * 50_000)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        threads = [
+            threading.Thread(target=(half_close if i % 2 else reset), args=(i,))
+            for i in range(60 if mode != "simple" else 12)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not errors, errors
+        assert wait_for(lambda: open_fds(server.proc.pid) <= baseline), (
+            f"{open_fds(server.proc.pid)} descriptors open, {baseline} before"
+        )
+        with connect(server) as sock:
+            assert echoes(sock)
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr
+
+
+def lowered_fd_limit(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+@pytest.mark.parametrize("mode", CONCURRENT)
+def test_out_of_descriptors_sheds_clients_without_spinning_then_recovers(mode: str) -> None:
+    argv = [
+        sys.executable,
+        "-m",
+        "echoplex",
+        "serve",
+        "--port",
+        "0",
+        "--mode",
+        mode,
+        "--workers",
+        "1",
+    ]
+    with Process(argv, preexec_fn=lambda: lowered_fd_limit(48)) as server:
+        match = server.wait_for_stderr(LISTENING)
+        address = (match.group(1), int(match.group(2)))
+        held: list[socket.socket] = []
+        try:
+            # Fill every descriptor the server has, and more.
+            for _ in range(60):
+                sock = socket.create_connection(address, timeout=10)
+                held.append(sock)
+            server.wait_for_stderr("out of file descriptors")
+            # A client over the limit is closed at once, not left hanging.
+            with socket.create_connection(address, timeout=10) as shed:
+                shed.settimeout(10)
+                assert closed_by_server(shed)
+            # No busy loop while out of descriptors.
+            cpu_before = tree_cpu_s(server.proc.pid) or 0.0
+            time.sleep(1.0)
+            assert (tree_cpu_s(server.proc.pid) or 0.0) - cpu_before < 0.5
+            lines = server.stderr.count("out of file descriptors")
+        finally:
+            for sock in held:
+                sock.close()
+
+        def serves_again() -> bool:
+            try:
+                with socket.create_connection(address, timeout=5) as sock:
+                    sock.settimeout(5)
+                    return echoes(sock)
+            except OSError:
+                return False
+
+        assert wait_for(serves_again)
+        assert lines <= 5  # at most once a second, not once per attempt
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+        assert "Traceback" not in server.stderr
+
+
+class ExplodingEvents(LogEvents):
+    """Reporting that fails for one poisoned payload, as a bug in a handler would."""
+
+    def data_received(self, record: ConnectionRecord, data: bytes) -> None:
+        if b"poison" in data:
+            raise RuntimeError("handler bug")
+
+
+@contextlib.contextmanager
+def in_process_server(mode: str, events: LogEvents) -> Iterator[tuple[str, int]]:
+    ready = threading.Event()
+    address: list[tuple[str, int]] = []
+
+    class Ready(type(events)):  # type: ignore[misc]
+        def listening(self, addresses: list[tuple[str, int]]) -> None:
+            address.append(addresses[0])
+            ready.set()
+
+    shutdown = Shutdown()
+    config = replace(ServerConfig(), mode=mode, port=0, log_data=True, drain_timeout_s=1)
+    thread = threading.Thread(target=run, args=(config, Ready(), shutdown))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        yield address[0][:2]
+    finally:
+        shutdown.request()
+        thread.join(timeout=15)
+        shutdown.close()
+        assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("mode", ["simple", "threads", "pool", "asyncio"])
+def test_a_failing_handler_costs_that_connection_alone(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with in_process_server(mode, ExplodingEvents()) as address:
+        with socket.create_connection(address, timeout=10) as bystander:
+            if mode != "simple":
+                bystander.sendall(b"fine")
+                assert recv_exactly(bystander, 4) == b"fine"
+            with socket.create_connection(address, timeout=10) as victim:
+                if mode == "simple":
+                    bystander.close()
+                victim.sendall(b"poison")
+                assert closed_by_server(victim)
+            if mode != "simple":
+                bystander.sendall(b"still fine")
+                assert recv_exactly(bystander, 10) == b"still fine"
+        with socket.create_connection(address, timeout=10) as newcomer:
+            newcomer.sendall(b"hello")
+            assert recv_exactly(newcomer, 5) == b"hello"
+    tracebacks = [r for r in caplog.records if r.exc_info and "handler bug" in str(r.exc_info[1])]
+    assert len(tracebacks) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max-connections", "-1"], "must be 0 or more"),
+        (["--idle-timeout", "-0.5"], "0 or more"),
+        (["--max-buffer", "0"], "must be 1 byte"),
+        (["--max-buffer", "lots"], "not a size in bytes"),
+    ],
+)
+def test_bad_limits_are_one_line_and_exit_2(args: list[str], expected: str) -> None:
+    from .procs import echoplex
+
+    result = echoplex("serve", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and expected in result.stderr
+
+
+def test_no_worker_is_left_behind_after_sigterm() -> None:
+    with Server("--workers", "2", mode="workers") as server:
+        pids = tree_pids(server.proc.pid)
+        assert len(pids) == 3
+        assert server.stop() == 0
+        assert not [
+            pid
+            for pid in pids
+            if Path(f"/proc/{pid}").exists()
+            and not re.search(r"\) [ZX] ", Path(f"/proc/{pid}/stat").read_text())
+        ]
