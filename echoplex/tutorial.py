@@ -73,6 +73,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         log_data=True,
         drain_timeout_s=TUTORIAL_DRAIN_TIMEOUT_S,
+        idle_timeout_s=0,  # the lesson leaves nc idle for as long as it takes
     )
     try:
         run(config, TutorialPrinter(args.host))
