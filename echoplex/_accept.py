@@ -23,7 +23,7 @@ import os
 import socket
 from typing import Any
 
-from ._net import tune_connection
+from ._net import plain_peer, tune_connection
 from ._throttle import Throttle
 from .events import ServerEvents
 from .limits import Admission
@@ -42,9 +42,7 @@ def client_ip(peer: Any) -> str:
 
 
 class Acceptor:
-    def __init__(self, listener: socket.socket, admission: Admission, events: ServerEvents):
-        listener.setblocking(False)
-        self.listener = listener
+    def __init__(self, admission: Admission, events: ServerEvents) -> None:
         self.admission = admission
         self.events = events
         self.throttle = Throttle()
@@ -57,24 +55,28 @@ class Acceptor:
         except OSError:
             return None
 
-    def accept_ready(self, max_batch: int = 128) -> tuple[list[tuple[socket.socket, Any]], bool]:
-        """Accept what is waiting (up to `max_batch`): the admitted connections, tuned and
-        non-blocking, and whether the caller should back off before accepting again."""
+    def accept_ready(
+        self, listener: socket.socket, max_batch: int = 128
+    ) -> tuple[list[tuple[socket.socket, Any]], bool]:
+        """Accept what waits on a non-blocking `listener` (up to `max_batch`): the admitted
+        connections, tuned, and whether the caller should back off before accepting again.
+        Peers are plain: an IPv4 client of a dual-stack listener shows as IPv4."""
         admitted: list[tuple[socket.socket, Any]] = []
         for _ in range(max_batch):
             try:
-                conn, peer = self.listener.accept()
+                conn, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 if exc.errno in _GONE_BEFORE_ACCEPT:
                     continue
                 if exc.errno in _OUT_OF_DESCRIPTORS:
-                    return admitted, not self._shed_one(exc)
+                    return admitted, not self._shed_one(listener, exc)
                 if exc.errno in _OUT_OF_MEMORY:
                     self._warn("accept", "accept() failed: %s; backing off", exc.strerror)
                     return admitted, True
                 raise
+            peer = plain_peer(peer)
             reason = self.admission.admit(client_ip(peer))
             if reason is not None:
                 conn.close()
@@ -84,7 +86,7 @@ class Acceptor:
             admitted.append((conn, peer))
         return admitted, False
 
-    def _shed_one(self, exc: OSError) -> bool:
+    def _shed_one(self, listener: socket.socket, exc: OSError) -> bool:
         """Out of descriptors: accept one waiting client with the spare and close it.
         True if one was shed (try again at once), False if the caller must back off."""
         self._warn(
@@ -98,7 +100,7 @@ class Acceptor:
         os.close(self._spare_fd)
         self._spare_fd = None
         try:
-            conn, _ = self.listener.accept()
+            conn, _ = listener.accept()
         except OSError:
             return False
         else:

@@ -47,6 +47,17 @@ def non_negative_seconds(text: str) -> float:
     return value
 
 
+def octal_mode(text: str) -> int:
+    """File permissions in octal, like chmod: `600`, `0660`."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r} (e.g. 600)") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"not a file mode: {text!r} (000 to 777)")
+    return value
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)

@@ -1,13 +1,27 @@
-"""Socket plumbing every model shares: listeners, per-connection options, address text."""
+"""Socket plumbing every model shares: listeners, per-connection options, address text.
+
+A server listens on any mix of: one TCP socket per `--host` (IPv4, IPv6, or `::` for
+both), a Unix domain socket (`--unix`), and sockets handed over by systemd (socket
+activation). `Listeners` owns them and cleans up after them (the Unix socket file).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import logging
+import os
 import socket
+import stat
+from collections.abc import Iterator
 from typing import Any
 
 from .config import ServerConfig
 from .errors import StartupError
+
+log = logging.getLogger("echoplex.server")
+
+SYSTEMD_FIRST_FD = 3  # sd_listen_fds(3): passed sockets start at descriptor 3
 
 
 def address_family(host: str) -> socket.AddressFamily:
@@ -16,17 +30,21 @@ def address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def open_listener(
-    config: ServerConfig, *, reuse_port: bool = False, listen: bool = True
+def open_tcp_listener(
+    host: str,
+    port: int,
+    backlog: int,
+    *,
+    reuse_port: bool = False,
+    listen: bool = True,
+    v6_only: bool = False,
 ) -> socket.socket:
     """Bind (and by default listen on) host:port; the socket is closed if that fails."""
-    family = address_family(config.host)
+    family = address_family(host)
     try:
-        infos = socket.getaddrinfo(
-            config.host, config.port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise StartupError(f"cannot resolve host {config.host!r}: {exc.strerror}") from exc
+        raise StartupError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
     sockaddr = infos[0][4]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -34,9 +52,13 @@ def open_listener(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # `::` alone serves IPv4 clients too; beside IPv4 listeners it must not,
+            # or it would take their port.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6_only))
         sock.bind(sockaddr)
         if listen:
-            sock.listen(config.backlog)
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)
@@ -44,12 +66,187 @@ def open_listener(
     return sock
 
 
+def open_unix_listener(path: str, mode: int, backlog: int) -> socket.socket:
+    """Listen on a Unix socket at `path`, replacing a stale socket file from a crashed run."""
+    _remove_stale_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Bind under a restrictive umask so the file is never, even briefly, more open
+        # than asked; then set exactly the mode asked.
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"cannot listen on {path}: it exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # nobody listens: left by a server that did not clean up
+            log.info("removed stale socket file %s", path)
+            return
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    raise StartupError(f"cannot listen on {path}: another server is listening there")
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), or none.
+
+    The variables are removed once read, as sd_listen_fds() does with unset_environment,
+    so processes we start do not think the sockets are theirs.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        count = 0
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sockets = []
+    for fd in range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + count):
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM:
+            log.warning("ignoring passed socket %d: not a stream socket", fd)
+            sock.detach()
+            continue
+        sockets.append(sock)
+    return sockets
+
+
+class Listeners:
+    """The listening sockets of one server process, closed (and unlinked) together."""
+
+    def __init__(self, sockets: list[socket.socket], unix_path: str | None = None) -> None:
+        self.sockets = sockets
+        self.unix_path = unix_path
+        self._unix_inode = os.stat(unix_path).st_ino if unix_path else None
+        self.from_systemd = False
+
+    @classmethod
+    def open(
+        cls,
+        config: ServerConfig,
+        *,
+        tcp: bool = True,
+        shared: bool = True,
+        reuse_port: bool = False,
+        inherited: list[socket.socket] | None = None,
+    ) -> Listeners:
+        """Open every listener the config asks for.
+
+        `shared` covers the sockets a multi-process server opens once and its workers
+        inherit: those passed by systemd (which then replace our own TCP listeners) and
+        the Unix socket. `tcp` covers one TCP listener per host, which workers open
+        each for themselves with `reuse_port`.
+        """
+        sockets: list[socket.socket] = list(inherited or [])
+        unix_path = None
+        try:
+            passed = systemd_sockets() if shared else []
+            if passed:
+                log.info("serving %d socket(s) passed by systemd", len(passed))
+            sockets += passed
+            if tcp and not passed:
+                sockets += open_tcp_listeners(config, reuse_port=reuse_port)
+            if shared and config.unix_path:
+                sockets.append(
+                    open_unix_listener(config.unix_path, config.unix_mode, config.backlog)
+                )
+                unix_path = config.unix_path
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        listeners = cls(sockets, unix_path)
+        listeners.from_systemd = bool(passed)
+        return listeners
+
+    @property
+    def addresses(self) -> list[Any]:
+        return [sock.getsockname() for sock in self.sockets]
+
+    def __iter__(self) -> Iterator[socket.socket]:
+        return iter(self.sockets)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        if self.unix_path:
+            # Only our own file: a server started after us may have replaced it.
+            with contextlib.suppress(OSError):
+                if os.stat(self.unix_path).st_ino == self._unix_inode:
+                    os.unlink(self.unix_path)
+            self.unix_path = None
+
+    def __enter__(self) -> Listeners:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_tcp_listeners(
+    config: ServerConfig, *, reuse_port: bool = False, listen: bool = True
+) -> list[socket.socket]:
+    """One listener per host, all on the same port (the first one picks it if port is 0)."""
+    sockets: list[socket.socket] = []
+    port = config.port
+    try:
+        for host in config.hosts:
+            sock = open_tcp_listener(
+                host,
+                port,
+                config.backlog,
+                reuse_port=reuse_port,
+                listen=listen,
+                v6_only=len(config.hosts) > 1,
+            )
+            sockets.append(sock)
+            port = sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def tune_connection(sock: socket.socket) -> None:
     # Echo is request/response: Nagle's algorithm would hold back small echoes
-    # waiting for an ACK that the client delays in turn.
-    # If the peer has already gone, the first read will say so.
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # waiting for an ACK that the client delays in turn. (Not for Unix sockets.)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # the peer may have gone; the first read says so
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def plain_peer(peer: Any) -> Any:
+    """An IPv4 client of a dual-stack listener, `('::ffff:10.0.0.1', p, 0, 0)`, as
+    `('10.0.0.1', p)`; a Unix socket client (no address) as `'unix'`."""
+    if isinstance(peer, tuple) and len(peer) == 4 and peer[0].startswith("::ffff:"):
+        with contextlib.suppress(ValueError):
+            mapped = ipaddress.IPv6Address(peer[0]).ipv4_mapped
+            if mapped is not None:
+                return (str(mapped), peer[1])
+    if peer in ("", None, b""):
+        return "unix"
+    return peer
 
 
 def format_address(address: Any) -> str:

@@ -21,11 +21,28 @@ class ServerConfig:
     mode: str = "threads"
     """Concurrency model, a key of `echoplex.models.MODELS`."""
 
-    host: str = "127.0.0.1"
-    """Address to listen on; an IPv6 literal (contains ':') listens on IPv6."""
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+    """Addresses to listen on, each on `port`. An IPv6 literal (with ':') listens on IPv6;
+    `::` alone also takes IPv4 clients (dual stack). Empty: no TCP listener of our own
+    (only `unix_path` or sockets passed by systemd)."""
 
     port: int = DEFAULT_PORT
-    """TCP port; 0 picks a free one (read back from the ready callback)."""
+    """TCP port; 0 picks a free one (the first host's; the others bind the same number)."""
+
+    unix_path: str | None = None
+    """Also listen on this Unix domain socket path."""
+
+    unix_mode: int = 0o600
+    """Permissions of the Unix socket file: who may connect."""
+
+    tls_cert_file: str | None = None
+    """PEM certificate chain: with `tls_key_file`, every TCP connection speaks TLS 1.2+."""
+
+    tls_key_file: str | None = None
+    """PEM private key of `tls_cert_file`."""
+
+    tls_handshake_timeout_s: float = 10.0
+    """Drop a client that has not completed the TLS handshake in this long."""
 
     backlog: int = DEFAULT_BACKLOG
     """listen() backlog: connections the kernel queues before we accept them."""
@@ -81,6 +98,14 @@ class ServerConfig:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain timeout must be 0 or more, not {self.drain_timeout_s}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both a certificate and a key file")
+        if not self.tls_handshake_timeout_s > 0:
+            raise ValueError("TLS handshake timeout must be more than 0 seconds")
+        if not 0 <= self.unix_mode <= 0o777:
+            raise ValueError(
+                f"unix mode must be an octal permission like 600, not {self.unix_mode:o}"
+            )
         if self.recv_bytes < 1:
             raise ValueError(f"recv size must be at least 1, not {self.recv_bytes}")
         if self.max_buffer_bytes < 1:

@@ -17,7 +17,7 @@ from ._net import format_address
 from ._throttle import Throttle
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: records key tables
 class ConnectionRecord:
     """Running totals for one connection, filled in by the model that serves it."""
 

@@ -69,7 +69,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     config = replace(
         ServerConfig(),
         mode=args.mode,
-        host=args.host,
+        hosts=(args.host,),
         port=args.port,
         log_data=True,
         drain_timeout_s=TUTORIAL_DRAIN_TIMEOUT_S,

@@ -10,6 +10,7 @@ from .._cli_util import (
     fail,
     non_negative_int,
     non_negative_seconds,
+    octal_mode,
     port_number,
     positive_int,
 )
@@ -17,7 +18,7 @@ from ..config import DEFAULT_BACKLOG, DEFAULT_PORT, LOOPS, ServerConfig
 from ..errors import StartupError
 from ..models import DESCRIPTIONS, MODELS
 from ..server import run as run_server
-from .load import size_bytes
+from .load import positive_seconds, size_bytes
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -31,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"concurrency model (default threads). {models}",
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+        "--host",
+        action="append",
+        dest="hosts",
+        metavar="HOST",
+        help="address to listen on, repeatable; `::` serves IPv6 and IPv4 (default 127.0.0.1, "
+        "or none when --unix is given)",
     )
     parser.add_argument(
         "--port",
@@ -69,6 +75,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=ServerConfig.drain_timeout_s,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long open connections may finish (default 5)",
+    )
+    parser.add_argument(
+        "--unix", metavar="PATH", help="also listen on this Unix domain socket path"
+    )
+    parser.add_argument(
+        "--unix-mode",
+        type=octal_mode,
+        default=ServerConfig.unix_mode,
+        metavar="MODE",
+        help="permissions of the --unix socket file, in octal (default 600)",
+    )
+    tls_group = parser.add_argument_group("TLS")
+    tls_group.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain")
+    tls_group.add_argument("--tls-key", metavar="FILE", help="PEM private key")
+    tls_group.add_argument(
+        "--tls-handshake-timeout",
+        type=positive_seconds,
+        default=ServerConfig.tls_handshake_timeout_s,
+        metavar="SECONDS",
+        help="drop a client that has not finished its handshake by then (default 10)",
     )
     limits = parser.add_argument_group("limits (0 turns a limit off)")
     limits.add_argument(
@@ -132,7 +158,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         mode=args.mode,
-        host=args.host,
+        hosts=tuple(args.hosts or ([] if args.unix else ["127.0.0.1"])),
+        unix_path=args.unix,
+        unix_mode=args.unix_mode,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        tls_handshake_timeout_s=args.tls_handshake_timeout,
         port=args.port,
         backlog=args.backlog,
         threads=args.threads,

@@ -1,6 +1,6 @@
 """The blocking-socket pieces the `simple`, `threads` and `pool` models share.
 
-The accept loop waits on the listener *and* the shutdown wakeup, so a stop request
+The accept loop waits on the listeners *and* the shutdown wakeup, so a stop request
 interrupts it at once. The echo loop reads into one preallocated buffer per
 connection (no allocation per chunk) and writes each chunk back in full before
 reading again: a client that does not read its echo stops being read, so it can
@@ -14,15 +14,17 @@ import contextlib
 import errno
 import functools
 import logging
+import os
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
+from .. import tls
 from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
-from .._net import open_listener
+from .._net import Listeners
 from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import Admission, Deadlines
@@ -32,31 +34,115 @@ log = logging.getLogger("echoplex.server")
 
 _CUT_OFF_GRACE_S = 1.0
 
-
-def accept_connections(
-    listener: socket.socket, admission: Admission, events: ServerEvents, shutdown: Shutdown
-) -> Iterator[tuple[socket.socket, Any]]:
-    """Yield admitted, tuned, blocking connections until a stop is requested."""
-    acceptor = Acceptor(listener, admission, events)
-    try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ)
-            selector.register(shutdown.fileno(), selectors.EVENT_READ)
-            while not shutdown.requested:
-                if not any(key.fileobj is listener for key, _ in selector.select()):
-                    continue
-                admitted, back_off = acceptor.accept_ready()
-                for conn, peer in admitted:
-                    conn.setblocking(True)
-                    yield conn, peer
-                if back_off:
-                    shutdown.wait(ACCEPT_BACKOFF_S)
-    finally:
-        acceptor.close()
+ReadGate = Callable[[socket.socket], str | None]
+"""Called with the connection before each read by the `simple` model: None to read, or
+an outcome to stop with."""
 
 
-ReadGate = Callable[[], str | None]
-"""Called before each read by the `simple` model: None to read, or an outcome to stop with."""
+class BlockingServer:
+    """Accepting, serving and draining connections on blocking sockets."""
+
+    def __init__(self, config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
+        self.config = config
+        self.events = events
+        self.shutdown = shutdown
+        self.admission = Admission.from_config(config)
+        self.tls = tls.server_context(config)
+        # Descriptor of every connection accepted and not yet closed, so that a drain can
+        # wait for them and then cut them off (a TLS wrap keeps the descriptor).
+        self._open: dict[ConnectionRecord, int] = {}
+        self._lock = threading.Lock()
+
+    def accept(self, listeners: Listeners) -> Iterator[tuple[socket.socket, ConnectionRecord]]:
+        """Yield admitted, tuned, blocking connections until a stop is requested."""
+        acceptor = Acceptor(self.admission, self.events)
+        try:
+            with selectors.DefaultSelector() as selector:
+                for listener in listeners:
+                    listener.setblocking(False)
+                    selector.register(listener, selectors.EVENT_READ)
+                selector.register(self.shutdown.fileno(), selectors.EVENT_READ)
+                while not self.shutdown.requested:
+                    for key, _ in selector.select():
+                        if key.fd == self.shutdown.fileno():
+                            continue
+                        admitted, back_off = acceptor.accept_ready(key.fileobj)  # type: ignore[arg-type]
+                        for conn, peer in admitted:
+                            conn.setblocking(True)
+                            record = ConnectionRecord(peer)
+                            with self._lock:
+                                self._open[record] = conn.fileno()
+                            yield conn, record
+                        if back_off:
+                            self.shutdown.wait(ACCEPT_BACKOFF_S)
+        finally:
+            acceptor.close()
+
+    def serve(
+        self, conn: socket.socket, record: ConnectionRecord, read_gate: ReadGate | None = None
+    ) -> None:
+        """Serve one admitted connection to the end, report it, close it whatever happens.
+
+        An unexpected exception is logged once, with its traceback, and ends this
+        connection alone.
+        """
+        try:
+            if self.tls is not None:
+                conn = self._handshake(conn, record)
+            if record.outcome is None:
+                self.events.connection_opened(record)
+                echo_until_closed(conn, record, self.config, self.events, read_gate)
+        except Exception:
+            record.finish("error:handler")
+            log.exception("unexpected error serving %s; closing that connection", record.peer)
+        finally:
+            with self._lock:
+                del self._open[record]  # before close(): its descriptor number may be reused
+            conn.close()
+            self.admission.release(client_ip(record.peer))
+            self.events.connection_closed(record)
+
+    def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> socket.socket:
+        assert self.tls is not None
+        conn.settimeout(self.config.tls_handshake_timeout_s)
+        try:
+            wrapped = self.tls.wrap_socket(conn, server_side=True)
+        except TimeoutError:
+            record.finish(tls.HANDSHAKE_TIMEOUT)
+            return conn
+        except (ssl.SSLError, OSError):
+            record.finish(tls.HANDSHAKE_FAILED)
+            return conn
+        wrapped.settimeout(None)
+        return wrapped
+
+    def serve_handing_off(self, hand_off: Callable[[Callable[[], None]], object]) -> None:
+        """Accept on this thread and `hand_off` each connection's serving to another
+        (a new thread, a pool's queue); on a stop, close the listeners and drain."""
+        with Listeners.open(self.config) as listeners:
+            self.events.listening(listeners.addresses)
+            for conn, record in self.accept(listeners):
+                hand_off(functools.partial(self.serve, conn, record))
+        self.events.stopping()
+        self.drain()
+
+    def drain(self) -> None:
+        """Let open connections finish until the drain deadline, then cut off the rest."""
+        drain_timeout_s = self.config.drain_timeout_s
+        if self.shutdown.wait_drained(drain_timeout_s, lambda: not self._open):
+            return
+        with self._lock:
+            if self._open:
+                log.info("drain timeout: closing %d open connection(s)", len(self._open))
+            for record, fd in self._open.items():
+                record.finish("drained")
+                # shutdown() through a duplicate: threads blocked in recv/send on the
+                # connection return at once, and we never close a descriptor under them.
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
+        # Give the cut-off threads a moment to close and report their connections.
+        grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
+        wait_until(lambda: not self._open, lambda: grace_ends)
 
 
 def echo_until_closed(
@@ -75,7 +161,7 @@ def echo_until_closed(
     wait = deadlines.for_read()
     try:
         while True:
-            if read_gate is not None and (stop := read_gate()) is not None:
+            if read_gate is not None and (stop := read_gate(conn)) is not None:
                 record.finish(stop)
                 return
             if timed:
@@ -97,104 +183,11 @@ def echo_until_closed(
             record.bytes_out += received
     except TimeoutError:
         record.finish(wait.outcome)
+    except ssl.SSLEOFError:
+        record.finish("closed")  # a TLS client that closed without close_notify
     except (ConnectionResetError, BrokenPipeError):
         record.finish("reset")
     except OSError as exc:
         record.finish(f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
     finally:
         view.release()
-
-
-def serve_connection(
-    conn: socket.socket,
-    record: ConnectionRecord,
-    config: ServerConfig,
-    events: ServerEvents,
-    admission: Admission,
-    read_gate: ReadGate | None = None,
-) -> None:
-    """Serve one admitted connection to the end, report it, close it whatever happens.
-
-    An unexpected exception is logged once, with its traceback, and ends this
-    connection alone.
-    """
-    try:
-        events.connection_opened(record)
-        echo_until_closed(conn, record, config, events, read_gate)
-    except Exception:
-        record.finish("error:handler")
-        log.exception("unexpected error serving %s; closing that connection", record.peer)
-    finally:
-        conn.close()
-        admission.release(client_ip(record.peer))
-        events.connection_closed(record)
-
-
-class OpenConnections:
-    """The connections being served, so a drain can wait for them and then cut them off."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._records: dict[socket.socket, ConnectionRecord] = {}
-
-    def add(self, sock: socket.socket, record: ConnectionRecord) -> None:
-        with self._lock:
-            self._records[sock] = record
-
-    def discard(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._records.pop(sock, None)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def cut_off(self) -> None:
-        """Shut every socket down: threads blocked in recv/send on them return at once.
-
-        shutdown() rather than close(): closing a descriptor another thread is
-        using could let a new connection reuse its number under that thread.
-        """
-        with self._lock:
-            for sock, record in self._records.items():
-                record.finish("drained")
-                with contextlib.suppress(OSError):  # already gone
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-def drain(open_connections: OpenConnections, config: ServerConfig, shutdown: Shutdown) -> None:
-    """Let open connections finish until the drain deadline, then cut off the rest."""
-    if not shutdown.wait_drained(config.drain_timeout_s, lambda: not open_connections):
-        if open_connections:
-            log.info("drain timeout: closing %d open connection(s)", len(open_connections))
-        open_connections.cut_off()
-        # Give the cut-off threads a moment to close and report their connections.
-        grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
-        wait_until(lambda: not open_connections, lambda: grace_ends)
-
-
-def serve_handing_off(
-    config: ServerConfig,
-    events: ServerEvents,
-    shutdown: Shutdown,
-    hand_off: Callable[[Callable[[], None]], object],
-) -> None:
-    """Accept on this thread and `hand_off` each connection's serving to another
-    (a new thread, a pool's queue); on a stop, close the listener and drain."""
-    open_connections = OpenConnections()
-    admission = Admission.from_config(config)
-
-    def serve_then_forget(conn: socket.socket, record: ConnectionRecord) -> None:
-        try:
-            serve_connection(conn, record, config, events, admission)
-        finally:
-            open_connections.discard(conn)
-
-    with open_listener(config) as listener:
-        events.listening([listener.getsockname()])
-        for conn, peer in accept_connections(listener, admission, events, shutdown):
-            record = ConnectionRecord(peer)
-            # Registered before it is handed off, so a drain also cuts off queued clients.
-            open_connections.add(conn, record)
-            hand_off(functools.partial(serve_then_forget, conn, record))
-    events.stopping()
-    drain(open_connections, config, shutdown)

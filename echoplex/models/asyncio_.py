@@ -18,13 +18,15 @@ import contextlib
 import errno
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from .. import tls
 from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
-from .._net import open_listener
+from .._net import Listeners
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
@@ -133,41 +135,63 @@ class DataLoggingEchoProtocol(EchoProtocol):
 
 
 def serve(
-    config: ServerConfig, events: ServerEvents, shutdown: Shutdown, *, reuse_port: bool = False
+    config: ServerConfig,
+    events: ServerEvents,
+    shutdown: Shutdown,
+    *,
+    listeners: Listeners | None = None,
 ) -> None:
+    """Serve on `listeners` (by default, those the config asks for) until stopped."""
     factory = loop_factory(config.loop)
-    listener = open_listener(config, reuse_port=reuse_port)
-    with listener, asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(listener, config, events, shutdown))
+    context = tls.server_context(config)
+    listeners = listeners or Listeners.open(config)
+    with listeners, asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_serve(listeners, context, config, events, shutdown))
 
 
 async def _serve(
-    listener: socket.socket, config: ServerConfig, events: ServerEvents, shutdown: Shutdown
+    listeners: Listeners,
+    tls_context: ssl.SSLContext | None,
+    config: ServerConfig,
+    events: ServerEvents,
+    shutdown: Shutdown,
 ) -> None:
     loop = asyncio.get_running_loop()
     server = _Server(config, events)
-    acceptor = Acceptor(listener, server.admission, events)
+    acceptor = Acceptor(server.admission, events)
     protocol_class = DataLoggingEchoProtocol if config.log_data else EchoProtocol
     stop_wakeup = asyncio.Event()
     adopting: set[asyncio.Task[None]] = set()
+    handshake_timeout_s = config.tls_handshake_timeout_s if tls_context else None
 
     async def adopt(conn: socket.socket, peer: Any) -> None:
         protocol = protocol_class(server, peer)
         try:
-            await loop.connect_accepted_socket(lambda: protocol, conn)
-        except OSError as exc:  # gone before the loop took it
+            await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=tls_context, ssl_handshake_timeout=handshake_timeout_s
+            )
+        except (OSError, ssl.SSLError) as exc:
+            # Gone before the loop took it, or (TLS) a handshake that failed or timed out:
+            # dropped, but not a server error.
+            if tls_context is not None:
+                timed_out = isinstance(exc, ConnectionAbortedError | TimeoutError)
+                protocol.record.finish(tls.HANDSHAKE_TIMEOUT if timed_out else tls.HANDSHAKE_FAILED)
             conn.close()
-            protocol.connection_lost(exc)
+            protocol.connection_lost(None if tls_context else exc)
 
-    def on_acceptable() -> None:
-        admitted, back_off = acceptor.accept_ready()
+    def on_acceptable(listener: socket.socket) -> None:
+        admitted, back_off = acceptor.accept_ready(listener)
         for conn, peer in admitted:
             task = loop.create_task(adopt(conn, peer))
             adopting.add(task)
             task.add_done_callback(adopting.discard)
         if back_off:  # out of descriptors: pause accepting instead of spinning
             loop.remove_reader(listener.fileno())
-            loop.call_later(ACCEPT_BACKOFF_S, loop.add_reader, listener.fileno(), on_acceptable)
+            loop.call_later(ACCEPT_BACKOFF_S, watch, listener)
+
+    def watch(listener: socket.socket) -> None:
+        listener.setblocking(False)
+        loop.add_reader(listener.fileno(), on_acceptable, listener)
 
     def on_stop_requested() -> None:
         shutdown.clear_wakeup()
@@ -180,13 +204,15 @@ async def _serve(
             loop.add_signal_handler(sig, shutdown.request)
     sweeper = loop.create_task(_sweep_limits(server)) if _has_limits(config) else None
     try:
-        loop.add_reader(listener.fileno(), on_acceptable)
-        events.listening([listener.getsockname()])
+        for listener in listeners:
+            watch(listener)
+        events.listening(listeners.addresses)
         while not shutdown.requested:
             await stop_wakeup.wait()
             stop_wakeup.clear()
-        loop.remove_reader(listener.fileno())
-        listener.close()  # stop listening: new connects are refused
+        for listener in listeners:
+            loop.remove_reader(listener.fileno())
+        listeners.close()  # stop listening: new connects are refused
         events.stopping()
         if adopting:
             await asyncio.wait(adopting)
@@ -195,8 +221,9 @@ async def _serve(
         if sweeper is not None:
             sweeper.cancel()
         acceptor.close()
-        with contextlib.suppress(ValueError, OSError):
-            loop.remove_reader(listener.fileno())
+        for listener in listeners:
+            if listener.fileno() != -1:
+                loop.remove_reader(listener.fileno())
         loop.remove_reader(shutdown.fileno())
         if in_main_thread:
             for sig in STOP_SIGNALS:

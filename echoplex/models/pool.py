@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 from ..config import ServerConfig
 from ..events import ServerEvents
 from ..shutdown import Shutdown
-from ._blocking import serve_handing_off
+from ._blocking import BlockingServer
 
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
+    server = BlockingServer(config, events, shutdown)
     # Leaving the pool waits for its workers; by then every socket they hold has been
     # closed by its client or shut down by the drain.
     with ThreadPoolExecutor(config.threads, thread_name_prefix="echo-pool") as pool:
-        serve_handing_off(config, events, shutdown, pool.submit)
+        server.serve_handing_off(pool.submit)

@@ -11,31 +11,34 @@ from __future__ import annotations
 import math
 import select
 import socket
+import ssl
 import time
 from functools import partial
 
-from .._net import open_listener
+from .._net import Listeners
 from ..config import ServerConfig
-from ..events import ConnectionRecord, ServerEvents
-from ..limits import Admission, Deadlines
+from ..events import ServerEvents
+from ..limits import Deadlines
 from ..shutdown import Shutdown
-from ._blocking import accept_connections, serve_connection
+from ._blocking import BlockingServer
 
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    listener = open_listener(config)
-    admission = Admission.from_config(config)
+    server = BlockingServer(config, events, shutdown)
+    listeners = Listeners.open(config)
     stopped_listening = False
 
     def stop_listening() -> None:
         nonlocal stopped_listening
         if not stopped_listening:
             stopped_listening = True
-            listener.close()  # new connects are refused from now on
+            listeners.close()  # new connects are refused from now on
             events.stopping()
 
-    def read_gate(conn: socket.socket, deadlines: Deadlines) -> str | None:
+    def read_gate(deadlines: Deadlines, conn: socket.socket) -> str | None:
         """Wait until the client sends something: None, or why to stop instead."""
+        if isinstance(conn, ssl.SSLSocket) and conn.pending():
+            return None  # already decrypted, waiting in the TLS layer
         while True:
             if shutdown.requested:
                 stop_listening()
@@ -61,10 +64,8 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
             # Otherwise a stop request woke us: look again.
 
     try:
-        events.listening([listener.getsockname()])
-        for conn, peer in accept_connections(listener, admission, events, shutdown):
-            record = ConnectionRecord(peer)
-            gate = partial(read_gate, conn, Deadlines(config, record.opened_at))
-            serve_connection(conn, record, config, events, admission, gate)
+        events.listening(listeners.addresses)
+        for conn, record in server.accept(listeners):
+            server.serve(conn, record, partial(read_gate, Deadlines(config, record.opened_at)))
     finally:
         stop_listening()

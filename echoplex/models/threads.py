@@ -12,7 +12,7 @@ from collections.abc import Callable
 from ..config import ServerConfig
 from ..events import ServerEvents
 from ..shutdown import Shutdown
-from ._blocking import serve_handing_off
+from ._blocking import BlockingServer
 
 THREAD_STACK_BYTES = 256 * 1024
 
@@ -21,8 +21,9 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
     def start_thread(serve_one: Callable[[], None]) -> None:
         threading.Thread(target=serve_one, daemon=True).start()
 
+    server = BlockingServer(config, events, shutdown)
     previous_stack_bytes = threading.stack_size(THREAD_STACK_BYTES)
     try:
-        serve_handing_off(config, events, shutdown, start_thread)
+        server.serve_handing_off(start_thread)
     finally:
         threading.stack_size(previous_stack_bytes)

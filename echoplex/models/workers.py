@@ -15,13 +15,15 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .._net import open_listener
+from .. import tls
+from .._net import Listeners, open_tcp_listeners
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ServerEvents
@@ -53,22 +55,32 @@ class _ReadyReporter:
         return getattr(self._events, name)
 
 
-def _worker_main(index: int, config: ServerConfig, events: ServerEvents, ready: Connection) -> None:
+def _worker_main(
+    index: int,
+    config: ServerConfig,
+    events: ServerEvents,
+    shared: list[socket.socket],
+    ready: Connection,
+) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)  # until the worker's own loop handles them
     multiprocessing.current_process().name = f"worker-{index}"
     shutdown = Shutdown()
     try:
-        asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, reuse_port=True)
+        listeners = Listeners.open(config, shared=False, reuse_port=True, inherited=shared)
+        asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, listeners=listeners)
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
 
 
 class _Supervisor:
-    def __init__(self, config: ServerConfig, events: ServerEvents) -> None:
+    def __init__(
+        self, config: ServerConfig, events: ServerEvents, shared: list[socket.socket]
+    ) -> None:
         self.config = config
         self.events = events
+        self.shared = shared
         self.context = multiprocessing.get_context("fork")
         self.workers: dict[int, tuple[BaseProcess, float]] = {}
         # Ready pipes of workers that have not reported listening yet.
@@ -78,7 +90,7 @@ class _Supervisor:
         parent_end, child_end = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
-            args=(index, self.config, self.events, child_end),
+            args=(index, self.config, self.events, self.shared, child_end),
             name=f"worker-{index}",
             daemon=False,
         )
@@ -177,13 +189,26 @@ class _Supervisor:
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
     asyncio_.loop_factory(config.loop)  # fail here, once, if the loop cannot be had
-    with open_listener(config, reuse_port=True, listen=False) as placeholder:
-        worker_config = replace(config, port=placeholder.getsockname()[1])
-        supervisor = _Supervisor(worker_config, events)
+    tls.server_context(config)  # likewise for the certificate
+    # Sockets passed by systemd and the Unix socket are opened once, here, and shared.
+    with Listeners.open(config, tcp=False) as shared:
+        hosts = () if shared.from_systemd else config.hosts
+        # Hold each TCP port (bound, not listening) for the server's lifetime, so that with
+        # port 0 every worker, restarted ones too, binds the same port.
+        placeholders = open_tcp_listeners(
+            replace(config, hosts=hosts), reuse_port=True, listen=False
+        )
         try:
-            events.listening(supervisor.start_all())
-            log.info("%d workers running", config.worker_count)
-            supervisor.supervise(shutdown)
-            events.stopping()
+            port = placeholders[0].getsockname()[1] if placeholders else config.port
+            worker_config = replace(config, hosts=hosts, port=port)
+            supervisor = _Supervisor(worker_config, events, shared.sockets)
+            try:
+                events.listening(supervisor.start_all())
+                log.info("%d workers running", config.worker_count)
+                supervisor.supervise(shutdown)
+                events.stopping()
+            finally:
+                supervisor.stop(shutdown)
         finally:
-            supervisor.stop(shutdown)
+            for placeholder in placeholders:
+                placeholder.close()

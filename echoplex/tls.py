@@ -1,0 +1,41 @@
+"""TLS for the server: one `ssl.SSLContext` built from the config, TLS 1.2 or newer."""
+
+from __future__ import annotations
+
+import ssl
+
+from .config import ServerConfig
+from .errors import StartupError
+
+# What a TLS client that never finishes its handshake, or fails it, is recorded as:
+# dropped, but not counted as a server error.
+HANDSHAKE_TIMEOUT = "tls-handshake-timeout"
+HANDSHAKE_FAILED = "tls-handshake-failed"
+
+
+def server_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context, or None without `tls_cert_file`; a StartupError if the
+    certificate or key cannot be loaded."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    except FileNotFoundError as exc:
+        raise StartupError(f"cannot load TLS certificate: no such file: {exc.filename}") from exc
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise StartupError(f"cannot load TLS certificate or key: {reason}") from exc
+    return context
+
+
+def client_context(ca_file: str | None = None, *, insecure: bool = False) -> ssl.SSLContext:
+    """A client context: verifies the server against `ca_file` (or the system's CAs),
+    or verifies nothing with `insecure`."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
