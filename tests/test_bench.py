@@ -34,7 +34,6 @@ from echoplex.bench.results import (
 from echoplex.bench.runner import BenchReport, BenchSettings, ScenarioResult, run_scenario
 from echoplex.bench.scenarios import SCENARIOS
 from echoplex.bench.servers import SERVERS, RunningServer
-from echoplex.commands import COMMANDS
 
 from .procs import echoplex
 
@@ -300,7 +299,6 @@ def test_bench_rejects_a_reference_that_does_not_run() -> None:
     assert "--reference ref-uvloop is not among the servers" in result.stderr
 
 
-@pytest.mark.skipif("load" not in COMMANDS, reason="`echoplex load` has not landed yet")
 def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = echoplex(

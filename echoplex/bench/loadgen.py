@@ -21,7 +21,7 @@ LOAD_COMMAND: list[str] = [sys.executable, "-m", "echoplex", "load"]
 # Beyond warmup + duration, how long a run may take before it is stopped: connecting
 # thousands of clients to a server that accepts one at a time (`simple`) can take
 # long, and the bench must stay bounded.
-GRACE_S = 15.0
+GRACE_S = 25.0
 GRACE_PER_CONNECTION_S = 0.003
 STOP_GRACE_S = 3.0
 

@@ -152,8 +152,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
                 "",
                 *per_worker,
             ]
-        if failures := _failure_lines(result):
-            parts += ["", "Failed runs:", "", *failures]
+        if errors := _error_lines(result):
+            parts += ["", "Errors over all repeats, by kind, and runs that failed:", "", *errors]
         for chart in (charts or {}).get(scenario.name, []):
             parts += ["", f"![{scenario.name}]({chart})"]
     return "\n".join(parts) + "\n"
@@ -173,12 +173,15 @@ def _per_worker_lines(result: ScenarioResult) -> list[str]:
     return lines
 
 
-def _failure_lines(result: ScenarioResult) -> list[str]:
-    return [
-        f"- {row.server}, {row.point}: {failure}"
-        for row in result.rows
-        for failure in dict.fromkeys(row.failures)
-    ]
+def _error_lines(result: ScenarioResult) -> list[str]:
+    lines = []
+    for row in result.rows:
+        kinds = ", ".join(f"{kind} {count:,}" for kind, count in row.errors_by_kind.items())
+        failures = "; ".join(dict.fromkeys(row.failures))
+        if kinds or failures:
+            text = "; ".join(part for part in (kinds, failures) if part)
+            lines.append(f"- {row.server}, {row.point}: {text}")
+    return lines
 
 
 def write_results(report: BenchReport, out_dir: Path) -> list[Path]:

@@ -4,6 +4,7 @@ error total, and the ratio to the reference server. Pure functions, no I/O."""
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class RunResult:
     p999_us: float | None = None
     max_us: float | None = None
     errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
     mismatches: int = 0
     connections_alive: float | None = None
     client_cpu_s: float | None = None
@@ -92,6 +94,8 @@ class Row:
     medians: dict[str, float | None]
     errors_total: int
     """Errors + mismatches reported by the load generator, plus failed runs, over all repeats."""
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    """The load generator's errors over all repeats, by kind (timeout, reset, ...)."""
     failures: list[str] = field(default_factory=list)
     connections_opened: list[dict[str, int]] = field(default_factory=list)
     reference: str | None = None
@@ -113,6 +117,7 @@ class Row:
             "runs": self.runs,
             **self.medians,
             "errors_total": self.errors_total,
+            "errors_by_kind": self.errors_by_kind,
             "failures": self.failures,
             "connections_opened": self.connections_opened,
             "reference": self.reference,
@@ -160,6 +165,7 @@ def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> 
             runs=len(group),
             medians={name: median(getattr(run, name) for run in group) for name in MEDIAN_FIELDS},
             errors_total=sum(run.error_count for run in group),
+            errors_by_kind=_add_up(run.errors_by_kind for run in group),
             failures=[run.failure for run in group if run.failure],
             connections_opened=[run.connections_opened for run in group if run.connections_opened],
         )
@@ -169,6 +175,13 @@ def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> 
             row.vs_baseline = paired_ratio(group, reference_runs, metric)
         rows.append(row)
     return rows
+
+
+def _add_up(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for each in counts:
+        total.update(each)
+    return dict(sorted(total.items()))
 
 
 def choose_reference(servers: Sequence[str], requested: str | None) -> str | None:

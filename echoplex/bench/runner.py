@@ -267,6 +267,11 @@ def apply_load_report(result: RunResult, report: dict[str, Any]) -> None:
     for name in ("p50", "p90", "p99", "p999", "max"):
         setattr(result, f"{name}_us", _number(latency.get(name)))
     result.errors = int(_number(report.get("errors")) or 0)
+    by_kind = report.get("errors_by_kind")
+    if isinstance(by_kind, dict):
+        result.errors_by_kind = {
+            str(kind): int(count) for kind, count in by_kind.items() if _number(count) is not None
+        }
     result.mismatches = int(_number(report.get("mismatches")) or 0)
     result.connections_alive = _number(report.get("connections_alive"))
     result.client_cpu_s = _number(report.get("client_cpu_s"))
