@@ -94,17 +94,30 @@ class Sender:
         self.connection = connection
         self.offset = 0
         self._position = pattern.start(connection)
+        self._block = pattern._doubled
+        self._bytes = pattern._doubled_bytes
 
     def next(self, length: int) -> bytes:
-        data = self.pattern.slice(self.connection, self.offset, length)
-        self.advance(length)
-        return data
+        """The next `length` bytes, as bytes (a copy)."""
+        if length > PERIOD_BYTES:
+            data = self.pattern.slice(self.connection, self.offset, length)
+            self.advance(length)
+            return data
+        # Inlined: a load generator calls this per message.
+        position = self._position
+        self._position = (position + length) % PERIOD_BYTES
+        self.offset += length
+        return self._bytes[position : position + length]
 
     def take(self, length: int) -> memoryview:
         """The next `length` <= PERIOD_BYTES bytes as a view of the block (no copy)."""
-        data = self.pattern.view(self._position, length)
-        self.advance(length)
-        return data
+        # Inlined (no call to view/advance): a load generator calls this per message.
+        if length > PERIOD_BYTES:
+            raise ValueError(f"a view is at most {PERIOD_BYTES} bytes, not {length}")
+        position = self._position
+        self._position = (position + length) % PERIOD_BYTES
+        self.offset += length
+        return self._block[position : position + length]
 
     def advance(self, length: int) -> None:
         self.offset += length
@@ -120,14 +133,28 @@ class Verifier:
         self.offset = 0
         self.mismatch: Mismatch | None = None
         self._position = pattern.start(connection)
+        self._block = pattern._doubled_bytes
 
     def feed(self, data: bytes | memoryview) -> Mismatch | None:
         """Verify the next received bytes; the first mismatch is kept and returned."""
-        if self.mismatch is None and not self.pattern.matches_at(self._position, data):
+        length = len(data)
+        position = self._position
+        # The common case inlined (one memcmp, no further call): this runs per chunk.
+        if self.mismatch is None and not (
+            self._block.startswith(data, position)
+            if length <= PERIOD_BYTES
+            else self.pattern.matches_at(position, data)
+        ):
             self.mismatch = self._locate(data)
-        self.offset += len(data)
-        self._position = (self._position + len(data)) % PERIOD_BYTES
+        self.offset += length
+        self._position = (position + length) % PERIOD_BYTES
         return self.mismatch
+
+    def seek(self, offset: int) -> None:
+        """Continue verifying from stream `offset` (bytes before it were checked elsewhere,
+        e.g. compared whole against what was sent)."""
+        self.offset = offset
+        self._position = self.pattern.position(self.connection, offset)
 
     def _locate(self, data: bytes | memoryview) -> Mismatch:
         expected = self.pattern.slice(self.connection, self.offset, len(data))

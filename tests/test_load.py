@@ -4,6 +4,7 @@ that lie (corrupt, drop, duplicate, swap, close early, stall, reset), which it m
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import signal
@@ -14,14 +15,19 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
+from typing import Any
 
 import pytest
 
 from echoplex.cli import main
 from echoplex.commands.load import size_bytes
+from echoplex.load.config import LoadConfig
+from echoplex.load.connections import LoadConnection, PingPong, Rate, Stream, Tally
 from echoplex.payload import PayloadPattern
 
 from .procs import ROOT, Process, Server, echoplex
+
+PAYLOAD = PayloadPattern(seed=0)
 
 # --- helpers -------------------------------------------------------------------------
 
@@ -205,6 +211,15 @@ def append_a_byte(socks: list[socket.socket], stop: threading.Event) -> None:
     (sock,) = socks
     for data in recv_chunks(sock, stop):
         sock.sendall(data + b"!")
+
+
+def echo_in_pieces(socks: list[socket.socket], stop: threading.Event) -> None:
+    """Honest, but echoes every chunk in 3-byte sends (TCP_NODELAY: separate segments)."""
+    (sock,) = socks
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for data in recv_chunks(sock, stop):
+        for start in range(0, len(data), 3):
+            sock.sendall(data[start : start + 3])
 
 
 def first_difference(expected: bytes, received: bytes) -> int:
@@ -404,6 +419,18 @@ def test_the_human_summary(capsys: pytest.CaptureFixture[str]) -> None:
 # --- servers that lie ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pattern", ["pingpong", "stream", "hold"])
+def test_an_honest_server_that_echoes_in_pieces_passes(
+    capsys: pytest.CaptureFixture[str], pattern: str
+) -> None:
+    with LyingServer(echo_in_pieces) as honest:
+        status, report = load_json(
+            capsys, honest.port, "--pattern", pattern, "-c", "1", "-s", "100", "-d", "0.2"
+        )
+    assert status == 0, report
+    assert report["requests"] > 0 and report["mismatches"] == 0
+
+
 def test_a_corrupted_byte_is_reported_with_connection_and_offset(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -549,3 +576,116 @@ def test_ctrl_c_stops_the_run_and_still_reports() -> None:
         assert report["interrupted"] is True
         assert report["errors"] == 0 and report["mismatches"] == 0
         assert report["measured_s"] < 30
+
+
+# --- the connection protocols, without sockets ---------------------------------------
+
+
+class FakeTransport:
+    """Records what a connection writes; no I/O."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.aborted = self.closed = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.written += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def attach(connection: LoadConnection) -> FakeTransport:
+    transport = FakeTransport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    return transport
+
+
+def measuring_tally(**config: Any) -> Tally:
+    tally = Tally(LoadConfig(**config))
+    tally.sending = True
+    tally.window_start_ns = 0
+    return tally
+
+
+def pieces(data: bytes, *cuts: int) -> list[bytes]:
+    edges = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def test_pingpong_whole_and_split_echoes_are_verified_alike() -> None:
+    tally = measuring_tally(size_bytes=100)
+    connection = PingPong(tally, PAYLOAD, 4)
+    transport = attach(connection)
+    connection.begin()
+    for cuts in [(), (1,), (30, 31, 99), (50,), ()]:
+        message = bytes(transport.written[-100:])
+        for piece in pieces(message, *cuts):
+            connection.data_received(piece)
+    assert tally.requests == 5 and tally.mismatches == 0
+    assert bytes(transport.written) == PAYLOAD.slice(4, 0, 600)  # the 6th is in flight
+    assert connection.verified() == 500
+    assert connection.outstanding() == 100
+
+
+def test_pingpong_damage_after_a_partial_echo_is_located_exactly() -> None:
+    tally = measuring_tally(size_bytes=100)
+    connection = PingPong(tally, PAYLOAD, 4)
+    transport = attach(connection)
+    connection.begin()
+    connection.data_received(bytes(transport.written))  # message 0, whole
+    second = bytearray(transport.written[100:])
+    second[70] ^= 0x10
+    first_part, rest = pieces(bytes(second), 40)
+    connection.data_received(first_part)
+    connection.data_received(rest)
+    assert tally.mismatches == 1
+    (mismatch,) = tally.mismatch_samples
+    assert (mismatch.connection, mismatch.offset) == (4, 170)
+    assert transport.aborted and not connection.alive
+
+
+def test_pingpong_more_than_was_sent_is_an_error_at_the_end_of_what_was() -> None:
+    tally = measuring_tally(size_bytes=10)
+    connection = PingPong(tally, PAYLOAD, 0)
+    transport = attach(connection)
+    connection.begin()
+    connection.data_received(bytes(transport.written) + b"x")
+    assert tally.errors_by_kind == {"extra bytes": 1}
+    assert tally.error_samples[0].offset == 10
+
+
+def test_stream_counts_messages_across_any_chunking() -> None:
+    tally = measuring_tally(size_bytes=10)
+    connection = Stream(tally, PAYLOAD, 2, window=35)  # three messages in flight
+    transport = attach(connection)
+    connection.begin()
+    assert len(transport.written) == 30
+    echoed = 0
+    for size in [7, 3, 15, 1, 4, 20, 10]:
+        connection.data_received(bytes(transport.written[echoed : echoed + size]))
+        echoed += size
+    assert tally.requests == echoed // 10 == 6
+    assert connection.outstanding() == len(transport.written) - echoed <= 35
+    assert sum(tally.latency_counts.values()) == 6
+
+
+def test_rate_keeps_what_is_due_while_paused_and_times_from_the_schedule() -> None:
+    tally = measuring_tally(size_bytes=8, pattern="rate", rate_per_s=1000.0)
+    connection = Rate(tally, PAYLOAD, 1)
+    transport = attach(connection)
+    connection.schedule(first_ns=0.0, interval_ns=1000.0)  # due at 0, 1 µs, 2 µs...
+    connection.send_due()
+    connection.pause_writing()
+    connection.send_due()
+    connection.send_due()
+    assert len(transport.written) == 8 and connection.owed == 16
+    connection.resume_writing()
+    assert bytes(transport.written) == PAYLOAD.slice(1, 0, 24) and connection.owed == 0
+    connection.data_received(bytes(transport.written))
+    assert tally.requests == 3
+    # Timed from when each was due (long ago: time 0 of perf_counter), not when sent.
+    assert min(tally.latency_counts) > 1000

@@ -4,14 +4,40 @@
     result = run(LoadConfig(port=12345, pattern="pingpong", connections=50, duration_s=5))
 
 Modules: `config` (the one LoadConfig), `connections` (a verifying asyncio Protocol
-per pattern), `engine` (connect, drive, watch, tally), `result` (the figures),
-`report` (progress line, summary, JSON). Payloads come from `echoplex.payload`,
-latency percentiles from `echoplex.stats`.
+per pattern), `engine` (connect, drive, watch, tally), `timer` (sub-millisecond
+schedule for `rate`), `result` (the figures), `report` (progress line, summary,
+JSON). Payloads come from `echoplex.payload`, latency percentiles from
+`echoplex.stats`.
+
+The engine is imported on first use of its names: every `echoplex` command builds
+the `load` parser (which needs only `config`), and most never run a load.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import PATTERNS, LoadConfig
-from .engine import LoadError, Progress, run
-from .result import ConnectionFailure, LoadResult
+
+if TYPE_CHECKING:
+    from .engine import LoadError, Progress, run
+    from .result import ConnectionFailure, LoadResult
+
+_LAZY = {
+    "LoadError": "engine",
+    "Progress": "engine",
+    "run": "engine",
+    "ConnectionFailure": "result",
+    "LoadResult": "result",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PATTERNS",

@@ -384,10 +384,13 @@ class LoadRun:
         now = time.monotonic()
         previous_at, previous_completed = self._last_tick
         elapsed = max(now - previous_at, 1e-9)
-        self._last_tick = (now, self.tally.completed)
+        size = self.config.size_bytes
+        # Every verified message, measured or not (counted here, off the hot path).
+        completed = sum(conn.verified() // size for conn in self.connections if conn is not None)
+        self._last_tick = (now, completed)
         timeout_s = self.config.timeout_s
         for connection in self._live():
-            offset = connection.verifier.offset
+            offset = connection.verified()
             if connection.outstanding() > 0 and offset == connection.watched_offset:
                 connection.stalled_s += elapsed
                 if connection.stalled_s >= timeout_s:
@@ -397,12 +400,12 @@ class LoadRun:
                 connection.watched_offset = offset
         self.histogram.record_counts(self.tally.take_latency_counts())
         if self.progress is not None:
-            recent = (self.tally.completed - previous_completed) / elapsed
+            recent = (completed - previous_completed) / elapsed
             self.progress(
                 Progress(
                     phase=self.phase,
                     elapsed_s=now - self._started,
-                    completed=self.tally.completed,
+                    completed=completed,
                     recent_per_s=recent,
                     recent_mb_per_s=recent * self.config.size_bytes / 1e6,
                     p99_us=self.histogram.percentile(99.0) if self.histogram.count else 0,
