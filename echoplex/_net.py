@@ -121,12 +121,16 @@ def systemd_sockets() -> list[socket.socket]:
         os.environ.pop(name, None)
     sockets = []
     for fd in range(SYSTEMD_FIRST_FD, SYSTEMD_FIRST_FD + count):
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
-        if sock.type != socket.SOCK_STREAM:
-            log.warning("ignoring passed socket %d: not a stream socket", fd)
-            sock.detach()
-            continue
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            raise StartupError(f"LISTEN_FDS names descriptor {fd}, which is not a socket") from None
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+        ):
+            sock.detach()  # not ours to close
+            raise StartupError(f"passed descriptor {fd} is not a listening TCP or Unix socket")
+        sock.set_inheritable(False)
         sockets.append(sock)
     return sockets
 

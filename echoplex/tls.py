@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 
 from .config import ServerConfig
@@ -18,12 +19,13 @@ def server_context(config: ServerConfig) -> ssl.SSLContext | None:
     certificate or key cannot be loaded."""
     if config.tls_cert_file is None or config.tls_key_file is None:
         return None
+    for path in (config.tls_cert_file, config.tls_key_file):
+        if not os.path.isfile(path):
+            raise StartupError(f"cannot load TLS certificate: no such file: {path}")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    except FileNotFoundError as exc:
-        raise StartupError(f"cannot load TLS certificate: no such file: {exc.filename}") from exc
     except (ssl.SSLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
         raise StartupError(f"cannot load TLS certificate or key: {reason}") from exc

@@ -1,0 +1,286 @@
+"""Listening beyond one IPv4 address: IPv6 and dual stack, several hosts, Unix sockets,
+systemd socket activation, TLS."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import ssl
+import stat
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from .procs import Process, Server, echoplex
+from .test_contract import recv_exactly
+
+CONCURRENT = ["threads", "pool", "asyncio", "workers"]
+ALL_MODES = ["simple", *CONCURRENT]
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
+
+
+def echo_over(sock: socket.socket, data: bytes = b"over the wire") -> bytes:
+    sock.sendall(data)
+    return recv_exactly(sock, len(data))
+
+
+def listening_ports(server: Server) -> set[str]:
+    return set(re.findall(r"listening on (\S+)", server.stderr))
+
+
+@needs_ipv6
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_ipv6_loopback(mode: str) -> None:
+    with Server("--host", "::1", "--workers", "1", mode=mode) as server:
+        with socket.create_connection(("::1", server.port), timeout=10) as sock:
+            assert echo_over(sock) == b"over the wire"
+        server.wait_for_stderr(r"close \[::1\]:\d+ in=13 out=13")
+
+
+@needs_ipv6
+@pytest.mark.parametrize("mode", ["threads", "asyncio", "workers"])
+def test_dual_stack_serves_ipv4_clients_and_logs_them_as_ipv4(mode: str) -> None:
+    with Server("--host", "::", "--workers", "1", mode=mode) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            assert echo_over(sock) == b"over the wire"
+            host, port = sock.getsockname()[:2]
+        with socket.create_connection(("::1", server.port), timeout=10) as sock6:
+            assert echo_over(sock6) == b"over the wire"
+        server.wait_for_stderr(rf"open {re.escape(host)}:{port}\b")
+        assert "::ffff:" not in server.stderr
+
+
+@needs_ipv6
+@pytest.mark.parametrize("mode", ["simple", "asyncio", "workers"])
+def test_several_hosts_listen_on_the_same_port(mode: str) -> None:
+    with Server("--host", "127.0.0.1", "--host", "::1", "--workers", "1", mode=mode) as server:
+        assert {f"127.0.0.1:{server.port}", f"[::1]:{server.port}"} <= listening_ports(server)
+        for address in (("127.0.0.1", server.port), ("::1", server.port)):
+            with socket.create_connection(address, timeout=10) as sock:
+                assert echo_over(sock) == b"over the wire"
+
+
+@pytest.fixture
+def unix_path(tmp_path: Path) -> Iterator[str]:
+    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp paths can be longer.
+    short = Path(f"/tmp/echoplex-test-{os.getpid()}-{tmp_path.name[-20:]}.sock")
+    yield str(short)
+    short.unlink(missing_ok=True)
+
+
+def start_unix_server(path: str, mode: str, *args: str) -> Process:
+    server = Process(
+        [
+            sys.executable,
+            "-m",
+            "echoplex",
+            "serve",
+            "--unix",
+            path,
+            "--mode",
+            mode,
+            "--workers",
+            "1",
+            *args,
+        ]
+    )
+    server.wait_for_stderr(re.escape(f"listening on {path}"))
+    return server
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_unix_socket_echoes_with_the_asked_mode_and_is_removed_on_exit(
+    mode: str, unix_path: str
+) -> None:
+    with start_unix_server(unix_path, mode, "--unix-mode", "660") as server:
+        assert stat.S_IMODE(os.stat(unix_path).st_mode) == 0o660
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(unix_path)
+            assert echo_over(sock, b"\x00unix\xff") == b"\x00unix\xff"
+        server.wait_for_stderr(r"close unix in=6 out=6")
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+    assert not os.path.exists(unix_path)
+
+
+def test_unix_socket_default_mode_is_owner_only(unix_path: str) -> None:
+    with start_unix_server(unix_path, "asyncio"):
+        assert stat.S_IMODE(os.stat(unix_path).st_mode) == 0o600
+
+
+def test_a_stale_unix_socket_file_is_replaced(unix_path: str) -> None:
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(unix_path)  # a file left behind by a server that crashed
+    stale.close()
+    with start_unix_server(unix_path, "threads") as server:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(unix_path)
+            assert echo_over(sock) == b"over the wire"
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+
+
+def test_a_unix_path_held_by_a_live_server_is_an_error(unix_path: str) -> None:
+    with start_unix_server(unix_path, "asyncio"):
+        result = echoplex("serve", "--unix", unix_path)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1
+        assert "another server is listening there" in result.stderr
+        assert os.path.exists(unix_path)  # the live server's file is left alone
+
+
+def test_a_unix_path_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
+    precious = tmp_path / "data.txt"
+    precious.write_text("keep me")
+    result = echoplex("serve", "--unix", str(precious))
+    assert result.returncode == 2 and "is not a socket" in result.stderr
+    assert precious.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("mode", ["threads", "asyncio", "workers"])
+def test_socket_activation_adopts_the_passed_socket(mode: str) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    # As systemd does: the socket as descriptor 3, and LISTEN_PID the server's own pid
+    # (the shell execs the server, which keeps the shell's pid).
+    fd = listener.fileno()
+    command = (
+        f"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=echo exec {sys.executable} "
+        f"-m echoplex serve --mode {mode} --workers 2 --port 1 3<&{fd} {fd}<&-"
+    )
+    with listener, Process(["bash", "-c", command], pass_fds=[fd]) as server:
+        server.wait_for_stderr(rf"listening on 127\.0\.0\.1:{port}\b")
+        assert "passed by systemd" in server.stderr
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                assert echo_over(sock) == b"over the wire"
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+
+
+def test_socket_activation_without_the_socket_is_one_line() -> None:
+    command = f"LISTEN_PID=$$ LISTEN_FDS=1 exec {sys.executable} -m echoplex serve 3</dev/null"
+    with Process(["sh", "-c", command]) as server:
+        assert server.wait() == 2
+        assert server.stderr.count("\n") == 1
+        assert "descriptor 3, which is not a socket" in server.stderr
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """(cert file, key file, CA file) made for this test run by trustme."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return str(cert_file), str(key_file), str(ca_file)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_tls_echo(mode: str, certificate: tuple[str, str, str]) -> None:
+    cert_file, key_file, ca_file = certificate
+    context = ssl.create_default_context(cafile=ca_file)
+    with Server(
+        "--tls-cert", cert_file, "--tls-key", key_file, "--workers", "1", mode=mode
+    ) as server:
+        with socket.create_connection(server.address, timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+                data = os.urandom(300_000)
+                tls.sendall(data)
+                assert recv_exactly(tls, len(data)) == data
+        server.wait_for_stderr(r"in=300000 out=300000 duration=\S+ outcome=closed")
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_tls_client_that_never_handshakes_is_dropped_quietly(
+    mode: str, certificate: tuple[str, str, str]
+) -> None:
+    cert_file, key_file, _ = certificate
+    with Server(
+        "--tls-cert",
+        cert_file,
+        "--tls-key",
+        key_file,
+        "--tls-handshake-timeout",
+        "0.3",
+        "--workers",
+        "1",
+        mode=mode,
+    ) as server:
+        with socket.create_connection(server.address, timeout=10) as silent:
+            with contextlib.suppress(ConnectionResetError):
+                assert silent.recv(1) == b""
+        server.wait_for_stderr("outcome=tls-handshake-timeout")
+        with socket.create_connection(server.address, timeout=10) as garbage:
+            garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not TLS at all
+            with contextlib.suppress(ConnectionResetError):
+                garbage.recv(100)
+        server.wait_for_stderr("outcome=tls-handshake-failed")
+        assert server.stop() == 0
+        assert "Traceback" not in server.stderr
+        assert " ERROR " not in server.stderr
+
+
+def test_old_tls_versions_are_refused(certificate: tuple[str, str, str]) -> None:
+    cert_file, key_file, ca_file = certificate
+    context = ssl.create_default_context(cafile=ca_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # that is the point
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    with Server("--tls-cert", cert_file, "--tls-key", key_file, mode="asyncio") as server:
+        with (
+            socket.create_connection(server.address, timeout=10) as raw,
+            pytest.raises(ssl.SSLError),
+        ):
+            context.wrap_socket(raw, server_hostname="localhost")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+            "no such file: /nonexistent/cert.pem",
+        ),
+        (
+            ["--tls-cert", "/etc/hostname", "--tls-key", "/etc/hostname"],
+            "cannot load TLS certificate or key",
+        ),
+        (["--tls-cert", "only-cert.pem"], "TLS needs both a certificate and a key file"),
+        (["--unix-mode", "999"], "not an octal file mode"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["threads", "workers"])
+def test_bad_tls_and_unix_options_are_one_line(mode: str, args: list[str], expected: str) -> None:
+    result = echoplex("serve", "--mode", mode, "--port", "0", *args)
+    assert result.returncode == 2, result
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr
