@@ -6,6 +6,7 @@ Units are part of the field names (`_s` for seconds, `_bytes` for sizes).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -85,6 +86,26 @@ class ServerConfig:
     send_timeout_s: float = 30.0
     """Close a connection that accepts no byte of its echo for this long; 0: never."""
 
+    tcp: bool = True
+    """Serve TCP, through `mode`."""
+
+    udp: bool = False
+    """Serve UDP echo (RFC 862) on `hosts` and the same port number (`echoplex.udp`)."""
+
+    udp_rate_per_source: float = 100.0
+    """UDP datagrams answered per second per source address (IPv6: per /64), in bursts of
+    up to twice that; 0: no limit. Interactive use and health checks send a few a second;
+    a spoofed flood can reflect no more than this at one victim."""
+
+    udp_rate_total: float = 10_000.0
+    """UDP datagrams answered per second from all sources together, bursts of twice that;
+    0: no limit. Caps what the server reflects however many addresses a flood forges, a
+    fraction of what one event loop can echo, so TCP beside it keeps its share."""
+
+    udp_max_sources: int = 65_536
+    """Source addresses whose UDP rate is tracked at once: bounded memory, however many
+    addresses a flood forges (a source's bucket is forgotten once it has refilled)."""
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
@@ -116,6 +137,15 @@ class ServerConfig:
         for name in ("idle_timeout_s", "max_lifetime_s", "send_timeout_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name[:-2].replace('_', '-')} must be 0 (none) or more seconds")
+        if not (self.tcp or self.udp):
+            raise ValueError("serve TCP, UDP or both")
+        if self.udp and not self.hosts:
+            raise ValueError("UDP needs a host to listen on")
+        for name in ("udp_rate_per_source", "udp_rate_total"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name.replace('_', '-')} must be 0 (no limit) or a finite rate")
+        if self.udp_max_sources < 1:
+            raise ValueError(f"udp-max-sources must be at least 1, not {self.udp_max_sources}")
 
     @property
     def worker_count(self) -> int:
