@@ -1,12 +1,17 @@
-"""Client side of an echo conversation: one round trip, or an interactive session like nc."""
+"""Client side of an echo conversation: one round trip, or an interactive session like nc;
+over TCP, or over UDP a datagram at a time."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import selectors
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import BinaryIO
@@ -123,3 +128,128 @@ def stopped_quietly() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# UDP (`echoplex client --udp`): each message is one datagram, each echo one datagram back.
+UDP_TIMEOUT_S = 2.0
+"""How long to wait for a datagram's echo: on UDP a lost datagram is never answered."""
+MAX_DATAGRAM_BYTES = 65_507  # the most one IPv4 datagram carries
+_RECV_DATAGRAM_BYTES = 65_536  # a byte more than any datagram, so a longer echo shows
+
+
+def open_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket connected to host:port: it hears only from there, and a port with no
+    server behind it shows as ConnectionRefusedError (ICMP port unreachable)."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.connect(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def datagram_round_trip(sock: socket.socket, message: bytes) -> bytes:
+    """Send `message` as one datagram, wait for the echo (the socket's timeout); raise if
+    it differs."""
+    sock.send(message)
+    echoed = sock.recv(_RECV_DATAGRAM_BYTES)
+    if echoed != message:
+        raise EchoMismatch(f"server echoed {echoed!r}, not {message!r}")
+    return echoed
+
+
+def describe_udp_error(host: str, port: int, exc: OSError, timeout_s: float) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    if isinstance(exc, TimeoutError):
+        return f"no echo from udp {host}:{port} within {timeout_s:g}s (lost, or not answered)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"no udp echo server at {host}:{port}: Connection refused"
+    if exc.errno == errno.EMSGSIZE:
+        return f"a message is too long for one datagram (at most {MAX_DATAGRAM_BYTES} bytes)"
+    return f"udp to {host}:{port} failed: {exc.strerror or exc}"
+
+
+def one_shot_udp(
+    prog: str,
+    host: str,
+    port: int,
+    messages: list[bytes],
+    *,
+    raw: bool,
+    timeout_s: float = UDP_TIMEOUT_S,
+) -> int:
+    """Send each message as a datagram in turn, printing each echo; the exit status."""
+    try:
+        sock = open_udp(host, port)
+    except OSError as exc:
+        return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
+    with sock:
+        sock.settimeout(timeout_s)
+        for message in messages:
+            try:
+                echoed = datagram_round_trip(sock, message)
+            except EchoMismatch as exc:
+                return fail(prog, str(exc), status=1)
+            except OSError as exc:
+                return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
+            if raw:
+                sys.stdout.buffer.write(echoed)
+                sys.stdout.buffer.flush()
+            else:
+                print("Received:", echoed, flush=True)
+    return 0
+
+
+def interact_udp(sock: socket.socket, stdin_fd: int, stdout: BinaryIO, timeout_s: float) -> int:
+    """Send each stdin line as one datagram (a longer line in datagram-sized pieces) and
+    write every echo to stdout. After stdin ends, wait up to `timeout_s` after the last
+    send for the echoes still due; return how many never came."""
+    pending = b""
+    unanswered = 0
+    last_sent = time.monotonic()
+    with selectors.DefaultSelector() as selector:
+        selector.register(stdin_fd, selectors.EVENT_READ)
+        selector.register(sock, selectors.EVENT_READ)
+        stdin_open = True
+        while stdin_open or unanswered:
+            timeout = None if stdin_open else last_sent + timeout_s - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                break
+            for key, _ in selector.select(timeout):
+                if key.fileobj is sock:
+                    stdout.write(sock.recv(_RECV_DATAGRAM_BYTES))
+                    stdout.flush()
+                    unanswered = max(0, unanswered - 1)
+                    continue
+                chunk = os.read(stdin_fd, MAX_DATAGRAM_BYTES)
+                if chunk:
+                    pending += chunk
+                else:
+                    stdin_open = False
+                    selector.unregister(stdin_fd)
+                datagrams, pending = _datagrams(pending, final=not stdin_open)
+                for datagram in datagrams:
+                    sock.send(datagram)
+                    unanswered += 1
+                    last_sent = time.monotonic()
+    return unanswered
+
+
+def _datagrams(data: bytes, *, final: bool) -> tuple[list[bytes], bytes]:
+    """Whole lines of `data` as datagrams (a longer line cut to the largest datagram), and
+    the rest; `final`: the rest too."""
+    datagrams = []
+    while data:
+        newline = data.find(b"\n", 0, MAX_DATAGRAM_BYTES)
+        if newline >= 0:
+            cut = newline + 1
+        elif len(data) >= MAX_DATAGRAM_BYTES or final:
+            cut = MAX_DATAGRAM_BYTES
+        else:
+            break
+        datagrams.append(data[:cut])
+        data = data[cut:]
+    return datagrams, data

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ._net import format_address
 from ._throttle import Throttle
@@ -25,6 +25,9 @@ class ConnectionRecord:
     opened_at: float = field(default_factory=time.monotonic)
     bytes_in: int = 0
     bytes_out: int = 0
+    opened_reported: bool = False
+    """Set by reporters that count open connections, so a connection that ended before
+    it was reported open (a failed TLS handshake) is not counted closed twice."""
     outcome: str | None = None
     """How it ended: `closed` (client finished), `reset`, `error:ERRNO`, `drained` (cut off
     at shutdown). The first cause recorded wins: a drain that cuts a connection off is
@@ -54,6 +57,21 @@ class ServerEvents(Protocol):
 
     def stopping(self) -> None:
         """A stop was requested: the listener is closed, open connections drain."""
+
+
+@runtime_checkable
+class DatagramEvents(Protocol):
+    """What the UDP echo (`echoplex.udp`) reports besides `ServerEvents`; `LogEvents` has
+    both. Events without these hooks are told of UDP addresses through `listening`."""
+
+    def udp_listening(self, addresses: list[Any]) -> None:
+        """The server answers UDP datagrams on these socket addresses."""
+
+    def udp_dropped(self, counts: dict[str, int], last_source: Any) -> None:
+        """Datagrams left unanswered since the last report, by reason; at most once a second."""
+
+    def udp_stopped(self, answered: int, dropped: dict[str, int]) -> None:
+        """UDP stopped: datagrams answered and dropped (by reason) in all."""
 
 
 class LogEvents:
@@ -96,3 +114,32 @@ class LogEvents:
 
     def stopping(self) -> None:
         self.log.info("stopping: no new connections; draining open ones")
+
+    def udp_listening(self, addresses: list[Any]) -> None:
+        # Not "listening on HOST:PORT", which names the TCP listeners to those who parse it.
+        for address in addresses:
+            self.log.info("listening on udp %s", format_address(address))
+
+    def udp_dropped(self, counts: dict[str, int], last_source: Any) -> None:
+        self.log.warning(
+            "udp: dropped %s (%s), the last from %s",
+            _datagrams(sum(counts.values())),
+            _by_reason(counts),
+            format_address(last_source) if last_source is not None else "unknown",
+        )
+
+    def udp_stopped(self, answered: int, dropped: dict[str, int]) -> None:
+        self.log.info(
+            "udp: stopped; answered %s, dropped %d%s",
+            _datagrams(answered),
+            sum(dropped.values()),
+            f" ({_by_reason(dropped)})" if dropped else "",
+        )
+
+
+def _datagrams(count: int) -> str:
+    return f"{count} datagram" if count == 1 else f"{count} datagrams"
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))

@@ -25,15 +25,29 @@ def run(
 ) -> None:
     """Serve until SIGINT/SIGTERM (in the main thread) or `shutdown.request()`, then drain.
 
+    TCP through `config.mode`, UDP echo (`config.udp`) alone or beside it (`echoplex.udp`).
+
     Raises `StartupError` when the server cannot start (busy port, missing uvloop).
     """
     model = load_model(config.mode)
     raise_descriptor_limit()
     own_shutdown = shutdown is None
     shutdown = shutdown or Shutdown()
+    events = events or LogEvents()
     try:
         with stop_on_signals(shutdown):
-            model.serve(config, events or LogEvents(), shutdown)
+            if not config.udp:
+                model.serve(config, events, shutdown)
+                return
+            from . import udp  # only when asked for: it imports asyncio
+
+            if not config.tcp:
+                udp.serve_udp(config, events, shutdown)
+            else:
+                # UDP in a thread of its own beside the model (in `workers` mode, beside the
+                # supervisor: the workers serve TCP only).
+                with udp.serving_beside_tcp(config, events, shutdown) as tcp_config:
+                    model.serve(tcp_config, events, shutdown)
     finally:
         if own_shutdown:
             shutdown.close()

@@ -6,7 +6,18 @@ import argparse
 import sys
 
 from .._cli_util import fail, non_negative_seconds, port_number, positive_int
-from ..client import connect, describe_connect_error, interact, one_shot, stopped_quietly
+from ..client import (
+    UDP_TIMEOUT_S,
+    connect,
+    describe_connect_error,
+    describe_udp_error,
+    interact,
+    interact_udp,
+    one_shot,
+    one_shot_udp,
+    open_udp,
+    stopped_quietly,
+)
 from ..config import DEFAULT_PORT
 
 PROG = "echoplex client"
@@ -44,11 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_seconds,
         default=None,
         metavar="SECONDS",
-        help="give up on a connect or a read after this long (default: wait)",
+        help="give up on a connect or a read after this long (default: wait; with --udp, "
+        f"{UDP_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--udp",
+        action="store_true",
+        help="use UDP: each message (each stdin line) is one datagram, each echo one back",
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.udp:
+        return run_udp(args)
     with stopped_quietly():
         if args.message:
             if not args.raw:
@@ -67,4 +86,35 @@ def run(args: argparse.Namespace) -> int:
                 interact(sock, sys.stdin.buffer, sys.stdout.buffer)
             except OSError as exc:
                 return fail(PROG, f"connection failed: {exc.strerror or exc}", status=1)
+    return 0
+
+
+def run_udp(args: argparse.Namespace) -> int:
+    timeout_s = UDP_TIMEOUT_S if args.timeout is None else args.timeout
+    if not timeout_s > 0:
+        return fail(PROG, "--timeout must be more than 0 with --udp")
+    with stopped_quietly():
+        if args.message:
+            if not args.raw:
+                print("Starting client...", flush=True)
+            messages = [text.encode() for text in args.message] * args.count
+            return one_shot_udp(
+                PROG, args.host, args.port, messages, raw=args.raw, timeout_s=timeout_s
+            )
+        try:
+            sock = open_udp(args.host, args.port)
+        except OSError as exc:
+            return fail(PROG, describe_udp_error(args.host, args.port, exc, timeout_s), status=1)
+        with sock:
+            try:
+                unanswered = interact_udp(sock, sys.stdin.fileno(), sys.stdout.buffer, timeout_s)
+            except OSError as exc:
+                return fail(PROG, describe_udp_error(args.host, args.port, exc, timeout_s), 1)
+        if unanswered:
+            return fail(
+                PROG,
+                f"no echo of {unanswered} datagram(s) from udp {args.host}:{args.port} "
+                f"within {timeout_s:g}s",
+                status=1,
+            )
     return 0

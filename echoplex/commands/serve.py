@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from .._cli_util import (
@@ -142,6 +143,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="close a connection that takes none of its echo this long "
         f"(default {ServerConfig.send_timeout_s:g})",
     )
+    udp_group = parser.add_argument_group(
+        "UDP echo (RFC 862), rate-limited against reflection (0 turns a rate limit off)"
+    )
+    udp_group.add_argument(
+        "--udp",
+        action="store_true",
+        help="serve UDP echo; alone, UDP only (with --tcp, both on the same port)",
+    )
+    udp_group.add_argument(
+        "--tcp", action="store_true", help="serve TCP (the default unless --udp is given)"
+    )
+    udp_group.add_argument(
+        "--udp-rate",
+        type=datagram_rate,
+        default=ServerConfig.udp_rate_per_source,
+        metavar="PER_S",
+        help="datagrams answered per second per source address, bursts of twice that "
+        f"(default {ServerConfig.udp_rate_per_source:g})",
+    )
+    udp_group.add_argument(
+        "--udp-rate-total",
+        type=datagram_rate,
+        default=ServerConfig.udp_rate_total,
+        metavar="PER_S",
+        help="datagrams answered per second from all sources, bursts of twice that "
+        f"(default {ServerConfig.udp_rate_total:g})",
+    )
+    udp_group.add_argument(
+        "--udp-max-sources",
+        type=positive_int,
+        default=ServerConfig.udp_max_sources,
+        metavar="N",
+        help="source addresses whose rate is tracked at once "
+        f"(default {ServerConfig.udp_max_sources})",
+    )
     parser.add_argument(
         "--log-data",
         action="store_true",
@@ -177,7 +213,23 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_lifetime_s=args.max_lifetime,
         max_buffer_bytes=args.max_buffer,
         send_timeout_s=args.send_timeout,
+        tcp=args.tcp or not args.udp,
+        udp=args.udp,
+        udp_rate_per_source=args.udp_rate,
+        udp_rate_total=args.udp_rate_total,
+        udp_max_sources=args.udp_max_sources,
     )
+
+
+def datagram_rate(text: str) -> float:
+    """Datagrams per second: a finite number, 0 (no limit) or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of datagrams a second: {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite rate, 0 (no limit) or more, not {text}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

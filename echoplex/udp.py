@@ -1,0 +1,388 @@
+"""UDP echo (RFC 862): every datagram answered with one datagram of the same bytes.
+
+`echoplex serve --udp` serves UDP alone, in the main thread; `--udp --tcp` serves it
+beside the TCP model on the same port number, in a thread of its own with its own event
+loop, both stopped by the same `Shutdown`. In `workers` mode the supervisor process
+serves UDP alone: the workers are TCP only (a UDP socket per worker would split each
+source's rate limit between them).
+
+- One event loop (uvloop when installed) and one socket per `--host`, all on the same
+  port; each datagram reaches an `EchoDatagramProtocol` that asks the reflection guard
+  (`echoplex.udp_guard`) first and answers with `sendto`, or drops the datagram and
+  counts why. Drops are reported at most once a second, with counts by reason.
+- Never more bytes out than in: the answer is the datagram itself. An empty datagram is
+  answered with an empty one (RFC 862 sends back "the data" of every datagram, none
+  included, and it reflects nothing). asyncio's and uvloop's transports skip empty
+  sends, so that one goes out on the socket directly.
+- The transports read up to 256 KiB at once, so no datagram is cut short; one too big
+  to answer on its family is dropped (`oversize`).
+- Memory stays bounded: while the transport's send buffer is over its high-water mark
+  (`pause_writing`), datagrams are dropped (`send-buffer-full`) rather than queued.
+- No `SO_REUSEADDR` on UDP sockets: on Linux it lets a second server bind the same UDP
+  port and silently take its datagrams, and UDP has no TIME_WAIT for it to help with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import functools
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any, cast
+
+from ._net import address_family, format_address, open_tcp_listeners
+from ._throttle import Throttle
+from .config import ServerConfig
+from .errors import StartupError
+from .events import DatagramEvents, LogEvents, ServerEvents
+from .models.asyncio_ import LoopFactory, loop_factory
+from .shutdown import STOP_SIGNALS, Shutdown
+from .udp_guard import Clock, ReflectionGuard
+
+log = logging.getLogger("echoplex.udp")
+
+# Reasons a datagram the guard allowed still goes unanswered.
+SEND_BUFFER_FULL = "send-buffer-full"
+SEND_ERROR = "send-error"
+
+DROP_REPORT_INTERVAL_S = 1.0
+# Beside TCP, both loops watch the Shutdown's wakeup socket, and the TCP model may read
+# the wakeup byte before this loop sees it; so the stop flag is also checked this often.
+STOP_POLL_S = 0.25
+# How long closing transports may take to flush what they hold before they are aborted.
+CLOSE_TIMEOUT_S = 1.0
+# With port 0 and both transports: tries at a port free for TCP that is also free for UDP.
+SHARED_PORT_ATTEMPTS = 20
+STARTUP_TIMEOUT_S = 30.0
+
+
+class Tally:
+    """Datagrams answered and dropped; drops reported at most once per interval."""
+
+    def __init__(self, events: DatagramEvents, interval_s: float = DROP_REPORT_INTERVAL_S) -> None:
+        self.events = events
+        self.answered = 0
+        self.dropped: Counter[str] = Counter()
+        self._unreported: Counter[str] = Counter()
+        self._last_source: Any = None
+        self._throttle = Throttle(interval_s)
+
+    def drop(self, reason: str, source: Any = None) -> None:
+        self.dropped[reason] += 1
+        self._unreported[reason] += 1
+        if source is not None:
+            self._last_source = source
+        if self._throttle.allow("dropped") is not None:
+            self.report()
+
+    def report(self) -> None:
+        """Report the drops not reported yet, if any."""
+        if self._unreported:
+            self.events.udp_dropped(dict(self._unreported), self._last_source)
+            self._unreported.clear()
+
+
+class EchoDatagramProtocol(asyncio.DatagramProtocol):
+    """Answers each datagram the guard allows with the same bytes, on one socket."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        guard: ReflectionGuard,
+        tally: Tally,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.sock = sock
+        self.guard = guard
+        self.tally = tally
+        self.clock = clock
+        self.paused = False
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.DatagramTransport subclasses, but have its methods.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        reason = self.guard.verdict(addr, self.clock(), len(data))
+        if reason is None and self.paused:
+            reason = SEND_BUFFER_FULL
+        if reason is not None:
+            self.tally.drop(reason, addr)
+            return
+        if data:
+            self.transport.sendto(data, addr)  # errors come back through error_received
+        else:
+            try:
+                self.sock.sendto(b"", addr)
+            except OSError as exc:
+                self.error_received(exc)
+                return
+        self.tally.answered += 1
+
+    def error_received(self, exc: Exception) -> None:
+        # A send that failed (on Linux an unconnected UDP socket hears of no ICMP errors).
+        code = getattr(exc, "errno", None) or 0
+        log.debug("udp send failed: %s", errno.errorcode.get(code, exc))
+        self.tally.drop(SEND_ERROR)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class _ListeningOnly:
+    """UDP reporting for events without the UDP hooks: the address through their
+    `listening`, drops and totals to the log."""
+
+    def __init__(self, events: ServerEvents) -> None:
+        self._events = events
+        self._log = LogEvents(log)
+
+    def udp_listening(self, addresses: list[Any]) -> None:
+        self._events.listening(addresses)
+
+    def udp_dropped(self, counts: dict[str, int], last_source: Any) -> None:
+        self._log.udp_dropped(counts, last_source)
+
+    def udp_stopped(self, answered: int, dropped: dict[str, int]) -> None:
+        self._log.udp_stopped(answered, dropped)
+
+
+def datagram_events(events: ServerEvents) -> DatagramEvents:
+    return events if isinstance(events, DatagramEvents) else _ListeningOnly(events)
+
+
+class UdpEchoServer:
+    """UDP echo on bound sockets, on an event loop of its own, until `shutdown` is
+    requested or `stop()` is called. `serve()` runs the loop in the calling thread."""
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        config: ServerConfig,
+        events: ServerEvents,
+        shutdown: Shutdown,
+        factory: LoopFactory,
+    ) -> None:
+        self.sockets = sockets
+        self.events = datagram_events(events)
+        self.shutdown = shutdown
+        self.factory = factory
+        self.guard = ReflectionGuard(
+            config.udp_rate_per_source, config.udp_rate_total, config.udp_max_sources
+        )
+        self.tally = Tally(self.events)
+        self.ready = threading.Event()
+        """Set once it answers, or once it has failed to start (then `error` is set)."""
+        self.started = False
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._stop_requested = False
+
+    def serve(self) -> None:
+        """Answer datagrams until stopped; the sockets are closed when it returns."""
+        try:
+            with asyncio.Runner(loop_factory=self.factory) as runner:
+                runner.run(self._serve())
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            for sock in self.sockets:
+                sock.close()
+            self.ready.set()
+
+    def serve_in_thread(self) -> None:
+        """`serve()` as a thread's target: the error is kept in `error` for the thread that
+        started it; one after startup also stops the whole server, loudly."""
+        try:
+            self.serve()
+        except BaseException:
+            if self.started:
+                log.exception("udp echo failed; stopping the server")
+                self.shutdown.request()
+
+    def stop(self) -> None:
+        """Stop serving; from any thread, at any time."""
+        self._stop_requested = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already closed
+                loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _stopping(self) -> bool:
+        return self._stop_requested or self.shutdown.requested
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._loop = loop  # after the event exists: stop() may use it from now on
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, self.shutdown.request)
+        # Not drained here: beside TCP the wakeup byte is the TCP model's to read; a
+        # reader left on it would fire for ever, so it goes after the first wakeup.
+        loop.add_reader(self.shutdown.fileno(), self._on_stop_fd)
+        protocols: list[EchoDatagramProtocol] = []
+        transports: list[asyncio.BaseTransport] = []
+        try:
+            for sock in self.sockets:
+                factory = functools.partial(EchoDatagramProtocol, sock, self.guard, self.tally)
+                transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
+                transports.append(transport)
+                protocols.append(protocol)
+            self.events.udp_listening([sock.getsockname() for sock in self.sockets])
+            self.started = True
+            self.ready.set()
+            while not self._stopping():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STOP_POLL_S):
+                        await self._wakeup.wait()
+                self._wakeup.clear()
+        finally:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(self.shutdown.fileno())
+            if in_main_thread:
+                for sig in STOP_SIGNALS:
+                    loop.remove_signal_handler(sig)
+            await _close(transports, protocols)
+            self.tally.report()
+            self.events.udp_stopped(self.tally.answered, dict(self.tally.dropped))
+
+    def _on_stop_fd(self) -> None:
+        assert self._loop is not None and self._wakeup is not None
+        self._loop.remove_reader(self.shutdown.fileno())
+        self._wakeup.set()
+
+
+async def _close(
+    transports: list[asyncio.BaseTransport], protocols: list[EchoDatagramProtocol]
+) -> None:
+    """Close the transports, letting them send what they hold for a moment, then abort."""
+    for transport in transports:
+        transport.close()
+    if not protocols:
+        return
+    waiting = [protocol.lost for protocol in protocols]
+    _, pending = await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT_S)
+    if pending:
+        for transport in transports:
+            cast(asyncio.DatagramTransport, transport).abort()
+        await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
+
+
+def open_udp_socket(host: str, port: int, *, v6_only: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to host:port; closed if that fails."""
+    family = address_family(host)
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+    sockaddr = infos[0][4]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            # As for TCP: `::` alone takes IPv4 too; beside IPv4 sockets it must not.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6_only))
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on udp {format_address(sockaddr)}: {reason}") from exc
+    return sock
+
+
+def open_udp_sockets(config: ServerConfig, port: int | None = None) -> list[socket.socket]:
+    """One socket per host, all on the same port (the first one picks it if it is 0)."""
+    port = config.port if port is None else port
+    sockets: list[socket.socket] = []
+    try:
+        for host in config.hosts:
+            sock = open_udp_socket(host, port, v6_only=len(config.hosts) > 1)
+            sockets.append(sock)
+            port = sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def serve_udp(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
+    """Serve UDP echo in this thread until `shutdown` is requested (SIGINT/SIGTERM in the
+    main thread)."""
+    factory = loop_factory(config.loop)
+    UdpEchoServer(open_udp_sockets(config), config, events, shutdown, factory).serve()
+
+
+@contextlib.contextmanager
+def serving_beside_tcp(
+    config: ServerConfig, events: ServerEvents, shutdown: Shutdown
+) -> Iterator[ServerConfig]:
+    """Serve UDP echo in a thread of its own while the block serves TCP with the config it
+    is given: port 0 replaced by the port number both use. With port 0 the TCP port is
+    picked first and held (bound, not listening) until the block ends, so the TCP model
+    can bind it again. The thread has ended when the block exits."""
+    factory = loop_factory(config.loop)
+    sockets, placeholders = _bind_udp_beside_tcp(config)
+    port = sockets[0].getsockname()[1]
+    try:
+        server = UdpEchoServer(sockets, config, events, shutdown, factory)
+    except BaseException:
+        for sock in sockets + placeholders:
+            sock.close()
+        raise
+    thread = threading.Thread(target=server.serve_in_thread, name="udp-echo", daemon=True)
+    thread.start()
+    try:
+        server.ready.wait(STARTUP_TIMEOUT_S)
+        if server.error is not None:
+            raise server.error
+        if not server.ready.is_set():
+            raise StartupError("udp echo did not start in time")
+        yield replace(config, port=port)
+    finally:
+        server.stop()
+        thread.join()
+        for placeholder in placeholders:
+            placeholder.close()
+    if server.error is not None:
+        raise server.error
+
+
+def _bind_udp_beside_tcp(config: ServerConfig) -> tuple[list[socket.socket], list[socket.socket]]:
+    """UDP sockets on the port TCP will use, and (port 0) TCP sockets holding that port."""
+    if config.port:
+        return open_udp_sockets(config), []
+    for _ in range(SHARED_PORT_ATTEMPTS):
+        placeholders = open_tcp_listeners(config, listen=False)
+        try:
+            return open_udp_sockets(config, placeholders[0].getsockname()[1]), placeholders
+        except StartupError as exc:
+            for placeholder in placeholders:
+                placeholder.close()
+            cause = exc.__cause__
+            if not (isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE):
+                raise
+    raise StartupError("found no port free for both TCP and UDP")
