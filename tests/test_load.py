@@ -4,6 +4,7 @@ that lie (corrupt, drop, duplicate, swap, close early, stall, reset), which it m
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import re
@@ -23,6 +24,8 @@ from echoplex.cli import main
 from echoplex.commands.load import size_bytes
 from echoplex.load.config import LoadConfig
 from echoplex.load.connections import LoadConnection, PingPong, Rate, Stream, Tally
+from echoplex.load.engine import Progress, _percentile
+from echoplex.load.report import live_progress, progress_line
 from echoplex.payload import PayloadPattern
 
 from .procs import ROOT, Process, Server, echoplex
@@ -689,3 +692,16 @@ def test_rate_keeps_what_is_due_while_paused_and_times_from_the_schedule() -> No
     assert tally.requests == 3
     # Timed from when each was due (long ago: time 0 of perf_counter), not when sent.
     assert min(tally.latency_counts) > 1000
+
+
+def test_the_progress_line_and_its_recent_p99() -> None:
+    assert _percentile({}, 99.0) == 0
+    assert _percentile({10: 98, 50: 1, 900: 1}, 99.0) == 50
+    assert _percentile({10: 98, 50: 1, 900: 1}, 100.0) == 900
+    line = progress_line(Progress("measuring", 1.25, 5000, 41234.0, 42.2, 180, 0, 0, 3, 4))
+    assert " ".join(line.split()) == "measuring 1.2 s 41,234 req/s 42.20 MB/s p99 180 µs alive 3/4"
+
+
+def test_no_progress_line_when_stdout_is_not_a_terminal() -> None:
+    with io.StringIO() as stream, live_progress(stream) as show:
+        assert show is None
