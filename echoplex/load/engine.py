@@ -177,7 +177,7 @@ class LoadRun:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
         self.histogram.record_counts(self.tally.take_latency_counts())
-        result.requests = self.tally.requests
+        result.requests = self.histogram.count
         result.latency = self.histogram.summary()
         result.errors_by_kind = dict(self.tally.errors_by_kind)
         result.error_samples = list(self.tally.error_samples)
