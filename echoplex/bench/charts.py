@@ -93,6 +93,9 @@ def _headline_chart(plt: Any, result: ScenarioResult, out_dir: Path) -> Path:
                 style = "--" if server.startswith("ref-") else "-"
                 ax.plot(*zip(*points, strict=True), style, marker="o", label=server)
         ax.set_xscale("log")
+        values = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+        if values and max(values) / min(values) > 50:
+            ax.set_yscale("log")  # e.g. MB/s from 64 B to 64 KiB messages
         ax.set_xticks(xs)
         labels = [format_size(x) if scenario.x_axis == "size_bytes" else str(x) for x in xs]
         ax.set_xticklabels(labels)
@@ -126,7 +129,13 @@ def _latency_chart(plt: Any, result: ScenarioResult, out_dir: Path) -> Path:
                 label=label,
             )
         ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels([row.server for row in rows], rotation=60, ha="right", fontsize=8)
+        # A server that timed out most connections shows the latency of the few it served:
+        # say so under its name.
+        labels = [
+            f"{row.server} ({row.errors_total:,} err)" if row.errors_total else row.server
+            for row in rows
+        ]
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_title(point, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)

@@ -23,7 +23,7 @@ LOAD_COMMAND: list[str] = [sys.executable, "-m", "echoplex", "load"]
 # long, and the bench must stay bounded.
 GRACE_S = 25.0
 GRACE_PER_CONNECTION_S = 0.003
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
