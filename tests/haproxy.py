@@ -20,6 +20,8 @@ roundrobin`, servers named `s1`, `s2`, ... in the order given; `timeout connect 
   `check_payload` the check also sends those bytes and expects them echoed back
   (`tcp-check send-binary` / `expect binary`). Servers start UP; a failed check marks
   one DOWN within about `check_interval_ms`, and `wait_for_status` waits for that.
+- `proxy_v2_options`: HAProxy's `proxy-v2-options` (TLVs such as `crc32c`,
+  `unique-id`, `authority`) on every server line.
 
 Readiness comes from HAProxy's runtime API (a stats socket in the temporary
 directory): the frontend reports `OPEN` once it listens. Probing the frontend with a
@@ -193,6 +195,7 @@ def render_config(
     health_check: bool = False,
     check_payload: bytes | None = None,
     check_interval_ms: int = 200,
+    proxy_v2_options: Sequence[str] = (),
 ) -> str:
     """The configuration `haproxy()` runs; see the module docstring."""
     if send_proxy and send_proxy_v2:
@@ -208,6 +211,10 @@ def render_config(
         server_options += " send-proxy"
     if send_proxy_v2:
         server_options += " send-proxy-v2"
+    if proxy_v2_options:
+        if not send_proxy_v2:
+            raise ValueError("proxy_v2_options needs send_proxy_v2=True")
+        server_options += f" proxy-v2-options {','.join(proxy_v2_options)}"
     check_rules = []
     if check_payload is not None:
         # No explicit `tcp-check connect`: the implicit one uses the server's settings,
@@ -258,6 +265,7 @@ def haproxy(
     health_check: bool = False,
     check_payload: bytes | None = None,
     check_interval_ms: int = 200,
+    proxy_v2_options: Sequence[str] = (),
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> Iterator[HAProxy]:
     """HAProxy in front of `backends`, ready; stopped on exit. Skips the test when
@@ -280,6 +288,7 @@ def haproxy(
                 health_check=health_check,
                 check_payload=check_payload,
                 check_interval_ms=check_interval_ms,
+                proxy_v2_options=proxy_v2_options,
             ),
             [f"s{index}" for index in range(1, len(backends) + 1)],
             startup_timeout_s,

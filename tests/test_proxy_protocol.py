@@ -1,10 +1,11 @@
-"""The PROXY protocol reader (echoplex.proxy_protocol), without sockets.
+"""The PROXY protocol reader (echoplex.proxy_protocol).
 
 Headers are built here by a small encoder of the test's own, straight from the
 specification's byte layout, so the reader is not checked against the module's
 encoders alone. Properties: any valid header parses the same however it is split
 into chunks, the bytes after it come back intact; arbitrary bytes only ever give
 "need more", a result, or ProxyProtocolError; oversized headers stop at the cap.
+Last, the headers a real sender writes: HAProxy with send-proxy and send-proxy-v2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ipaddress
 import itertools
 import os
 import pickle
+import socket
 import struct
 
 import pytest
@@ -39,6 +41,8 @@ from echoplex.proxy_protocol import (
     is_trusted,
     parse_networks,
 )
+
+from .haproxy import haproxy
 
 SIG = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"  # spec 2.2, byte by byte
 
@@ -800,3 +804,80 @@ def test_v1_without_crlf_stops_by_byte_107(rest: bytes) -> None:
     assert index < MAX_V1_BYTES
     assert caught.value.reason in (ErrorReason.OVERSIZED, ErrorReason.MALFORMED)
     assert reader.buffered_bytes == 0
+
+
+# ------------------------------------------------------------------ a real sender
+
+
+def read_header(conn: socket.socket) -> ProxyResult:
+    reader = ProxyHeaderReader()
+    while True:
+        data = conn.recv(4096)
+        if not data:
+            reader.feed_eof()
+        if (got := reader.feed(data)) is not None:
+            return got
+
+
+def read_exactly(conn: socket.socket, start: bytes, size: int) -> bytes:
+    data = start
+    while len(data) < size and (chunk := conn.recv(size - len(data))):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_haproxy_headers_name_the_client(version: int) -> None:
+    payload = bytes(range(256)) * 40
+    with socket.create_server(("127.0.0.1", 0)) as backend:
+        backend.settimeout(10)
+        with (
+            haproxy(
+                [backend.getsockname()[:2]],
+                send_proxy=version == 1,
+                send_proxy_v2=version == 2,
+                proxy_v2_options=["crc32c"] if version == 2 else [],
+            ) as proxy,
+            socket.create_connection(proxy.address, timeout=10) as client,
+        ):
+            client.sendall(payload)
+            client_address = client.getsockname()[:2]
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(10)
+                got = read_header(conn)
+                stream = read_exactly(conn, got.remainder, len(payload))
+    assert (got.version, got.command) == (version, Command.PROXY)
+    assert got.source == client_address
+    assert got.destination == proxy.address
+    assert stream == payload
+    if version == 2:
+        assert got.tlv(TlvType.CRC32C) is not None  # and it was verified
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_haproxy_health_checks_send_a_header_too(version: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as backend:
+        backend.settimeout(10)
+        backend_address = backend.getsockname()[:2]
+        with haproxy(
+            [backend_address],
+            send_proxy=version == 1,
+            send_proxy_v2=version == 2,
+            proxy_v2_options=["crc32c"] if version == 2 else [],
+            health_check=True,
+            check_payload=b"ping\n",  # so HAProxy waits for an answer, not closing at once
+        ):
+            conn, _ = backend.accept()  # the first check
+            with conn:
+                conn.settimeout(10)
+                got = read_header(conn)
+                assert read_exactly(conn, got.remainder, 5) == b"ping\n"
+    if version == 2:
+        # A LOCAL command: keep the connection's own addresses (HAProxy adds its CRC
+        # TLV even here; a LOCAL block is not interpreted).
+        assert (got.command, got.source, got.destination) == (Command.LOCAL, None, None)
+    else:
+        # v1 has no LOCAL: HAProxy names the check connection's own endpoints.
+        assert got.command == Command.PROXY
+        assert got.destination == backend_address
