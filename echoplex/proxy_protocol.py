@@ -11,7 +11,8 @@ is shared by every concurrency model, which owns the sockets and the clock:
   whether a peer is one of them. Only trusted peers are expected to send a header,
   and from them it is required: whether to read one is decided by the peer's address
   alone, never by looking at the bytes (spec section 5: a receiver that guesses lets
-  any client spoof its address).
+  any client spoof its address). A connection from any other peer is an ordinary
+  one: its own address, and its bytes, a PROXY header included, are data to echo.
 - `ProxyHeaderReader` is fed what a trusted peer sends, chunk by chunk, and answers
   "need more" (`None`), a `ProxyResult`, or raises `ProxyProtocolError`. What the
   caller does with each answer is spelled out on the class.
@@ -686,6 +687,9 @@ def is_trusted(
     reports for IPv4 clients) is checked as the IPv4 address too. A peer that is not
     an IP address at all (a UNIX socket's empty name) is not trusted.
     """
+    if not isinstance(peer_ip, str | ipaddress.IPv4Address | ipaddress.IPv6Address):
+        # A (host, port) tuple passed by mistake would otherwise be "not trusted" forever.
+        raise TypeError(f"is_trusted wants the peer's IP address, not {peer_ip!r}")
     try:
         address = ipaddress.ip_address(peer_ip)
     except ValueError:

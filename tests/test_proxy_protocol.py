@@ -19,7 +19,7 @@ import socket
 import struct
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from echoplex.proxy_protocol import (
@@ -516,6 +516,11 @@ def test_is_trusted(peer: str, trusted: bool) -> None:
     assert is_trusted(peer, networks) is trusted
 
 
+def test_is_trusted_wants_an_address_not_a_peer_tuple() -> None:
+    with pytest.raises(TypeError):
+        is_trusted(("127.0.0.1", 5), [])  # type: ignore[arg-type]
+
+
 def test_ipv4_peer_matches_a_mapped_ipv6_network() -> None:
     assert is_trusted("10.0.0.1", parse_networks(["::ffff:10.0.0.0/104"]))
     assert not is_trusted("10.0.0.1", [])
@@ -671,38 +676,49 @@ def test_every_proper_prefix_of_a_valid_header_needs_more(
     assert reader.feed(header[-1:]) is not None
 
 
+inet_pairs = st.one_of(st.tuples(ipv4s, ipv4s), st.tuples(ipv6s, ipv6s)).map(
+    lambda pair: (str(pair[0]), str(pair[1]))
+)
+
+
 @settings(max_examples=200)
 @given(
-    st.tuples(st.sampled_from(["v1", "v2"]), st.none() | ports, st.none() | ports),
-    st.ip_addresses(),
-    st.ip_addresses(),
+    st.sampled_from(["v1", "v2"]),
+    st.none() | st.tuples(inet_pairs, ports, ports),
     tlv_lists,
     st.booleans(),
     payloads,
 )
 def test_module_encoders_round_trip(
-    shape: tuple[str, int | None, int | None],
-    src: ipaddress.IPv4Address | ipaddress.IPv6Address,
-    dst: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    version: str,
+    addresses: tuple[tuple[str, str], int, int] | None,
     extensions: list[tuple[int, bytes]],
     checksum: bool,
     payload: bytes,
 ) -> None:
-    version, sport, dport = shape
-    assume(src.version == dst.version)
-    addressed = sport is not None and dport is not None
-    source = (str(src), sport) if sport is not None else None
-    destination = (str(dst), dport) if dport is not None else None
-    if not addressed:
-        source = destination = None
+    source = destination = None
+    if addresses is not None:
+        (src, dst), sport, dport = addresses
+        source, destination = (src, sport), (dst, dport)
     if version == "v1":
         got = parse(encode_v1(source, destination) + payload)
     else:
         header = encode_v2(source, destination, tlvs=extensions, checksum=checksum)
         got = parse(header + payload)
-        if addressed:
+        if addresses is not None:
             assert got.tlvs[: len(extensions)] == tuple(Tlv(t, v) for t, v in extensions)
+            assert (got.tlv(TlvType.CRC32C) is not None) == checksum
     assert (got.source, got.destination, got.remainder) == (source, destination, payload)
+
+
+@given(unix_paths, unix_paths, st.sampled_from([Transport.STREAM, Transport.DGRAM]))
+def test_module_encoder_round_trips_unix_paths(
+    src: bytes, dst: bytes, transport: Transport
+) -> None:
+    source, destination = unix_text(src), unix_text(dst)
+    got = parse(encode_v2(source, destination, transport=transport))
+    assert (got.family, got.transport) == (Family.UNIX, transport)
+    assert (got.source, got.destination) == (source, destination)
 
 
 prefixes = st.sampled_from(
