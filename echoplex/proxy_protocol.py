@@ -174,7 +174,8 @@ class ProxyResult:
     transport: Transport
     source: Address | None
     """The real client, or None: use the connection's own peer address (v2 LOCAL, v1
-    UNKNOWN, v2 UNSPEC family or transport)."""
+    UNKNOWN, v2 UNSPEC family or transport). For v2 AF_UNIX, a path: the empty string
+    for an unnamed socket, as `getpeername()` gives for one."""
     destination: Address | None
     """The address the client connected to (the proxy's frontend), or None likewise."""
     remainder: bytes
@@ -184,7 +185,9 @@ class ProxyResult:
     """The header's length on the wire."""
     tlvs: tuple[Tlv, ...] = field(default=())
     """Version 2 TLVs in wire order, raw (NOOP and CRC32C included; the checksum has been
-    verified). Empty for version 1, LOCAL and UNSPEC headers."""
+    verified). Empty for version 1, LOCAL and UNSPEC headers: their blocks are skipped
+    uninterpreted, as the spec says (HAProxy's LOCAL health checks carry its CRC32C
+    TLV all the same)."""
 
     def tlv(self, type_: int) -> bytes | None:
         """The value of the first TLV of this type, if any."""
