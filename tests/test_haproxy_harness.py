@@ -93,3 +93,17 @@ def test_config_options() -> None:
             send_proxy=True,
             send_proxy_v2=True,
         )
+
+
+def test_a_port_taken_before_haproxy_binds_it_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    from . import haproxy as harness
+
+    with socket.create_server(("127.0.0.1", 0)) as squatter, Server(mode="asyncio") as server:
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        real_free_port = harness.free_port
+        monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or real_free_port())
+        with haproxy([server.address]) as proxy:
+            assert proxy.port != taken
+            assert echo_through(proxy.address, b"x") == b"x"
+        assert server.stop() == 0
