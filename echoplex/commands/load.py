@@ -65,6 +65,12 @@ def target_port(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Every echoed byte is checked against what was sent. Exit status: 0 when all "
+        "of it came back right; 1 on any mismatch or connection error (the summary "
+        "names the connection and offset), or when the server cannot be reached; "
+        "2 on bad arguments. Ctrl-C stops early and still reports."
+    )
     patterns = "; ".join(f"{name}: {text}" for name, text in PATTERNS.items())
     parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
     parser.add_argument(
