@@ -104,6 +104,7 @@ class EchoDatagramProtocol(asyncio.DatagramProtocol):
         self.tally = tally
         self.clock = clock
         self.paused = False
+        self.send_failed = False
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -117,20 +118,23 @@ class EchoDatagramProtocol(asyncio.DatagramProtocol):
         if reason is not None:
             self.tally.drop(reason, addr)
             return
+        self.send_failed = False
         if data:
-            self.transport.sendto(data, addr)  # errors come back through error_received
+            # A send that fails at once comes back through error_received, before this returns.
+            self.transport.sendto(data, addr)
         else:
             try:
                 self.sock.sendto(b"", addr)
             except OSError as exc:
                 self.error_received(exc)
-                return
-        self.tally.answered += 1
+        if not self.send_failed:
+            self.tally.answered += 1
 
     def error_received(self, exc: Exception) -> None:
         # A send that failed (on Linux an unconnected UDP socket hears of no ICMP errors).
         code = getattr(exc, "errno", None) or 0
         log.debug("udp send failed: %s", errno.errorcode.get(code, exc))
+        self.send_failed = True
         self.tally.drop(SEND_ERROR)
 
     def pause_writing(self) -> None:

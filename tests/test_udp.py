@@ -94,12 +94,13 @@ def echo(sock: socket.socket, address: tuple[str, int], payload: bytes) -> bytes
         ),
     ],
 )
-def test_each_datagram_is_echoed_exactly(host: str, largest: int) -> None:
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])  # uvloop where installed, and asyncio's
+def test_each_datagram_is_echoed_exactly(host: str, largest: int, loop: str) -> None:
     rng = random.Random(862)
     sizes = [0, 1, 2, 255, 1472, 1473, 9000, 65_000, largest]
     payloads = [rng.randbytes(size) for size in sizes] + [bytes(range(256)), b"\x00" * 300]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with UdpServer("--host", host) as server, udp_socket(family) as sock:
+    with UdpServer("--host", host, "--loop", loop) as server, udp_socket(family) as sock:
         for payload in payloads:
             assert echo(sock, (host, server.port), payload) == payload  # the empty one too
         counts = server.stop()
