@@ -58,6 +58,7 @@ class LatencyHistogram:
         self._histogram = require_hdrh().HdrHistogram(1, highest_us, SIGNIFICANT_FIGURES)
         self._highest_us = highest_us
         self.count = 0
+        self.total_us = 0  # for an exact mean (the histogram's walks every bucket)
         self.min_us: int | None = None
         self.max_us = 0
 
@@ -65,6 +66,7 @@ class LatencyHistogram:
         value_us = min(max(value_us, 0), self._highest_us)
         self._histogram.record_value(value_us, count)
         self.count += count
+        self.total_us += value_us * count
         self.min_us = value_us if self.min_us is None else min(self.min_us, value_us)
         self.max_us = max(self.max_us, value_us)
 
@@ -89,7 +91,7 @@ class LatencyHistogram:
         return LatencySummary(
             count=self.count,
             min=self.min_us or 0,
-            mean=round(float(self._histogram.get_mean_value()), 1),
+            mean=round(self.total_us / self.count, 1),
             max=self.max_us,
             **at,
         )
