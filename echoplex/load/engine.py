@@ -10,8 +10,9 @@ CPU time is taken over that window too. At the end nothing new is sent, and the
 run waits up to `timeout_s` for every echo still in flight, so every byte sent is
 verified; one that never comes back is a "timeout" error.
 
-`hold`: connect, one round trip on each connection, idle for --duration, one more
-round trip on each, close.
+`hold`: connect, each connection checking one round trip as soon as it is open;
+idle for --duration; one more round trip on each; close. Figures cover the whole
+run, and a server that closes a connection at any point is an error.
 
 A watchdog (every TICK_S) fails a connection whose echo makes no progress for
 `timeout_s` while bytes are outstanding, folds latency counts into the histogram,
@@ -132,6 +133,8 @@ def _cpu_seconds() -> float:
 
 
 class LoadRun:
+    """One run of one config: `await run()` for its LoadResult."""
+
     def __init__(self, config: LoadConfig, progress: ProgressCallback | None = None) -> None:
         self.config = config
         self.progress = progress
@@ -161,10 +164,11 @@ class LoadRun:
         ticker = asyncio.ensure_future(self._tick_forever())
         try:
             address = await self._resolve()
+            hold = self._start_hold() if self.config.pattern == "hold" else None
             await self._open_all(address)
             result.connections_opened = sum(conn is not None for conn in self.connections)
-            if self.config.pattern == "hold":
-                await self._hold(result)
+            if hold is not None:
+                await self._hold(result, *hold)
             else:
                 await self._load(result)
             result.connections_alive = len(self._live())
@@ -257,6 +261,8 @@ class LoadRun:
             sock.close()
             raise
         self.connections[index] = connection
+        if isinstance(connection, Hold):
+            connection.begin()  # its first round trip, at once
 
     def _new_connection(self, index: int) -> LoadConnection:
         pattern = self.config.pattern
@@ -303,16 +309,16 @@ class LoadRun:
         await self._wait_settled()
         self._settle_stragglers(result)
 
-    async def _hold(self, result: LoadResult) -> None:
-        tally = self.tally
-        start_ns = perf_counter_ns()
-        cpu_start = _cpu_seconds()
-        tally.window_start_ns = 0
-        tally.sending = True
+    def _start_hold(self) -> tuple[int, float]:
+        """Before connecting: with `hold` each connection checks one round trip as soon
+        as it is open, and every figure covers the whole run."""
+        self.tally.window_start_ns = 0
+        self.tally.sending = True  # from here on, a server that closes is an error
+        return perf_counter_ns(), _cpu_seconds()
+
+    async def _hold(self, result: LoadResult, start_ns: int, cpu_start: float) -> None:
         self.phase = "checking"
-        for connection in self._live():
-            connection.begin()
-        await self._wait_settled()
+        await self._wait_settled()  # the first round trips, begun as each connection opened
         self._settle_stragglers(result)
         if not self.interrupted:
             self.phase = "holding"
@@ -323,7 +329,7 @@ class LoadRun:
                 connection.begin()
             await self._wait_settled()
             self._settle_stragglers(result)
-        tally.sending = False
+        self.tally.sending = False
         result.client_cpu_s = _cpu_seconds() - cpu_start
         result.measured_s = (perf_counter_ns() - start_ns) / 1e9
 
