@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from ._net import plain_peer, tune_connection
@@ -42,8 +43,14 @@ def client_ip(peer: Any) -> str:
 
 
 class Acceptor:
-    def __init__(self, admission: Admission, events: ServerEvents) -> None:
+    def __init__(
+        self,
+        admission: Admission,
+        events: ServerEvents,
+        is_proxy: Callable[[str], bool] = lambda ip: False,
+    ) -> None:
         self.admission = admission
+        self.is_proxy = is_proxy
         self.events = events
         self.throttle = Throttle()
         self._spare_fd: int | None = self._open_spare()
@@ -77,7 +84,8 @@ class Acceptor:
                     return admitted, True
                 raise
             peer = plain_peer(peer)
-            reason = self.admission.admit(client_ip(peer))
+            ip = client_ip(peer)
+            reason = self.admission.admit(ip, per_ip=not self.is_proxy(ip))
             if reason is not None:
                 conn.close()
                 self.events.connection_rejected(peer, reason)

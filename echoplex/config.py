@@ -10,6 +10,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from .proxy_protocol import parse_networks
+
 DEFAULT_PORT = 12345
 # The kernel caps this at net.core.somaxconn; asking for more costs nothing and
 # lets bursts of thousands of connects queue instead of being refused.
@@ -44,6 +46,24 @@ class ServerConfig:
 
     tls_handshake_timeout_s: float = 10.0
     """Drop a client that has not completed the TLS handshake in this long."""
+
+    metrics_port: int | None = None
+    """Serve Prometheus metrics (`/metrics`) and health (`/healthz`) over HTTP on this port
+    (0: any free one); None: no metrics."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint."""
+
+    proxy_protocol: bool = False
+    """Expect a PROXY protocol (v1 or v2) header from `trusted_proxies`, and require it:
+    logs, limits and metrics then see the real client. Other peers are plain clients."""
+
+    trusted_proxies: tuple[str, ...] = ()
+    """Networks (CIDR) whose connections carry a PROXY header, e.g. `10.0.0.0/8`, `::1`."""
+
+    proxy_header_timeout_s: float = 5.0
+    """Drop a trusted proxy's connection with no complete header this long after accept
+    (the PROXY protocol specification asks for at least 3 seconds)."""
 
     backlog: int = DEFAULT_BACKLOG
     """listen() backlog: connections the kernel queues before we accept them."""
@@ -119,6 +139,13 @@ class ServerConfig:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain timeout must be 0 or more, not {self.drain_timeout_s}")
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError(
+                "--proxy-protocol needs --trusted-proxy CIDR (the proxies that send the header)"
+            )
+        parse_networks(self.trusted_proxies)  # a ValueError naming the bad entry
+        if not self.proxy_header_timeout_s > 0:
+            raise ValueError("PROXY header timeout must be more than 0 seconds")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both a certificate and a key file")
         if not self.tls_handshake_timeout_s > 0:

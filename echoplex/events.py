@@ -25,6 +25,8 @@ class ConnectionRecord:
     opened_at: float = field(default_factory=time.monotonic)
     bytes_in: int = 0
     bytes_out: int = 0
+    via: Any = None
+    """The proxy the connection came through, when a PROXY header named `peer`."""
     opened_reported: bool = False
     """Set by reporters that count open connections, so a connection that ended before
     it was reported open (a failed TLS handshake) is not counted closed twice."""
@@ -86,7 +88,10 @@ class LogEvents:
             self.log.info("listening on %s", format_address(address))
 
     def connection_opened(self, record: ConnectionRecord) -> None:
-        self.log.info("open %s", format_address(record.peer))
+        if record.via is None:
+            self.log.info("open %s", format_address(record.peer))
+        else:
+            self.log.info("open %s via %s", format_address(record.peer), format_address(record.via))
 
     def data_received(self, record: ConnectionRecord, data: bytes) -> None:
         self.log.info("%s Received: %r", format_address(record.peer), data)

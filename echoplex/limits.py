@@ -45,15 +45,31 @@ class Admission:
     def from_config(cls, config: ServerConfig) -> Admission:
         return cls(config.max_connections, config.max_per_ip)
 
-    def admit(self, ip: str) -> str | None:
-        """Count the connection in and return None, or return why it is turned away."""
+    def admit(self, ip: str, *, per_ip: bool = True) -> str | None:
+        """Count the connection in and return None, or return why it is turned away.
+        `per_ip=False` skips the per-address limit (a trusted proxy carries many clients;
+        each is checked when its PROXY header names it)."""
         with self._lock:
             if self.open >= self.max_connections:
                 return OVER_MAX_CONNECTIONS
-            if self._per_ip[ip] >= self.max_per_ip:
+            if per_ip and self._per_ip[ip] >= self.max_per_ip:
                 return OVER_MAX_PER_IP
             self.open += 1
             self._per_ip[ip] += 1
+            return None
+
+    def transfer(self, from_ip: str, to_ip: str) -> str | None:
+        """Count a connection under another address (the real client a PROXY header
+        names); None, or why that address may not have another connection."""
+        with self._lock:
+            if from_ip == to_ip:
+                return None
+            if self._per_ip[to_ip] >= self.max_per_ip:
+                return OVER_MAX_PER_IP
+            self._per_ip[to_ip] += 1
+            self._per_ip[from_ip] -= 1
+            if not self._per_ip[from_ip]:
+                del self._per_ip[from_ip]
             return None
 
     def release(self, ip: str) -> None:

@@ -14,6 +14,7 @@ import resource
 
 from .config import ServerConfig
 from .events import LogEvents, ServerEvents
+from .metrics import metrics_events
 from .models import load_model
 from .shutdown import Shutdown, stop_on_signals
 
@@ -33,7 +34,7 @@ def run(
     raise_descriptor_limit()
     own_shutdown = shutdown is None
     shutdown = shutdown or Shutdown()
-    events = events or LogEvents()
+    events, stop_metrics = metrics_events(config, events or LogEvents())
     try:
         with stop_on_signals(shutdown):
             if not config.udp:
@@ -49,6 +50,7 @@ def run(
                 with udp.serving_beside_tcp(config, events, shutdown) as tcp_config:
                     model.serve(tcp_config, events, shutdown)
     finally:
+        stop_metrics()
         if own_shutdown:
             shutdown.close()
 

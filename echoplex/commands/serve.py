@@ -97,6 +97,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="drop a client that has not finished its handshake by then (default 10)",
     )
+    proxy_group = parser.add_argument_group("PROXY protocol (behind HAProxy and the like)")
+    proxy_group.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="require a PROXY v1/v2 header from --trusted-proxy peers; logs and limits "
+        "then see the real client",
+    )
+    proxy_group.add_argument(
+        "--trusted-proxy",
+        action="append",
+        dest="trusted_proxies",
+        default=[],
+        metavar="CIDR",
+        help="a network whose connections carry the header (repeatable; commas allowed)",
+    )
+    proxy_group.add_argument(
+        "--proxy-header-timeout",
+        type=positive_seconds,
+        default=ServerConfig.proxy_header_timeout_s,
+        metavar="SECONDS",
+        help="drop a proxied connection with no complete header by then (default 5)",
+    )
+    metrics_group = parser.add_argument_group("metrics")
+    metrics_group.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on /metrics and health on /healthz (needs "
+        "echoplex[metrics])",
+    )
+    metrics_group.add_argument(
+        "--metrics-host",
+        default=ServerConfig.metrics_host,
+        metavar="HOST",
+        help=f"address of the metrics endpoint (default {ServerConfig.metrics_host})",
+    )
     limits = parser.add_argument_group("limits (0 turns a limit off)")
     limits.add_argument(
         "--max-connections",
@@ -196,6 +233,11 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         mode=args.mode,
         hosts=tuple(args.hosts or ([] if args.unix else ["127.0.0.1"])),
         unix_path=args.unix,
+        proxy_protocol=args.proxy_protocol,
+        trusted_proxies=tuple(args.trusted_proxies),
+        proxy_header_timeout_s=args.proxy_header_timeout,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         unix_mode=args.unix_mode,
         tls_cert_file=args.tls_cert,
         tls_key_file=args.tls_key,

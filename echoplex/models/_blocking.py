@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from .. import tls
 from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
 from .._net import Listeners
+from .._proxy_accept import ProxyGate
 from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import Admission, Deadlines
@@ -48,6 +49,7 @@ class BlockingServer:
         self.shutdown = shutdown
         self.admission = Admission.from_config(config)
         self.tls = tls.server_context(config)
+        self.proxy = ProxyGate(config, self.admission, events)
         # Descriptor of every connection accepted and not yet closed, so that a drain can
         # wait for them and then cut them off (a TLS wrap keeps the descriptor).
         self._open: dict[ConnectionRecord, int] = {}
@@ -55,7 +57,7 @@ class BlockingServer:
 
     def accept(self, listeners: Listeners) -> Iterator[tuple[socket.socket, ConnectionRecord]]:
         """Yield admitted, tuned, blocking connections until a stop is requested."""
-        acceptor = Acceptor(self.admission, self.events)
+        acceptor = Acceptor(self.admission, self.events, self.proxy.is_proxy)
         try:
             with selectors.DefaultSelector() as selector:
                 for listener in listeners:
@@ -87,7 +89,9 @@ class BlockingServer:
         connection alone.
         """
         try:
-            if self.tls is not None:
+            if self.proxy.expects_header(record):
+                self.proxy.read_blocking(conn, record)
+            if self.tls is not None and record.outcome is None:
                 conn = self._handshake(conn, record)
             if record.outcome is None:
                 self.events.connection_opened(record)

@@ -27,6 +27,7 @@ from typing import Any, cast
 from .. import tls
 from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
 from .._net import Listeners
+from .._proxy_accept import ProxyGate
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
@@ -158,7 +159,8 @@ async def _serve(
 ) -> None:
     loop = asyncio.get_running_loop()
     server = _Server(config, events)
-    acceptor = Acceptor(server.admission, events)
+    proxy = ProxyGate(config, server.admission, events)
+    acceptor = Acceptor(server.admission, events, proxy.is_proxy)
     protocol_class = DataLoggingEchoProtocol if config.log_data else EchoProtocol
     stop_wakeup = asyncio.Event()
     adopting: set[asyncio.Task[None]] = set()
@@ -166,6 +168,11 @@ async def _serve(
 
     async def adopt(conn: socket.socket, peer: Any) -> None:
         protocol = protocol_class(server, peer)
+        conn.setblocking(False)
+        if proxy.expects_header(protocol.record) and not await proxy.read(conn, protocol.record):
+            conn.close()
+            protocol.connection_lost(None)
+            return
         try:
             await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=tls_context, ssl_handshake_timeout=handshake_timeout_s

@@ -1,0 +1,150 @@
+"""Taking the PROXY protocol header off a new connection, for the blocking and the
+event-loop models alike, before anything else (TLS included) reads from it.
+
+The header is read with MSG_PEEK and then exactly its length is consumed, so not a
+byte of what follows is taken out of the stream: the echo, or the TLS handshake
+that HAProxy may start right after the header, finds the stream untouched. While
+the header is incomplete (rare: a proxy sends it in one segment) we look again
+every few milliseconds until the header deadline; only trusted proxies get here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from ._accept import client_ip
+from ._net import plain_peer
+from .config import ServerConfig
+from .events import ConnectionRecord, ServerEvents
+from .limits import Admission
+from .proxy_protocol import (
+    MAX_HEADER_BYTES,
+    ProxyHeaderReader,
+    ProxyProtocolError,
+    ProxyResult,
+    is_trusted,
+    parse_networks,
+)
+
+_RECHECK_S = 0.005
+
+# Outcomes of a connection whose PROXY header was missing or bad.
+HEADER_TIMEOUT = "proxy-header-timeout"
+
+
+def _parse_peeked(peeked: bytes) -> ProxyResult | None:
+    if not peeked:
+        ProxyHeaderReader().feed_eof()  # closed before a complete header: raises
+    return ProxyHeaderReader().feed(peeked)
+
+
+def read_header_blocking(conn: socket.socket, deadline: float) -> ProxyResult:
+    """Read the header off a blocking socket; TimeoutError past the monotonic deadline,
+    ProxyProtocolError if it is not a valid header."""
+    seen = -1
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        conn.settimeout(left)
+        peeked = conn.recv(MAX_HEADER_BYTES, socket.MSG_PEEK)
+        if len(peeked) == seen:
+            time.sleep(_RECHECK_S)  # nothing new since the last look
+            continue
+        seen = len(peeked)
+        result = _parse_peeked(peeked)
+        if result is not None:
+            conn.settimeout(None)
+            conn.recv(result.header_bytes)  # consume the header alone
+            return result
+
+
+async def read_header(conn: socket.socket, deadline: float) -> ProxyResult:
+    """The same, on a non-blocking socket, without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    seen = -1
+    while True:
+        if time.monotonic() >= deadline:
+            raise TimeoutError
+        try:
+            peeked = conn.recv(MAX_HEADER_BYTES, socket.MSG_PEEK)
+        except BlockingIOError:
+            await _readable(loop, conn, deadline)
+            continue
+        if len(peeked) == seen:
+            await asyncio.sleep(_RECHECK_S)
+            continue
+        seen = len(peeked)
+        result = _parse_peeked(peeked)
+        if result is not None:
+            conn.recv(result.header_bytes)
+            return result
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket, deadline: float) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+            await ready
+    finally:
+        loop.remove_reader(conn.fileno())
+
+
+class ProxyGate:
+    """Which connections must start with a PROXY header, and what the header changes."""
+
+    def __init__(self, config: ServerConfig, admission: Admission, events: ServerEvents) -> None:
+        self.networks = parse_networks(config.trusted_proxies) if config.proxy_protocol else []
+        self.timeout_s = config.proxy_header_timeout_s
+        self.admission = admission
+        self.events = events
+
+    def is_proxy(self, ip: str) -> bool:
+        return bool(self.networks) and is_trusted(ip, self.networks)
+
+    def expects_header(self, record: ConnectionRecord) -> bool:
+        return self.is_proxy(client_ip(record.peer))
+
+    def read_blocking(self, conn: socket.socket, record: ConnectionRecord) -> bool:
+        """Take the header off `conn`; False (with `record.outcome` saying why) to drop it."""
+        try:
+            result = read_header_blocking(conn, record.opened_at + self.timeout_s)
+        except (TimeoutError, ProxyProtocolError, OSError) as exc:
+            record.finish(_failure(exc))
+            return False
+        return self._apply(record, result)
+
+    async def read(self, conn: socket.socket, record: ConnectionRecord) -> bool:
+        try:
+            result = await read_header(conn, record.opened_at + self.timeout_s)
+        except (TimeoutError, ProxyProtocolError, OSError) as exc:
+            record.finish(_failure(exc))
+            return False
+        return self._apply(record, result)
+
+    def _apply(self, record: ConnectionRecord, result: ProxyResult) -> bool:
+        client = plain_peer(result.client_address(record.peer))
+        reason = self.admission.transfer(client_ip(record.peer), client_ip(client))
+        if reason is not None:
+            self.events.connection_rejected(client, reason)
+            record.finish(f"rejected:{reason}")
+            return False
+        if result.source is not None:  # a LOCAL header (a health check) names nobody
+            record.via, record.peer = record.peer, client
+        return True
+
+
+def _failure(exc: BaseException) -> str:
+    if isinstance(exc, ProxyProtocolError):
+        return f"proxy-error:{exc.reason}"
+    if isinstance(exc, TimeoutError):
+        return HEADER_TIMEOUT
+    return "reset"
