@@ -45,6 +45,7 @@ class Process:
         cwd: Path = ROOT,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.argv = list(argv)
         self.proc = subprocess.Popen(
@@ -56,6 +57,7 @@ class Process:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,  # so kill() reaches its children too
             preexec_fn=preexec_fn,
+            pass_fds=pass_fds,
         )
         self.stdout_lines: queue.Queue[str] = queue.Queue()
         self.stdout_seen: list[str] = []
