@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -41,12 +42,22 @@ def _require_client() -> Any:
     return prometheus_client
 
 
-def prepare_multiprocess() -> str:
-    """Point prometheus-client at a fresh directory shared with forked workers.
-    Must run before prometheus_client is first imported."""
-    directory = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="echoplex-metrics-")
+def prepare_multiprocess() -> Callable[[], None]:
+    """Point prometheus-client at a fresh directory shared with forked workers (before
+    prometheus_client is first imported); returns what removes it again."""
+    if os.environ.get(MULTIPROC_ENV):
+        return lambda: None  # the operator's own directory: theirs to manage
+    directory = tempfile.mkdtemp(prefix="echoplex-metrics-")
     os.environ[MULTIPROC_ENV] = directory
-    return directory
+    return lambda: shutil.rmtree(directory, ignore_errors=True)
+
+
+def forget_process(pid: int) -> None:
+    """A worker exited: drop its live gauges (its counters keep counting in the sums)."""
+    if MULTIPROC_ENV in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
 
 
 class Metrics:
@@ -211,8 +222,12 @@ def metrics_events(
     """Wrap `inner` with metrics and start the endpoint if the config asks for it."""
     if config.metrics_port is None:
         return inner, lambda: None
-    if config.mode == "workers":
-        prepare_multiprocess()
+    remove_directory = prepare_multiprocess() if config.mode == "workers" else lambda: None
     metrics = Metrics(config.mode)
-    stop, _ = serve_http(metrics, config.metrics_host, config.metrics_port)
+    stop_http, _ = serve_http(metrics, config.metrics_host, config.metrics_port)
+
+    def stop() -> None:
+        stop_http()
+        remove_directory()
+
     return MetricsEvents(inner, metrics), stop

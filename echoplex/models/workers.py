@@ -27,6 +27,7 @@ from .._net import Listeners, open_tcp_listeners
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ServerEvents
+from ..metrics import forget_process
 from ..shutdown import STOP_SIGNALS, Shutdown
 from . import asyncio_
 
@@ -141,6 +142,7 @@ class _Supervisor:
                 if process.is_alive() or shutdown.requested:
                     continue
                 process.join()
+                forget_process(process.pid or 0)
                 log.warning(
                     "worker %d (pid %s) exited with status %s; restarting",
                     index,

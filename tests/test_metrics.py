@@ -1,0 +1,184 @@
+"""Prometheus metrics and /healthz, checked against a known load on every model."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .procs import Server, echoplex
+from .test_contract import recv_exactly
+
+METRICS_LINE = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+
+
+def metrics_url(server: Server, path: str) -> str:
+    match = server.wait_for_stderr(METRICS_LINE)
+    return f"http://{match.group(1)}:{match.group(2)}{path}"
+
+
+def scrape(server: Server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Samples by name, then by labels (without model/worker, summed over workers)."""
+    with urllib.request.urlopen(metrics_url(server, "/metrics"), timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(
+        lambda: defaultdict(float)
+    )
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(
+                sorted(
+                    (k, v) for k, v in sample.labels.items() if k not in ("model", "worker", "pid")
+                )
+            )
+            samples[sample.name][labels] += sample.value
+    return samples
+
+
+def total(
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str
+) -> float:
+    wanted = set(labels.items())
+    return sum(v for k, v in samples.get(name, {}).items() if wanted <= set(k))
+
+
+def settled(server: Server, closed: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Scrape once the server has seen `closed` connections end (closes are reported a
+    moment after the client's), or after 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape(server)
+        done = (
+            total(samples, "echoplex_connections_closed_total") == closed
+            and total(samples, "echoplex_connections_open") == 0
+        )
+        if done or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
+def health(server: Server) -> int:
+    try:
+        with urllib.request.urlopen(metrics_url(server, "/healthz"), timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("mode", ["simple", "threads", "pool", "asyncio", "workers"])
+def test_counts_match_a_known_load_exactly(mode: str) -> None:
+    with Server(
+        "--metrics-port", "0", "--max-connections", "3", "--workers", "2", mode=mode
+    ) as server:
+        assert health(server) == 200
+        sent = 0
+        for size in (1, 10, 1000, 70_000, 5):
+            with socket.create_connection(server.address, timeout=10) as sock:
+                data = bytes([size % 251]) * size
+                sock.sendall(data)
+                assert recv_exactly(sock, size) == data
+                sent += size
+        rejected = 0
+        if mode not in ("simple", "workers"):  # one worker-independent limit to exceed
+            settled(server, closed=5)  # every slot free again
+            held = [socket.create_connection(server.address, timeout=10) for _ in range(3)]
+            try:
+                for sock in held:
+                    sock.sendall(b"x")
+                    assert recv_exactly(sock, 1) == b"x"
+                    sent += 1
+                with socket.create_connection(server.address, timeout=10) as extra:
+                    assert extra.recv(1) == b""
+                rejected = 1
+            finally:
+                for sock in held:
+                    sock.close()
+        accepted = 5 + (3 if rejected else 0)
+
+        samples = settled(server, closed=accepted)
+        assert total(samples, "echoplex_connections_accepted_total") == accepted
+        assert total(samples, "echoplex_connections_closed_total", outcome="closed") == accepted
+        assert total(samples, "echoplex_connections_open") == 0
+        assert total(samples, "echoplex_bytes_received_total") == sent
+        assert total(samples, "echoplex_bytes_sent_total") == sent
+        assert (
+            total(samples, "echoplex_connections_rejected_total", reason="max-connections")
+            == rejected
+        )
+        assert total(samples, "echoplex_errors_total") == 0
+        assert server.stop() == 0
+
+
+def test_workers_report_per_worker_series() -> None:
+    with Server("--metrics-port", "0", "--workers", "2", mode="workers") as server:
+        for _ in range(20):
+            with socket.create_connection(server.address, timeout=10) as sock:
+                sock.sendall(b"hi")
+                assert recv_exactly(sock, 2) == b"hi"
+        url = metrics_url(server, "/metrics")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            accepted = re.findall(
+                r'echoplex_connections_accepted_total\{[^}]*worker="(worker-\d)"[^}]*\} (\S+)', text
+            )
+            if sum(float(v) for _, v in accepted) == 20:
+                break
+            time.sleep(0.05)
+        assert sum(float(v) for _, v in accepted) == 20
+        assert {w for w, _ in accepted} <= {"worker-0", "worker-1"}
+
+
+@pytest.mark.parametrize("mode", ["threads", "asyncio", "workers"])
+def test_healthz_says_503_while_draining(mode: str) -> None:
+    with Server("--metrics-port", "0", "--workers", "1", mode=mode) as server:
+        assert health(server) == 200
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"hold")
+            assert recv_exactly(sock, 4) == b"hold"
+            server.signal(signal.SIGTERM)
+            server.wait_for_stderr("stopping")
+            assert health(server) == 503
+        assert server.wait() == 0
+
+
+def test_metrics_without_prometheus_client_is_one_line(tmp_path: Path) -> None:
+    # Shadow the package with one that cannot be imported, as on a machine without it.
+    fake = tmp_path / "prometheus_client"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "echoplex", "serve", "--port", "0", "--metrics-port", "0"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "echoplex serve: error: metrics need prometheus-client: pip install 'echoplex[metrics]'\n"
+    )
+
+
+def test_busy_metrics_port_is_one_line() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        result = echoplex("serve", "--port", "0", "--metrics-port", str(holder.getsockname()[1]))
+    assert result.returncode == 2
+    assert "cannot serve metrics on 127.0.0.1" in result.stderr
+    assert result.stderr.count("\n") == 1
