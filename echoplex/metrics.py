@@ -97,10 +97,8 @@ class Metrics:
         )
         self.bytes_received = counter("echoplex_bytes_received", "Bytes received from clients.")
         self.bytes_sent = counter("echoplex_bytes_sent", "Bytes echoed back to clients.")
-        self.udp_answered = counter("echoplex_udp_datagrams_answered", "UDP datagrams echoed.")
-        self.udp_dropped = counter(
-            "echoplex_udp_datagrams_dropped", "UDP datagrams not answered, by reason.", ("reason",)
-        )
+        self.udp_tallies: list[Any] = []
+        self.registry.register(_UdpCollector(self))
         self.draining = True  # until the server listens
 
     def worker(self) -> str:
@@ -153,8 +151,44 @@ class MetricsEvents:
         self.metrics.draining = True
         self.inner.stopping()
 
+    def udp_watch(self, tally: Any) -> None:
+        """The UDP echo's live counts (`echoplex.udp.Tally`), read at each scrape."""
+        self.metrics.udp_tallies.append(tally)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+class _UdpCollector:
+    """UDP counts, read from the UDP echo's own tally when scraped: counting there costs
+    one integer increment per datagram, and the figures are exact at any moment. UDP is
+    served by one process (the supervisor in `workers` mode)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        labels = ["model", "worker"]
+        answered = CounterMetricFamily(
+            "echoplex_udp_datagrams_answered", "UDP datagrams echoed.", labels=labels
+        )
+        dropped = CounterMetricFamily(
+            "echoplex_udp_datagrams_dropped",
+            "UDP datagrams not answered, by reason.",
+            labels=[*labels, "reason"],
+        )
+        where = [self.metrics.mode, self.metrics.worker()]
+        if self.metrics.udp_tallies:
+            answered.add_metric(where, sum(t.answered for t in self.metrics.udp_tallies))
+            reasons: dict[str, int] = {}
+            for tally in self.metrics.udp_tallies:
+                for reason, count in tally.dropped.items():
+                    reasons[reason] = reasons.get(reason, 0) + count
+            for reason, count in reasons.items():
+                dropped.add_metric([*where, reason], count)
+        return [answered, dropped]
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -256,6 +256,10 @@ class UdpEchoServer:
                 transports.append(transport)
                 protocols.append(protocol)
             self.events.udp_listening([sock.getsockname() for sock in self.sockets])
+            # Metrics read the live tally when scraped (see echoplex.metrics).
+            watch_tally = getattr(self.events, "udp_watch", None)
+            if watch_tally is not None:
+                watch_tally(self.tally)
             self.started = True
             self.ready.set()
             while not self._stopping():

@@ -182,3 +182,31 @@ def test_busy_metrics_port_is_one_line() -> None:
     assert result.returncode == 2
     assert "cannot serve metrics on 127.0.0.1" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_udp_datagrams_answered_and_dropped() -> None:
+    with Server("--udp", "--tcp", "--metrics-port", "0", mode="asyncio") as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            for index in range(5):
+                client.sendto(b"d%d" % index, server.address)
+                assert client.recv(100) == b"d%d" % index
+        reserved = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            reserved.bind(("127.0.0.1", 19))  # chargen's port: never answered
+        except PermissionError:
+            reserved.close()
+            pytest.skip("binding port 19 needs root")
+        with reserved:
+            reserved.sendto(b"loop?", server.address)
+        deadline = time.monotonic() + 10
+        while True:
+            samples = scrape(server)
+            if (
+                total(samples, "echoplex_udp_datagrams_dropped_total")
+                or time.monotonic() > deadline
+            ):
+                break
+            time.sleep(0.05)
+        assert total(samples, "echoplex_udp_datagrams_answered_total") == 5
+        assert total(samples, "echoplex_udp_datagrams_dropped_total", reason="reserved-port") == 1
