@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 
@@ -69,3 +71,52 @@ def fail(prog: str, message: str, status: int = 2) -> int:
     """Print `prog: error: message` and return the exit status to use."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     return status
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def apply_environment(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], prefix: str
+) -> None:
+    """Fill in options not given on the command line from `PREFIX_OPTION_NAME` variables
+    (`--max-per-ip` from `ECHOPLEX_MAX_PER_IP`): flags win over the environment, the
+    environment over defaults. A bad value is the parser's one-line error, naming it."""
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    for action in parser._actions:  # argparse offers no public way to list them
+        long_options = [o for o in action.option_strings if o.startswith("--")]
+        if (
+            not long_options
+            or action.dest in ("help", "version")
+            or given & set(action.option_strings)
+        ):
+            continue
+        variable = prefix + long_options[0][2:].upper().replace("-", "_")
+        text = os.environ.get(variable)
+        if text is None:
+            continue
+        try:
+            value = _from_environment(action, text)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            parser.error(f"{variable}={text!r}: {exc}")
+        setattr(args, action.dest, value)
+
+
+def _from_environment(action: argparse.Action, text: str) -> object:
+    if isinstance(action, argparse._StoreTrueAction):
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise ValueError("expected 1/0, true/false, yes/no or on/off")
+    if isinstance(action, argparse._AppendAction):
+        return [_one_value(action, item) for item in text.replace(",", " ").split()]
+    return _one_value(action, text)
+
+
+def _one_value(action: argparse.Action, text: str) -> object:
+    value = action.type(text) if callable(action.type) else text
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+    return value

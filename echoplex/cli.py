@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Sequence
 
 from . import __version__
-from ._cli_util import Parser
+from ._cli_util import Parser, apply_environment
 from .commands import COMMANDS
 
 
@@ -18,11 +19,16 @@ def build_parser() -> Parser:
         module = importlib.import_module(module_name)
         sub = subcommands.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        # Commands that run as services also read their options from the environment.
+        prefix = getattr(module, "ENVIRONMENT_PREFIX", None)
+        sub.set_defaults(run=module.run, parser=sub, environment_prefix=prefix)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.environment_prefix:
+        apply_environment(args.parser, args, argv, args.environment_prefix)
     status: int = args.run(args)
     return status

@@ -83,42 +83,69 @@ class LogEvents:
         self.log = logger or logging.getLogger("echoplex.server")
         self._rejections_throttle = Throttle()
 
+    # Each line also carries its fields in `extra`, for `--log-format json`.
+
     def listening(self, addresses: list[Any]) -> None:
         for address in addresses:
-            self.log.info("listening on %s", format_address(address))
+            where = format_address(address)
+            self.log.info("listening on %s", where, extra={"event": "listening", "address": where})
 
     def connection_opened(self, record: ConnectionRecord) -> None:
+        peer = format_address(record.peer)
+        fields = {"event": "open", "peer": peer}
         if record.via is None:
-            self.log.info("open %s", format_address(record.peer))
+            self.log.info("open %s", peer, extra=fields)
         else:
-            self.log.info("open %s via %s", format_address(record.peer), format_address(record.via))
+            via = format_address(record.via)
+            self.log.info("open %s via %s", peer, via, extra={**fields, "via": via})
 
     def data_received(self, record: ConnectionRecord, data: bytes) -> None:
-        self.log.info("%s Received: %r", format_address(record.peer), data)
+        peer = format_address(record.peer)
+        self.log.info("%s Received: %r", peer, data, extra={"event": "data", "peer": peer})
 
     def connection_closed(self, record: ConnectionRecord) -> None:
+        peer = format_address(record.peer)
+        outcome = record.outcome or "closed"
+        duration_s = record.duration_s
         self.log.info(
             "close %s in=%d out=%d duration=%.3fs outcome=%s",
-            format_address(record.peer),
+            peer,
             record.bytes_in,
             record.bytes_out,
-            record.duration_s,
-            record.outcome or "closed",
+            duration_s,
+            outcome,
+            extra={
+                "event": "close",
+                "peer": peer,
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+                "duration_s": round(duration_s, 6),
+                "outcome": outcome,
+            },
         )
 
     def connection_rejected(self, peer: Any, reason: str) -> None:
         # A flood of rejections must not become a flood of log lines: one per second.
         suppressed = self._rejections_throttle.allow(reason)
         if suppressed is not None:
+            where = format_address(peer)
             self.log.warning(
                 "rejected %s: over %s (%d more rejected since the last such message)",
-                format_address(peer),
+                where,
                 reason,
                 suppressed,
+                extra={
+                    "event": "rejected",
+                    "peer": where,
+                    "reason": reason,
+                    "suppressed": suppressed,
+                },
             )
 
     def stopping(self) -> None:
-        self.log.info("stopping: no new connections; draining open ones")
+        self.log.info(
+            "stopping: no new connections; draining open ones", extra={"event": "stopping"}
+        )
 
     def udp_listening(self, addresses: list[Any]) -> None:
         # Not "listening on HOST:PORT", which names the TCP listeners to those who parse it.

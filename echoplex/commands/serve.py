@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-import sys
 
+from .. import logs
 from .._cli_util import (
     fail,
     non_negative_int,
@@ -21,7 +20,7 @@ from ..models import DESCRIPTIONS, MODELS
 from ..server import run as run_server
 from .load import positive_seconds, size_bytes
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+ENVIRONMENT_PREFIX = "ECHOPLEX_"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,9 +221,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--log-level",
-        choices=LOG_LEVELS,
+        choices=logs.LOG_LEVELS,
         default="info",
         help="least severe log level shown (default info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=logs.LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (default text)",
     )
 
 
@@ -280,12 +285,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from(args)
     except ValueError as exc:
         return fail(prog, str(exc))
-    where = "%(processName)s " if config.mode == "workers" else ""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format, show_process=config.mode == "workers")
     try:
         run_server(config)
     except StartupError as exc:
