@@ -151,8 +151,12 @@ def test_summarize_gives_one_row_per_point_and_server_with_medians_and_errors() 
     runs = []
     for repeat in range(3):
         for point in ("c1", "c10"):
-            runs.append(_run("ref-uvloop", repeat, 1000.0, point, p99_us=100.0 + repeat))
-            slow = _run("simple", repeat, 10.0 * (repeat + 1), point, p99_us=5000.0)
+            runs.append(
+                _run(
+                    "ref-uvloop", repeat, 1e3, point, p99_us=100.0 + repeat, cpu_us_per_request=10.0
+                )
+            )
+            slow = _run("simple", repeat, 10.0 * (repeat + 1), point, cpu_us_per_request=40.0)
             slow.errors = 2
             runs.append(slow)
     runs[-1].failure = "load did not finish within 30s"
@@ -169,6 +173,7 @@ def test_summarize_gives_one_row_per_point_and_server_with_medians_and_errors() 
     assert ref.vs_baseline == 1.0
     assert simple.figure("requests_per_s") == 20.0
     assert simple.vs_baseline == pytest.approx(0.02)
+    assert simple.cpu_vs_baseline == 4.0
     assert simple.errors_total == 3 * 2 + 1
     assert simple.failures == ["load did not finish within 30s"]
     assert summarize(runs, "requests_per_s", None)[0].vs_baseline is None

@@ -73,8 +73,8 @@ def _per_connection_kib(row: Row) -> str:
     return f"{(peak - idle) / alive / 1024:.1f}"
 
 
-def _vs(row: Row) -> str:
-    return "-" if row.vs_baseline is None else f"{row.vs_baseline:.2f}x"
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 THROUGHPUT_COLUMNS: list[Column] = [
@@ -85,7 +85,8 @@ THROUGHPUT_COLUMNS: list[Column] = [
     ("CPU µs/req", lambda row: _fmt(row.figure("cpu_us_per_request"), ",.1f")),
     ("peak RSS MiB", lambda row: _fmt(row.figure("peak_rss_bytes"), ",.1f", MIB)),
     ("accepted", lambda row: _fmt(row.figure("connections_accepted"), ",.0f")),
-    ("errors", lambda row: str(row.errors_total)),
+    ("errors", lambda row: f"{row.errors_total:,}"),
+    ("CPU/req vs ref", lambda row: _ratio(row.cpu_vs_baseline)),
 ]
 HOLD_COLUMNS: list[Column] = [
     ("alive", lambda row: _fmt(row.figure("connections_alive"), ",.0f")),
@@ -93,20 +94,25 @@ HOLD_COLUMNS: list[Column] = [
     ("peak RSS MiB", lambda row: _fmt(row.figure("peak_rss_bytes"), ",.1f", MIB)),
     ("KiB/conn", _per_connection_kib),
     ("server CPU %", lambda row: _fmt(row.figure("server_cpu_pct"), ",.1f")),
-    ("errors", lambda row: str(row.errors_total)),
+    ("errors", lambda row: f"{row.errors_total:,}"),
 ]
 
 
 def table(result: ScenarioResult) -> str:
     """The scenario's rows as one markdown table, grouped by load point."""
     columns = HOLD_COLUMNS if result.scenario.metric == "peak_rss_bytes" else THROUGHPUT_COLUMNS
-    headers = ["load", "server", *(name for name, _ in columns), f"vs {result.reference}"]
+    headers = ["load", "server", *(name for name, _ in columns), "vs ref"]
     lines = [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + " |",
     ]
     for row in result.rows:
-        cells = [row.point, row.server, *(render(row) for _, render in columns), _vs(row)]
+        cells = [
+            row.point,
+            row.server,
+            *(render(row) for _, render in columns),
+            _ratio(row.vs_baseline),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -127,7 +133,9 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
         f"Machine: {machine.get('cpu_model') or 'unknown CPU'}, {machine.get('cpus')} CPUs, "
         f"{machine.get('platform')}, Python {machine.get('python')}, "
         f"uvloop {machine.get('uvloop') or 'not installed'}; {pinned}. "
-        f"Started {report.started_at}, finished {report.finished_at}.",
+        f"Started {report.started_at}, finished {report.finished_at}; "
+        f"load average {_loadavg(machine.get('load_average_start'))} at the start, "
+        f"{_loadavg(machine.get('load_average_end'))} at the end.",
     ]
     for result in report.scenarios:
         scenario = result.scenario
@@ -136,12 +144,20 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
             parts += ["", f"**Skipped:** {result.skipped}."]
             continue
         better = "higher" if scenario.higher_is_better else "lower"
+        cpu_ratio = (
+            ""
+            if scenario.metric == "peak_rss_bytes"
+            else " `CPU/req vs ref` is the same ratio for server CPU per request (lower is "
+            "better; CPU is only charged while the server runs, so it is the steadier figure "
+            "on a busy machine)."
+        )
         parts += [
             "",
             f"Each figure is the median of {report.settings.repeat} run(s) of "
             f"{result.duration_s:g} s after {result.warmup_s:g} s of warmup, servers taking "
-            f"turns. `vs {result.reference}` is `{scenario.metric}` over the reference's in the "
-            f"same repeat ({better} is better), median over repeats.",
+            f"turns. The reference is `{result.reference}`: `vs ref` is `{scenario.metric}` "
+            f"over the reference's in the same repeat ({better} is better), median over "
+            f"repeats.{cpu_ratio}",
             "",
             table(result),
         ]
@@ -157,6 +173,12 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
         for chart in (charts or {}).get(scenario.name, []):
             parts += ["", f"![{scenario.name}]({chart})"]
     return "\n".join(parts) + "\n"
+
+
+def _loadavg(values: Any) -> str:
+    if not values:
+        return "unknown"
+    return "/".join(f"{value:.1f}" for value in values)
 
 
 def _per_worker_lines(result: ScenarioResult) -> list[str]:

@@ -101,6 +101,9 @@ class Row:
     reference: str | None = None
     vs_baseline: float | None = None
     """Median over repeats of (this server's headline figure / the reference's, same repeat)."""
+    cpu_vs_baseline: float | None = None
+    """The same for server CPU per request (lower is better). CPU time is only counted
+    while the server runs, so on a busy machine this is steadier than throughput."""
 
     def figure(self, name: str) -> float | None:
         return self.medians.get(name)
@@ -122,6 +125,7 @@ class Row:
             "connections_opened": self.connections_opened,
             "reference": self.reference,
             "vs_baseline": self.vs_baseline,
+            "cpu_vs_baseline": self.cpu_vs_baseline,
         }
 
 
@@ -173,6 +177,7 @@ def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> 
         if reference_runs:
             row.reference = reference
             row.vs_baseline = paired_ratio(group, reference_runs, metric)
+            row.cpu_vs_baseline = paired_ratio(group, reference_runs, "cpu_us_per_request")
         rows.append(row)
     return rows
 

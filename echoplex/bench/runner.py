@@ -115,6 +115,7 @@ def machine_info(pinning: Pinning | None, nofile: tuple[int, int]) -> dict[str, 
         "pinning": (
             {"server_cpu": pinning.server_cpu, "load_cpu": pinning.load_cpu} if pinning else None
         ),
+        "load_average_start": _load_average(),
         "nofile_soft": nofile[0],
         "nofile_hard": nofile[1],
     }
@@ -125,6 +126,14 @@ def machine_info(pinning: Pinning | None, nofile: tuple[int, int]) -> dict[str, 
     except ImportError:
         info["uvloop"] = None
     return info
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: how busy the (shared) machine was."""
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str | None:
@@ -152,6 +161,7 @@ def run_bench(settings: BenchSettings, command: str) -> BenchReport:
     for name in settings.scenarios:
         report.scenarios.append(run_scenario(SCENARIOS[name], settings, pinning, nofile[0]))
     report.finished_at = _now()
+    report.machine["load_average_end"] = _load_average()
     return report
 
 
