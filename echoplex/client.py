@@ -9,14 +9,18 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import FrameType
 from typing import BinaryIO
 
 from ._cli_util import fail
+from .config import DEFAULT_PORT
+from .proxy_protocol import encode_v1, encode_v2
 
 CHUNK_BYTES = 65536
 
@@ -25,10 +29,53 @@ class EchoMismatch(Exception):
     """The server answered with other bytes than were sent, or closed before answering all."""
 
 
-def connect(host: str, port: int, timeout_s: float | None = None) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=timeout_s)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+@dataclass(frozen=True)
+class Target:
+    """Where a stream client connects, and how."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    unix_path: str | None = None
+    """Connect to this Unix domain socket instead of host:port."""
+    tls: ssl.SSLContext | None = None
+    """Speak TLS over the connection, verifying the server as `host` (see echoplex.tls)."""
+    send_proxy: str | None = None
+    """`v1` or `v2`: start with a PROXY protocol header naming this connection (before
+    TLS), as HAProxy's send-proxy does, to test a server that expects one."""
+
+    def __str__(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+
+
+def connect(target: Target, timeout_s: float | None = None) -> socket.socket:
+    if target.unix_path:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(target.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection((target.host, target.port), timeout=timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if target.send_proxy:
+            sock.sendall(proxy_header_for(sock, target.send_proxy))
+        if target.tls is not None:
+            return target.tls.wrap_socket(sock, server_hostname=target.host)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def proxy_header_for(sock: socket.socket, version: str) -> bytes:
+    """The PROXY header a proxy would send for this connection: us as the client."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return encode_v1() if version == "v1" else encode_v2()  # UNKNOWN / no addresses
+    source, destination = sock.getsockname()[:2], sock.getpeername()[:2]
+    return encode_v1(source, destination) if version == "v1" else encode_v2(source, destination)
 
 
 def round_trip(sock: socket.socket, message: bytes) -> bytes:
@@ -48,19 +95,44 @@ def round_trip(sock: socket.socket, message: bytes) -> bytes:
 
 
 def interact(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """Copy stdin to the socket and the socket to stdout; on stdin EOF half-close, then
-    keep printing until the server closes (nc -N behaviour)."""
+    """Copy stdin to the socket and the socket to stdout. On stdin EOF, half-close and
+    keep printing until the server closes (nc -N behaviour). Over TLS, where a TCP
+    half-close would cut the TLS session, end instead once every byte sent has come back.
+    """
+    over_tls = isinstance(sock, ssl.SSLSocket)
+    lock = threading.Lock()
+    sent = received = 0
+    stdin_done = False
+
+    def all_echoed() -> bool:
+        return stdin_done and received >= sent
 
     def send_stdin() -> None:
+        nonlocal sent, stdin_done
         with contextlib.suppress(OSError):
             while chunk := _read_some(stdin):
                 sock.sendall(chunk)
-            sock.shutdown(socket.SHUT_WR)
+                with lock:
+                    sent += len(chunk)
+            if not over_tls:
+                sock.shutdown(socket.SHUT_WR)
+                return
+            with lock:
+                stdin_done = True
+                wake_reader = all_echoed()
+            if wake_reader:  # the reader is waiting for bytes that will never come
+                with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
+                    duplicate.shutdown(socket.SHUT_RD)
 
     threading.Thread(target=send_stdin, name="stdin-to-server", daemon=True).start()
-    while chunk := sock.recv(CHUNK_BYTES):
-        stdout.write(chunk)
-        stdout.flush()
+    with contextlib.suppress(ssl.SSLEOFError):
+        while chunk := sock.recv(CHUNK_BYTES):
+            stdout.write(chunk)
+            stdout.flush()
+            with lock:
+                received += len(chunk)
+                if over_tls and all_echoed():
+                    return
 
 
 def _read_some(stream: BinaryIO) -> bytes:
@@ -70,18 +142,23 @@ def _read_some(stream: BinaryIO) -> bytes:
 
 
 def describe_connect_error(host: str, port: int, exc: OSError) -> str:
-    reason = exc.strerror or str(exc) or type(exc).__name__
+    return describe_connection_error(Target(host, port), exc)
+
+
+def describe_connection_error(target: Target, exc: OSError) -> str:
+    reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve {host!r}: {reason}"
+        return f"cannot resolve {target.host!r}: {reason}"
     if isinstance(exc, TimeoutError):
         reason = "timed out"
-    return f"cannot connect to {host}:{port}: {reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with {target} failed: {reason}"
+    return f"cannot connect to {target}: {reason}"
 
 
 def one_shot(
     prog: str,
-    host: str,
-    port: int,
+    target: Target,
     messages: list[bytes],
     *,
     raw: bool,
@@ -89,9 +166,9 @@ def one_shot(
 ) -> int:
     """Send each message in turn on one connection, printing each echo; the exit status."""
     try:
-        sock = connect(host, port, timeout_s)
+        sock = connect(target, timeout_s)
     except OSError as exc:
-        return fail(prog, describe_connect_error(host, port, exc), status=1)
+        return fail(prog, describe_connection_error(target, exc), status=1)
     with sock:
         for message in messages:
             try:
@@ -100,7 +177,7 @@ def one_shot(
                 return fail(prog, str(exc), status=1)
             except OSError as exc:
                 reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
-                return fail(prog, f"connection to {host}:{port} failed: {reason}", status=1)
+                return fail(prog, f"connection to {target} failed: {reason}", status=1)
             if raw:
                 sys.stdout.buffer.write(echoed)
                 sys.stdout.buffer.flush()

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from ._cli_util import Parser, fail, port_number
-from .client import one_shot, stopped_quietly
+from .client import Target, one_shot, stopped_quietly
 from .config import DEFAULT_PORT, ServerConfig
 from .errors import StartupError
 from .events import ConnectionRecord
@@ -92,5 +92,6 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with stopped_quietly():
         print("Starting client...", flush=True)
-        return one_shot(parser.prog, args.host, args.port, [args.message.encode()], raw=False)
+        target = Target(args.host, args.port)
+        return one_shot(parser.prog, target, [args.message.encode()], raw=False)
     return 0  # stopped by SIGINT/SIGTERM: a requested stop

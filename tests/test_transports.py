@@ -284,3 +284,59 @@ def test_bad_tls_and_unix_options_are_one_line(mode: str, args: list[str], expec
     assert result.returncode == 2, result
     assert result.stderr.count("\n") == 1, result.stderr
     assert expected in result.stderr
+
+
+def test_client_over_unix_socket(unix_path: str) -> None:
+    with start_unix_server(unix_path, "asyncio"):
+        result = echoplex("client", "--unix", unix_path, "-m", "via unix")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Starting client...\nReceived: b'via unix'\n"
+
+
+@pytest.mark.parametrize("mode", ["threads", "asyncio"])
+def test_client_over_tls(mode: str, certificate: tuple[str, str, str]) -> None:
+    cert_file, key_file, ca_file = certificate
+    with Server("--tls-cert", cert_file, "--tls-key", key_file, mode=mode) as server:
+        port = str(server.port)
+        one_shot = echoplex("client", "--port", port, "--tls", "--ca", ca_file, "-m", "secret")
+        assert one_shot.returncode == 0, one_shot.stderr
+        assert one_shot.stdout == "Starting client...\nReceived: b'secret'\n"
+        # Interactive: ends once every byte typed has come back (no TLS half-close).
+        typed = echoplex(
+            "client", "--port", port, "--tls", "--ca", ca_file, input=b"line one\nline two\n"
+        )
+        assert typed.returncode == 0, typed.stderr
+        assert typed.stdout == "line one\nline two\n"
+        insecure = echoplex("client", "--port", port, "--tls", "--insecure", "-m", "x")
+        assert insecure.returncode == 0, insecure.stderr
+        unverified = echoplex("client", "--port", port, "--tls", "-m", "x")
+        assert unverified.returncode == 1
+        assert unverified.stderr.count("\n") == 1
+        assert "TLS with 127.0.0.1:" in unverified.stderr and "CERTIFICATE_VERIFY_FAILED" in (
+            unverified.stderr
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--ca", "ca.pem", "-m", "x"], "--ca and --insecure go with --tls"),
+        (["--tls", "--ca", "/nonexistent.pem", "-m", "x"], "no such CA file"),
+        (["--udp", "--tls", "-m", "x"], "--udp does not go with"),
+    ],
+)
+def test_bad_client_transport_options_are_one_line(args: list[str], expected: str) -> None:
+    result = echoplex("client", *args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and expected in result.stderr
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_client_sends_a_proxy_header(version: str) -> None:
+    with Server("--proxy-protocol", "--trusted-proxy", "127.0.0.1/32", mode="asyncio") as server:
+        result = echoplex(
+            "client", "--port", str(server.port), "--send-proxy", version, "-m", "proxied"
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.endswith("Received: b'proxied'\n")
+        server.wait_for_stderr(r"open 127\.0\.0\.1:(\d+) via 127\.0\.0\.1:\1\b")

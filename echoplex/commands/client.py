@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
+import ssl
 import sys
 
 from .._cli_util import fail, non_negative_seconds, port_number, positive_int
 from ..client import (
     UDP_TIMEOUT_S,
+    Target,
     connect,
-    describe_connect_error,
+    describe_connection_error,
     describe_udp_error,
     interact,
     interact_udp,
@@ -19,6 +22,7 @@ from ..client import (
     stopped_quietly,
 )
 from ..config import DEFAULT_PORT
+from ..tls import client_context
 
 PROG = "echoplex client"
 
@@ -63,23 +67,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use UDP: each message (each stdin line) is one datagram, each echo one back",
     )
+    parser.add_argument("--unix", metavar="PATH", help="connect to a Unix domain socket instead")
+    tls_group = parser.add_argument_group("TLS")
+    tls_group.add_argument("--tls", action="store_true", help="speak TLS (1.2 or newer)")
+    tls_group.add_argument(
+        "--ca", metavar="FILE", help="verify the server against this CA file (with --tls)"
+    )
+    tls_group.add_argument(
+        "--insecure", action="store_true", help="with --tls, verify nothing (testing only)"
+    )
+    parser.add_argument(
+        "--send-proxy",
+        choices=("v1", "v2"),
+        help="start with a PROXY protocol header naming this connection, as HAProxy's "
+        "send-proxy does (to test a server behind one)",
+    )
+
+
+def target_from(args: argparse.Namespace) -> Target:
+    """The connection the options describe; ValueError/OSError for bad TLS options."""
+    if (args.ca or args.insecure) and not args.tls:
+        raise ValueError("--ca and --insecure go with --tls")
+    if args.ca and not os.path.isfile(args.ca):
+        raise ValueError(f"no such CA file: {args.ca}")
+    context = client_context(args.ca, insecure=args.insecure) if args.tls else None
+    return Target(args.host, args.port, args.unix, context, args.send_proxy)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.udp:
+        if args.tls or args.unix or args.send_proxy:
+            return fail(PROG, "--udp does not go with --tls, --unix or --send-proxy")
         return run_udp(args)
+    try:
+        target = target_from(args)
+    except (ValueError, ssl.SSLError) as exc:
+        return fail(PROG, str(exc))
     with stopped_quietly():
         if args.message:
             if not args.raw:
                 print("Starting client...", flush=True)
             messages = [text.encode() for text in args.message] * args.count
-            return one_shot(
-                PROG, args.host, args.port, messages, raw=args.raw, timeout_s=args.timeout
-            )
+            return one_shot(PROG, target, messages, raw=args.raw, timeout_s=args.timeout)
         try:
-            sock = connect(args.host, args.port, args.timeout)
+            sock = connect(target, args.timeout)
         except OSError as exc:
-            return fail(PROG, describe_connect_error(args.host, args.port, exc), status=1)
+            return fail(PROG, describe_connection_error(target, exc), status=1)
         with sock:
             sock.settimeout(None)  # an interactive session may stay idle as long as it likes
             try:
