@@ -104,7 +104,7 @@ def apply_environment(
 
 
 def _from_environment(action: argparse.Action, text: str) -> object:
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
         if text.strip().lower() in _TRUE:
             return True
         if text.strip().lower() in _FALSE:

@@ -103,6 +103,10 @@ class ServerConfig:
     """Echo bytes held per connection at most: past it, the server stops reading that client
     until its echo is written, so a client that never reads cannot grow server memory."""
 
+    zero_copy: bool = True
+    """Echo a streaming client with splice(2) through a pipe (Linux, blocking models), so
+    its bytes never enter Python; off under TLS and `log_data`, where Python must see them."""
+
     send_timeout_s: float = 30.0
     """Close a connection that accepts no byte of its echo for this long; 0: never."""
 

@@ -27,6 +27,8 @@ class ConnectionRecord:
     bytes_out: int = 0
     via: Any = None
     """The proxy the connection came through, when a PROXY header named `peer`."""
+    zero_copy: bool = False
+    """The stream was echoed kernel to kernel (splice), not through Python."""
     opened_reported: bool = False
     """Set by reporters that count open connections, so a connection that ended before
     it was reported open (a failed TLS handshake) is not counted closed twice."""
@@ -108,12 +110,13 @@ class LogEvents:
         outcome = record.outcome or "closed"
         duration_s = record.duration_s
         self.log.info(
-            "close %s in=%d out=%d duration=%.3fs outcome=%s",
+            "close %s in=%d out=%d duration=%.3fs outcome=%s%s",
             peer,
             record.bytes_in,
             record.bytes_out,
             duration_s,
             outcome,
+            " zero-copy" if record.zero_copy else "",
             extra={
                 "event": "close",
                 "peer": peer,
@@ -121,6 +124,7 @@ class LogEvents:
                 "bytes_out": record.bytes_out,
                 "duration_s": round(duration_s, 6),
                 "outcome": outcome,
+                "zero_copy": record.zero_copy,
             },
         )
 

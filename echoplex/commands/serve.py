@@ -171,6 +171,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="echo bytes held per connection before it stops being read (default 64KiB)",
     )
+    parser.add_argument(
+        "--zero-copy",
+        action=argparse.BooleanOptionalAction,
+        default=ServerConfig.zero_copy,
+        help="echo streaming clients with splice(2), bytes never entering Python "
+        "(Linux; threads, pool and simple models; not with TLS or --log-data; default on)",
+    )
     limits.add_argument(
         "--send-timeout",
         type=non_negative_seconds,
@@ -260,6 +267,7 @@ def config_from(args: argparse.Namespace) -> ServerConfig:
         max_lifetime_s=args.max_lifetime,
         max_buffer_bytes=args.max_buffer,
         send_timeout_s=args.send_timeout,
+        zero_copy=args.zero_copy,
         tcp=args.tcp or not args.udp,
         udp=args.udp,
         udp_rate_per_source=args.udp_rate,

@@ -30,6 +30,7 @@ from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import Admission, Deadlines
 from ..shutdown import Shutdown, wait_until
+from . import _splice
 
 log = logging.getLogger("echoplex.server")
 
@@ -163,6 +164,7 @@ def echo_until_closed(
     deadlines = Deadlines(config, record.opened_at)
     timed = deadlines.any
     wait = deadlines.for_read()
+    zero_copy = config.zero_copy and not log_data and _splice.can_splice(conn)
     try:
         while True:
             if read_gate is not None and (stop := read_gate(conn)) is not None:
@@ -185,6 +187,10 @@ def echo_until_closed(
                 conn.settimeout(wait.timeout_s)
             conn.sendall(view[:received])
             record.bytes_out += received
+            if zero_copy and received == len(buffer):
+                # A full buffer: the client is streaming. The rest goes kernel to kernel.
+                _splice.splice_echo(conn, record, deadlines, len(buffer), read_gate)
+                return
     except TimeoutError:
         record.finish(wait.outcome)
     except ssl.SSLEOFError:

@@ -1,0 +1,91 @@
+"""Zero-copy echo for streaming clients, on Linux: the bytes never enter Python.
+
+Each read moves up to one buffer from the socket into a pipe with splice(2), and the
+write moves it from the pipe back into the socket: the kernel passes page references
+instead of copying into user space and out again. It pays for itself on bulk streams
+and costs an extra system call per message on small ping-pongs, so the blocking
+models switch to it only when a client fills a whole read buffer (it is streaming),
+and never where Python must see the bytes (TLS, `--log-data`).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from typing import TYPE_CHECKING
+
+from ..events import ConnectionRecord
+from ..limits import Deadlines
+
+if TYPE_CHECKING:
+    from ._blocking import ReadGate
+
+AVAILABLE = hasattr(os, "splice")
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def can_splice(conn: socket.socket) -> bool:
+    # An SSLSocket is a socket subclass: its bytes must go through Python to be decrypted.
+    return (
+        AVAILABLE
+        and type(conn) is socket.socket
+        and conn.family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
+def splice_echo(
+    conn: socket.socket,
+    record: ConnectionRecord,
+    deadlines: Deadlines,
+    chunk_bytes: int,
+    read_gate: ReadGate | None = None,
+) -> None:
+    """Echo the rest of the stream through a pipe; `record.finish()` says how it ended.
+    Connection errors propagate as OSError, as from recv/send."""
+    record.zero_copy = True
+    fd = conn.fileno()
+    conn.setblocking(False)
+    pipe_out, pipe_in = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        while True:
+            if read_gate is not None and (stop := read_gate(conn)) is not None:
+                record.finish(stop)
+                return
+            # Optimistic: a streaming client usually has bytes waiting, so try first
+            # and wait (poll) only when there are none.
+            try:
+                moved_in = os.splice(fd, pipe_in, chunk_bytes, flags=_FLAGS)
+            except BlockingIOError:
+                wait = deadlines.for_read()
+                if not _ready(poller, fd, select.POLLIN, wait.timeout_s):
+                    record.finish(wait.outcome)
+                    return
+                continue
+            if not moved_in:
+                record.finish("closed")  # the client is done and all of it was echoed
+                return
+            record.bytes_in += moved_in
+            left = moved_in
+            while left:
+                try:
+                    moved_out = os.splice(pipe_out, fd, left, flags=_FLAGS)
+                except BlockingIOError:
+                    wait = deadlines.for_send()
+                    if not _ready(poller, fd, select.POLLOUT, wait.timeout_s):
+                        record.finish(wait.outcome)
+                        return
+                    continue
+                left -= moved_out
+                record.bytes_out += moved_out
+    finally:
+        os.close(pipe_out)
+        os.close(pipe_in)
+
+
+def _ready(poller: select.poll, fd: int, event: int, timeout_s: float | None) -> bool:
+    """Wait for `event` on fd (or an error or hang-up, which the next splice reports)."""
+    poller.modify(fd, event)
+    return bool(poller.poll(None if timeout_s is None else timeout_s * 1000))
