@@ -96,6 +96,8 @@ class Deadlines:
     - lifetime: the connection is this old, however busy.
     """
 
+    __slots__ = ("any", "clock", "idle_s", "lifetime_ends", "send_s")
+
     def __init__(self, config: ServerConfig, opened_at: float, clock: Clock = time.monotonic):
         self.idle_s = config.idle_timeout_s or None
         self.send_s = config.send_timeout_s or None

@@ -71,10 +71,11 @@ class _Server:
 
 
 class EchoProtocol(asyncio.Protocol):
-    __slots__ = ("record", "server", "transport", "watch")
+    __slots__ = ("received", "record", "server", "transport", "watch")
 
     def __init__(self, server: _Server, peer: Any) -> None:
         self.server = server
+        self.received = 0  # here, not on the record: one attribute less per chunk
         self.record = ConnectionRecord(peer)
         self.watch = ProgressWatch(
             Deadlines(server.config, self.record.opened_at), time.monotonic()
@@ -90,9 +91,7 @@ class EchoProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
-        # Counted once handed to the transport: it flushes them before closing on EOF.
-        self.record.bytes_in += len(data)
-        self.record.bytes_out += len(data)
+        self.received += len(data)
 
     def eof_received(self) -> bool:
         # Returning False closes our side once every queued echo is written:
@@ -106,6 +105,13 @@ class EchoProtocol(asyncio.Protocol):
         self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        record = self.record
+        record.bytes_in = self.received
+        # Closed cleanly, the transport wrote out every byte it was handed first. (No
+        # transport at all: the connection failed before it was made.)
+        transport = getattr(self, "transport", None)
+        unsent = 0 if exc is None or transport is None else transport.get_write_buffer_size()
+        record.bytes_out = max(0, self.received - unsent)
         if exc is None:
             self.record.finish("closed")
         elif isinstance(exc, ConnectionResetError | BrokenPipeError):
@@ -131,6 +137,7 @@ class DataLoggingEchoProtocol(EchoProtocol):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
+        self.record.bytes_in = self.received + len(data)
         self.server.events.data_received(self.record, data)
         super().data_received(data)
 
@@ -252,7 +259,7 @@ async def _sweep_limits(server: _Server) -> None:
         now = time.monotonic()
         for protocol in list(server.open):
             pending = protocol.transport.get_write_buffer_size()
-            outcome = protocol.watch.check(protocol.record.bytes_in, pending, now)
+            outcome = protocol.watch.check(protocol.received, pending, now)
             if outcome is not None:
                 protocol.end(outcome)
 
