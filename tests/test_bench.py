@@ -254,6 +254,7 @@ def test_report_files_from_known_results(tmp_path: Path) -> None:
             for server in ("asyncio", "workers"):
                 run = _run(server, repeat, 1000.0 * (repeat + 1), point, p50_us=50.0, p99_us=90.0)
                 run.mb_per_s, run.p90_us, run.peak_rss_bytes = 0.1, 70.0, 20e6
+                run.cpu_us_per_request = 10.0
                 run.connections_opened = (
                     {"worker-0": 3, "worker-1": 7} if server == "workers" else {"main": 10}
                 )
@@ -273,6 +274,7 @@ def test_report_files_from_known_results(tmp_path: Path) -> None:
         "results.json",
         "results.md",
         "concurrency-throughput.png",
+        "concurrency-cpu.png",
         "concurrency-latency.png",
     }
     for path in paths:
@@ -338,5 +340,5 @@ def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
     text = (out / "results.md").read_text()
     assert "| load | server | req/s |" in text
     assert text in result.stdout + "\n" or "| pingpong c=1 s=64B | simple |" in result.stdout
-    for chart in ("smoke-throughput.png", "smoke-latency.png"):
+    for chart in ("smoke-throughput.png", "smoke-cpu.png", "smoke-latency.png"):
         assert (out / chart).read_bytes().startswith(PNG_MAGIC)

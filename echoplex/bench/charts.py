@@ -2,8 +2,9 @@
 when charts are written: `pip install 'echoplex[bench]'`).
 
 Per scenario: its headline figure against the load point's varying field, one line
-per server (throughput vs connections for `concurrency`), and for request/response
-scenarios the latency percentiles of every server at every point.
+per server (throughput vs connections for `concurrency`), and for the others than
+`hold` server CPU per request the same way and the latency percentiles of every
+server at every point.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ METRIC_LABELS = {
     "requests_per_s": "requests/s",
     "mb_per_s": "MB/s",
     "peak_rss_bytes": "peak RSS (MiB)",
+    "cpu_us_per_request": "server CPU µs per request",
 }
 PERCENTILES = (("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))
 
@@ -53,8 +55,12 @@ def write_charts(report: BenchReport, out_dir: Path) -> dict[str, list[Path]]:
     for result in report.scenarios:
         if result.skipped or not result.rows:
             continue
-        paths = [_headline_chart(plt, result, out_dir)]
-        if result.scenario.metric != "peak_rss_bytes":
+        metric = result.scenario.metric
+        name = "memory" if metric == "peak_rss_bytes" else "throughput"
+        paths = [_figure_chart(plt, result, metric, out_dir / f"{result.scenario.name}-{name}.png")]
+        if metric != "peak_rss_bytes":
+            cpu_path = out_dir / f"{result.scenario.name}-cpu.png"
+            paths.append(_figure_chart(plt, result, "cpu_us_per_request", cpu_path))
             paths.append(_latency_chart(plt, result, out_dir))
         written[result.scenario.name] = paths
     return written
@@ -65,9 +71,10 @@ def _x_value(row: Row, x_axis: str) -> int:
     return value
 
 
-def _headline_chart(plt: Any, result: ScenarioResult, out_dir: Path) -> Path:
+def _figure_chart(plt: Any, result: ScenarioResult, metric: str, path: Path) -> Path:
+    """One figure of every server: a line per server over the load points, or a bar
+    per server if the scenario has one point."""
     scenario = result.scenario
-    metric = scenario.metric
     scale = 1024 * 1024 if metric == "peak_rss_bytes" else 1
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = sorted({_x_value(row, scenario.x_axis) for row in result.rows})
@@ -101,12 +108,12 @@ def _headline_chart(plt: Any, result: ScenarioResult, out_dir: Path) -> Path:
         ax.set_xticklabels(labels)
         ax.minorticks_off()
         ax.set_xlabel("message size" if scenario.x_axis == "size_bytes" else "connections")
-        ax.legend(fontsize="small")
+        if ax.get_lines():
+            ax.legend(fontsize="small")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{scenario.name}: {METRIC_LABELS.get(metric, metric)} per server")
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    path = out_dir / f"{scenario.name}-{'memory' if scale > 1 else 'throughput'}.png"
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

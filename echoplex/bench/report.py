@@ -86,6 +86,7 @@ THROUGHPUT_COLUMNS: list[Column] = [
     ("peak RSS MiB", lambda row: _fmt(row.figure("peak_rss_bytes"), ",.1f", MIB)),
     ("accepted", lambda row: _fmt(row.figure("connections_accepted"), ",.0f")),
     ("errors", lambda row: f"{row.errors_total:,}"),
+    ("vs ref", lambda row: _ratio(row.vs_baseline)),
     ("CPU/req vs ref", lambda row: _ratio(row.cpu_vs_baseline)),
 ]
 HOLD_COLUMNS: list[Column] = [
@@ -95,24 +96,20 @@ HOLD_COLUMNS: list[Column] = [
     ("KiB/conn", _per_connection_kib),
     ("server CPU %", lambda row: _fmt(row.figure("server_cpu_pct"), ",.1f")),
     ("errors", lambda row: f"{row.errors_total:,}"),
+    ("vs ref", lambda row: _ratio(row.vs_baseline)),
 ]
 
 
 def table(result: ScenarioResult) -> str:
     """The scenario's rows as one markdown table, grouped by load point."""
     columns = HOLD_COLUMNS if result.scenario.metric == "peak_rss_bytes" else THROUGHPUT_COLUMNS
-    headers = ["load", "server", *(name for name, _ in columns), "vs ref"]
+    headers = ["load", "server", *(name for name, _ in columns)]
     lines = [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + " |",
     ]
     for row in result.rows:
-        cells = [
-            row.point,
-            row.server,
-            *(render(row) for _, render in columns),
-            _ratio(row.vs_baseline),
-        ]
+        cells = [row.point, row.server, *(render(row) for _, render in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
