@@ -632,9 +632,10 @@ def test_systemd_socket_activation_runs_the_service_command() -> None:
     # As systemd execs the service: the socket as descriptor 3, LISTEN_PID the server's
     # own pid (the shell execs the server, which keeps the shell's pid).
     fd = listener.fileno()
+    move_to_3 = "" if fd == 3 else f"3<&{fd} {fd}<&-"
     shell = (
         f"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={SOCKET_UNIT.name} exec "
-        f"{shlex.join(command)} 3<&{fd} {fd}<&-"
+        f"{shlex.join(command)} {move_to_3}"
     )
     # Two workers if the service runs --mode workers (its default is one per CPU).
     environment = {**environment, "ECHOPLEX_WORKERS": "2"}
@@ -821,3 +822,23 @@ def wait_for_checks(proxy: HAProxy, status: str, timeout_s: float = 15.0) -> Non
         if time.monotonic() > deadline:
             pytest.fail(f"checks did not all reach {status}: {proxy.output[-2000:]}")
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- docs/operations.md
+
+
+def test_the_metrics_table_lists_what_a_scrape_has() -> None:
+    if not OPERATIONS.exists():
+        pytest.skip("docs/operations.md is not there")
+    documented = set(re.findall(r"`(echoplex_[a-z_]+)`", OPERATIONS.read_text()))
+    with Server("--metrics-port", "0", "--udp", "--tcp", mode="asyncio") as server:
+        assert echo_once(server.address) == b"deploy check\n"
+        metrics = server.wait_for_stderr(METRICS_LINE)
+        url = f"http://{metrics.group(1)}:{metrics.group(2)}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        assert server.stop() == 0
+    # Every family is declared (# TYPE) even before its first labelled sample.
+    declared = set(re.findall(r"^# TYPE (echoplex_\w+) ", text, flags=re.MULTILINE))
+    families = {name for name in declared if not name.endswith("_created")}
+    assert documented == families
