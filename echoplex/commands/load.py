@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import ssl
 import sys
 
 from .._cli_util import fail, non_negative_seconds, positive_int
+from ..client import UDP_TIMEOUT_S
 from ..config import DEFAULT_PORT, LOOPS
 from ..errors import StartupError
-from ..load.config import MAX_SIZE_BYTES, PATTERNS, LoadConfig
+from ..load.config import MAX_DATAGRAM_BYTES, MAX_SIZE_BYTES, PATTERNS, PROXY_VERSIONS, LoadConfig
+from ..tls import client_context
 
 PROG = "echoplex load"
 EXIT_INTERRUPTED = 130
@@ -142,10 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=positive_seconds,
-        default=LoadConfig.timeout_s,
+        default=None,
         metavar="SECONDS",
         help="a connect, or an echo making no progress, fails after this long; also how "
-        f"long the end waits for echoes in flight (default {LoadConfig.timeout_s:g})",
+        f"long the end waits for echoes in flight (default {LoadConfig.timeout_s:g}); "
+        f"with --udp, a datagram not echoed this long after it was sent is lost "
+        f"(default {UDP_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--seed", type=int, default=LoadConfig.seed, help="seed of the payload bytes (default 0)"
@@ -161,12 +167,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print one JSON object with every figure instead of the summary",
     )
+    transport = parser.add_argument_group(
+        "transport (as `echoplex client`; default TCP to --host:--port)"
+    )
+    transport.add_argument("--unix", metavar="PATH", help="connect to a Unix domain socket instead")
+    transport.add_argument(
+        "--tls", action="store_true", help="speak TLS (1.2 or newer), verifying --host"
+    )
+    transport.add_argument(
+        "--ca", metavar="FILE", help="verify the server against this CA file (with --tls)"
+    )
+    transport.add_argument(
+        "--insecure", action="store_true", help="with --tls, verify nothing (testing only)"
+    )
+    transport.add_argument(
+        "--send-proxy",
+        choices=PROXY_VERSIONS,
+        help="start each connection with a PROXY protocol header naming it (before TLS), "
+        "as HAProxy's send-proxy does",
+    )
+    transport.add_argument(
+        "--udp",
+        action="store_true",
+        help="UDP echo: each connection a UDP socket, each message one datagram of at most "
+        f"{MAX_DATAGRAM_BYTES:,} bytes, verified; pingpong and rate only. A datagram not "
+        "echoed within --timeout is lost, an error. Start the server with --udp-rate 0 "
+        "--udp-rate-total 0 (or limits above the load), or its reflection guard drops most",
+    )
 
 
 def config_from(args: argparse.Namespace) -> LoadConfig:
     if args.window is not None and args.pattern != "stream":
         raise ValueError("--window applies only to --pattern stream")
     window = args.window if args.window is not None else LoadConfig.window_bytes
+    if args.ca is not None and args.tls:
+        _check_ca_file(args.ca)
+    if args.timeout is not None:
+        timeout = args.timeout
+    else:
+        timeout = UDP_TIMEOUT_S if args.udp else LoadConfig.timeout_s
     return LoadConfig(
         host=args.host,
         port=args.port,
@@ -178,10 +217,28 @@ def config_from(args: argparse.Namespace) -> LoadConfig:
         rate_per_s=args.rate,
         window_bytes=window,
         connect_rate_per_s=args.connect_rate,
-        timeout_s=args.timeout,
+        timeout_s=timeout,
         seed=args.seed,
         loop=args.loop,
+        unix_path=args.unix,
+        tls=args.tls,
+        ca_file=args.ca,
+        tls_insecure=args.insecure,
+        send_proxy=args.send_proxy,
+        udp=args.udp,
     )
+
+
+def _check_ca_file(path: str) -> None:
+    """A CA file that is missing or not PEM certificates is a bad argument (exit 2), as
+    with `echoplex client`, not a failed run."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no such CA file: {path}")
+    try:
+        client_context(path)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise ValueError(f"cannot load CA file {path}: {reason}") from None
 
 
 def run(args: argparse.Namespace) -> int:

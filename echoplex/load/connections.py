@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ssl
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from time import perf_counter_ns
@@ -43,6 +44,8 @@ class Tally:
 
     def __init__(self, config: LoadConfig) -> None:
         self.size = config.size_bytes
+        self.timeout_s = config.timeout_s
+        self.timeout_ns = int(config.timeout_s * 1e9)
         self.sending = False
         self.window_start_ns = NEVER_NS
         self.window_end_ns = NEVER_NS
@@ -52,6 +55,8 @@ class Tally:
         self.error_samples: list[ConnectionFailure] = []
         self.mismatches = 0
         self.mismatch_samples: list[Mismatch] = []
+        # UDP only: echoes of datagrams already echoed or already counted lost.
+        self.late_datagrams = 0
 
     def record(self, sent_ns: int, now_ns: int, messages: int) -> None:
         if self.window_start_ns <= sent_ns < self.window_end_ns:
@@ -74,6 +79,8 @@ class Tally:
 
 def error_kind(exc: BaseException) -> str:
     """A short, countable name for why a connection failed."""
+    if isinstance(exc, ssl.SSLError):  # an OSError whose errno is OpenSSL's, not the system's
+        return "tls"
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
@@ -146,6 +153,24 @@ class LoadConnection(asyncio.Protocol):
 
     def echoed(self) -> None:
         """Called after each verified chunk: pattern-specific bookkeeping."""
+
+    def watch(self, elapsed_s: float, now_ns: int) -> None:
+        """The run's watchdog, every tick: fail a connection whose echo has made no
+        progress for `timeout_s` while bytes are outstanding."""
+        offset = self.verified()
+        if self.outstanding() > 0 and offset == self.watched_offset:
+            self.stalled_s += elapsed_s
+            if self.stalled_s >= self.tally.timeout_s:
+                self.fail("timeout", f"no echo for {self.tally.timeout_s:g}s")
+        else:
+            self.stalled_s = 0.0
+            self.watched_offset = offset
+
+    def give_up(self) -> None:
+        """The end of the run waited `timeout_s` and bytes are still outstanding."""
+        self.fail(
+            "timeout", f"{self.outstanding()} bytes not echoed {self.tally.timeout_s:g}s later"
+        )
 
     # asyncio.Protocol
 

@@ -1,5 +1,10 @@
 """The load run: open the connections, drive one pattern, watch it, and tally the result.
 
+The transport (TCP, Unix socket, TLS, PROXY header, UDP) is the run's `Connector`
+(`transport`): it resolves the server once and opens each connection; the patterns
+never ask which transport they are on. Over UDP a connection is a connected datagram
+socket (`datagrams`), with `pingpong` and `rate` only.
+
 Timeline of `pingpong`, `rate` and `stream`:
 
     connect (at --connect-rate) | warmup | measured (--duration) | drain | close
@@ -15,7 +20,8 @@ idle for --duration; one more round trip on each; close. Figures cover the whole
 run, and a server that closes a connection at any point is an error.
 
 A watchdog (every TICK_S) fails a connection whose echo makes no progress for
-`timeout_s` while bytes are outstanding, folds latency counts into the histogram,
+`timeout_s` while bytes are outstanding (over UDP: counts a datagram not echoed within
+`timeout_s` as lost, and the connection carries on), folds latency counts into the histogram,
 and feeds the progress display. SIGINT/SIGTERM only set a flag: the run stops
 early and still returns its result; a second one also cuts the drain short.
 """
@@ -25,35 +31,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import signal
-import socket
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Any
 
-from ..client import describe_connect_error
 from ..errors import StartupError
 from ..models.asyncio_ import loop_factory
 from ..payload import PayloadPattern
 from ..stats import LatencyHistogram, require_hdrh
 from .config import LoadConfig
-from .connections import (
-    NEVER_NS,
-    Hold,
-    LoadConnection,
-    PingPong,
-    Rate,
-    Stream,
-    Tally,
-    error_kind,
-)
+from .connections import NEVER_NS, Hold, LoadConnection, PingPong, Rate, Stream, Tally
+from .datagrams import DatagramConnection, DatagramPingPong, DatagramRate
 from .result import ConnectionFailure, LoadResult
 from .timer import PeriodicTimer
+from .transport import OpenFailed, connector_for
+
+Connection = LoadConnection | DatagramConnection
+RATE_CONNECTIONS = (Rate, DatagramRate)
 
 TICK_S = 0.25
 SETTLE_POLL_S = 0.01
@@ -114,14 +112,6 @@ def _ensure_descriptors(connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
-def _plain(exc: OSError) -> OSError:
-    """The error with the system's own wording: uvloop says "Connect call failed
-    ('127.0.0.1', 9)" where asyncio says "Connection refused"."""
-    if exc.errno and not isinstance(exc, socket.gaierror | TimeoutError):
-        return OSError(exc.errno, os.strerror(exc.errno))
-    return exc
-
-
 def _cpu_seconds() -> float:
     try:
         import resource
@@ -141,7 +131,8 @@ class LoadRun:
         self.payload = PayloadPattern(config.seed)
         self.tally = Tally(config)
         self.histogram = LatencyHistogram()
-        self.connections: list[LoadConnection | None] = [None] * config.connections
+        self.connector = connector_for(config)
+        self.connections: list[Connection | None] = [None] * config.connections
         self.phase = "connecting"
         self.interrupted = False
         self.forced = False
@@ -163,9 +154,12 @@ class LoadRun:
         )
         ticker = asyncio.ensure_future(self._tick_forever())
         try:
-            address = await self._resolve()
+            try:
+                await self.connector.prepare()
+            except OpenFailed as exc:
+                raise LoadError(exc.summary) from None
             hold = self._start_hold() if self.config.pattern == "hold" else None
-            await self._open_all(address)
+            await self._open_all()
             result.connections_opened = sum(conn is not None for conn in self.connections)
             if hold is not None:
                 await self._hold(result, *hold)
@@ -187,6 +181,8 @@ class LoadRun:
         result.error_samples = list(self.tally.error_samples)
         result.mismatches = self.tally.mismatches
         result.mismatch_samples = list(self.tally.mismatch_samples)
+        if self.config.udp:
+            result.late_datagrams = self.tally.late_datagrams
         result.interrupted = self.interrupted
         return result
 
@@ -200,23 +196,12 @@ class LoadRun:
 
     # connecting
 
-    async def _resolve(self) -> tuple[socket.AddressFamily, Any]:
-        host, port = self.config.host, self.config.port
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise LoadError(describe_connect_error(host, port, exc)) from None
-        family, _type, _proto, _name, sockaddr = infos[0]
-        return family, sockaddr
-
-    async def _open_all(self, address: tuple[socket.AddressFamily, Any]) -> None:
+    async def _open_all(self) -> None:
         # The first connection alone: if the server is not there, say so once and stop.
         try:
-            await self._connect(0, address)
-        except OSError as exc:
-            host, port = self.config.host, self.config.port
-            raise LoadError(describe_connect_error(host, port, _plain(exc))) from None
+            await self._connect(0)
+        except OpenFailed as exc:
+            raise LoadError(exc.summary) from None
         limiter = asyncio.Semaphore(MAX_CONNECTS_IN_FLIGHT)
         tasks = []
         started = time.monotonic()
@@ -228,44 +213,31 @@ class LoadRun:
             if self.interrupted:
                 limiter.release()
                 break
-            tasks.append(asyncio.ensure_future(self._connect_counted(index, address, limiter)))
+            tasks.append(asyncio.ensure_future(self._connect_counted(index, limiter)))
         if tasks:
             await asyncio.gather(*tasks)
 
-    async def _connect_counted(
-        self, index: int, address: tuple[socket.AddressFamily, Any], limiter: asyncio.Semaphore
-    ) -> None:
+    async def _connect_counted(self, index: int, limiter: asyncio.Semaphore) -> None:
         try:
-            await self._connect(index, address)
-        except OSError as exc:
-            self.tally.failed(
-                ConnectionFailure(
-                    index, f"connect {error_kind(exc)}", 0, _plain(exc).strerror or ""
-                )
-            )
+            await self._connect(index)
+        except OpenFailed as exc:
+            self.tally.failed(ConnectionFailure(index, exc.kind, 0, exc.detail))
         finally:
             limiter.release()
 
-    async def _connect(self, index: int, address: tuple[socket.AddressFamily, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        family, sockaddr = address
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(self.config.timeout_s):
-                await loop.sock_connect(sock, sockaddr)
-            connection = self._new_connection(index)
-            await loop.create_connection(lambda: connection, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
+    async def _connect(self, index: int) -> None:
+        connection = self._new_connection(index)
+        await self.connector.open(connection)
         self.connections[index] = connection
         if isinstance(connection, Hold):
             connection.begin()  # its first round trip, at once
 
-    def _new_connection(self, index: int) -> LoadConnection:
+    def _new_connection(self, index: int) -> Connection:
         pattern = self.config.pattern
+        if self.config.udp:  # the config allows pingpong and rate only
+            if pattern == "rate":
+                return DatagramRate(self.tally, self.payload, index)
+            return DatagramPingPong(self.tally, self.payload, index)
         if pattern == "stream":
             return Stream(self.tally, self.payload, index, self.config.window_bytes)
         if pattern == "rate":
@@ -335,7 +307,7 @@ class LoadRun:
 
     # waiting and watching
 
-    def _live(self) -> list[LoadConnection]:
+    def _live(self) -> list[Connection]:
         return [conn for conn in self.connections if conn is not None and conn.alive]
 
     async def _sleep(self, seconds: float) -> bool:
@@ -367,9 +339,7 @@ class LoadRun:
                 result.unfinished += math.ceil(outstanding / self.config.size_bytes)
                 connection.close()
             else:
-                connection.fail(
-                    "timeout", f"{outstanding} bytes not echoed {self.config.timeout_s:g}s later"
-                )
+                connection.give_up()
 
     async def _close_all(self) -> None:
         for connection in self.connections:
@@ -394,16 +364,9 @@ class LoadRun:
         # Every verified message, measured or not (counted here, off the hot path).
         completed = sum(conn.verified() // size for conn in self.connections if conn is not None)
         self._last_tick = (now, completed)
-        timeout_s = self.config.timeout_s
+        now_ns = perf_counter_ns()
         for connection in self._live():
-            offset = connection.verified()
-            if connection.outstanding() > 0 and offset == connection.watched_offset:
-                connection.stalled_s += elapsed
-                if connection.stalled_s >= timeout_s:
-                    connection.fail("timeout", f"no echo for {timeout_s:g}s")
-            else:
-                connection.stalled_s = 0.0
-                connection.watched_offset = offset
+            connection.watch(elapsed, now_ns)
         recent_counts = self.tally.take_latency_counts()
         self.histogram.record_counts(recent_counts)
         if self.progress is not None:
@@ -463,7 +426,7 @@ class _RateSchedule:
         self.next_message = 0
         self.lag_counts: defaultdict[int, int] = defaultdict(int)
         for index, connection in enumerate(run.connections):
-            if isinstance(connection, Rate):
+            if isinstance(connection, RATE_CONNECTIONS):
                 connection.schedule(
                     start_ns + index * self.ns_per_message, count * self.ns_per_message
                 )
@@ -484,7 +447,7 @@ class _RateSchedule:
         while message < due:
             connection = connections[message % count]
             if connection is not None and connection.alive:
-                assert isinstance(connection, Rate)
+                assert isinstance(connection, RATE_CONNECTIONS)
                 connection.send_due()
                 due_ns = self.start_ns + message * self.ns_per_message
                 if due_ns >= window_start_ns:

@@ -12,6 +12,13 @@ from .engine import Progress, ProgressCallback
 from .result import LoadResult
 
 SAMPLES_SHOWN = 5
+# UDP losses above this share of the datagrams are worth a hint about the server's
+# reflection guard, which drops what exceeds its rates (100/s per source by default).
+HIGH_LOSS_SHARE = 0.01
+RATE_LIMIT_HINT = (
+    "the server may be rate-limiting: see --udp-rate and --udp-rate-total of "
+    "`echoplex serve` (0 turns a limit off)"
+)
 
 
 def to_json(result: LoadResult) -> str:
@@ -50,6 +57,13 @@ def format_summary(result: LoadResult) -> str:
     lines += _samples([str(failure) for failure in result.error_samples], result.errors)
     lines.append(f"mismatches   {result.mismatches:,}")
     lines += _samples([str(mismatch) for mismatch in result.mismatch_samples], result.mismatches)
+    if result.late_datagrams is not None:
+        lines.append(
+            f"late         {result.late_datagrams:,} datagrams echoed again, or after they "
+            "were counted lost"
+        )
+    if high_udp_loss(result):
+        lines.append(f"hint         {result.lost_datagrams:,} datagrams lost: {RATE_LIMIT_HINT}")
     cpu = f"client CPU   {result.client_cpu_s:.2f} s"
     if result.client_cpu_us_per_request is not None:
         cpu += f"   {result.client_cpu_us_per_request:,.1f} µs/request"
@@ -61,6 +75,11 @@ def format_summary(result: LoadResult) -> str:
         lines.append(f"stopped      early, on request{unfinished}")
     lines.append("result       " + ("OK" if result.ok else "FAILED"))
     return "\n".join(lines)
+
+
+def high_udp_loss(result: LoadResult) -> bool:
+    lost = result.lost_datagrams
+    return result.config.udp and lost > 0 and lost >= HIGH_LOSS_SHARE * (lost + result.requests)
 
 
 def _heading(result: LoadResult) -> str:
@@ -79,7 +98,7 @@ def _heading(result: LoadResult) -> str:
     else:
         warmup = f" after {config.warmup_s:g} s warmup" if config.warmup_s else ""
         parts.append(f"{result.measured_s:.2f} s measured{warmup}")
-    parts += [f"{config.host}:{config.port}", result.loop]
+    parts += [config.target, result.loop]
     return " · ".join(parts)
 
 

@@ -52,6 +52,10 @@ class LoadResult:
 
     mismatches: int = 0
     mismatch_samples: list[Mismatch] = field(default_factory=list)
+    late_datagrams: int | None = None
+    """UDP only: echoes of datagrams already echoed (duplicates) or already counted lost
+    (late); neither errors nor mismatches (see `echoplex.load.datagrams`)."""
+
     connections_opened: int = 0
     connections_alive: int = 0
     client_cpu_s: float = 0.0
@@ -68,6 +72,11 @@ class LoadResult:
     @property
     def ok(self) -> bool:
         return not self.errors and not self.mismatches
+
+    @property
+    def lost_datagrams(self) -> int:
+        """UDP: datagrams whose echo never came back within `timeout_s` (errors)."""
+        return self.errors_by_kind.get("lost", 0)
 
     @property
     def bytes(self) -> int:
@@ -92,8 +101,11 @@ class LoadResult:
         return {
             "ok": self.ok,
             "pattern": config.pattern,
+            "transport": config.transport,
             "host": config.host,
             "port": config.port,
+            "unix_path": config.unix_path,
+            "proxy_header": config.send_proxy,
             "connections": config.connections,
             "size": config.size_bytes,
             "duration_s": config.duration_s,
@@ -124,6 +136,7 @@ class LoadResult:
                 }
                 for m in self.mismatch_samples
             ],
+            "late_datagrams": self.late_datagrams,
             "connections_opened": self.connections_opened,
             "connections_alive": self.connections_alive,
             "client_cpu_s": round(self.client_cpu_s, 6),
