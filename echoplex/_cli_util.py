@@ -84,23 +84,24 @@ def apply_environment(
     (`--max-per-ip` from `ECHOPLEX_MAX_PER_IP`): flags win over the environment, the
     environment over defaults. A bad value is the parser's one-line error, naming it."""
     given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    known: set[str] = set()
     for action in parser._actions:  # argparse offers no public way to list them
         long_options = [o for o in action.option_strings if o.startswith("--")]
-        if (
-            not long_options
-            or action.dest in ("help", "version")
-            or given & set(action.option_strings)
-        ):
+        if not long_options or action.dest in ("help", "version"):
             continue
         variable = prefix + long_options[0][2:].upper().replace("-", "_")
+        known.add(variable)
         text = os.environ.get(variable)
-        if text is None:
+        if text is None or given & set(action.option_strings):
             continue
         try:
             value = _from_environment(action, text)
         except (argparse.ArgumentTypeError, ValueError) as exc:
             parser.error(f"{variable}={text!r}: {exc}")
         setattr(args, action.dest, value)
+    for variable in sorted(set(os.environ) - known):
+        if variable.startswith(prefix):  # a typo would otherwise go unnoticed
+            print(f"{parser.prog}: warning: ignoring {variable}: no such option", file=sys.stderr)
 
 
 def _from_environment(action: argparse.Action, text: str) -> object:

@@ -180,4 +180,5 @@ class ServerConfig:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        # The CPUs this process may run on (taskset, cpusets), not all the host has.
+        return self.workers or len(os.sched_getaffinity(0)) or 1

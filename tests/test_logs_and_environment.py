@@ -86,3 +86,13 @@ def test_a_bad_environment_value_is_one_line(variable: str, value: str, expected
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and expected in result.stderr
+
+
+def test_a_misspelt_variable_is_warned_about() -> None:
+    env = {"ECHOPLEX_PORT": "0", "ECHOPLEX_IDLE_TIMOUT": "5"}
+    with serve_with_environment(env) as server:
+        server.wait_for_stderr(LISTENING)
+        assert "echoplex serve: warning: ignoring ECHOPLEX_IDLE_TIMOUT: no such option" in (
+            server.stderr
+        )
+        assert "ECHOPLEX_PORT" not in server.stderr

@@ -165,13 +165,16 @@ def test_socket_activation_adopts_the_passed_socket(mode: str) -> None:
     port = listener.getsockname()[1]
 
     # As systemd does: the socket as descriptor 3, and LISTEN_PID the server's own pid
-    # (the shell execs the server, which keeps the shell's pid).
-    fd = listener.fileno()
+    # (the shell execs the server, which keeps the shell's pid). Moved off 3 first if it
+    # is there already, or the redirections below would close it.
+    fd = listener.fileno() if listener.fileno() != 3 else os.dup(3)
     command = (
         f"LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=echo exec {sys.executable} "
         f"-m echoplex serve --mode {mode} --workers 2 --port 1 3<&{fd} {fd}<&-"
     )
     with listener, Process(["bash", "-c", command], pass_fds=[fd]) as server:
+        if fd != listener.fileno():
+            os.close(fd)
         server.wait_for_stderr(rf"listening on 127\.0\.0\.1:{port}\b")
         assert "passed by systemd" in server.stderr
         for _ in range(5):

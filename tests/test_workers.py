@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 from .procs import Server
@@ -41,3 +42,21 @@ def test_a_dead_worker_is_restarted_and_none_is_left_behind() -> None:
                 not Path(f"/proc/{pid}").exists()
                 or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
             )
+
+
+def test_workers_stop_when_the_supervisor_is_killed() -> None:
+    with Server("--workers", "2", mode="workers") as server:
+        workers = children(server.proc.pid)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
@@ -39,6 +40,7 @@ RESTART_BACKOFF_S = 1.0
 # After the drain timeout, how long workers get to exit before they are killed.
 EXIT_GRACE_S = 2.0
 STARTUP_TIMEOUT_S = 30.0
+ORPHAN_CHECK_S = 0.5
 
 
 class _ReadyReporter:
@@ -67,12 +69,29 @@ def _worker_main(
         signal.signal(sig, signal.SIG_DFL)  # until the worker's own loop handles them
     multiprocessing.current_process().name = f"worker-{index}"
     shutdown = Shutdown()
+    _stop_when_orphaned(shutdown)
     try:
         listeners = Listeners.open(config, shared=False, reuse_port=True, inherited=shared)
         asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, listeners=listeners)
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
+
+
+def _stop_when_orphaned(shutdown: Shutdown) -> None:
+    """Drain and exit if the supervisor dies without stopping us (SIGKILL, a crash):
+    a worker left behind would hold the port and serve on, unsupervised."""
+    supervisor = os.getppid()
+
+    def watch() -> None:
+        while not shutdown.requested:
+            if os.getppid() != supervisor:
+                log.warning("supervisor %d is gone; stopping", supervisor)
+                shutdown.request()
+                return
+            time.sleep(ORPHAN_CHECK_S)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 class _Supervisor:
