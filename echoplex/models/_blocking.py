@@ -18,6 +18,7 @@ import os
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -162,14 +163,22 @@ def echo_until_closed(
     view = memoryview(buffer)
     log_data = config.log_data
     deadlines = Deadlines(config, record.opened_at)
-    timed = deadlines.any
-    wait = deadlines.for_read()
+    # Idle and send timeouts are the same for every call: the kernel enforces them
+    # (SO_RCVTIMEO, SO_SNDTIMEO), so a chunk costs one recv and one send, with no poll
+    # before each. Only a lifetime limit, which shrinks as the connection ages, needs
+    # a timeout worked out before every call.
+    timed = deadlines.lifetime_ends is not None
+    if not timed:
+        _kernel_timeouts(conn, deadlines.idle_s, deadlines.send_s)
+    read_wait, send_wait = deadlines.for_read(), deadlines.for_send()
+    wait = read_wait
     zero_copy = config.zero_copy and not log_data and _splice.can_splice(conn)
     try:
         while True:
             if read_gate is not None and (stop := read_gate(conn)) is not None:
                 record.finish(stop)
                 return
+            wait = read_wait
             if timed:
                 wait = deadlines.for_read()
                 conn.settimeout(wait.timeout_s)
@@ -182,6 +191,7 @@ def echo_until_closed(
             record.bytes_in += received
             if log_data:
                 events.data_received(record, bytes(view[:received]))
+            wait = send_wait
             if timed:
                 wait = deadlines.for_send()
                 conn.settimeout(wait.timeout_s)
@@ -191,7 +201,8 @@ def echo_until_closed(
                 # A full buffer: the client is streaming. The rest goes kernel to kernel.
                 _splice.splice_echo(conn, record, deadlines, len(buffer), read_gate)
                 return
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        # Python's timeout, or the kernel's (a blocking call failing with EAGAIN).
         record.finish(wait.outcome)
     except ssl.SSLEOFError:
         record.finish("closed")  # a TLS client that closed without close_notify
@@ -201,3 +212,12 @@ def echo_until_closed(
         record.finish(f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
     finally:
         view.release()
+
+
+def _kernel_timeouts(conn: socket.socket, receive_s: float | None, send_s: float | None) -> None:
+    for option, seconds in ((socket.SO_RCVTIMEO, receive_s), (socket.SO_SNDTIMEO, send_s)):
+        if seconds:
+            whole = int(seconds)
+            timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+            with contextlib.suppress(OSError):  # gone already: the next call says so
+                conn.setsockopt(socket.SOL_SOCKET, option, timeval)
