@@ -20,7 +20,8 @@ sequence number, and nothing has to be added to it. Each echo that arrives is on
 - **nothing within `timeout_s`** of the send: `lost`, an error counted per datagram
   (UDP may drop, and a run that lost datagrams did not see every echo come back). The
   connection carries on: `pingpong` sends its next datagram. The run's watchdog looks
-  every TICK_S, so a loss is noticed up to that much after `timeout_s`.
+  four times per `timeout_s` (at most every TICK_S), so a loss is noticed up to a
+  quarter of `timeout_s` after it.
 
 A foreign datagram could pass for a late one only if its bytes were exactly those of one
 of this connection's recent datagrams: the two streams would have to sit at the same

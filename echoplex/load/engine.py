@@ -19,11 +19,12 @@ verified; one that never comes back is a "timeout" error.
 idle for --duration; one more round trip on each; close. Figures cover the whole
 run, and a server that closes a connection at any point is an error.
 
-A watchdog (every TICK_S) fails a connection whose echo makes no progress for
-`timeout_s` while bytes are outstanding (over UDP: counts a datagram not echoed within
-`timeout_s` as lost, and the connection carries on), folds latency counts into the histogram,
-and feeds the progress display. SIGINT/SIGTERM only set a flag: the run stops
-early and still returns its result; a second one also cuts the drain short.
+A watchdog (every TICK_S; over UDP up to four times per `timeout_s`) fails a
+connection whose echo makes no progress for `timeout_s` while bytes are outstanding
+(over UDP: counts a datagram not echoed within `timeout_s` as lost, and the connection
+carries on), folds latency counts into the histogram, and feeds the progress display.
+SIGINT/SIGTERM only set a flag: the run stops early and still returns its result; a
+second one also cuts the drain short.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ Connection = LoadConnection | DatagramConnection
 RATE_CONNECTIONS = (Rate, DatagramRate)
 
 TICK_S = 0.25
+# Over UDP the watchdog is what notices a lost datagram (and lets `pingpong` send the
+# next one), so it looks four times per --timeout, if that is shorter than TICK_S.
+MIN_UDP_TICK_S = 0.02
 SETTLE_POLL_S = 0.01
 # Connects in progress at once when no --connect-rate is given: enough to open
 # thousands quickly, few enough not to overflow a default listen backlog.
@@ -132,6 +136,9 @@ class LoadRun:
         self.tally = Tally(config)
         self.histogram = LatencyHistogram()
         self.connector = connector_for(config)
+        self.tick_s = (
+            max(min(TICK_S, config.timeout_s / 4), MIN_UDP_TICK_S) if config.udp else TICK_S
+        )
         self.connections: list[Connection | None] = [None] * config.connections
         self.phase = "connecting"
         self.interrupted = False
@@ -353,7 +360,7 @@ class LoadRun:
 
     async def _tick_forever(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(self.tick_s)
             self._tick()
 
     def _tick(self) -> None:
