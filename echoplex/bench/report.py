@@ -127,7 +127,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
         "",
         f"Command: `{report.command}`",
         "",
-        f"Machine: {machine.get('cpu_model') or 'unknown CPU'}, {machine.get('cpus')} CPUs, "
+        f"echoplex {machine.get('echoplex_revision') or '(not a git checkout)'} on "
+        f"{machine.get('cpu_model') or 'unknown CPU'}, {machine.get('cpus')} CPUs, "
         f"{machine.get('platform')}, Python {machine.get('python')}, "
         f"uvloop {machine.get('uvloop') or 'not installed'}; {pinned}. "
         f"Started {report.started_at}, finished {report.finished_at}; "

@@ -17,10 +17,12 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .loadgen import LoadRun, LoadSpec
@@ -115,6 +117,7 @@ def machine_info(pinning: Pinning | None, nofile: tuple[int, int]) -> dict[str, 
         "pinning": (
             {"server_cpu": pinning.server_cpu, "load_cpu": pinning.load_cpu} if pinning else None
         ),
+        "echoplex_revision": _revision(),
         "load_average_start": _load_average(),
         "nofile_soft": nofile[0],
         "nofile_hard": nofile[1],
@@ -126,6 +129,32 @@ def machine_info(pinning: Pinning | None, nofile: tuple[int, int]) -> dict[str, 
     except ImportError:
         info["uvloop"] = None
     return info
+
+
+def _revision() -> str | None:
+    """The git commit of the echoplex source being measured (`+dirty` if the tracked
+    files differ from it), when it runs from a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        return None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 def _load_average() -> list[float] | None:
