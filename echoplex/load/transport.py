@@ -83,8 +83,6 @@ class Connector:
     """Opens the run's connections on one transport: `await prepare()` once, then
     `await open(protocol)` per connection."""
 
-    transport = "tcp"
-
     def __init__(self, config: LoadConfig) -> None:
         self.config = config
         self.timeout_s = config.timeout_s
@@ -111,7 +109,6 @@ class StreamConnector(Connector):
 
     def __init__(self, config: LoadConfig) -> None:
         super().__init__(config)
-        self.transport = config.transport
         self.family: int = socket.AF_UNIX if config.unix_path else socket.AF_INET
         self.address: Any = config.unix_path
         self.proxy_version = config.send_proxy
@@ -173,8 +170,6 @@ class StreamConnector(Connector):
 
 class DatagramConnector(Connector):
     """A connected UDP socket per connection."""
-
-    transport = "udp"
 
     def __init__(self, config: LoadConfig) -> None:
         super().__init__(config)
