@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import re
 import socket
 import sys
@@ -18,7 +17,6 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-import trustme
 
 from echoplex.load.config import LoadConfig
 from echoplex.load.connections import Tally
@@ -53,19 +51,6 @@ def assert_clean(report: dict[str, Any], connections: int, where: str = "") -> N
 
 
 # --- TLS -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
-    """(cert file, key file, CA file) made for this test run by trustme."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    folder = tmp_path_factory.mktemp("tls")
-    cert_file, key_file, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return str(cert_file), str(key_file), str(ca_file)
 
 
 def tls_server(certificate: tuple[str, str, str], mode: str, *args: str) -> Server:
@@ -128,14 +113,6 @@ def test_handshakes_that_fail_later_are_tls_errors_with_one_line_samples(
 
 
 # --- Unix sockets --------------------------------------------------------------------
-
-
-@pytest.fixture
-def unix_path(tmp_path: Path) -> Iterator[str]:
-    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp paths can be longer.
-    short = Path(f"/tmp/echoplex-load-{os.getpid()}-{tmp_path.name[-20:]}.sock")
-    yield str(short)
-    short.unlink(missing_ok=True)
 
 
 def unix_server(path: str, mode: str, *args: str) -> Process:

@@ -12,11 +12,9 @@ import ssl
 import stat
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from .procs import Process, Server, echoplex
 from .test_contract import recv_exactly
@@ -76,14 +74,6 @@ def test_several_hosts_listen_on_the_same_port(mode: str) -> None:
         for address in (("127.0.0.1", server.port), ("::1", server.port)):
             with socket.create_connection(address, timeout=10) as sock:
                 assert echo_over(sock) == b"over the wire"
-
-
-@pytest.fixture
-def unix_path(tmp_path: Path) -> Iterator[str]:
-    # AF_UNIX paths are limited to ~107 bytes; pytest's tmp paths can be longer.
-    short = Path(f"/tmp/echoplex-test-{os.getpid()}-{tmp_path.name[-20:]}.sock")
-    yield str(short)
-    short.unlink(missing_ok=True)
 
 
 def start_unix_server(path: str, mode: str, *args: str) -> Process:
@@ -190,19 +180,6 @@ def test_socket_activation_without_the_socket_is_one_line() -> None:
         assert server.wait() == 2
         assert server.stderr.count("\n") == 1
         assert "descriptor 3, which is not a socket" in server.stderr
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
-    """(cert file, key file, CA file) made for this test run by trustme."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    folder = tmp_path_factory.mktemp("tls")
-    cert_file, key_file, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return str(cert_file), str(key_file), str(ca_file)
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
