@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -58,6 +59,53 @@ def octal_mode(text: str) -> int:
     if not 0 <= value <= 0o777:
         raise argparse.ArgumentTypeError(f"not a file mode: {text!r} (000 to 777)")
     return value
+
+
+_SIZE = re.compile(r"\s*(\d+)\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3}
+
+
+def size_bytes(text: str, most: int = 1 << 30) -> int:
+    """`1024`, `1K`/`1KiB` (1024), `1KB` (1000), `64KiB`, `2M`, `1MB`... 1 byte to `most`."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"not a size in bytes: {text!r} (examples: 512, 1K, 64KiB, 1MB)"
+        )
+    digits, prefix, binary, unit = match.groups()
+    power = _POWERS[prefix.lower()]
+    if binary and not prefix:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
+    # K and KiB are binary, as most load tools read them; KB (no i) is decimal.
+    base = 1000 if (unit and not binary and prefix) else 1024
+    value = int(digits) * base**power
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be 1 byte to {_binary_size(most)}, not {text}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = non_negative_seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def positive_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
+    return value
+
+
+def _binary_size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size:,} bytes"
 
 
 def _integer(text: str) -> int:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import ssl
 import sys
 
-from .._cli_util import fail, non_negative_seconds, positive_int
+from .._cli_util import fail, non_negative_seconds, positive_int, positive_rate, positive_seconds
+from .._cli_util import size_bytes as _any_size
 from ..client import UDP_TIMEOUT_S
 from ..config import DEFAULT_PORT, LOOPS
 from ..errors import StartupError
@@ -18,44 +18,9 @@ from ..tls import client_context
 PROG = "echoplex load"
 EXIT_INTERRUPTED = 130
 
-_SIZE = re.compile(r"\s*(\d+)\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3}
-
 
 def size_bytes(text: str) -> int:
-    """`1024`, `1K`/`1KiB` (1024), `1KB` (1000), `64KiB`, `2M`, `1MB`... at least 1 byte."""
-    match = _SIZE.fullmatch(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"not a size in bytes: {text!r} (examples: 512, 1K, 64KiB, 1MB)"
-        )
-    digits, prefix, binary, unit = match.groups()
-    power = _POWERS[prefix.lower()]
-    if binary and not prefix:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
-    # K and KiB are binary, as most load tools read them; KB (no i) is decimal.
-    base = 1000 if (unit and not binary and prefix) else 1024
-    value = int(digits) * base**power
-    if not 1 <= value <= MAX_SIZE_BYTES:
-        raise argparse.ArgumentTypeError(f"must be 1 byte to 1GiB, not {text}")
-    return value
-
-
-def positive_seconds(text: str) -> float:
-    value = non_negative_seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
-    return value
-
-
-def positive_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
-    return value
+    return _any_size(text, MAX_SIZE_BYTES)
 
 
 def target_port(text: str) -> int:

@@ -13,12 +13,13 @@ from .._cli_util import (
     octal_mode,
     port_number,
     positive_int,
+    positive_seconds,
+    size_bytes,
 )
 from ..config import DEFAULT_BACKLOG, DEFAULT_PORT, LOOPS, ServerConfig
 from ..errors import StartupError
 from ..models import DESCRIPTIONS, MODELS
 from ..server import run as run_server
-from .load import positive_seconds, size_bytes
 
 ENVIRONMENT_PREFIX = "ECHOPLEX_"
 
