@@ -121,6 +121,26 @@ def fail(prog: str, message: str, status: int = 2) -> int:
     return status
 
 
+def add_stream_transport_arguments(group: argparse._ArgumentGroup) -> None:
+    """The client side's transport options, the same for `client` and `load`."""
+    group.add_argument("--unix", metavar="PATH", help="connect to a Unix domain socket instead")
+    group.add_argument(
+        "--tls", action="store_true", help="speak TLS (1.2 or newer), verifying --host"
+    )
+    group.add_argument(
+        "--ca", metavar="FILE", help="verify the server against this CA file (with --tls)"
+    )
+    group.add_argument(
+        "--insecure", action="store_true", help="with --tls, verify nothing (testing only)"
+    )
+    group.add_argument(
+        "--send-proxy",
+        choices=("v1", "v2"),
+        help="start each connection with a PROXY protocol header naming it (before TLS), "
+        "as HAProxy's send-proxy does, to test a server behind one",
+    )
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 

@@ -7,7 +7,13 @@ import os
 import ssl
 import sys
 
-from .._cli_util import fail, non_negative_seconds, port_number, positive_int
+from .._cli_util import (
+    add_stream_transport_arguments,
+    fail,
+    non_negative_seconds,
+    port_number,
+    positive_int,
+)
 from ..client import (
     UDP_TIMEOUT_S,
     Target,
@@ -67,21 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use UDP: each message (each stdin line) is one datagram, each echo one back",
     )
-    parser.add_argument("--unix", metavar="PATH", help="connect to a Unix domain socket instead")
-    tls_group = parser.add_argument_group("TLS")
-    tls_group.add_argument("--tls", action="store_true", help="speak TLS (1.2 or newer)")
-    tls_group.add_argument(
-        "--ca", metavar="FILE", help="verify the server against this CA file (with --tls)"
-    )
-    tls_group.add_argument(
-        "--insecure", action="store_true", help="with --tls, verify nothing (testing only)"
-    )
-    parser.add_argument(
-        "--send-proxy",
-        choices=("v1", "v2"),
-        help="start with a PROXY protocol header naming this connection, as HAProxy's "
-        "send-proxy does (to test a server behind one)",
-    )
+    add_stream_transport_arguments(parser.add_argument_group("transport (default TCP)"))
 
 
 def target_from(args: argparse.Namespace) -> Target:

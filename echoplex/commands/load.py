@@ -7,12 +7,19 @@ import os
 import ssl
 import sys
 
-from .._cli_util import fail, non_negative_seconds, positive_int, positive_rate, positive_seconds
+from .._cli_util import (
+    add_stream_transport_arguments,
+    fail,
+    non_negative_seconds,
+    positive_int,
+    positive_rate,
+    positive_seconds,
+)
 from .._cli_util import size_bytes as _any_size
 from ..client import UDP_TIMEOUT_S
 from ..config import DEFAULT_PORT, LOOPS
 from ..errors import StartupError
-from ..load.config import MAX_DATAGRAM_BYTES, MAX_SIZE_BYTES, PATTERNS, PROXY_VERSIONS, LoadConfig
+from ..load.config import MAX_DATAGRAM_BYTES, MAX_SIZE_BYTES, PATTERNS, LoadConfig
 from ..tls import client_context
 
 PROG = "echoplex load"
@@ -135,22 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     transport = parser.add_argument_group(
         "transport (as `echoplex client`; default TCP to --host:--port)"
     )
-    transport.add_argument("--unix", metavar="PATH", help="connect to a Unix domain socket instead")
-    transport.add_argument(
-        "--tls", action="store_true", help="speak TLS (1.2 or newer), verifying --host"
-    )
-    transport.add_argument(
-        "--ca", metavar="FILE", help="verify the server against this CA file (with --tls)"
-    )
-    transport.add_argument(
-        "--insecure", action="store_true", help="with --tls, verify nothing (testing only)"
-    )
-    transport.add_argument(
-        "--send-proxy",
-        choices=PROXY_VERSIONS,
-        help="start each connection with a PROXY protocol header naming it (before TLS), "
-        "as HAProxy's send-proxy does",
-    )
+    add_stream_transport_arguments(transport)
     transport.add_argument(
         "--udp",
         action="store_true",
