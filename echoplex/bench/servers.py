@@ -50,7 +50,7 @@ class ServerSpec:
     def unavailable_reason(self) -> str | None:
         for module in self.requires:
             if importlib.util.find_spec(module) is None:
-                return f"{self.name} needs {module} (pip install 'echoplex[bench]' and uvloop)"
+                return f"{self.name} needs {module} (pip install 'echoplex[uvloop]')"
         if self.kind == "baseline" and not Path(self.argv[1]).is_file():
             return f"{self.name}: {self.argv[1]} not found (run from a source checkout)"
         return None
