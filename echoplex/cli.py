@@ -11,13 +11,18 @@ from ._cli_util import Parser, apply_environment
 from .commands import COMMANDS
 
 
-def build_parser() -> Parser:
+def build_parser(command: str | None = None) -> Parser:
+    """The whole parser; with `command`, that subcommand's module alone is imported (the
+    others' options are not needed to parse its command line), so a server does not carry
+    the load generator's and the benchmark's imports in its memory."""
     parser = Parser(prog="echoplex", description="A concurrent TCP echo server toolkit.")
     parser.add_argument("--version", action="version", version=f"echoplex {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         sub = subcommands.add_parser(name, help=help_text, description=help_text)
+        if command is not None and name != command:
+            continue
+        module = importlib.import_module(module_name)
         module.add_arguments(sub)
         # Commands that run as services also read their options from the environment.
         prefix = getattr(module, "ENVIRONMENT_PREFIX", None)
@@ -27,7 +32,8 @@ def build_parser() -> Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     if args.environment_prefix:
         apply_environment(args.parser, args, argv, args.environment_prefix)
     status: int = args.run(args)

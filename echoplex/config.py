@@ -10,8 +10,6 @@ import math
 import os
 from dataclasses import dataclass
 
-from .proxy_protocol import parse_networks
-
 DEFAULT_PORT = 12345
 # The kernel caps this at net.core.somaxconn; asking for more costs nothing and
 # lets bursts of thousands of connects queue instead of being refused.
@@ -147,7 +145,10 @@ class ServerConfig:
             raise ValueError(
                 "--proxy-protocol needs --trusted-proxy CIDR (the proxies that send the header)"
             )
-        parse_networks(self.trusted_proxies)  # a ValueError naming the bad entry
+        if self.trusted_proxies:
+            from .proxy_protocol import parse_networks
+
+            parse_networks(self.trusted_proxies)  # a ValueError naming the bad entry
         if not self.proxy_header_timeout_s > 0:
             raise ValueError("PROXY header timeout must be more than 0 seconds")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

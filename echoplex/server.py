@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import resource
+from collections.abc import Callable
 
 from .config import ServerConfig
 from .events import LogEvents, ServerEvents
-from .metrics import metrics_events
 from .models import load_model
 from .shutdown import Shutdown, stop_on_signals
 
@@ -34,7 +34,12 @@ def run(
     raise_descriptor_limit()
     own_shutdown = shutdown is None
     shutdown = shutdown or Shutdown()
-    events, stop_metrics = metrics_events(config, events or LogEvents())
+    events = events or LogEvents()
+    stop_metrics: Callable[[], None] = lambda: None  # noqa: E731
+    if config.metrics_port is not None:
+        from .metrics import metrics_events  # prometheus-client and http.server: only if asked
+
+        events, stop_metrics = metrics_events(config, events)
     try:
         with stop_on_signals(shutdown):
             if not config.udp:

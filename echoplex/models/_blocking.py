@@ -14,6 +14,7 @@ import contextlib
 import errno
 import functools
 import logging
+import mmap
 import os
 import selectors
 import socket
@@ -159,7 +160,9 @@ def echo_until_closed(
     read_gate: ReadGate | None = None,
 ) -> None:
     """Echo every byte back until the client closes; `record.finish()` says how it ended."""
-    buffer = bytearray(min(config.recv_bytes, config.max_buffer_bytes))
+    # Anonymous mmap, not bytearray: its pages cost memory only once written, so an idle
+    # connection (or one sending small messages) holds a page or two, not 64 KiB.
+    buffer = mmap.mmap(-1, min(config.recv_bytes, config.max_buffer_bytes))
     view = memoryview(buffer)
     log_data = config.log_data
     deadlines = Deadlines(config, record.opened_at)
@@ -212,6 +215,7 @@ def echo_until_closed(
         record.finish(f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
     finally:
         view.release()
+        buffer.close()
 
 
 def _kernel_timeouts(conn: socket.socket, receive_s: float | None, send_s: float | None) -> None:

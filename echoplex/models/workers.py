@@ -28,7 +28,6 @@ from .._net import Listeners, open_tcp_listeners
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ServerEvents
-from ..metrics import forget_process
 from ..shutdown import STOP_SIGNALS, Shutdown
 from . import asyncio_
 
@@ -76,6 +75,13 @@ def _worker_main(
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
+
+
+def _forget_metrics_of(pid: int) -> None:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # metrics are on (echoplex.metrics)
+        from ..metrics import forget_process
+
+        forget_process(pid)
 
 
 def _stop_when_orphaned(shutdown: Shutdown) -> None:
@@ -161,7 +167,7 @@ class _Supervisor:
                 if process.is_alive() or shutdown.requested:
                     continue
                 process.join()
-                forget_process(process.pid or 0)
+                _forget_metrics_of(process.pid or 0)
                 log.warning(
                     "worker %d (pid %s) exited with status %s; restarting",
                     index,
