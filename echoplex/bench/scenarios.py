@@ -61,6 +61,13 @@ SCENARIOS: dict[str, Scenario] = {
             metric="requests_per_s",
         ),
         Scenario(
+            "targets",
+            "the load point of the performance targets: 1 KiB request/response over 50 "
+            "connections",
+            (LoadPoint("pingpong", 50, KIB),),
+            metric="requests_per_s",
+        ),
+        Scenario(
             "sizes",
             "pingpong over 10 connections with messages of 64 B, 1 KiB, 16 KiB and 64 KiB",
             tuple(LoadPoint("pingpong", 10, size) for size in (64, KIB, 16 * KIB, 64 * KIB)),

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Self
 
@@ -91,8 +91,19 @@ def _baseline_spec(name: str, script: str, description: str, *requires: str) -> 
     )
 
 
+def _without_zero_copy(spec: ServerSpec) -> ServerSpec:
+    """The same model with its zero-copy path off: what splice(2) saves, side by side."""
+    return replace(
+        spec,
+        name=f"{spec.name}-copy",
+        description=f"{spec.description} --no-zero-copy",
+        argv=(*spec.argv, "--no-zero-copy"),
+    )
+
+
 SERVERS: dict[str, ServerSpec] = {
     **{name: _model_spec(name) for name in MODELS},
+    "threads-copy": _without_zero_copy(_model_spec("threads")),
     "ref-socketserver": _baseline_spec(
         "ref-socketserver",
         "baseline_socketserver.py",
