@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..models import MODELS
 from .loadgen import LoadRun, LoadSpec
 from .proctree import raise_nofile_limit, tree_cpu_s, tree_peak_rss_bytes, tree_rss_bytes
 from .results import Row, RunResult, choose_reference, summarize
@@ -98,9 +99,7 @@ def plan_pinning(wanted: bool) -> Pinning | None:
 
 
 def servers_for(scenario: Scenario, settings: BenchSettings) -> list[str]:
-    names = list(
-        settings.servers or scenario.models or [n for n, s in SERVERS.items() if s.kind == "model"]
-    )
+    names = list(settings.servers or scenario.models or MODELS)
     if settings.baselines:
         names += [
             name for name, spec in SERVERS.items() if spec.kind == "baseline" and name not in names

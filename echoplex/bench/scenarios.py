@@ -62,8 +62,7 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "targets",
-            "the load point of the performance targets: 1 KiB request/response over 50 "
-            "connections",
+            "the load point of the performance targets: 1 KiB request/response over 50 connections",
             (LoadPoint("pingpong", 50, KIB),),
             metric="requests_per_s",
         ),
