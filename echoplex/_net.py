@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .config import ServerConfig
@@ -30,6 +30,57 @@ def address_family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def bind_socket(
+    host: str,
+    port: int,
+    kind: socket.SocketKind,
+    *,
+    v6_only: bool = False,
+    options: Sequence[tuple[int, int, int]] = (),
+    label: str = "",
+) -> socket.socket:
+    """A socket of `kind` bound to host:port (after setting `options`); closed, and a
+    StartupError raised, if that fails. `label` goes before the address in the error."""
+    family = address_family(host)
+    try:
+        infos = socket.getaddrinfo(host, port, family, kind, 0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
+    sockaddr = infos[0][4]
+    sock = socket.socket(family, kind)
+    try:
+        for level, name, value in options:
+            sock.setsockopt(level, name, value)
+        if family == socket.AF_INET6:
+            # `::` alone serves IPv4 clients too; beside IPv4 sockets it must not,
+            # or it would take their port.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6_only))
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on {label}{format_address(sockaddr)}: {reason}") from exc
+    return sock
+
+
+def bind_each_host(
+    hosts: Sequence[str], port: int, bind_one: Callable[[str, int, bool], socket.socket]
+) -> list[socket.socket]:
+    """`bind_one(host, port, v6_only)` for every host, all on one port: the first host's
+    when `port` is 0. Several hosts mean IPv6 sockets must leave IPv4 to the others."""
+    sockets: list[socket.socket] = []
+    try:
+        for host in hosts:
+            sock = bind_one(host, port, len(hosts) > 1)
+            sockets.append(sock)
+            port = sock.getsockname()[1]
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def open_tcp_listener(
     host: str,
     port: int,
@@ -40,29 +91,18 @@ def open_tcp_listener(
     v6_only: bool = False,
 ) -> socket.socket:
     """Bind (and by default listen on) host:port; the socket is closed if that fails."""
-    family = address_family(host)
-    try:
-        infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
-    sockaddr = infos[0][4]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # Restart at once after a stop, without waiting out TIME_WAIT connections.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            # `::` alone serves IPv4 clients too; beside IPv4 listeners it must not,
-            # or it would take their port.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6_only))
-        sock.bind(sockaddr)
-        if listen:
+    # SO_REUSEADDR: restart at once after a stop, without waiting out TIME_WAIT.
+    options = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)]
+    if reuse_port:
+        options.append((socket.SOL_SOCKET, socket.SO_REUSEPORT, 1))
+    sock = bind_socket(host, port, socket.SOCK_STREAM, v6_only=v6_only, options=options)
+    if listen:
+        try:
             sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        raise StartupError(f"cannot listen on {format_address(sockaddr)}: {reason}") from exc
+        except OSError as exc:
+            sock.close()
+            where = format_address(sock.getsockname()) if sock.fileno() != -1 else host
+            raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return sock
 
 
@@ -211,25 +251,13 @@ def open_tcp_listeners(
     config: ServerConfig, *, reuse_port: bool = False, listen: bool = True
 ) -> list[socket.socket]:
     """One listener per host, all on the same port (the first one picks it if port is 0)."""
-    sockets: list[socket.socket] = []
-    port = config.port
-    try:
-        for host in config.hosts:
-            sock = open_tcp_listener(
-                host,
-                port,
-                config.backlog,
-                reuse_port=reuse_port,
-                listen=listen,
-                v6_only=len(config.hosts) > 1,
-            )
-            sockets.append(sock)
-            port = sock.getsockname()[1]
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
+
+    def bind_one(host: str, port: int, v6_only: bool) -> socket.socket:
+        return open_tcp_listener(
+            host, port, config.backlog, reuse_port=reuse_port, listen=listen, v6_only=v6_only
+        )
+
+    return bind_each_host(config.hosts, config.port, bind_one)
 
 
 def tune_connection(sock: socket.socket) -> None:

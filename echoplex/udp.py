@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, cast
 
-from ._net import address_family, format_address, open_tcp_listeners
+from ._net import bind_each_host, bind_socket, open_tcp_listeners
 from ._throttle import Throttle
 from .config import ServerConfig
 from .errors import StartupError
@@ -301,40 +301,20 @@ async def _close(
 
 def open_udp_socket(host: str, port: int, *, v6_only: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to host:port; closed if that fails."""
-    family = address_family(host)
-    try:
-        infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM, 0, socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot resolve host {host!r}: {exc.strerror}") from exc
-    sockaddr = infos[0][4]
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        if family == socket.AF_INET6:
-            # As for TCP: `::` alone takes IPv4 too; beside IPv4 sockets it must not.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6_only))
-        sock.bind(sockaddr)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        reason = exc.strerror or str(exc)
-        raise StartupError(f"cannot listen on udp {format_address(sockaddr)}: {reason}") from exc
+    # No SO_REUSEADDR: on Linux it would let a second server bind this UDP port and
+    # silently take its datagrams.
+    sock = bind_socket(host, port, socket.SOCK_DGRAM, v6_only=v6_only, label="udp ")
+    sock.setblocking(False)
     return sock
 
 
 def open_udp_sockets(config: ServerConfig, port: int | None = None) -> list[socket.socket]:
     """One socket per host, all on the same port (the first one picks it if it is 0)."""
-    port = config.port if port is None else port
-    sockets: list[socket.socket] = []
-    try:
-        for host in config.hosts:
-            sock = open_udp_socket(host, port, v6_only=len(config.hosts) > 1)
-            sockets.append(sock)
-            port = sock.getsockname()[1]
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
+
+    def bind_one(host: str, port: int, v6_only: bool) -> socket.socket:
+        return open_udp_socket(host, port, v6_only=v6_only)
+
+    return bind_each_host(config.hosts, config.port if port is None else port, bind_one)
 
 
 def serve_udp(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
