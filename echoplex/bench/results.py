@@ -26,6 +26,7 @@ MEDIAN_FIELDS = (
     "idle_rss_bytes",
     "connections_accepted",
     "client_cpu_s",
+    "client_cpu_us_per_request",
 )
 
 
@@ -54,6 +55,9 @@ class RunResult:
     mismatches: int = 0
     connections_alive: float | None = None
     client_cpu_s: float | None = None
+    client_cpu_us_per_request: float | None = None
+    """The load generator's own CPU per request, from the OS, as it reports it: beside the
+    server's, it shows which of the two sets the pace."""
     server_cpu_s: float | None = None
     """Server CPU (user + system, whole process tree) over the measured window."""
     cpu_window_s: float | None = None

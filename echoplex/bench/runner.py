@@ -313,6 +313,7 @@ def apply_load_report(result: RunResult, report: dict[str, Any]) -> None:
     result.mismatches = int(_number(report.get("mismatches")) or 0)
     result.connections_alive = _number(report.get("connections_alive"))
     result.client_cpu_s = _number(report.get("client_cpu_s"))
+    result.client_cpu_us_per_request = _number(report.get("client_cpu_us_per_request"))
 
 
 def _number(value: object) -> float | None:
