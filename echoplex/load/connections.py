@@ -99,7 +99,37 @@ def _not_connected(data: bytes | memoryview) -> None:
     raise RuntimeError("not connected yet")
 
 
-class LoadConnection(asyncio.Protocol):
+class Lifecycle:
+    """How every load connection, stream or datagram, ends: `fail` (counted, aborted),
+    `close` (healthy: flushed, then closed), and the state each leaves it in."""
+
+    __slots__ = ("state", "transport")
+    state: str
+    transport: asyncio.BaseTransport | None
+
+    def _record_failure(self, kind: str, detail: str) -> None:
+        raise NotImplementedError
+
+    def fail(self, kind: str, detail: str = "") -> None:
+        """Count a failure of this connection and abort it."""
+        if self.state == OPEN:
+            self._record_failure(kind, detail)
+            self._end(FAILED)
+
+    def close(self) -> None:
+        """End a healthy connection: queued bytes are flushed, then it closes."""
+        if self.state == OPEN:
+            self.state = CLOSING
+            if self.transport is not None:
+                self.transport.close()
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        if self.transport is not None:
+            cast(asyncio.Transport, self.transport).abort()
+
+
+class LoadConnection(Lifecycle, asyncio.Protocol):
     """Sends connection `index`'s payload stream and verifies its echo as it arrives."""
 
     __slots__ = (
@@ -109,9 +139,7 @@ class LoadConnection(asyncio.Protocol):
         "sender",
         "size",
         "stalled_s",
-        "state",
         "tally",
-        "transport",
         "verifier",
         "watched_offset",
         "write",
@@ -221,28 +249,10 @@ class LoadConnection(asyncio.Protocol):
 
     # for the run and the subclasses
 
-    def fail(self, kind: str, detail: str = "") -> None:
-        """Count a failure of this connection and abort it."""
-        if self.state == OPEN:
-            self._record_failure(kind, detail)
-            self._end(FAILED)
-
-    def close(self) -> None:
-        """End a healthy connection: queued bytes are flushed, then it closes."""
-        if self.state == OPEN:
-            self.state = CLOSING
-            if self.transport is not None:
-                self.transport.close()
-
     def _mismatched(self) -> None:
         assert self.verifier.mismatch is not None
         self.tally.mismatched(self.verifier.mismatch)
         self._end(FAILED)
-
-    def _end(self, state: str) -> None:
-        self.state = state
-        if self.transport is not None:
-            self.transport.abort()
 
     def _record_failure(self, kind: str, detail: str) -> None:
         self.tally.failed(ConnectionFailure(self.index, kind, self.verified(), detail))

@@ -40,7 +40,7 @@ from time import perf_counter_ns
 from typing import Any, cast
 
 from ..payload import Mismatch, PayloadPattern, Sender
-from .connections import CLOSED, CLOSING, FAILED, OPEN, Tally, error_kind
+from .connections import CLOSED, CLOSING, FAILED, OPEN, Lifecycle, Tally, error_kind
 from .result import ConnectionFailure
 
 LATE_LOOKBACK = 64  # datagrams before the newest one sent that an echo may repeat
@@ -51,7 +51,7 @@ def _not_connected(data: bytes) -> None:
     raise RuntimeError("not connected yet")
 
 
-class DatagramConnection(asyncio.DatagramProtocol):
+class DatagramConnection(Lifecycle, asyncio.DatagramProtocol):
     """Connection `index`'s datagrams, sent and verified; a subclass per pattern.
 
     It answers the run the way a TCP `LoadConnection` does (`verified`, `outstanding`,
@@ -68,9 +68,7 @@ class DatagramConnection(asyncio.DatagramProtocol):
         "sender",
         "sendto",
         "size",
-        "state",
         "tally",
-        "transport",
         "write_paused",
     )
 
@@ -144,23 +142,6 @@ class DatagramConnection(asyncio.DatagramProtocol):
             self.state = CLOSED
 
     # for the run and the subclasses
-
-    def fail(self, kind: str, detail: str = "") -> None:
-        """Count a failure of this connection and close it."""
-        if self.state == OPEN:
-            self._record_failure(kind, detail)
-            self._end(FAILED)
-
-    def close(self) -> None:
-        if self.state == OPEN:
-            self.state = CLOSING
-            if self.transport is not None:
-                self.transport.close()
-
-    def _end(self, state: str) -> None:
-        self.state = state
-        if self.transport is not None:
-            self.transport.abort()
 
     def _record_failure(self, kind: str, detail: str, offset: int | None = None) -> None:
         at = self.verified() if offset is None else offset
