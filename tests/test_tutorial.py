@@ -44,6 +44,16 @@ def type_into(nc: Process, text: str) -> None:
     nc.proc.stdin.flush()
 
 
+def nc_says_hello(server: Process, port: int) -> Process:
+    """The tutorial's first steps: nc connects, types Hello, and both sides show it."""
+    nc = start_nc(port)
+    assert NEW_CONNECTION.match(server.next_line())
+    type_into(nc, "Hello\n")
+    assert server.next_line() == "Received: b'Hello\\n'\n"
+    assert nc.next_line() == "Hello\n"
+    return nc
+
+
 def test_default_port_and_host_are_the_tutorials() -> None:
     # Parse --help rather than bind 12345, which another program may hold.
     out = subprocess.run(
@@ -60,13 +70,7 @@ def test_default_port_and_host_are_the_tutorials() -> None:
 def test_threads_walkthrough_with_nc() -> None:
     server, port = start_tutorial_server()
     with server:
-        nc = start_nc(port)
-        with nc:
-            assert NEW_CONNECTION.match(server.next_line())
-            type_into(nc, "Hello\n")
-            assert server.next_line() == "Received: b'Hello\\n'\n"
-            assert nc.next_line() == "Hello\n"
-
+        with nc_says_hello(server, port) as nc:
             # While nc stays connected, the tutorial's client is served at once.
             client = run_client(port)
             assert client.returncode == 0, client.stderr
@@ -86,13 +90,7 @@ def test_threads_walkthrough_with_nc() -> None:
 def test_simple_mode_makes_the_second_client_wait() -> None:
     server, port = start_tutorial_server("--mode", "simple")
     with server:
-        nc = start_nc(port)
-        with nc:
-            assert NEW_CONNECTION.match(server.next_line())
-            type_into(nc, "Hello\n")
-            assert server.next_line() == "Received: b'Hello\\n'\n"
-            assert nc.next_line() == "Hello\n"
-
+        with nc_says_hello(server, port):  # nc stays connected, idle
             client = subprocess.Popen(
                 [sys.executable, "ClientPython.py", "--port", str(port)],
                 cwd=ROOT,
