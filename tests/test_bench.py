@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -31,7 +32,14 @@ from echoplex.bench.results import (
     paired_ratio,
     summarize,
 )
-from echoplex.bench.runner import BenchReport, BenchSettings, ScenarioResult, run_scenario
+from echoplex.bench.runner import (
+    BenchReport,
+    BenchSettings,
+    Pinning,
+    ScenarioResult,
+    run_scenario,
+    servers_for,
+)
 from echoplex.bench.scenarios import SCENARIOS
 from echoplex.bench.servers import SERVERS, RunningServer
 
@@ -306,25 +314,23 @@ def test_bench_rejects_a_reference_that_does_not_run() -> None:
     assert "--reference ref-uvloop is not among the servers" in result.stderr
 
 
-def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    result = echoplex(
-        "bench",
-        "--scenario",
-        "smoke",
-        "--models",
-        "simple,workers,ref-asyncio",
-        "--quiet",
-        "--out",
-        str(out),
-        timeout_s=50,
-    )
+def _bench(out: Path, *args: str) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+    """Run `echoplex bench ARGS --quiet --out OUT` (one scenario) to success; return
+    its stdout, the machine it describes, and its scenario's rows by server."""
+    result = echoplex("bench", *args, "--quiet", "--out", str(out), timeout_s=45)
     assert result.returncode == 0, result.stderr
     data = json.loads((out / "results.json").read_text())
     (scenario,) = data["scenarios"]
-    assert scenario["name"] == "smoke" and scenario["reference"] == "simple"
     rows = {row["server"]: row for row in scenario["rows"]}
+    assert {row["reference"] for row in rows.values()} == {scenario["reference"]}
+    return result.stdout, data["machine"], rows
+
+
+def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stdout, _, rows = _bench(out, "--scenario", "smoke", "--models", "simple,workers,ref-asyncio")
     assert set(rows) == {"simple", "workers", "ref-asyncio"}
+    assert rows["simple"]["reference"] == "simple"
     for row in rows.values():
         assert row["errors_total"] == 0, row
         for figure in (
@@ -339,6 +345,86 @@ def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
     assert sum(rows["workers"]["connections_opened"][0].values()) == 1
     text = (out / "results.md").read_text()
     assert "| load | server | req/s |" in text
-    assert text in result.stdout + "\n" or "| pingpong c=1 s=64B | simple |" in result.stdout
+    assert text in stdout + "\n" or "| pingpong c=1 s=64B | simple |" in stdout
     for chart in ("smoke-throughput.png", "smoke-cpu.png", "smoke-latency.png"):
         assert (out / chart).read_bytes().startswith(PNG_MAGIC)
+
+
+# --- the workers model with 1 and 2 processes (multicore) ----------------------------
+
+
+def test_a_server_gets_a_cpu_per_process_and_the_load_generator_the_last() -> None:
+    workers_1, workers_2 = SERVERS["workers-1"], SERVERS["workers-2"]
+    four = Pinning((0, 1, 2, 3))
+    assert four.load_cpu == 3
+    assert four.server_cpus(workers_1) == four.server_cpus(SERVERS["asyncio"]) == (0,)
+    assert four.server_cpus(workers_2) == (0, 1)
+    # Two CPUs: workers-2 shares the load generator's; fewer CPUs than processes: all.
+    assert Pinning((0, 1)).server_cpus(workers_2) == (0, 1)
+    assert Pinning((2, 5)).server_cpus(replace(workers_2, cpus=4)) == (2, 5)
+
+
+def test_multicore_runs_workers_1_and_2_against_workers_1() -> None:
+    scenario = SCENARIOS["multicore"]
+    servers = servers_for(scenario, BenchSettings(("multicore",), baselines=True))
+    assert servers[:3] == ["workers-1", "workers-2", "asyncio"]
+    assert choose_reference(servers, None, scenario.reference) == "workers-1"
+    assert choose_reference(servers, "asyncio", scenario.reference) == "asyncio"
+    assert SERVERS["workers-2"].argv[-2:] == ("--workers", "2")
+
+
+def test_the_report_says_where_a_server_shares_or_lacks_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(SERVERS, "workers-4", replace(SERVERS["workers-2"], cpus=4))
+    runs = []
+    for server, cpus in (("workers-1", [0]), ("workers-2", [0, 1]), ("workers-4", [0, 1])):
+        run = _run(server, 0, 1000.0, "c50")
+        run.server_cpus = cpus
+        runs.append(run)
+    result = ScenarioResult(
+        SCENARIOS["multicore"],
+        servers=[run.server for run in runs],
+        reference="workers-1",
+        runs=runs,
+        rows=summarize(runs, "requests_per_s", "workers-1"),
+    )
+    pinning = {"cpus": [0, 1], "load_cpu": 1}
+    report = BenchReport(
+        "echoplex bench", "now", {"pinning": pinning}, BenchSettings(("multicore",)), [result]
+    )
+    text = markdown(report)
+    assert "server on CPU 0 (unless said under its table), load generator on CPU 1" in text
+    assert "- workers-1:" not in text
+    assert "- workers-2: server on CPUs 0-1, load generator on CPU 1: they share CPU 1" in text
+    assert "- workers-4: server on CPUs 0-1 (all of them, for its 4 processes)," in text
+    assert [row.server_cpus for row in result.rows] == [[0], [0, 1], [0, 1]]
+
+
+def test_bench_multicore_spreads_workers_2_over_two_processes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _, machine, rows = _bench(
+        out,
+        *("--scenario", "multicore", "--models", "workers-1,workers-2"),
+        *("--duration", "0.5", "--warmup", "0.2"),
+    )
+    assert set(rows) == {"workers-1", "workers-2"}
+    connections = SCENARIOS["multicore"].points[0].connections
+    for name, processes in (("workers-1", 1), ("workers-2", 2)):
+        row = rows[name]
+        assert row["reference"] == "workers-1"
+        assert row["errors_total"] == 0, row
+        (opened,) = row["connections_opened"]
+        assert len(opened) == processes, opened
+        assert all(process.startswith("worker-") for process in opened)
+        assert sum(opened.values()) == connections
+    assert rows["workers-1"]["vs_baseline"] == 1.0
+    assert isinstance(rows["workers-2"]["vs_baseline"], float)  # the 2-over-1 ratio
+    text = (out / "results.md").read_text()
+    assert "- workers-2, pingpong c=50 s=1KiB: worker-0 " in text
+    if pinning := machine["pinning"]:
+        assert rows["workers-1"]["server_cpus"] == pinning["cpus"][:1]
+        assert rows["workers-2"]["server_cpus"] == pinning["cpus"][:2]
+        assert "- workers-2: server on CPU" in text
+    else:
+        assert rows["workers-2"]["server_cpus"] is None

@@ -1,6 +1,6 @@
 """`echoplex bench`: every concurrency model (and reference servers) under the same load.
 
-scenarios.py   the named load points (concurrency sweep, sizes, stream, hold, smoke)
+scenarios.py   the named load points (concurrency sweep, targets, multicore, sizes, ...)
 servers.py     the servers compared, and starting/stopping one on a free port
 loadgen.py     driving a server with `echoplex load` as a subprocess
 proctree.py    server CPU and memory, summed over its process tree, from /proc

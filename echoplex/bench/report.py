@@ -11,6 +11,7 @@ from typing import Any
 
 from .results import Row
 from .runner import BenchReport, ScenarioResult
+from .servers import SERVERS
 
 MIB = 1024 * 1024
 
@@ -121,7 +122,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
     machine = report.machine
     pinning = machine.get("pinning")
     pinned = (
-        f"server on CPU {pinning['server_cpu']}, load generator on CPU {pinning['load_cpu']}"
+        f"server on CPU {pinning['cpus'][0]} (unless said under its table), load generator on "
+        f"CPU {pinning['load_cpu']}"
         if pinning
         else "not pinned"
     )
@@ -162,6 +164,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
             "",
             table(result),
         ]
+        if pinned_apart := _pinning_lines(result, pinning):
+            parts += ["", "Servers pinned to other CPUs than the first:", "", *pinned_apart]
         if per_worker := _per_worker_lines(result):
             parts += [
                 "",
@@ -180,6 +184,36 @@ def _loadavg(values: Any) -> str:
     if not values:
         return "unknown"
     return "/".join(f"{value:.1f}" for value in values)
+
+
+def _cpu_set(cpus: list[int]) -> str:
+    if len(cpus) == 1:
+        return f"CPU {cpus[0]}"
+    if cpus == list(range(cpus[0], cpus[-1] + 1)):
+        return f"CPUs {cpus[0]}-{cpus[-1]}"
+    return "CPUs " + ",".join(map(str, cpus))
+
+
+def _pinning_lines(result: ScenarioResult, pinning: dict[str, Any] | None) -> list[str]:
+    """Servers of several processes, pinned to several CPUs: the load generator's CPU
+    among them, or fewer CPUs than processes, is said, as it weighs on their figures."""
+    if not pinning:
+        return []
+    load_cpu = pinning["load_cpu"]
+    apart: dict[str, list[int]] = {}
+    for row in result.rows:
+        if row.server_cpus and row.server_cpus != pinning["cpus"][:1]:
+            apart.setdefault(row.server, row.server_cpus)
+    lines = []
+    for server, cpus in apart.items():
+        processes = SERVERS[server].cpus if server in SERVERS else len(cpus)
+        fewer = f" (all of them, for its {processes} processes)" if processes > len(cpus) else ""
+        shared = f": they share CPU {load_cpu}" if load_cpu in cpus else ""
+        lines.append(
+            f"- {server}: server on {_cpu_set(cpus)}{fewer}, load generator on CPU {load_cpu}"
+            f"{shared}"
+        )
+    return lines
 
 
 def _per_worker_lines(result: ScenarioResult) -> list[str]:

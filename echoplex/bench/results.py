@@ -69,6 +69,8 @@ class RunResult:
     """Resident memory of the tree once it listened, before any load."""
     connections_opened: dict[str, int] | None = None
     """Connections the server accepted, by process (`worker-N` for workers)."""
+    server_cpus: list[int] | None = None
+    """The CPUs the server was pinned to; None when the bench did not pin."""
     failure: str | None = None
     """Why the run did not complete normally (timeout, crash, no report), if it did not."""
 
@@ -102,6 +104,7 @@ class Row:
     """The load generator's errors over all repeats, by kind (timeout, reset, ...)."""
     failures: list[str] = field(default_factory=list)
     connections_opened: list[dict[str, int]] = field(default_factory=list)
+    server_cpus: list[int] | None = None
     reference: str | None = None
     vs_baseline: float | None = None
     """Median over repeats of (this server's headline figure / the reference's, same repeat)."""
@@ -127,6 +130,7 @@ class Row:
             "errors_by_kind": self.errors_by_kind,
             "failures": self.failures,
             "connections_opened": self.connections_opened,
+            "server_cpus": self.server_cpus,
             "reference": self.reference,
             "vs_baseline": self.vs_baseline,
             "cpu_vs_baseline": self.cpu_vs_baseline,
@@ -176,6 +180,7 @@ def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> 
             errors_by_kind=_add_up(run.errors_by_kind for run in group),
             failures=[run.failure for run in group if run.failure],
             connections_opened=[run.connections_opened for run in group if run.connections_opened],
+            server_cpus=first.server_cpus,
         )
         reference_runs = groups.get((point, reference)) if reference else None
         if reference_runs:
@@ -193,12 +198,15 @@ def _add_up(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-def choose_reference(servers: Sequence[str], requested: str | None) -> str | None:
-    """The server ratios are taken against: the one asked for, else the uvloop
-    reference server if it runs, else the asyncio model, else the first server."""
+def choose_reference(
+    servers: Sequence[str], requested: str | None, preferred: str | None = None
+) -> str | None:
+    """The server ratios are taken against: the one asked for, else the scenario's
+    `preferred` one if it runs, else the uvloop reference server if it runs, else the
+    asyncio model, else the first server."""
     if requested:
         return requested
-    for candidate in ("ref-uvloop", "asyncio"):
+    for candidate in (preferred, "ref-uvloop", "asyncio"):
         if candidate in servers:
             return candidate
     return servers[0] if servers else None

@@ -2,8 +2,10 @@
 
 Servers alternate within a repeat (A, B, C, A, B, C, ...) so that slow changes on a
 shared machine hit them alike, and every run starts a fresh server on a free port.
-With 2+ CPUs and `taskset`, the server is pinned to one CPU and the load generator to
-another, so they do not compete for a core.
+With 2+ CPUs and `taskset`, the load generator is pinned to the last CPU and a server
+to the first one, so they do not compete for a core; a server of N processes
+(`workers-2`) gets the first N CPUs, which may include the load generator's: the
+report says so under its table.
 
 Server CPU is read from `/proc` (whole process tree) over a window inside the load's
 measured phase and divided by that window's length, giving a CPU rate; dividing the
@@ -48,8 +50,17 @@ NOFILE_MARGIN = 200
 
 @dataclass(frozen=True)
 class Pinning:
-    server_cpu: int
-    load_cpu: int
+    """The CPUs the bench may use: the load generator on the last, a server on the first
+    as many as it has serving processes (all of them if there are fewer)."""
+
+    cpus: tuple[int, ...]
+
+    @property
+    def load_cpu(self) -> int:
+        return self.cpus[-1]
+
+    def server_cpus(self, spec: ServerSpec) -> tuple[int, ...]:
+        return self.cpus[: spec.cpus]
 
 
 @dataclass(frozen=True)
@@ -89,13 +100,13 @@ class BenchReport:
 
 
 def plan_pinning(wanted: bool) -> Pinning | None:
-    """One CPU for the server, another for the load, if there are two and taskset."""
+    """Separate CPUs for the server and the load, if there are two and taskset."""
     if not wanted or shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"):
         return None
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
     if len(cpus) < 2:
         return None
-    return Pinning(server_cpu=cpus[0], load_cpu=cpus[1])
+    return Pinning(cpus)
 
 
 def servers_for(scenario: Scenario, settings: BenchSettings) -> list[str]:
@@ -113,9 +124,8 @@ def machine_info(pinning: Pinning | None, nofile: tuple[int, int]) -> dict[str, 
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
-        "pinning": (
-            {"server_cpu": pinning.server_cpu, "load_cpu": pinning.load_cpu} if pinning else None
-        ),
+        # Each run's server CPUs are in its `server_cpus`.
+        "pinning": {"cpus": list(pinning.cpus), "load_cpu": pinning.load_cpu} if pinning else None,
         "echoplex_revision": _revision(),
         "load_average_start": _load_average(),
         "nofile_soft": nofile[0],
@@ -214,9 +224,16 @@ def run_scenario(
         if (reason := spec.unavailable_reason()) is not None:
             log.warning("skipping %s", reason)
             continue
+        if pinning and spec.cpus > len(pinning.cpus):
+            log.warning(
+                "%s has %d processes but only %d CPUs to run on: pinned to all of them",
+                spec.name,
+                spec.cpus,
+                len(pinning.cpus),
+            )
         specs.append(spec)
     result.servers = [spec.name for spec in specs]
-    result.reference = choose_reference(result.servers, settings.reference)
+    result.reference = choose_reference(result.servers, settings.reference, scenario.reference)
     for point in scenario.points:
         load = LoadSpec(
             point.pattern, point.connections, point.size_bytes, result.duration_s, result.warmup_s
@@ -247,6 +264,7 @@ def measure(
     pinning: Pinning | None,
 ) -> RunResult:
     """Start `spec` on a free port, drive it with `load`, measure it, stop it."""
+    server_cpus = pinning.server_cpus(spec) if pinning else None
     result = RunResult(
         scenario=scenario.name,
         point=point.label,
@@ -256,9 +274,10 @@ def measure(
         pattern=point.pattern,
         connections=point.connections,
         size_bytes=point.size_bytes,
+        server_cpus=list(server_cpus) if server_cpus else None,
     )
     try:
-        server = RunningServer(spec, cpu=pinning.server_cpu if pinning else None)
+        server = RunningServer(spec, cpus=server_cpus)
     except ServerStartError as exc:
         result.failure = str(exc)
         return result

@@ -2,7 +2,7 @@
 
 A point is one `echoplex load` shape (pattern, connections, message size). A scenario
 also names its headline figure, the one the `vs_baseline` ratio is taken on, and the
-point field its charts put on the x axis.
+point field its charts put on the x axis; it may choose its servers and reference.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class Scenario:
     duration_s: float | None = None
     """Measured seconds per run when `--duration` is not given; None: the bench default."""
     warmup_s: float | None = None
+    reference: str | None = None
+    """The server ratios are taken against when it runs and `--reference` is not given;
+    None: the bench's default choice."""
 
     @property
     def max_connections(self) -> int:
@@ -49,6 +52,9 @@ def format_size(size_bytes: int) -> str:
         return f"{size_bytes // KIB}KiB"
     return f"{size_bytes}B"
 
+
+# The load point of the performance targets: 1 KiB request/response over 50 connections.
+TARGETS_POINT = LoadPoint("pingpong", 50, KIB)
 
 SCENARIOS: dict[str, Scenario] = {
     scenario.name: scenario
@@ -63,8 +69,17 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "targets",
             "the load point of the performance targets: 1 KiB request/response over 50 connections",
-            (LoadPoint("pingpong", 50, KIB),),
+            (TARGETS_POINT,),
             metric="requests_per_s",
+        ),
+        Scenario(
+            "multicore",
+            "what a second core adds to the workers model: 1 and 2 processes on as many "
+            "CPUs, asyncio beside them, 1 KiB request/response over 50 connections",
+            (TARGETS_POINT,),
+            metric="requests_per_s",
+            models=("workers-1", "workers-2", "asyncio"),
+            reference="workers-1",
         ),
         Scenario(
             "sizes",

@@ -3,7 +3,7 @@
 Every server is a separate program that logs `listening on HOST:PORT` on stderr once
 it accepts: `echoplex serve --mode M` for the five models, and the three few-line
 reference servers in the repository's `bench/` directory. So one launcher handles
-them all: start it (pinned to a CPU if asked), read the port from its log, keep
+them all: start it (pinned to CPUs if asked), read the port from its log, keep
 reading its log in a thread (counting the connections each process accepted), and
 stop it with SIGTERM, then SIGKILL to its whole session if it does not exit in time.
 """
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Self
@@ -46,6 +47,8 @@ class ServerSpec:
     argv: tuple[str, ...]
     requires: tuple[str, ...] = ()
     """Modules the server imports that may be missing (checked before starting it)."""
+    cpus: int = 1
+    """CPUs the bench pins it to when it pins: one per process that serves."""
 
     def unavailable_reason(self) -> str | None:
         for module in self.requires:
@@ -91,19 +94,29 @@ def _baseline_spec(name: str, script: str, description: str, *requires: str) -> 
     )
 
 
-def _without_zero_copy(spec: ServerSpec) -> ServerSpec:
-    """The same model with its zero-copy path off: what splice(2) saves, side by side."""
+def _variant(spec: ServerSpec, suffix: str, *args: str, cpus: int = 1) -> ServerSpec:
+    """The same server with more arguments, named `NAME-SUFFIX`, to run side by side."""
     return replace(
         spec,
-        name=f"{spec.name}-copy",
-        description=f"{spec.description} --no-zero-copy",
-        argv=(*spec.argv, "--no-zero-copy"),
+        name=f"{spec.name}-{suffix}",
+        description=f"{spec.description} {' '.join(args)}",
+        argv=(*spec.argv, *args),
+        cpus=cpus,
     )
+
+
+def _with_workers(count: int) -> ServerSpec:
+    """The workers model with a fixed number of processes, on as many CPUs: plain
+    `workers` counts the CPUs it may use, which is one when the bench pins it."""
+    return _variant(_model_spec("workers"), str(count), "--workers", str(count), cpus=count)
 
 
 SERVERS: dict[str, ServerSpec] = {
     **{name: _model_spec(name) for name in MODELS},
-    "threads-copy": _without_zero_copy(_model_spec("threads")),
+    # What splice(2) saves: the same model with its zero-copy path off.
+    "threads-copy": _variant(_model_spec("threads"), "copy", "--no-zero-copy"),
+    "workers-1": _with_workers(1),
+    "workers-2": _with_workers(2),
     "ref-socketserver": _baseline_spec(
         "ref-socketserver",
         "baseline_socketserver.py",
@@ -126,11 +139,12 @@ class ServerStartError(Exception):
 class RunningServer:
     """A started server: `host`, `port`, `pid`, connection counts; `stop()` it when done."""
 
-    def __init__(self, spec: ServerSpec, *, cpu: int | None = None) -> None:
+    def __init__(self, spec: ServerSpec, *, cpus: Sequence[int] | None = None) -> None:
         self.spec = spec
         argv = list(spec.argv)
-        if cpu is not None:
-            argv = ["taskset", "-c", str(cpu), *argv]  # taskset execs: the pid stays ours
+        if cpus:
+            # taskset execs: the pid stays ours.
+            argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

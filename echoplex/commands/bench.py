@@ -14,6 +14,7 @@ from ..bench import SCENARIOS, SERVERS, BenchSettings, run_bench
 from ..bench.charts import MissingDependency, check_available
 from ..bench.report import markdown, write_results
 from ..bench.runner import selected, servers_for
+from ..bench.scenarios import ALL
 
 PROG = "echoplex bench"
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=[*SCENARIOS, "all"],
         help=f"what load to apply; repeat to run several (default concurrency). {scenarios}; "
-        "all: every one but smoke",
+        f"all: {', '.join(ALL)}",
     )
     parser.add_argument(
         "--models",
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="servers to run, comma-separated: models "
         f"({', '.join(n for n, s in SERVERS.items() if s.kind == 'model')}) and/or reference "
         f"servers ({', '.join(n for n, s in SERVERS.items() if s.kind == 'baseline')}) "
-        "(default: every model; smoke: simple,asyncio)",
+        f"(default: every model{_scenario_defaults('models')})",
     )
     parser.add_argument(
         "--baselines",
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SERVERS,
         metavar="NAME",
         help="server the vs_baseline ratios are relative to (default ref-uvloop with "
-        "--baselines, else asyncio)",
+        f"--baselines, else asyncio{_scenario_defaults('reference')})",
     )
     parser.add_argument(
         "--no-pin",
@@ -85,6 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no progress lines on stderr, only warnings",
     )
+
+
+def _scenario_defaults(setting: str) -> str:
+    """`; SCENARIO: VALUE` for each scenario with its own `models` or `reference`."""
+    parts = []
+    for name, scenario in SCENARIOS.items():
+        value = getattr(scenario, setting)
+        if value:
+            parts.append(f"; {name}: {value if isinstance(value, str) else ','.join(value)}")
+    return "".join(parts)
 
 
 def _server_list(text: str) -> tuple[str, ...]:
