@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -270,12 +271,17 @@ def tune_connection(sock: socket.socket) -> None:
 
 def plain_peer(peer: Any) -> Any:
     """An IPv4 client of a dual-stack listener, `('::ffff:10.0.0.1', p, 0, 0)`, as
-    `('10.0.0.1', p)`; a Unix socket client (no address) as `'unix'`."""
-    if isinstance(peer, tuple) and len(peer) == 4 and peer[0].startswith("::ffff:"):
-        with contextlib.suppress(ValueError):
-            mapped = ipaddress.IPv6Address(peer[0]).ipv4_mapped
-            if mapped is not None:
-                return (str(mapped), peer[1])
+    `('10.0.0.1', p)`; a Unix socket client (no address) as `'unix'`.
+
+    The address string is interned: every connection from one client shares one copy,
+    which the connection keeps for as long as it is open (58 bytes each otherwise)."""
+    if isinstance(peer, tuple):
+        if len(peer) == 4 and peer[0].startswith("::ffff:"):
+            with contextlib.suppress(ValueError):
+                mapped = ipaddress.IPv6Address(peer[0]).ipv4_mapped
+                if mapped is not None:
+                    return (sys.intern(str(mapped)), peer[1])
+        return (sys.intern(peer[0]), *peer[1:])
     if peer in ("", None, b""):
         return "unix"
     return peer

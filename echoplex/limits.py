@@ -125,35 +125,64 @@ class Deadlines:
         return Wait(limit_s, outcome)
 
 
+@dataclass(frozen=True, slots=True)
+class SweepLimits:
+    """The time limits a periodic sweep enforces, one object for all connections
+    (0 in the config means no limit)."""
+
+    idle_s: float | None
+    send_s: float | None
+    lifetime_s: float | None
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> SweepLimits:
+        return cls(
+            config.idle_timeout_s or None,
+            config.send_timeout_s or None,
+            config.max_lifetime_s or None,
+        )
+
+    @property
+    def any(self) -> bool:
+        return not (self.idle_s is None and self.send_s is None and self.lifetime_s is None)
+
+
 class ProgressWatch:
-    """Idle and send timeouts for event-loop models, which sweep all connections
+    """Idle, send and lifetime limits for event-loop models, which sweep all connections
     periodically instead of arming a timer per connection per chunk.
 
-    Each sweep passes the connection's byte count received and its bytes still
-    waiting to be sent; the watch says whether a limit has run out.
+    Each sweep passes the server's `SweepLimits`, the connection's byte count received
+    and its bytes still waiting to be sent; the watch says whether a limit has run out.
+    A watch is the only per-connection state of the limits (four numbers and when the
+    connection opened), since an idle event-loop server is mostly these objects.
     """
 
-    __slots__ = ("_last_in", "_last_pending", "_received_at", "_sent_at", "deadlines")
+    __slots__ = ("_last_in", "_last_pending", "_received_at", "_sent_at", "opened_at")
 
-    def __init__(self, deadlines: Deadlines, now: float) -> None:
-        self.deadlines = deadlines
+    def __init__(self, opened_at: float) -> None:
+        self.opened_at = opened_at
         self._last_in = 0
         self._last_pending = 0
-        self._received_at = now
-        self._sent_at = now
+        self._received_at = opened_at
+        self._sent_at = opened_at
 
-    def check(self, bytes_in: int, pending_bytes: int, now: float) -> str | None:
+    def check(
+        self, limits: SweepLimits, bytes_in: int, pending_bytes: int, now: float
+    ) -> str | None:
         if bytes_in != self._last_in:
             self._last_in = bytes_in
             self._received_at = now
         if pending_bytes < self._last_pending or not pending_bytes:
             self._sent_at = now  # the client took some of its echo (or had none waiting)
         self._last_pending = pending_bytes
-        d = self.deadlines
-        if d.lifetime_ends is not None and now >= d.lifetime_ends:
+        if limits.lifetime_s is not None and now - self.opened_at >= limits.lifetime_s:
             return LIFETIME
-        if d.send_s is not None and pending_bytes and now - self._sent_at >= d.send_s:
+        if limits.send_s is not None and pending_bytes and now - self._sent_at >= limits.send_s:
             return SEND_TIMEOUT
-        if d.idle_s is not None and not pending_bytes and now - self._received_at >= d.idle_s:
+        if (
+            limits.idle_s is not None
+            and not pending_bytes
+            and now - self._received_at >= limits.idle_s
+        ):
             return IDLE_TIMEOUT
         return None

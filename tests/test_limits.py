@@ -18,6 +18,7 @@ from echoplex.limits import (
     Admission,
     Deadlines,
     ProgressWatch,
+    SweepLimits,
 )
 
 
@@ -75,37 +76,52 @@ def test_lifetime_shortens_the_idle_and_send_waits() -> None:
     assert deadlines.lifetime_over()
 
 
+def limits(**config_limits: Any) -> SweepLimits:
+    return SweepLimits.from_config(config(**config_limits))
+
+
 def test_watch_ends_a_silent_connection_after_the_idle_timeout() -> None:
-    watch = ProgressWatch(Deadlines(config(idle_timeout_s=1.0), opened_at=0), now=0)
-    assert watch.check(bytes_in=0, pending_bytes=0, now=0.9) is None
-    assert watch.check(bytes_in=0, pending_bytes=0, now=1.0) == IDLE_TIMEOUT
+    watch, idle = ProgressWatch(opened_at=0), limits(idle_timeout_s=1.0)
+    assert watch.check(idle, bytes_in=0, pending_bytes=0, now=0.9) is None
+    assert watch.check(idle, bytes_in=0, pending_bytes=0, now=1.0) == IDLE_TIMEOUT
 
 
 def test_watch_keeps_a_connection_that_receives_bytes() -> None:
-    watch = ProgressWatch(Deadlines(config(idle_timeout_s=1.0), opened_at=0), now=0)
+    watch, idle = ProgressWatch(opened_at=0), limits(idle_timeout_s=1.0)
     for step in range(1, 50):  # a byte every 0.9 s: never idle for a whole second
-        assert watch.check(bytes_in=step, pending_bytes=0, now=step * 0.9) is None
+        assert watch.check(idle, bytes_in=step, pending_bytes=0, now=step * 0.9) is None
 
 
 def test_lifetime_ends_a_trickling_connection() -> None:
-    watch = ProgressWatch(
-        Deadlines(config(idle_timeout_s=1.0, max_lifetime_s=5.0), opened_at=0), now=0
-    )
-    outcomes = [watch.check(bytes_in=step, pending_bytes=0, now=step * 0.9) for step in range(1, 7)]
+    watch, both = ProgressWatch(opened_at=0), limits(idle_timeout_s=1.0, max_lifetime_s=5.0)
+    outcomes = [
+        watch.check(both, bytes_in=step, pending_bytes=0, now=step * 0.9) for step in range(1, 7)
+    ]
     assert outcomes[-1] == LIFETIME and set(outcomes[:-1]) == {None}
 
 
+def test_lifetime_counts_from_when_the_connection_opened() -> None:
+    watch, lifetime = ProgressWatch(opened_at=100.0), limits(max_lifetime_s=5.0)
+    assert watch.check(lifetime, bytes_in=1, pending_bytes=0, now=104.9) is None
+    assert watch.check(lifetime, bytes_in=2, pending_bytes=0, now=105.0) == LIFETIME
+
+
+def test_sweep_limits_without_limits_enforce_nothing() -> None:
+    none = limits()
+    assert not none.any and limits(send_timeout_s=1.0).any
+    watch = ProgressWatch(opened_at=0)
+    assert watch.check(none, bytes_in=0, pending_bytes=10, now=1e9) is None
+
+
 def test_send_timeout_counts_only_while_the_client_takes_nothing() -> None:
-    watch = ProgressWatch(
-        Deadlines(config(send_timeout_s=2.0, idle_timeout_s=1.0), opened_at=0), now=0
-    )
+    watch, both = ProgressWatch(opened_at=0), limits(send_timeout_s=2.0, idle_timeout_s=1.0)
     # The client reads slowly: pending shrinks each sweep, so no timeout (and no idle either).
-    assert watch.check(bytes_in=100, pending_bytes=90, now=0.5) is None
-    assert watch.check(bytes_in=100, pending_bytes=60, now=1.5) is None
-    assert watch.check(bytes_in=100, pending_bytes=30, now=3.0) is None
+    assert watch.check(both, bytes_in=100, pending_bytes=90, now=0.5) is None
+    assert watch.check(both, bytes_in=100, pending_bytes=60, now=1.5) is None
+    assert watch.check(both, bytes_in=100, pending_bytes=30, now=3.0) is None
     # Then it stops reading altogether.
-    assert watch.check(bytes_in=100, pending_bytes=30, now=4.9) is None
-    assert watch.check(bytes_in=100, pending_bytes=30, now=5.0) == SEND_TIMEOUT
+    assert watch.check(both, bytes_in=100, pending_bytes=30, now=4.9) is None
+    assert watch.check(both, bytes_in=100, pending_bytes=30, now=5.0) == SEND_TIMEOUT
 
 
 def test_throttle_lets_one_message_a_second_through_and_counts_the_rest(

@@ -31,7 +31,7 @@ from .._proxy_accept import ProxyGate
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
-from ..limits import IDLE_TIMEOUT, Admission, Deadlines, ProgressWatch
+from ..limits import IDLE_TIMEOUT, Admission, ProgressWatch, SweepLimits
 from ..shutdown import STOP_SIGNALS, Shutdown
 
 log = logging.getLogger("echoplex.server")
@@ -61,6 +61,7 @@ class _Server:
         self.config = config
         self.events = events
         self.admission = Admission.from_config(config)
+        self.limits = SweepLimits.from_config(config)
         self.open: set[EchoProtocol] = set()
         self.changed = asyncio.Event()
 
@@ -77,9 +78,7 @@ class EchoProtocol(asyncio.Protocol):
         self.server = server
         self.received = 0  # here, not on the record: one attribute less per chunk
         self.record = ConnectionRecord(peer)
-        self.watch = ProgressWatch(
-            Deadlines(server.config, self.record.opened_at), time.monotonic()
-        )
+        self.watch = ProgressWatch(self.record.opened_at)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -216,7 +215,7 @@ async def _serve(
     if in_main_thread:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, shutdown.request)
-    sweeper = loop.create_task(_sweep_limits(server)) if _has_limits(config) else None
+    sweeper = loop.create_task(_sweep_limits(server)) if server.limits.any else None
     try:
         for listener in listeners:
             watch(listener)
@@ -244,22 +243,18 @@ async def _serve(
                 loop.remove_signal_handler(sig)
 
 
-def _has_limits(config: ServerConfig) -> bool:
-    return bool(config.idle_timeout_s or config.send_timeout_s or config.max_lifetime_s)
-
-
 async def _sweep_limits(server: _Server) -> None:
     """End connections whose idle, send or lifetime limit has run out."""
-    config = server.config
-    limits = [s for s in (config.idle_timeout_s, config.send_timeout_s, config.max_lifetime_s) if s]
+    limits = server.limits
+    shortest_s = min(s for s in (limits.idle_s, limits.send_s, limits.lifetime_s) if s)
     # A limit is enforced at most a quarter of itself late (and within a second).
-    interval_s = min(1.0, max(0.01, min(limits) / 4))
+    interval_s = min(1.0, max(0.01, shortest_s / 4))
     while True:
         await asyncio.sleep(interval_s)
         now = time.monotonic()
         for protocol in list(server.open):
             pending = protocol.transport.get_write_buffer_size()
-            outcome = protocol.watch.check(protocol.received, pending, now)
+            outcome = protocol.watch.check(limits, protocol.received, pending, now)
             if outcome is not None:
                 protocol.end(outcome)
 
