@@ -202,7 +202,7 @@ def echo_until_closed(
             record.bytes_out += received
             if zero_copy and received == len(buffer):
                 # A full buffer: the client is streaming. The rest goes kernel to kernel.
-                _splice.splice_echo(conn, record, deadlines, len(buffer), read_gate)
+                _splice.splice_echo(conn, record, deadlines, read_gate)
                 return
     except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
         # Python's timeout, or the kernel's (a blocking call failing with EAGAIN).
