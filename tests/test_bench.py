@@ -246,6 +246,28 @@ def test_every_kind_of_server_starts_echoes_and_stops(name: str) -> None:
     assert tree_cpu_s(server.pid) is None
 
 
+def test_the_pool_is_started_with_a_thread_for_every_connection_of_the_load() -> None:
+    import socket
+
+    spec = SERVERS["pool"].for_connections(40)
+    assert spec.argv[-2:] == ("--threads", "40") and "--threads 40" in spec.description
+    assert SERVERS["threads"].for_connections(40) == SERVERS["threads"]
+    # 40 clients that keep their connections open are all echoed at once: with the
+    # default 32 threads, the last 8 would wait for a connection to close.
+    with RunningServer(spec) as server:
+        clients = [
+            socket.create_connection((server.host, server.port), timeout=10) for _ in range(40)
+        ]
+        try:
+            for index, client in enumerate(clients):
+                client.sendall(b"client %d" % index)
+            for index, client in enumerate(clients):
+                assert client.recv(64) == b"client %d" % index
+        finally:
+            for client in clients:
+                client.close()
+
+
 def test_the_hold_scenario_is_skipped_with_a_reason_when_descriptors_are_short() -> None:
     result = run_scenario(SCENARIOS["hold"], BenchSettings(scenarios=("hold",)), None, 1024)
     assert result.skipped is not None and "open files" in result.skipped
