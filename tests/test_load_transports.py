@@ -23,7 +23,7 @@ from echoplex.load.connections import Tally
 from echoplex.load.datagrams import DatagramPingPong, DatagramRate
 from echoplex.payload import PayloadPattern
 
-from .procs import Process, Server, echoplex
+from .procs import Process, Server, echoplex, needs_ipv6
 from .test_load import load_json, run_cli
 from .test_udp import UdpServer
 
@@ -202,6 +202,20 @@ def test_udp_verifies_clean_against_the_server(
     assert_clean(report, int(args[args.index("-c") + 1]))
     assert report["transport"] == "udp" and report["late_datagrams"] == 0
     assert report["timeout_s"] == 2.0  # the UDP default, as `echoplex client --udp`
+
+
+@needs_ipv6
+def test_udp_over_ipv6_verifies_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    with UdpServer("--host", "::1", *NO_RATE_LIMITS) as server:
+        status, report = load_json(
+            capsys, server.port, "--udp", "--host", "::1", "-c", "3", "-s", "1200", "-d", "0.3"
+        )
+        counts = server.stop()
+    assert status == 0, report
+    assert_clean(report, 3)
+    assert report["host"] == "::1" and report["transport"] == "udp"
+    # Every verified echo was a datagram the server answered (plus the run's probe).
+    assert counts["answered"] >= report["requests"] and counts["dropped"] == 0
 
 
 def test_a_rate_limited_udp_server_loses_datagrams_and_says_why(

@@ -16,23 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from .procs import Process, Server, echoplex
+from .procs import Process, Server, echoplex, needs_ipv6
 from .test_contract import recv_exactly
 
 CONCURRENT = ["threads", "pool", "asyncio", "workers"]
 ALL_MODES = ["simple", *CONCURRENT]
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here")
 
 
 def echo_over(sock: socket.socket, data: bytes = b"over the wire") -> bytes:

@@ -22,20 +22,11 @@ import pytest
 from echoplex import ServerConfig, Shutdown, run
 from echoplex.events import ConnectionRecord
 
-from .procs import LISTENING, Process, Server, echoplex
+from .procs import LISTENING, Process, Server, echoplex, needs_ipv6
 
 UDP_LISTENING = re.compile(r"listening on udp (\S+):(\d+)")
 STOPPED = re.compile(r"udp: stopped; answered (\d+) datagrams?, dropped (\d+)(?: \((.*)\))?")
 DROPPED = re.compile(r"^(\S+ \S+) WARNING .*udp: dropped (\d+) datagrams? \((.*)\)", re.M)
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 class UdpServer(Process):
@@ -87,11 +78,7 @@ def echo(sock: socket.socket, address: tuple[str, int], payload: bytes) -> bytes
     ("host", "largest"),
     [
         ("127.0.0.1", 65_507),
-        pytest.param(
-            "::1",
-            65_527,
-            marks=pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback here"),
-        ),
+        pytest.param("::1", 65_527, marks=needs_ipv6),
     ],
 )
 @pytest.mark.parametrize("loop", ["auto", "asyncio"])  # uvloop where installed, and asyncio's
