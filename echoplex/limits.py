@@ -1,8 +1,8 @@
 """Who may connect, and for how long: the server's limits as plain logic, without I/O.
 
-Every model asks `Admission` before serving a connection and reads its time limits
-from `Deadlines`, so the rules are the same whichever model runs them and can be
-tested with a fake clock.
+Every model asks `Admission` before serving a connection and takes its time limits
+from `TimeLimits` (through `Deadlines` or `ProgressWatch`), so the rules are the same
+whichever model runs them and can be tested with a fake clock.
 """
 
 from __future__ import annotations
@@ -88,24 +88,45 @@ class Wait:
     outcome: str
 
 
-class Deadlines:
-    """The time limits of one connection (0 in the config means no limit).
+@dataclass(frozen=True, slots=True)
+class TimeLimits:
+    """A server's time limits, in seconds, None for none (0 in the config): one object
+    for all its connections.
 
     - idle: no byte received for this long (while nothing is waiting to be sent);
     - send: the client accepts no byte of its echo for this long;
     - lifetime: the connection is this old, however busy.
     """
 
+    idle_s: float | None
+    send_s: float | None
+    lifetime_s: float | None
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> TimeLimits:
+        return cls(
+            config.idle_timeout_s or None,
+            config.send_timeout_s or None,
+            config.max_lifetime_s or None,
+        )
+
+    @property
+    def any(self) -> bool:
+        return not (self.idle_s is None and self.send_s is None and self.lifetime_s is None)
+
+
+class Deadlines:
+    """How long one connection's next read or send may block (blocking models)."""
+
     __slots__ = ("any", "clock", "idle_s", "lifetime_ends", "send_s")
 
     def __init__(self, config: ServerConfig, opened_at: float, clock: Clock = time.monotonic):
-        self.idle_s = config.idle_timeout_s or None
-        self.send_s = config.send_timeout_s or None
-        self.lifetime_ends = opened_at + config.max_lifetime_s if config.max_lifetime_s else None
+        limits = TimeLimits.from_config(config)
+        self.idle_s = limits.idle_s
+        self.send_s = limits.send_s
+        self.lifetime_ends = opened_at + limits.lifetime_s if limits.lifetime_s else None
         self.clock = clock
-        self.any = any(
-            limit is not None for limit in (self.idle_s, self.send_s, self.lifetime_ends)
-        )
+        self.any = limits.any
 
     def for_read(self) -> Wait:
         return self._bounded(self.idle_s, IDLE_TIMEOUT)
@@ -125,33 +146,11 @@ class Deadlines:
         return Wait(limit_s, outcome)
 
 
-@dataclass(frozen=True, slots=True)
-class SweepLimits:
-    """The time limits a periodic sweep enforces, one object for all connections
-    (0 in the config means no limit)."""
-
-    idle_s: float | None
-    send_s: float | None
-    lifetime_s: float | None
-
-    @classmethod
-    def from_config(cls, config: ServerConfig) -> SweepLimits:
-        return cls(
-            config.idle_timeout_s or None,
-            config.send_timeout_s or None,
-            config.max_lifetime_s or None,
-        )
-
-    @property
-    def any(self) -> bool:
-        return not (self.idle_s is None and self.send_s is None and self.lifetime_s is None)
-
-
 class ProgressWatch:
     """Idle, send and lifetime limits for event-loop models, which sweep all connections
     periodically instead of arming a timer per connection per chunk.
 
-    Each sweep passes the server's `SweepLimits`, the connection's byte count received
+    Each sweep passes the server's `TimeLimits`, the connection's byte count received
     and its bytes still waiting to be sent; the watch says whether a limit has run out.
     A watch is the only per-connection state of the limits (four numbers and when the
     connection opened), since an idle event-loop server is mostly these objects.
@@ -167,7 +166,7 @@ class ProgressWatch:
         self._sent_at = opened_at
 
     def check(
-        self, limits: SweepLimits, bytes_in: int, pending_bytes: int, now: float
+        self, limits: TimeLimits, bytes_in: int, pending_bytes: int, now: float
     ) -> str | None:
         if bytes_in != self._last_in:
             self._last_in = bytes_in

@@ -18,7 +18,7 @@ from echoplex.limits import (
     Admission,
     Deadlines,
     ProgressWatch,
-    SweepLimits,
+    TimeLimits,
 )
 
 
@@ -76,8 +76,8 @@ def test_lifetime_shortens_the_idle_and_send_waits() -> None:
     assert deadlines.lifetime_over()
 
 
-def limits(**config_limits: Any) -> SweepLimits:
-    return SweepLimits.from_config(config(**config_limits))
+def limits(**config_limits: Any) -> TimeLimits:
+    return TimeLimits.from_config(config(**config_limits))
 
 
 def test_watch_ends_a_silent_connection_after_the_idle_timeout() -> None:

@@ -31,7 +31,7 @@ from .._proxy_accept import ProxyGate
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
-from ..limits import IDLE_TIMEOUT, Admission, ProgressWatch, SweepLimits
+from ..limits import IDLE_TIMEOUT, Admission, ProgressWatch, TimeLimits
 from ..shutdown import STOP_SIGNALS, Shutdown
 
 log = logging.getLogger("echoplex.server")
@@ -61,7 +61,7 @@ class _Server:
         self.config = config
         self.events = events
         self.admission = Admission.from_config(config)
-        self.limits = SweepLimits.from_config(config)
+        self.limits = TimeLimits.from_config(config)
         self.open: set[EchoProtocol] = set()
         self.changed = asyncio.Event()
 
