@@ -18,7 +18,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from ..events import ConnectionRecord
-from ..limits import Deadlines
+from ..limits import Deadlines, Wait
 
 if TYPE_CHECKING:
     from ._blocking import ReadGate
@@ -69,9 +69,7 @@ def splice_echo(
             try:
                 moved_in = os.splice(fd, pipe_in, chunk_bytes, flags=_FLAGS)
             except BlockingIOError:
-                wait = deadlines.for_read()
-                if not _ready(poller, fd, select.POLLIN, wait.timeout_s):
-                    record.finish(wait.outcome)
+                if not _waited(poller, fd, select.POLLIN, deadlines.for_read(), record):
                     return
                 continue
             if not moved_in:
@@ -83,9 +81,7 @@ def splice_echo(
                 try:
                     moved_out = os.splice(pipe_out, fd, left, flags=_FLAGS)
                 except BlockingIOError:
-                    wait = deadlines.for_send()
-                    if not _ready(poller, fd, select.POLLOUT, wait.timeout_s):
-                        record.finish(wait.outcome)
+                    if not _waited(poller, fd, select.POLLOUT, deadlines.for_send(), record):
                         return
                     continue
                 left -= moved_out
@@ -95,7 +91,11 @@ def splice_echo(
         os.close(pipe_in)
 
 
-def _ready(poller: select.poll, fd: int, event: int, timeout_s: float | None) -> bool:
-    """Wait for `event` on fd (or an error or hang-up, which the next splice reports)."""
+def _waited(poller: select.poll, fd: int, event: int, wait: Wait, record: ConnectionRecord) -> bool:
+    """Wait for `event` on fd (or an error or hang-up, which the next splice reports);
+    False, with the record finished as the wait's outcome, if its time ran out."""
     poller.modify(fd, event)
-    return bool(poller.poll(None if timeout_s is None else timeout_s * 1000))
+    if poller.poll(None if wait.timeout_s is None else wait.timeout_s * 1000):
+        return True
+    record.finish(wait.outcome)
+    return False
