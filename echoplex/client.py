@@ -13,7 +13,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import BinaryIO
@@ -169,15 +169,34 @@ def one_shot(
         sock = connect(target, timeout_s)
     except OSError as exc:
         return fail(prog, describe_connection_error(target, exc), status=1)
+
+    def failed(exc: OSError) -> str:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
+        return f"connection to {target} failed: {reason}"
+
+    return _print_echoes(prog, sock, messages, round_trip, failed, raw=raw)
+
+
+def _print_echoes(
+    prog: str,
+    sock: socket.socket,
+    messages: list[bytes],
+    exchange: Callable[[socket.socket, bytes], bytes],
+    failed: Callable[[OSError], str],
+    *,
+    raw: bool,
+) -> int:
+    """One-shot use over TCP or UDP: `exchange` each message, print each echo as it comes
+    back (the tutorial's `Received: b'...'`, or the bytes with `raw`), close; the exit
+    status. A wrong echo or a failure (worded by `failed`) ends it with status 1."""
     with sock:
         for message in messages:
             try:
-                echoed = round_trip(sock, message)
+                echoed = exchange(sock, message)
             except EchoMismatch as exc:
                 return fail(prog, str(exc), status=1)
             except OSError as exc:
-                reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
-                return fail(prog, f"connection to {target} failed: {reason}", status=1)
+                return fail(prog, failed(exc), status=1)
             if raw:
                 sys.stdout.buffer.write(echoed)
                 sys.stdout.buffer.flush()
@@ -263,21 +282,15 @@ def one_shot_udp(
         sock = open_udp(host, port)
     except OSError as exc:
         return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
-    with sock:
-        sock.settimeout(timeout_s)
-        for message in messages:
-            try:
-                echoed = datagram_round_trip(sock, message)
-            except EchoMismatch as exc:
-                return fail(prog, str(exc), status=1)
-            except OSError as exc:
-                return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
-            if raw:
-                sys.stdout.buffer.write(echoed)
-                sys.stdout.buffer.flush()
-            else:
-                print("Received:", echoed, flush=True)
-    return 0
+    sock.settimeout(timeout_s)
+    return _print_echoes(
+        prog,
+        sock,
+        messages,
+        datagram_round_trip,
+        lambda exc: describe_udp_error(host, port, exc, timeout_s),
+        raw=raw,
+    )
 
 
 def interact_udp(sock: socket.socket, stdin_fd: int, stdout: BinaryIO, timeout_s: float) -> int:
