@@ -344,7 +344,27 @@ class Hold(PingPong):
     repeat = False
 
 
-class Stream(LoadConnection):
+class Counted(LoadConnection):
+    """A connection with many messages in flight: `done` counts those whose echo is
+    complete, and `completed` hears of each batch of newly completed ones."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
+        super().__init__(tally, payload, index)
+        self.done = 0
+
+    def echoed(self) -> None:
+        completed = self.verifier.offset // self.size
+        if completed > self.done:
+            self.completed(completed, perf_counter_ns())
+
+    def completed(self, completed: int, now_ns: int) -> None:
+        """Messages `done` up to `completed` came back whole at `now_ns`: record them."""
+        raise NotImplementedError
+
+
+class Stream(Counted):
     """Keeps `window` bytes in flight, refilled in one write as messages come back.
 
     Each message's latency runs from the write that carried it to its last echoed
@@ -352,13 +372,12 @@ class Stream(LoadConnection):
     per refill, not per message.
     """
 
-    __slots__ = ("batches", "done", "window")
+    __slots__ = ("batches", "window")
 
     def __init__(self, tally: Tally, payload: PayloadPattern, index: int, window: int) -> None:
         super().__init__(tally, payload, index)
         self.window = max(window, self.size)
         self.batches: deque[tuple[int, int]] = deque()
-        self.done = 0  # messages whose echo is complete
 
     def begin(self) -> None:
         self._top_up(perf_counter_ns())
@@ -369,11 +388,7 @@ class Stream(LoadConnection):
             self._write(messages * self.size)
             self.batches.append((self.sender.offset, now_ns))
 
-    def echoed(self) -> None:
-        completed = self.verifier.offset // self.size
-        if completed == self.done:
-            return
-        now_ns = perf_counter_ns()
+    def completed(self, completed: int, now_ns: int) -> None:
         while self.done < completed:
             batch_end, sent_ns = self.batches[0]
             batch_last = batch_end // self.size
@@ -385,7 +400,7 @@ class Stream(LoadConnection):
         self._top_up(now_ns)
 
 
-class Rate(LoadConnection):
+class Rate(Counted):
     """Open loop: sends when the run's schedule says, whatever has come back.
 
     Message `m` of this connection was due at `first_ns + m * interval_ns`; its
@@ -396,11 +411,10 @@ class Rate(LoadConnection):
     enough since the payload at any offset can be regenerated.
     """
 
-    __slots__ = ("done", "first_ns", "interval_ns")
+    __slots__ = ("first_ns", "interval_ns")
 
     def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
         super().__init__(tally, payload, index)
-        self.done = 0
         self.first_ns = 0.0
         self.interval_ns = 0.0
 
@@ -414,11 +428,7 @@ class Rate(LoadConnection):
         else:
             self._write(self.size)
 
-    def echoed(self) -> None:
-        completed = self.verifier.offset // self.size
-        if completed == self.done:
-            return
-        now_ns = perf_counter_ns()
+    def completed(self, completed: int, now_ns: int) -> None:
         while self.done < completed:
             intended_ns = int(self.first_ns + self.done * self.interval_ns)
             self.tally.record(intended_ns, now_ns, 1)
