@@ -6,7 +6,7 @@ Five concurrency models behind one contract (`echoplex.models`), one config obje
 
 from .config import ServerConfig
 from .errors import StartupError
-from .events import ConnectionRecord, LogEvents, ServerEvents
+from .events import ConnectionRecord, LogEvents, QuietEvents, ServerEvents
 from .models import MODELS
 from .server import run
 from .shutdown import Shutdown
@@ -15,6 +15,7 @@ __all__ = [
     "MODELS",
     "ConnectionRecord",
     "LogEvents",
+    "QuietEvents",
     "ServerConfig",
     "ServerEvents",
     "Shutdown",

@@ -78,6 +78,28 @@ class DatagramEvents(Protocol):
         """UDP stopped: datagrams answered and dropped (by reason) in all."""
 
 
+class QuietEvents:
+    """Reports nothing: subclass it and override only the events you want to hear of."""
+
+    def listening(self, addresses: list[Any]) -> None:
+        pass
+
+    def connection_opened(self, record: ConnectionRecord) -> None:
+        pass
+
+    def data_received(self, record: ConnectionRecord, data: bytes) -> None:
+        pass
+
+    def connection_closed(self, record: ConnectionRecord) -> None:
+        pass
+
+    def connection_rejected(self, peer: Any, reason: str) -> None:
+        pass
+
+    def stopping(self) -> None:
+        pass
+
+
 class LogEvents:
     """Reports through the `echoplex.server` logger: one line per connection opened and closed."""
 

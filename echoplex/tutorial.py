@@ -15,7 +15,7 @@ from ._cli_util import Parser, fail, port_number
 from .client import Target, one_shot, stopped_quietly
 from .config import DEFAULT_PORT, ServerConfig
 from .errors import StartupError
-from .events import ConnectionRecord
+from .events import ConnectionRecord, QuietEvents
 from .models import MODELS
 from .server import run
 
@@ -24,7 +24,7 @@ TUTORIAL_HOST = "localhost"
 TUTORIAL_DRAIN_TIMEOUT_S = 1.0
 
 
-class TutorialPrinter:
+class TutorialPrinter(QuietEvents):
     """Prints what the tutorial's server prints; reports nothing else."""
 
     def __init__(self, host: str) -> None:
@@ -39,15 +39,6 @@ class TutorialPrinter:
 
     def data_received(self, record: ConnectionRecord, data: bytes) -> None:
         print("Received:", data, flush=True)
-
-    def connection_closed(self, record: ConnectionRecord) -> None:
-        pass
-
-    def connection_rejected(self, peer: Any, reason: str) -> None:
-        pass
-
-    def stopping(self) -> None:
-        pass
 
 
 def server_main(argv: Sequence[str] | None = None) -> int:

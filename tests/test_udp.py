@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from echoplex import ServerConfig, Shutdown, run
-from echoplex.events import ConnectionRecord
+from echoplex.events import QuietEvents
 
 from .procs import LISTENING, Process, Server, echoplex, needs_ipv6
 
@@ -249,7 +249,7 @@ def test_bad_udp_settings_are_one_line_and_exit_2(args: list[str], expected: str
     assert expected in result.stderr
 
 
-class Recorder:
+class Recorder(QuietEvents):
     """Events without the UDP hooks: they hear of UDP through `listening`."""
 
     def __init__(self) -> None:
@@ -259,21 +259,6 @@ class Recorder:
     def listening(self, addresses: list[Any]) -> None:
         self.addresses += addresses
         self.ready.set()
-
-    def connection_opened(self, record: ConnectionRecord) -> None:
-        pass
-
-    def data_received(self, record: ConnectionRecord, data: bytes) -> None:
-        pass
-
-    def connection_closed(self, record: ConnectionRecord) -> None:
-        pass
-
-    def connection_rejected(self, peer: Any, reason: str) -> None:
-        pass
-
-    def stopping(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("tcp", [False, True])
