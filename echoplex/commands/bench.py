@@ -9,7 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .._cli_util import fail, non_negative_seconds, positive_int
+from .._cli_util import fail, non_negative_seconds, positive_int, positive_seconds
 from ..bench import SCENARIOS, SERVERS, BenchSettings, run_bench
 from ..bench.charts import MissingDependency, check_available
 from ..bench.report import markdown, write_results
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--duration",
-        type=_positive_seconds,
+        type=positive_seconds,
         metavar="SECONDS",
         help="measured seconds per run (default 2; smoke 0.5)",
     )
@@ -107,13 +107,6 @@ def _server_list(text: str) -> tuple[str, ...]:
             f"unknown server {what} (choose from {', '.join(SERVERS)})"
         )
     return names
-
-
-def _positive_seconds(text: str) -> float:
-    value = non_negative_seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
