@@ -100,12 +100,40 @@ def _not_connected(data: bytes | memoryview) -> None:
 
 
 class Lifecycle:
-    """How every load connection, stream or datagram, ends: `fail` (counted, aborted),
-    `close` (healthy: flushed, then closed), and the state each leaves it in."""
+    """What every load connection, stream or datagram, has: its place in the run (the
+    tally it reports to, its index, its outgoing payload) and how it ends: `fail`
+    (counted, aborted), `close` (healthy: flushed, then closed), and the state each
+    leaves it in. Subclasses say what `outstanding` counts."""
 
-    __slots__ = ("state", "transport")
-    state: str
+    __slots__ = ("index", "lost", "owed", "sender", "size", "state", "tally", "write_paused")
     transport: asyncio.BaseTransport | None
+
+    def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
+        self.tally = tally
+        self.index = index
+        self.size = tally.size
+        self.sender = Sender(payload, index)
+        self.state = OPEN
+        self.lost = False  # connection_lost has run: the socket is closed
+        self.write_paused = False
+        self.owed = 0  # held back while the transport's buffer is full (see subclasses)
+
+    @property
+    def alive(self) -> bool:
+        return self.state == OPEN
+
+    def outstanding(self) -> int:
+        """Bytes sent or due whose echo has not come back yet."""
+        raise NotImplementedError
+
+    def settled(self) -> bool:
+        return self.state != OPEN or self.outstanding() == 0
+
+    def begin(self) -> None:
+        """Start this connection's traffic (the run calls it once sending starts)."""
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
 
     def _record_failure(self, kind: str, detail: str) -> None:
         raise NotImplementedError
@@ -132,52 +160,22 @@ class Lifecycle:
 class LoadConnection(Lifecycle, asyncio.Protocol):
     """Sends connection `index`'s payload stream and verifies its echo as it arrives."""
 
-    __slots__ = (
-        "index",
-        "lost",
-        "owed",
-        "sender",
-        "size",
-        "stalled_s",
-        "tally",
-        "verifier",
-        "watched_offset",
-        "write",
-        "write_paused",
-    )
+    __slots__ = ("stalled_s", "transport", "verifier", "watched_offset", "write")
 
     def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
-        self.tally = tally
-        self.index = index
-        self.size = tally.size
-        self.sender = Sender(payload, index)
+        super().__init__(tally, payload, index)  # here `owed` counts bytes
         self.verifier = Verifier(payload, index)
         self.transport: asyncio.Transport | None = None
         self.write: Callable[[bytes | memoryview], object] = _not_connected
-        self.state = OPEN
-        self.lost = False  # connection_lost has run: the socket is closed
-        self.write_paused = False
-        self.owed = 0  # bytes due to be sent, held back while the transport is full
         self.watched_offset = 0  # for the run's watchdog: echo progress seen last tick
         self.stalled_s = 0.0
-
-    @property
-    def alive(self) -> bool:
-        return self.state == OPEN
 
     def verified(self) -> int:
         """Bytes of the echo verified so far."""
         return self.verifier.offset
 
     def outstanding(self) -> int:
-        """Bytes sent or due whose echo has not come back yet."""
         return self.sender.offset + self.owed - self.verified()
-
-    def settled(self) -> bool:
-        return self.state != OPEN or self.outstanding() == 0
-
-    def begin(self) -> None:
-        """Start this connection's traffic (the run calls it once sending starts)."""
 
     def echoed(self) -> None:
         """Called after each verified chunk: pattern-specific bookkeeping."""
@@ -222,9 +220,6 @@ class LoadConnection(Lifecycle, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost says whether that was early
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from time import perf_counter_ns
 from typing import Any, cast
 
-from ..payload import Mismatch, PayloadPattern, Sender
+from ..payload import Mismatch, PayloadPattern
 from .connections import CLOSED, CLOSING, FAILED, OPEN, Lifecycle, Tally, error_kind
 from .result import ConnectionFailure
 
@@ -58,38 +58,15 @@ class DatagramConnection(Lifecycle, asyncio.DatagramProtocol):
     `watch`, `give_up`, `close`...), in datagrams' bytes.
     """
 
-    __slots__ = (
-        "answered",
-        "index",
-        "lost",
-        "lost_seqs",
-        "owed",
-        "payload",
-        "sender",
-        "sendto",
-        "size",
-        "tally",
-        "write_paused",
-    )
+    __slots__ = ("answered", "lost_seqs", "payload", "sendto", "transport")
 
     def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
-        self.tally = tally
+        super().__init__(tally, payload, index)  # here `owed` counts datagrams
         self.payload = payload
-        self.index = index
-        self.size = tally.size
-        self.sender = Sender(payload, index)
         self.transport: asyncio.DatagramTransport | None = None
         self.sendto: Callable[[bytes], object] = _not_connected
-        self.state = OPEN
-        self.lost = False  # connection_lost has run: the socket is closed
-        self.write_paused = False
-        self.owed = 0  # datagrams due, held back while the transport's buffer is full
         self.answered = 0  # datagrams whose echo came back verified
         self.lost_seqs: deque[int] = deque(maxlen=LATE_MEMORY)
-
-    @property
-    def alive(self) -> bool:
-        return self.state == OPEN
 
     def in_flight(self) -> int:
         """Datagrams sent whose echo has not come back and is still awaited."""
@@ -100,12 +77,6 @@ class DatagramConnection(Lifecycle, asyncio.DatagramProtocol):
 
     def outstanding(self) -> int:
         return (self.in_flight() + self.owed) * self.size
-
-    def settled(self) -> bool:
-        return self.state != OPEN or self.outstanding() == 0
-
-    def begin(self) -> None:
-        """Start this connection's traffic (the run calls it once sending starts)."""
 
     def watch(self, elapsed_s: float, now_ns: int) -> None:
         """The run's watchdog, every tick: count datagrams in flight too long as lost."""
@@ -126,9 +97,6 @@ class DatagramConnection(Lifecycle, asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # An ICMP error for this socket, e.g. port unreachable: no server there any more.
         self.fail(error_kind(exc), getattr(exc, "strerror", None) or str(exc))
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
