@@ -21,6 +21,7 @@ from typing import BinaryIO
 from ._cli_util import fail
 from .config import DEFAULT_PORT
 from .proxy_protocol import encode_v1, encode_v2
+from .shutdown import start_deaf_thread
 
 CHUNK_BYTES = 65536
 
@@ -124,7 +125,8 @@ def interact(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
                 with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
                     duplicate.shutdown(socket.SHUT_RD)
 
-    threading.Thread(target=send_stdin, name="stdin-to-server", daemon=True).start()
+    # Deaf to Ctrl-C: a signal landing on it would wait for the main thread's recv.
+    start_deaf_thread(send_stdin, "stdin-to-server")
     with contextlib.suppress(ssl.SSLEOFError):
         while chunk := sock.recv(CHUNK_BYTES):
             stdout.write(chunk)
@@ -136,9 +138,18 @@ def interact(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
 
 
 def _read_some(stream: BinaryIO) -> bytes:
-    # read1 returns what is there (a typed line) instead of waiting for a full buffer.
-    read1 = getattr(stream, "read1", None)
-    return read1(CHUNK_BYTES) if read1 else stream.read(CHUNK_BYTES)
+    """What the stream has (a typed line), without waiting for a full buffer.
+
+    A real file is read with os.read on its descriptor, not through its buffered
+    object: the reading thread is a daemon, and a daemon blocked inside a buffered
+    read holds that object's lock, which aborts the interpreter at exit (Ctrl-C).
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # in-memory streams have none
+        read1 = getattr(stream, "read1", None)
+        return read1(CHUNK_BYTES) if read1 else stream.read(CHUNK_BYTES)
+    return os.read(fd, CHUNK_BYTES)
 
 
 def describe_connect_error(host: str, port: int, exc: OSError) -> str:

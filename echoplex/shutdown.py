@@ -4,6 +4,8 @@ Signal handlers only call `request()`, which sets flags and writes one byte to a
 socketpair (uvicorn's `handle_exit` does as little). Models wait on `fileno()` beside
 their listeners, so a blocked `select` wakes at once. A second request means
 "stop now": the drain is cut short.
+
+`stop_on_signals` is the one place that routes SIGINT and SIGTERM to a `Shutdown`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class Shutdown:
 
     def fileno(self) -> int:
         return self._wake_reader.fileno()
+
+    def wakeup_fd(self) -> int:
+        """The end a signal's number may be written to (`signal.set_wakeup_fd`)."""
+        return self._wake_writer.fileno()
 
     def clear_wakeup(self) -> None:
         with contextlib.suppress(OSError):
@@ -90,13 +96,38 @@ def wait_until(
 
 @contextlib.contextmanager
 def stop_on_signals(shutdown: Shutdown) -> Iterator[None]:
-    """Route SIGINT/SIGTERM to `shutdown.request` while the block runs (main thread only)."""
+    """Route SIGINT/SIGTERM to `shutdown.request` while the block runs (main thread only).
+
+    The kernel hands a process-directed signal to any thread that does not block it, and
+    CPython runs the Python handler only in the main thread, the next time it runs
+    bytecode: a main thread blocked in select() or poll() would sleep through a signal
+    that landed on a connection's thread. So the C-level handler also writes the signal's
+    number to the shutdown's wakeup socket (`signal.set_wakeup_fd`) from whichever thread
+    caught it; everything that waits for a stop waits on that socket, wakes, and runs the
+    handler. (asyncio's `add_signal_handler` does the same with its loop's self-pipe.)
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.signal(sig, shutdown.request) for sig in STOP_SIGNALS}
+    previous_wakeup = signal.set_wakeup_fd(shutdown.wakeup_fd(), warn_on_full_buffer=False)
     try:
         yield
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def start_deaf_thread(target: Callable[[], object], name: str) -> threading.Thread:
+    """Start a daemon thread that never receives SIGINT/SIGTERM, so they go to a thread
+    that will act on them. For a program whose main thread blocks on something no
+    signal wakes (a socket read) while a helper thread waits on another: the thread
+    inherits the signal mask it is started with."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return thread

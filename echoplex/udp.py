@@ -43,7 +43,7 @@ from .config import ServerConfig
 from .errors import StartupError
 from .events import DatagramEvents, LogEvents, ServerEvents
 from .models.asyncio_ import LoopFactory, loop_factory
-from .shutdown import STOP_SIGNALS, Shutdown
+from .shutdown import Shutdown
 from .udp_guard import Clock, ReflectionGuard
 
 log = logging.getLogger("echoplex.udp")
@@ -240,10 +240,6 @@ class UdpEchoServer:
         loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._loop = loop  # after the event exists: stop() may use it from now on
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        if in_main_thread:
-            for sig in STOP_SIGNALS:
-                loop.add_signal_handler(sig, self.shutdown.request)
         # Not drained here: beside TCP the wakeup byte is the TCP model's to read; a
         # reader left on it would fire for ever, so it goes after the first wakeup.
         loop.add_reader(self.shutdown.fileno(), self._on_stop_fd)
@@ -270,9 +266,6 @@ class UdpEchoServer:
         finally:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(self.shutdown.fileno())
-            if in_main_thread:
-                for sig in STOP_SIGNALS:
-                    loop.remove_signal_handler(sig)
             await _close(transports, protocols)
             self.tally.report()
             self.events.udp_stopped(self.tally.answered, dict(self.tally.dropped))

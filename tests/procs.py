@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import re
@@ -22,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 STARTUP_TIMEOUT_S = 20.0
+_libc = ctypes.CDLL(None, use_errno=True)  # tgkill(2): glibc 2.30 and later
 
 
 def require_tool(name: str) -> str:
@@ -116,6 +118,16 @@ class Process:
     @property
     def stdout(self) -> str:
         return "".join(self.stdout_seen)
+
+    def signal_other_thread(self, sig: int = signal.SIGTERM) -> int:
+        """Send `sig` to the newest thread that is not the main one (tgkill), as the
+        kernel may pick any thread for a process-directed signal; the thread's id."""
+        pid = self.proc.pid
+        others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+        assert others, f"{self.argv} runs one thread only: nothing to aim at"
+        if _libc.tgkill(pid, others[-1], sig) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        return others[-1]
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:

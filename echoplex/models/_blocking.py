@@ -70,6 +70,7 @@ class BlockingServer:
                 while not self.shutdown.requested:
                     for key, _ in selector.select():
                         if key.fd == self.shutdown.fileno():
+                            self.shutdown.clear_wakeup()  # a signal's byte, or request()'s
                             continue
                         admitted, back_off = acceptor.accept_ready(key.fileobj)  # type: ignore[arg-type]
                         for conn, peer in admitted:

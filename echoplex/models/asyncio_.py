@@ -19,7 +19,6 @@ import errno
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -32,7 +31,7 @@ from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import IDLE_TIMEOUT, Admission, ProgressWatch, TimeLimits
-from ..shutdown import STOP_SIGNALS, Shutdown
+from ..shutdown import Shutdown
 
 log = logging.getLogger("echoplex.server")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
@@ -210,11 +209,8 @@ async def _serve(
         shutdown.clear_wakeup()
         stop_wakeup.set()
 
+    # Stop signals reach us through this wakeup too (`shutdown.stop_on_signals`).
     loop.add_reader(shutdown.fileno(), on_stop_requested)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, shutdown.request)
     sweeper = loop.create_task(_sweep_limits(server)) if server.limits.any else None
     try:
         for listener in listeners:
@@ -238,9 +234,6 @@ async def _serve(
             if listener.fileno() != -1:
                 loop.remove_reader(listener.fileno())
         loop.remove_reader(shutdown.fileno())
-        if in_main_thread:
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
 
 
 async def _sweep_limits(server: _Server) -> None:

@@ -28,7 +28,7 @@ from .._net import Listeners, open_tcp_listeners
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ServerEvents
-from ..shutdown import STOP_SIGNALS, Shutdown
+from ..shutdown import Shutdown, stop_on_signals
 from . import asyncio_
 
 log = logging.getLogger("echoplex.workers")
@@ -64,14 +64,13 @@ def _worker_main(
     shared: list[socket.socket],
     ready: Connection,
 ) -> None:
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)  # until the worker's own loop handles them
     multiprocessing.current_process().name = f"worker-{index}"
     shutdown = Shutdown()
     _stop_when_orphaned(shutdown)
     try:
-        listeners = Listeners.open(config, shared=False, reuse_port=True, inherited=shared)
-        asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, listeners=listeners)
+        with stop_on_signals(shutdown):
+            listeners = Listeners.open(config, shared=False, reuse_port=True, inherited=shared)
+            asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, listeners=listeners)
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
