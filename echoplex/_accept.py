@@ -87,8 +87,9 @@ class Acceptor:
             ip = client_ip(peer)
             reason = self.admission.admit(ip, per_ip=not self.is_proxy(ip))
             if reason is not None:
-                conn.close()
+                # Reported before the close, so a client that sees it closed finds it counted.
                 self.events.connection_rejected(peer, reason)
+                conn.close()
                 continue
             tune_connection(conn)
             admitted.append((conn, peer))

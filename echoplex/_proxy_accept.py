@@ -1,11 +1,10 @@
 """Taking the PROXY protocol header off a new connection, for the blocking and the
 event-loop models alike, before anything else (TLS included) reads from it.
 
-The header is read with MSG_PEEK and then exactly its length is consumed, so not a
+The header is looked at with MSG_PEEK and only its own bytes are taken, so not a
 byte of what follows is taken out of the stream: the echo, or the TLS handshake
-that HAProxy may start right after the header, finds the stream untouched. While
-the header is incomplete (rare: a proxy sends it in one segment) we look again
-every few milliseconds until the header deadline; only trusted proxies get here.
+that HAProxy may start right after the header, finds the stream untouched. Only
+trusted proxies get here, and only until the header deadline.
 """
 
 from __future__ import annotations
@@ -28,58 +27,52 @@ from .proxy_protocol import (
     parse_networks,
 )
 
-_RECHECK_S = 0.005
-
 # Outcomes of a connection whose PROXY header was missing or bad.
 HEADER_TIMEOUT = "proxy-header-timeout"
 
 
-def _parse_peeked(peeked: bytes) -> ProxyResult | None:
+def take_header(conn: socket.socket, reader: ProxyHeaderReader) -> ProxyResult | None:
+    """Move what has arrived of the header from `conn` into `reader`, never a byte past
+    it: the result once the header is complete, else None (call again when more has
+    arrived). Raises ProxyProtocolError for a bad or truncated header; the socket's own
+    errors (BlockingIOError, TimeoutError) propagate."""
+    peeked = conn.recv(MAX_HEADER_BYTES, socket.MSG_PEEK)
     if not peeked:
-        ProxyHeaderReader().feed_eof()  # closed before a complete header: raises
-    return ProxyHeaderReader().feed(peeked)
+        reader.feed_eof()  # closed before a complete header: raises
+    result = reader.feed(peeked)
+    # Incomplete, the header runs past every byte peeked, so all of them are taken;
+    # complete, it ends where the remainder (the stream's first bytes) begins.
+    conn.recv(len(peeked) - (len(result.remainder) if result is not None else 0))
+    return result
 
 
 def read_header_blocking(conn: socket.socket, deadline: float) -> ProxyResult:
     """Read the header off a blocking socket; TimeoutError past the monotonic deadline,
     ProxyProtocolError if it is not a valid header."""
-    seen = -1
+    reader = ProxyHeaderReader()
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
         conn.settimeout(left)
-        peeked = conn.recv(MAX_HEADER_BYTES, socket.MSG_PEEK)
-        if len(peeked) == seen:
-            time.sleep(_RECHECK_S)  # nothing new since the last look
-            continue
-        seen = len(peeked)
-        result = _parse_peeked(peeked)
-        if result is not None:
+        if (result := take_header(conn, reader)) is not None:
             conn.settimeout(None)
-            conn.recv(result.header_bytes)  # consume the header alone
             return result
 
 
 async def read_header(conn: socket.socket, deadline: float) -> ProxyResult:
     """The same, on a non-blocking socket, without blocking the event loop."""
     loop = asyncio.get_running_loop()
-    seen = -1
+    reader = ProxyHeaderReader()
     while True:
         if time.monotonic() >= deadline:
             raise TimeoutError
         try:
-            peeked = conn.recv(MAX_HEADER_BYTES, socket.MSG_PEEK)
+            result = take_header(conn, reader)
         except BlockingIOError:
             await _readable(loop, conn, deadline)
             continue
-        if len(peeked) == seen:
-            await asyncio.sleep(_RECHECK_S)
-            continue
-        seen = len(peeked)
-        result = _parse_peeked(peeked)
         if result is not None:
-            conn.recv(result.header_bytes)
             return result
 
 
@@ -129,6 +122,21 @@ class ProxyGate:
             record.finish(_failure(exc))
             return False
         return self._apply(record, result)
+
+    def read_ready(
+        self, conn: socket.socket, record: ConnectionRecord, reader: ProxyHeaderReader
+    ) -> bool | None:
+        """Take what has arrived of the header off a non-blocking `conn`: None while it
+        is incomplete, else as `read_blocking`. BlockingIOError propagates (nothing
+        arrived); the caller keeps the header deadline."""
+        try:
+            result = take_header(conn, reader)
+        except BlockingIOError:
+            raise
+        except (ProxyProtocolError, OSError) as exc:
+            record.finish(_failure(exc))
+            return False
+        return None if result is None else self._apply(record, result)
 
     def _apply(self, record: ConnectionRecord, result: ProxyResult) -> bool:
         client = plain_peer(result.client_address(record.peer))

@@ -30,7 +30,8 @@ def stream(server: Server, size: int, seed: int) -> None:
     assert got == [data]
 
 
-@pytest.mark.parametrize("mode", ["simple", "threads", "pool"])
+# Not `pool`: its turns may not block, and splice would need a pipe per connection.
+@pytest.mark.parametrize("mode", ["simple", "threads"])
 def test_a_streaming_client_is_echoed_exactly_by_splice(mode: str) -> None:
     with Server(mode=mode) as server:
         stream(server, 20 << 20, seed=1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import mmap
 import os
@@ -101,14 +100,35 @@ class BlockingServer:
                 self.events.connection_opened(record)
                 echo_until_closed(conn, record, self.config, self.events, read_gate)
         except Exception:
-            record.finish("error:handler")
-            log.exception("unexpected error serving %s; closing that connection", record.peer)
+            self.failed(record)
         finally:
-            with self._lock:
-                del self._open[record]  # before close(): its descriptor number may be reused
-            conn.close()
-            self.admission.release(client_ip(record.peer))
-            self.events.connection_closed(record)
+            self.close(conn, record)
+
+    @staticmethod
+    def failed(record: ConnectionRecord) -> None:
+        record.finish("error:handler")
+        log.exception("unexpected error serving %s; closing that connection", record.peer)
+
+    def close(self, conn: socket.socket, record: ConnectionRecord) -> None:
+        """Close an admitted connection, give back its slot and report it: once, last."""
+        with self._lock:
+            del self._open[record]  # before close(): its descriptor number may be reused
+        conn.close()
+        self.admission.release(client_ip(record.peer))
+        self.events.connection_closed(record)
+
+    def cut_off(self, record: ConnectionRecord, outcome: str) -> None:
+        """End an open connection from another thread, as `outcome`: shut it down, so
+        whoever serves it finds it ended at once and closes it."""
+        with self._lock:
+            fd = self._open.get(record)
+            if fd is None:
+                return  # closed already
+            record.finish(outcome)
+            # shutdown() through a duplicate: a thread blocked in recv/send on the
+            # connection returns at once, and we never close a descriptor under it.
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
+                dup.shutdown(socket.SHUT_RDWR)
 
     def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> socket.socket:
         assert self.tls is not None
@@ -124,13 +144,15 @@ class BlockingServer:
         wrapped.settimeout(None)
         return wrapped
 
-    def serve_handing_off(self, hand_off: Callable[[Callable[[], None]], object]) -> None:
-        """Accept on this thread and `hand_off` each connection's serving to another
-        (a new thread, a pool's queue); on a stop, close the listeners and drain."""
+    def serve_handing_off(
+        self, hand_off: Callable[[socket.socket, ConnectionRecord], object]
+    ) -> None:
+        """Accept on this thread and `hand_off` each connection (to a new thread, to a
+        pool); on a stop, close the listeners and drain."""
         with Listeners.open(self.config) as listeners:
             self.events.listening(listeners.addresses)
             for conn, record in self.accept(listeners):
-                hand_off(functools.partial(self.serve, conn, record))
+                hand_off(conn, record)
         self.events.stopping()
         self.drain()
 
@@ -140,14 +162,11 @@ class BlockingServer:
         if self.shutdown.wait_drained(drain_timeout_s, lambda: not self._open):
             return
         with self._lock:
-            if self._open:
-                log.info("drain timeout: closing %d open connection(s)", len(self._open))
-            for record, fd in self._open.items():
-                record.finish("drained")
-                # shutdown() through a duplicate: threads blocked in recv/send on the
-                # connection return at once, and we never close a descriptor under them.
-                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
-                    dup.shutdown(socket.SHUT_RDWR)
+            left = list(self._open)
+        if left:
+            log.info("drain timeout: closing %d open connection(s)", len(left))
+        for record in left:
+            self.cut_off(record, "drained")
         # Give the cut-off threads a moment to close and report their connections.
         grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
         wait_until(lambda: not self._open, lambda: grace_ends)
@@ -208,15 +227,20 @@ def echo_until_closed(
     except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
         # Python's timeout, or the kernel's (a blocking call failing with EAGAIN).
         record.finish(wait.outcome)
-    except ssl.SSLEOFError:
-        record.finish("closed")  # a TLS client that closed without close_notify
-    except (ConnectionResetError, BrokenPipeError):
-        record.finish("reset")
     except OSError as exc:
-        record.finish(f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}")
+        record.finish(failure_outcome(exc))
     finally:
         view.release()
         buffer.close()
+
+
+def failure_outcome(exc: OSError) -> str:
+    """How a connection ended that failed with `exc` (its time limits aside)."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return "closed"  # a TLS client that closed without close_notify
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return "reset"
+    return f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
 
 
 def _kernel_timeouts(conn: socket.socket, receive_s: float | None, send_s: float | None) -> None:

@@ -6,11 +6,11 @@ connections cost little memory; `max_connections` caps how many there can be.
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Callable
 
 from ..config import ServerConfig
-from ..events import ServerEvents
+from ..events import ConnectionRecord, ServerEvents
 from ..shutdown import Shutdown
 from ._blocking import BlockingServer
 
@@ -18,10 +18,11 @@ THREAD_STACK_BYTES = 256 * 1024
 
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    def start_thread(serve_one: Callable[[], None]) -> None:
-        threading.Thread(target=serve_one, daemon=True).start()
-
     server = BlockingServer(config, events, shutdown)
+
+    def start_thread(conn: socket.socket, record: ConnectionRecord) -> None:
+        threading.Thread(target=server.serve, args=(conn, record), daemon=True).start()
+
     previous_stack_bytes = threading.stack_size(THREAD_STACK_BYTES)
     try:
         server.serve_handing_off(start_thread)

@@ -1,0 +1,119 @@
+"""`pool` serves any number of connections with its fixed threads: an idle, stalled or
+non-reading client never holds a worker, so nobody waits behind it."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import ssl
+import time
+
+import pytest
+
+from echoplex.proxy_protocol import encode_v1
+
+from .procs import Server
+from .test_contract import drive_clients, recv_exactly
+
+THREADS = 4
+pytestmark = pytest.mark.timeout(90)
+
+
+def held(server: Server, count: int) -> list[socket.socket]:
+    return [socket.create_connection(server.address, timeout=10) for _ in range(count)]
+
+
+def thread_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_forty_idle_clients_do_not_stop_the_forty_first() -> None:
+    with Server("--threads", str(THREADS), mode="pool") as server:
+        idle = held(server, 40)
+        try:
+            for sock in idle[:: len(idle) // THREADS]:  # each has been served once, too
+                sock.sendall(b"hi")
+                assert recv_exactly(sock, 2) == b"hi"
+            with socket.create_connection(server.address, timeout=10) as late:
+                late.sendall(b"me too")
+                assert recv_exactly(late, 6) == b"me too"
+            # Threads stay what was asked: main, the workers, nothing per connection.
+            assert thread_count(server.proc.pid) <= THREADS + 2
+        finally:
+            for sock in idle:
+                sock.close()
+        assert server.stop() == 0
+
+
+def test_two_hundred_clients_at_once_on_two_threads_get_exactly_their_bytes() -> None:
+    rng = random.Random(11)
+    payloads = [
+        [rng.randbytes(rng.randint(1, 9000)) for _ in range(rng.randint(1, 6))] for _ in range(200)
+    ]
+    with Server("--threads", "2", mode="pool") as server:
+        got = drive_clients(server.address, payloads, timeout_s=60)
+        assert got == [b"".join(chunks) for chunks in payloads]
+        assert server.stop() == 0
+
+
+def test_a_client_that_never_reads_holds_no_worker_and_is_not_read() -> None:
+    with Server("--threads", "1", "--max-buffer", "64KiB", mode="pool") as server:
+        with socket.create_connection(server.address, timeout=10) as hog:
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.setblocking(False)
+            sent = 0
+            deadline = time.monotonic() + 20
+            # Send until the server stops taking bytes (it is not reading us any more).
+            while time.monotonic() < deadline:
+                try:
+                    sent += hog.send(b"x" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.2)
+                    try:
+                        sent += hog.send(b"x" * 65536)
+                    except BlockingIOError:
+                        break
+            assert time.monotonic() < deadline, "the server kept reading a client that never reads"
+            # The one worker is free: another client is served at once.
+            with socket.create_connection(server.address, timeout=10) as other:
+                other.sendall(b"ping")
+                assert recv_exactly(other, 4) == b"ping"
+        assert server.stop() == 0
+
+
+def test_stalled_tls_handshakes_hold_no_worker(certificate: tuple[str, str, str]) -> None:
+    cert_file, key_file, ca_file = certificate
+    tls_args = ("--tls-cert", cert_file, "--tls-key", key_file, "--threads", "2")
+    with Server(*tls_args, "--tls-handshake-timeout", "30", mode="pool") as server:
+        stalled = held(server, 6)  # TCP connected, no ClientHello
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+            with socket.create_connection(server.address, timeout=10) as raw:
+                with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"secret")
+                    assert recv_exactly(tls, 6) == b"secret"
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert server.stop() == 0
+
+
+def test_stalled_proxy_headers_hold_no_worker_and_a_split_header_is_read() -> None:
+    trust = ("--proxy-protocol", "--trusted-proxy", "127.0.0.0/8", "--threads", "2")
+    with Server(*trust, mode="pool") as server:
+        header = encode_v1(("203.0.113.9", 4000), ("127.0.0.1", server.port))
+        stalled = held(server, 4)
+        try:
+            for sock in stalled:
+                sock.sendall(header[:7])  # half a header, then nothing
+            with socket.create_connection(server.address, timeout=10) as proxied:
+                proxied.sendall(header[:10])
+                time.sleep(0.05)  # a second segment: the header arrives in two reads
+                proxied.sendall(header[10:] + b"data")
+                assert recv_exactly(proxied, 4) == b"data"
+            server.wait_for_stderr(r"close 203\.0\.113\.9:4000 in=4 out=4")
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert server.stop() == 0
