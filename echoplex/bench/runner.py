@@ -277,7 +277,7 @@ def measure(
         server_cpus=list(server_cpus) if server_cpus else None,
     )
     try:
-        server = RunningServer(spec.for_connections(point.connections), cpus=server_cpus)
+        server = RunningServer(spec, cpus=server_cpus)
     except ServerStartError as exc:
         result.failure = str(exc)
         return result

@@ -49,22 +49,6 @@ class ServerSpec:
     """Modules the server imports that may be missing (checked before starting it)."""
     cpus: int = 1
     """CPUs the bench pins it to when it pins: one per process that serves."""
-    threads_per_connection: bool = False
-    """`pool`: started with `--threads C` for a load of C connections. With its default
-    32 threads, connections past the 32nd would wait for one to close (by design) and
-    the load would time out on them; sized to the load, it serves every connection at
-    once, as the other servers do, and the bench compares like with like."""
-
-    def for_connections(self, connections: int) -> ServerSpec:
-        """This server as started for a load of `connections` connections."""
-        if not self.threads_per_connection:
-            return self
-        threads = ("--threads", str(connections))
-        return replace(
-            self,
-            description=f"{self.description} {' '.join(threads)}",
-            argv=(*self.argv, *threads),
-        )
 
     def unavailable_reason(self) -> str | None:
         for module in self.requires:
@@ -129,7 +113,7 @@ def _with_workers(count: int) -> ServerSpec:
 
 SERVERS: dict[str, ServerSpec] = {
     **{name: _model_spec(name) for name in MODELS},
-    "pool": replace(_model_spec("pool"), threads_per_connection=True),
+    "pool": _model_spec("pool"),
     # What splice(2) saves: the same model with its zero-copy path off.
     "threads-copy": _variant(_model_spec("threads"), "copy", "--no-zero-copy"),
     "workers-1": _with_workers(1),
