@@ -132,10 +132,14 @@ class ConnectionPool:
                 except Exception:
                     self.server.failed(connection.record)
                     wait_for = None
-                if wait_for is None:
-                    self._end(connection)
-                else:
-                    self.epoll.modify(fd, wait_for | select.EPOLLONESHOT)
+                if wait_for is not None:
+                    try:
+                        self.epoll.modify(fd, wait_for | select.EPOLLONESHOT)
+                        continue
+                    except OSError as exc:  # not expected: end this connection, not the worker
+                        log.error("cannot watch %s again: %s", connection.record.peer, exc)
+                        connection.record.finish("error:handler")
+                self._end(connection)
 
     def _end(self, connection: PooledConnection) -> None:
         fd = connection.sock.fileno()
@@ -233,7 +237,12 @@ class ConnectionPool:
                 if sent < received:
                     connection.owed = bytes(view[sent:received])
                     return WRITABLE
-            # Decrypted bytes waiting inside TLS are out of epoll's sight: read them now.
+                # Decrypted bytes waiting inside TLS are out of epoll's sight: read on.
+                tls_pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
+                if received < len(buffer) and not tls_pending:
+                    # Less than a buffer: the socket had nothing more just now (a
+                    # ping-pong), so wait rather than pay for a read that finds nothing.
+                    return READABLE
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 return READABLE  # budget spent: behind the other ready connections
 
