@@ -1,4 +1,10 @@
-"""Argument types and parser behaviour every echoplex command shares."""
+"""Argument types and parser behaviour every echoplex command shares.
+
+Every bad value, on the command line or in an `ECHOPLEX_*` variable, is one line on
+stderr and exit status 2: the types below turn what would fail deeper down (an IDNA
+encoding error, a C integer overflow, a Unix socket path the kernel cannot hold) into
+the parser's own error, naming the option.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,109 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from ._net import check_host, check_unix_path
+
+# A timeout of a few hundred years overflows the C time types under the socket calls
+# (`settimeout(1e300)` raises OverflowError), and no echo run needs more than a year.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+class _ReplacingAppend(argparse._AppendAction):
+    """`action="append"` whose first flag replaces the default list (set by the code or
+    by an `ECHOPLEX_*` variable) instead of adding to it: flags win over the environment."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr and exit status 2."""
+    """An ArgumentParser whose errors are one line on stderr and exit status 2, which takes
+    no abbreviated options (`--max-conn` is not `--max-connections`: an abbreviation
+    would stop working the day another option shares its prefix), and which, given an
+    environment prefix, reads options from the environment (see `read_environment`)."""
+
+    environment_prefix: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.register("action", "append", _ReplacingAppend)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see --help)\n")
+
+    def read_environment(self, prefix: str) -> None:
+        """Take every long option also from `PREFIX_OPTION_NAME` (`--max-per-ip` from
+        `ECHOPLEX_MAX_PER_IP`), named in its help. Flags win over the environment, the
+        environment over defaults: the variables become the defaults of each parse, so
+        argparse itself decides what the command line gave, however it was spelt."""
+        self.environment_prefix = prefix
+        for action, variable in environment_variables(self, prefix):
+            if action.help is not None and action.help is not argparse.SUPPRESS:
+                action.help = f"{action.help} [env {variable}]"
+        self.epilog = (
+            f"Every option can also be set by the {prefix}* variable named in its help "
+            "(lists comma-separated; booleans 1/0, true/false, yes/no, on/off). A flag "
+            "wins over the environment, the environment over the default."
+            + (f" {self.epilog}" if self.epilog else "")
+        )
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self.environment_prefix is None:
+            return super().parse_known_args(args, namespace)
+        declared = {action: action.default for action in self._actions}
+        try:
+            for action, value in self._environment_defaults(self.environment_prefix):
+                action.default = value
+            return super().parse_known_args(args, namespace)
+        finally:
+            for action, default in declared.items():
+                action.default = default
+
+    def _environment_defaults(self, prefix: str) -> list[tuple[argparse.Action, object]]:
+        """Each option's value from its variable; a bad value is the parser's one-line
+        error, naming the variable; a variable no option reads is warned about."""
+        values = []
+        known = set()
+        for action, variable in environment_variables(self, prefix):
+            known.add(variable)
+            text = os.environ.get(variable)
+            if text is None:
+                continue
+            try:
+                values.append((action, _from_environment(action, text)))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                self.error(f"{variable}={text!r}: {exc}")
+        for variable in sorted(set(os.environ) - known):
+            if variable.startswith(prefix):  # a typo would otherwise go unnoticed
+                print(f"{self.prog}: warning: ignoring {variable}: no such option", file=sys.stderr)
+        return values
+
+
+def environment_variables(
+    parser: argparse.ArgumentParser, prefix: str
+) -> list[tuple[argparse.Action, str]]:
+    """(option, its variable) for every long option but --help and --version: the first
+    long spelling, upper-cased, dashes as underscores, after `prefix`."""
+    pairs = []
+    for action in parser._actions:  # argparse offers no public way to list them
+        long_options = [o for o in action.option_strings if o.startswith("--")]
+        if long_options and action.dest not in ("help", "version"):
+            pairs.append((action, prefix + long_options[0][2:].upper().replace("-", "_")))
+    return pairs
 
 
 def port_number(text: str) -> int:
@@ -31,6 +131,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def at_most(most: int, type_: Callable[[str], int]) -> Callable[[str], int]:
+    """`type_`, also refusing a value above `most` (one a C int or the OS cannot hold)."""
+
+    def bounded(text: str) -> int:
+        value = type_(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, not {value}")
+        return value
+
+    bounded.__name__ = type_.__name__
+    return bounded
+
+
 def non_negative_int(text: str) -> int:
     value = _integer(text)
     if value < 0:
@@ -43,9 +156,9 @@ def non_negative_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
+    if not 0 <= value <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"must be a finite number of seconds, 0 or more, not {text}"
+            f"must be 0 or more seconds, at most a year ({MAX_SECONDS:.0f}), not {text}"
         )
     return value
 
@@ -61,7 +174,7 @@ def octal_mode(text: str) -> int:
     return value
 
 
-_SIZE = re.compile(r"\s*(\d+)\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*([0-9]{1,20})\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3}
 
 
@@ -115,20 +228,58 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
+def host_name(text: str) -> str:
+    """An address or a name that can be looked up (see `echoplex._net.check_host`)."""
+    return _checked(check_host, text)
+
+
+def unix_socket_path(text: str) -> str:
+    """A path a Unix socket can have: not empty, no NUL, short enough for the kernel."""
+    return _checked(check_unix_path, text)
+
+
+def file_path(text: str) -> str:
+    """A path the OS can be asked about (a NUL makes open() raise ValueError)."""
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"not a file path: {text!r}")
+    return text
+
+
+def _checked(check: Callable[[str], str], text: str) -> str:
+    try:
+        return check(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def one_line(message: str) -> str:
+    """`message` with its line breaks escaped: a value echoed back in an error (a path, a
+    name) must not split the error over lines, nor forge a line of its own."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def fail(prog: str, message: str, status: int = 2) -> int:
     """Print `prog: error: message` and return the exit status to use."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     return status
 
 
 def add_stream_transport_arguments(group: argparse._ArgumentGroup) -> None:
     """The client side's transport options, the same for `client` and `load`."""
-    group.add_argument("--unix", metavar="PATH", help="connect to a Unix domain socket instead")
+    group.add_argument(
+        "--unix",
+        type=unix_socket_path,
+        metavar="PATH",
+        help="connect to a Unix domain socket instead",
+    )
     group.add_argument(
         "--tls", action="store_true", help="speak TLS (1.2 or newer), verifying --host"
     )
     group.add_argument(
-        "--ca", metavar="FILE", help="verify the server against this CA file (with --tls)"
+        "--ca",
+        type=file_path,
+        metavar="FILE",
+        help="verify the server against this CA file (with --tls)",
     )
     group.add_argument(
         "--insecure", action="store_true", help="with --tls, verify nothing (testing only)"
@@ -143,33 +294,6 @@ def add_stream_transport_arguments(group: argparse._ArgumentGroup) -> None:
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-def apply_environment(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str], prefix: str
-) -> None:
-    """Fill in options not given on the command line from `PREFIX_OPTION_NAME` variables
-    (`--max-per-ip` from `ECHOPLEX_MAX_PER_IP`): flags win over the environment, the
-    environment over defaults. A bad value is the parser's one-line error, naming it."""
-    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
-    known: set[str] = set()
-    for action in parser._actions:  # argparse offers no public way to list them
-        long_options = [o for o in action.option_strings if o.startswith("--")]
-        if not long_options or action.dest in ("help", "version"):
-            continue
-        variable = prefix + long_options[0][2:].upper().replace("-", "_")
-        known.add(variable)
-        text = os.environ.get(variable)
-        if text is None or given & set(action.option_strings):
-            continue
-        try:
-            value = _from_environment(action, text)
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            parser.error(f"{variable}={text!r}: {exc}")
-        setattr(args, action.dest, value)
-    for variable in sorted(set(os.environ) - known):
-        if variable.startswith(prefix):  # a typo would otherwise go unnoticed
-            print(f"{parser.prog}: warning: ignoring {variable}: no such option", file=sys.stderr)
 
 
 def _from_environment(action: argparse.Action, text: str) -> object:

@@ -25,6 +25,52 @@ log = logging.getLogger("echoplex.server")
 SYSTEMD_FIRST_FD = 3  # sd_listen_fds(3): passed sockets start at descriptor 3
 
 
+# sun_path holds 108 bytes on Linux, the last a NUL: a longer path fails at bind/connect
+# ("AF_UNIX path too long").
+MAX_UNIX_PATH_BYTES = 107
+# The longest DNS name in text (RFC 1035: 255 octets on the wire).
+MAX_HOST_CHARS = 253
+
+
+def check_host(host: str) -> str:
+    """`host` if it can be looked up, else a ValueError saying why not, in one line.
+
+    socket encodes a name with the IDNA codec before any lookup (getaddrinfo, connect,
+    and ssl for the server name), so an empty label (`a..b`), a label over 63
+    characters, or a character IDNA refuses (argv bytes that are not UTF-8 arrive as
+    surrogates) fails there as a UnicodeError, not as the OSError callers expect."""
+    if not host:
+        raise ValueError("empty host: give an address or a name")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)  # literals, IPv6 with a zone (`fe80::1%eth0`) too
+        return host
+    if "\0" in host:
+        raise ValueError(f"not a host name: {host!r} (a NUL character)")
+    if len(host) > MAX_HOST_CHARS:
+        raise ValueError(f"not a host name: {host[:40]!r}... is over {MAX_HOST_CHARS} characters")
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        reason = exc.__cause__ or exc  # the codec's own words: "label too long"
+        raise ValueError(f"not a host name: {host!r} ({reason})") from None
+    return host
+
+
+def check_unix_path(path: str) -> str:
+    """`path` if a Unix socket can be bound or reached there, else a ValueError."""
+    raw = os.fsencode(path)
+    if not raw:
+        raise ValueError("empty Unix socket path")
+    if b"\0" in raw:
+        raise ValueError(f"not a Unix socket path: {path!r} (a NUL character)")
+    if len(raw) > MAX_UNIX_PATH_BYTES:
+        raise ValueError(
+            f"Unix socket path too long: {len(raw)} bytes, at most {MAX_UNIX_PATH_BYTES} "
+            f"(a shorter directory, or a relative path): {path!r}"
+        )
+    return path
+
+
 def address_family(host: str) -> socket.AddressFamily:
     # An IPv6 literal has a colon; anything else (names included) is looked up as IPv4,
     # as the tutorial's `socket.socket()` does, so `localhost` means 127.0.0.1.

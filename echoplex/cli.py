@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from ._cli_util import Parser, apply_environment
+from ._cli_util import Parser
 from .commands import COMMANDS
 
 
@@ -26,7 +26,9 @@ def build_parser(command: str | None = None) -> Parser:
         module.add_arguments(sub)
         # Commands that run as services also read their options from the environment.
         prefix = getattr(module, "ENVIRONMENT_PREFIX", None)
-        sub.set_defaults(run=module.run, parser=sub, environment_prefix=prefix)
+        if prefix:
+            sub.read_environment(prefix)
+        sub.set_defaults(run=module.run, parser=sub)
     return parser
 
 
@@ -34,7 +36,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((word for word in argv if not word.startswith("-")), None)
     args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
-    if args.environment_prefix:
-        apply_environment(args.parser, args, argv, args.environment_prefix)
     status: int = args.run(args)
     return status

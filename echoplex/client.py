@@ -13,7 +13,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import BinaryIO
@@ -170,7 +170,7 @@ def describe_connection_error(target: Target, exc: OSError) -> str:
 def one_shot(
     prog: str,
     target: Target,
-    messages: list[bytes],
+    messages: Iterable[bytes],
     *,
     raw: bool,
     timeout_s: float | None = None,
@@ -191,7 +191,7 @@ def one_shot(
 def _print_echoes(
     prog: str,
     sock: socket.socket,
-    messages: list[bytes],
+    messages: Iterable[bytes],
     exchange: Callable[[socket.socket, bytes], bytes],
     failed: Callable[[OSError], str],
     *,
@@ -283,7 +283,7 @@ def one_shot_udp(
     prog: str,
     host: str,
     port: int,
-    messages: list[bytes],
+    messages: Iterable[bytes],
     *,
     raw: bool,
     timeout_s: float = UDP_TIMEOUT_S,

@@ -14,7 +14,10 @@ DEFAULT_PORT = 12345
 # The kernel caps this at net.core.somaxconn; asking for more costs nothing and
 # lets bursts of thousands of connects queue instead of being refused.
 DEFAULT_BACKLOG = 4096
+MAX_BACKLOG = 2**31 - 1  # listen() takes a C int
 LOOPS = ("auto", "asyncio", "uvloop")
+# More processes than this is a fork bomb, not a server (a mistyped --workers 1000000).
+MAX_WORKERS = 1024
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,22 @@ class ServerConfig:
     addresses a flood forges (a source's bucket is forgotten once it has refilled)."""
 
     def __post_init__(self) -> None:
+        from ._net import check_host, check_unix_path  # _net reads this module's config
+
+        for host in (*self.hosts, self.metrics_host):
+            check_host(host)  # a ValueError naming it, not a UnicodeError at bind
+        if self.unix_path is not None:
+            check_unix_path(self.unix_path)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, not {self.port}")
-        if self.backlog < 1:
-            raise ValueError(f"backlog must be at least 1, not {self.backlog}")
+        if not 1 <= self.backlog <= MAX_BACKLOG:
+            raise ValueError(f"backlog must be 1 to {MAX_BACKLOG}, not {self.backlog}")
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be 0 (one per CPU) or more, not {self.workers}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(
+                f"workers must be 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}"
+            )
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
         if self.drain_timeout_s < 0:

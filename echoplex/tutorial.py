@@ -7,11 +7,12 @@ that prints instead of logging, so the tutorial runs the real models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ._cli_util import Parser, fail, port_number
+from ._cli_util import Parser, fail, host_name, port_number
 from .client import Target, one_shot, stopped_quietly
 from .config import DEFAULT_PORT, ServerConfig
 from .errors import StartupError
@@ -49,7 +50,9 @@ def server_main(argv: Sequence[str] | None = None) -> int:
         default="threads",
         help="threads (default): every client at once; simple: one at a time",
     )
-    parser.add_argument("--host", default=TUTORIAL_HOST, help=f"default {TUTORIAL_HOST}")
+    parser.add_argument(
+        "--host", type=host_name, default=TUTORIAL_HOST, help=f"default {TUTORIAL_HOST}"
+    )
     parser.add_argument(
         "--port",
         type=port_number,
@@ -75,7 +78,9 @@ def server_main(argv: Sequence[str] | None = None) -> int:
 
 def client_main(argv: Sequence[str] | None = None) -> int:
     parser = Parser(prog="ClientPython.py", description="The tutorial's echo client.")
-    parser.add_argument("--host", default=TUTORIAL_HOST, help=f"default {TUTORIAL_HOST}")
+    parser.add_argument(
+        "--host", type=host_name, default=TUTORIAL_HOST, help=f"default {TUTORIAL_HOST}"
+    )
     parser.add_argument(
         "--port", type=port_number, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}"
     )
@@ -84,5 +89,6 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     with stopped_quietly():
         print("Starting client...", flush=True)
         target = Target(args.host, args.port)
-        return one_shot(parser.prog, target, [args.message.encode()], raw=False)
+        # The bytes typed: argv holds bytes that are not UTF-8 as surrogates.
+        return one_shot(parser.prog, target, [os.fsencode(args.message)], raw=False)
     return 0  # stopped by SIGINT/SIGTERM: a requested stop

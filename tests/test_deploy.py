@@ -42,7 +42,6 @@ from typing import Any
 
 import pytest
 
-from echoplex._cli_util import apply_environment
 from echoplex.cli import build_parser
 from echoplex.commands.serve import ENVIRONMENT_PREFIX
 from echoplex.models.workers import EXIT_GRACE_S
@@ -86,7 +85,7 @@ def serve_options() -> set[str]:
 
 def serve_variables() -> dict[str, str]:
     """`ECHOPLEX_MAX_PER_IP` -> `--max-per-ip`, for every option the environment can set
-    (the rule of echoplex._cli_util.apply_environment)."""
+    (the rule of echoplex._cli_util.environment_variables)."""
     names = {}
     for action in serve_parser()._actions:
         long_options = [o for o in action.option_strings if o.startswith("--")]
@@ -108,8 +107,7 @@ def parse_serve(
         for name, value in environment.items():
             patch.setenv(name, value)
         try:
-            args = parser.parse_args(list(argv))
-            apply_environment(parser, args, list(argv), ENVIRONMENT_PREFIX)
+            args = parser.parse_args(list(argv))  # the environment read as it parses
         except SystemExit:
             pytest.fail(f"{where}: echoplex serve rejects {list(argv)} with {dict(environment)}")
     return args

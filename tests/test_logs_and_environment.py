@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from .procs import LISTENING, ROOT, Process, Server
+from .test_cli_hostile import LONG_LABEL, LONG_UNIX_PATH, NOT_UTF8
 from .test_contract import recv_exactly
 
 
@@ -72,6 +73,12 @@ def test_mode_from_the_environment_is_used() -> None:
         ("ECHOPLEX_PORT", "99999", "ECHOPLEX_PORT='99999': port must be 0..65535"),
         ("ECHOPLEX_MODE", "fork", "ECHOPLEX_MODE='fork': choose from simple"),
         ("ECHOPLEX_LOG_DATA", "maybe", "ECHOPLEX_LOG_DATA='maybe': expected 1/0"),
+        # Hostile values (more in test_cli_hostile.py): one line too, never a traceback.
+        ("ECHOPLEX_HOST", f"127.0.0.1,{LONG_LABEL}", f"ECHOPLEX_HOST='127.0.0.1,{LONG_LABEL}'"),
+        ("ECHOPLEX_METRICS_HOST", NOT_UTF8, "ECHOPLEX_METRICS_HOST="),
+        ("ECHOPLEX_UNIX", LONG_UNIX_PATH, "Unix socket path too long"),
+        ("ECHOPLEX_IDLE_TIMEOUT", "1e300", "at most a year (31536000)"),
+        ("ECHOPLEX_MAX_BUFFER", "1T", "not a size in bytes"),
     ],
 )
 def test_a_bad_environment_value_is_one_line(variable: str, value: str, expected: str) -> None:
@@ -86,6 +93,7 @@ def test_a_bad_environment_value_is_one_line(variable: str, value: str, expected
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and expected in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_misspelt_variable_is_warned_about() -> None:

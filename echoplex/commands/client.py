@@ -6,10 +6,12 @@ import argparse
 import os
 import ssl
 import sys
+from collections.abc import Iterator
 
 from .._cli_util import (
     add_stream_transport_arguments,
     fail,
+    host_name,
     non_negative_seconds,
     port_number,
     positive_int,
@@ -34,7 +36,9 @@ PROG = "echoplex client"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument(
+        "--host", type=host_name, default="127.0.0.1", help="server address (default 127.0.0.1)"
+    )
     parser.add_argument(
         "--port",
         type=port_number,
@@ -86,6 +90,15 @@ def target_from(args: argparse.Namespace) -> Target:
     return Target(args.host, args.port, args.unix, context, args.send_proxy)
 
 
+def messages(args: argparse.Namespace) -> Iterator[bytes]:
+    """Each --message, --count times over, made as they are sent (a huge count costs no
+    memory), as the bytes typed: argv holds bytes that are not UTF-8 as surrogates, which
+    os.fsencode turns back into those bytes (`-m $'\\xff'` sends 0xff)."""
+    encoded = [os.fsencode(text) for text in args.message]
+    for _ in range(args.count):
+        yield from encoded
+
+
 def run(args: argparse.Namespace) -> int:
     if args.udp:
         if args.tls or args.unix or args.send_proxy:
@@ -99,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
         if args.message:
             if not args.raw:
                 print("Starting client...", flush=True)
-            messages = [text.encode() for text in args.message] * args.count
-            return one_shot(PROG, target, messages, raw=args.raw, timeout_s=args.timeout)
+            return one_shot(PROG, target, messages(args), raw=args.raw, timeout_s=args.timeout)
         try:
             sock = connect(target, args.timeout)
         except OSError as exc:
@@ -122,9 +134,8 @@ def run_udp(args: argparse.Namespace) -> int:
         if args.message:
             if not args.raw:
                 print("Starting client...", flush=True)
-            messages = [text.encode() for text in args.message] * args.count
             return one_shot_udp(
-                PROG, args.host, args.port, messages, raw=args.raw, timeout_s=timeout_s
+                PROG, args.host, args.port, messages(args), raw=args.raw, timeout_s=timeout_s
             )
         try:
             sock = open_udp(args.host, args.port)

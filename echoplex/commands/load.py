@@ -10,6 +10,7 @@ import sys
 from .._cli_util import (
     add_stream_transport_arguments,
     fail,
+    host_name,
     non_negative_seconds,
     positive_int,
     positive_rate,
@@ -48,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "2 on bad arguments. Ctrl-C stops early and still reports."
     )
     patterns = "; ".join(f"{name}: {text}" for name, text in PATTERNS.items())
-    parser.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    parser.add_argument(
+        "--host", type=host_name, default="127.0.0.1", help="server address (default 127.0.0.1)"
+    )
     parser.add_argument(
         "--port",
         type=target_port,

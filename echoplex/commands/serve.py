@@ -7,7 +7,10 @@ import math
 
 from .. import logs
 from .._cli_util import (
+    at_most,
     fail,
+    file_path,
+    host_name,
     non_negative_int,
     non_negative_seconds,
     octal_mode,
@@ -15,8 +18,16 @@ from .._cli_util import (
     positive_int,
     positive_seconds,
     size_bytes,
+    unix_socket_path,
 )
-from ..config import DEFAULT_BACKLOG, DEFAULT_PORT, LOOPS, ServerConfig
+from ..config import (
+    DEFAULT_BACKLOG,
+    DEFAULT_PORT,
+    LOOPS,
+    MAX_BACKLOG,
+    MAX_WORKERS,
+    ServerConfig,
+)
 from ..errors import StartupError
 from ..models import DESCRIPTIONS, MODELS
 from ..server import run as run_server
@@ -35,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--host",
         action="append",
+        type=host_name,
         dest="hosts",
         metavar="HOST",
         help="address to listen on, repeatable; `::` serves IPv6 and IPv4 (default 127.0.0.1, "
@@ -48,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backlog",
-        type=positive_int,
+        type=at_most(MAX_BACKLOG, positive_int),
         default=DEFAULT_BACKLOG,
         help=f"listen backlog (default {DEFAULT_BACKLOG})",
     )
@@ -60,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=non_negative_int,
+        type=at_most(MAX_WORKERS, non_negative_int),
         default=0,
         help="processes of the workers model (default 0: one per CPU)",
     )
@@ -78,7 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM/SIGINT, how long open connections may finish (default 5)",
     )
     parser.add_argument(
-        "--unix", metavar="PATH", help="also listen on this Unix domain socket path"
+        "--unix",
+        type=unix_socket_path,
+        metavar="PATH",
+        help="also listen on this Unix domain socket path",
     )
     parser.add_argument(
         "--unix-mode",
@@ -88,8 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="permissions of the --unix socket file, in octal (default 600)",
     )
     tls_group = parser.add_argument_group("TLS")
-    tls_group.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain")
-    tls_group.add_argument("--tls-key", metavar="FILE", help="PEM private key")
+    tls_group.add_argument(
+        "--tls-cert", type=file_path, metavar="FILE", help="PEM certificate chain"
+    )
+    tls_group.add_argument("--tls-key", type=file_path, metavar="FILE", help="PEM private key")
     tls_group.add_argument(
         "--tls-handshake-timeout",
         type=positive_seconds,
@@ -130,6 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     metrics_group.add_argument(
         "--metrics-host",
+        type=host_name,
         default=ServerConfig.metrics_host,
         metavar="HOST",
         help=f"address of the metrics endpoint (default {ServerConfig.metrics_host})",

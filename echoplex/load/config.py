@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._net import check_host, check_unix_path
 from ..config import DEFAULT_PORT, LOOPS
 
 PATTERNS: dict[str, str] = {
@@ -153,8 +154,12 @@ class LoadConfig:
             problems.append("--ca and --insecure go with --tls")
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
             problems.append(f"--send-proxy must be v1 or v2, not {self.send_proxy!r}")
-        if self.unix_path == "":
-            problems.append("--unix needs a socket path")
+        for check, value in ((check_host, self.host), (check_unix_path, self.unix_path)):
+            try:
+                if value is not None:
+                    check(value)
+            except ValueError as exc:
+                problems.append(str(exc))
         if not self.udp:
             return problems
         if self.tls or self.unix_path is not None or self.send_proxy is not None:
