@@ -189,11 +189,17 @@ class _Supervisor:
             drain_end = min(shutdown.drain_deadline(self.config.drain_timeout_s), latest_drain_end)
             return drain_end + EXIT_GRACE_S
 
-        while self.alive() and time.monotonic() < grace_ends():
+        # One look per round at who is alive, and a wait on exactly those: a worker that
+        # exits after the look has a readable sentinel, so the wait returns at once. (Two
+        # looks, one to decide to wait and one to list what to wait on, lost the workers
+        # that exited in between: their drains end together, so the first exit woke us and
+        # the last one could go in that gap. The wait then had nothing but the shutdown
+        # socket and slept until the grace ran out.)
+        while (alive := self.alive()) and time.monotonic() < grace_ends():
             if shutdown.forced and not forwarded_force:
                 forwarded_force = True
                 self.signal_all(signal.SIGTERM)
-            sentinels = [process.sentinel for process in self.alive()]
+            sentinels = [process.sentinel for process in alive]
             wait([*sentinels, shutdown.fileno()], timeout=max(0.0, grace_ends() - time.monotonic()))
             shutdown.clear_wakeup()
         for process in self.alive():
