@@ -12,7 +12,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import ServerConfig
 
@@ -28,56 +30,105 @@ SEND_TIMEOUT = "send-timeout"
 LIFETIME = "max-lifetime"
 
 
+class Counts(Protocol):
+    """Where `Admission` keeps its numbers: in this process (`LocalCounts`), or in memory
+    the worker processes of the `workers` model share (`echoplex._shared_admission`).
+    `Admission` holds `locked()` around each decision, so the numbers it reads cannot
+    change before it counts the connection in."""
+
+    def locked(self) -> AbstractContextManager[object]: ...
+
+    def total(self) -> int:
+        """Connections open."""
+        ...
+
+    def of(self, ip: str) -> int:
+        """Connections open from `ip`."""
+        ...
+
+    def add(self, ip: str, connections: int, *, opened: int = 0) -> bool:
+        """Count `connections` more (or fewer) under `ip` and `opened` more (or fewer)
+        in the total; False, changing nothing, if there is no room to count a new address."""
+        ...
+
+
+class LocalCounts:
+    """The counts of one process: a thread lock and a Counter."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._per_ip: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def locked(self) -> AbstractContextManager[object]:
+        return self._lock
+
+    def total(self) -> int:
+        return self.open
+
+    def of(self, ip: str) -> int:
+        return self._per_ip[ip]
+
+    def add(self, ip: str, connections: int, *, opened: int = 0) -> bool:
+        self.open += opened
+        self._per_ip[ip] += connections
+        if not self._per_ip[ip]:
+            del self._per_ip[ip]
+        return True
+
+
 class Admission:
     """Counts open connections, overall and per client address, against the limits.
 
     Thread-safe: blocking models admit in the accept loop and release in handler threads.
+    The counts are this process's unless `counts` says otherwise (the `workers` model
+    shares them between its processes, so the limits bound the whole server).
     """
 
-    def __init__(self, max_connections: int, max_per_ip: int) -> None:
+    def __init__(self, max_connections: int, max_per_ip: int, counts: Counts | None = None) -> None:
         self.max_connections = max_connections or math.inf
         self.max_per_ip = max_per_ip or math.inf
-        self.open = 0
-        self._per_ip: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        self.counts: Counts = LocalCounts() if counts is None else counts
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> Admission:
         return cls(config.max_connections, config.max_per_ip)
 
+    @property
+    def open(self) -> int:
+        return self.counts.total()
+
     def admit(self, ip: str, *, per_ip: bool = True) -> str | None:
         """Count the connection in and return None, or return why it is turned away.
         `per_ip=False` skips the per-address limit (a trusted proxy carries many clients;
-        each is checked when its PROXY header names it)."""
-        with self._lock:
-            if self.open >= self.max_connections:
+        each is checked when its PROXY header names it). An address that cannot be
+        counted (a full shared table) is turned away as over the per-address limit."""
+        counts = self.counts
+        with counts.locked():
+            if counts.total() >= self.max_connections:
                 return OVER_MAX_CONNECTIONS
-            if per_ip and self._per_ip[ip] >= self.max_per_ip:
+            if per_ip and counts.of(ip) >= self.max_per_ip:
                 return OVER_MAX_PER_IP
-            self.open += 1
-            self._per_ip[ip] += 1
+            if not counts.add(ip, 1, opened=1):
+                return OVER_MAX_PER_IP
             return None
 
     def transfer(self, from_ip: str, to_ip: str) -> str | None:
         """Count a connection under another address (the real client a PROXY header
         names); None, or why that address may not have another connection."""
-        with self._lock:
+        counts = self.counts
+        with counts.locked():
             if from_ip == to_ip:
                 return None
-            if self._per_ip[to_ip] >= self.max_per_ip:
+            if counts.of(to_ip) >= self.max_per_ip or not counts.add(to_ip, 1):
                 return OVER_MAX_PER_IP
-            self._per_ip[to_ip] += 1
-            self._per_ip[from_ip] -= 1
-            if not self._per_ip[from_ip]:
-                del self._per_ip[from_ip]
+            counts.add(from_ip, -1)
             return None
 
     def release(self, ip: str) -> None:
-        with self._lock:
-            self.open -= 1
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
+        counts = self.counts
+        with counts.locked():
+            counts.add(ip, -1, opened=-1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,10 +56,10 @@ def loop_factory(name: str) -> LoopFactory:
 class _Server:
     """What every connection's protocol shares: config, reporting, limits, open set."""
 
-    def __init__(self, config: ServerConfig, events: ServerEvents) -> None:
+    def __init__(self, config: ServerConfig, events: ServerEvents, admission: Admission) -> None:
         self.config = config
         self.events = events
-        self.admission = Admission.from_config(config)
+        self.admission = admission
         self.limits = TimeLimits.from_config(config)
         self.open: set[EchoProtocol] = set()
         self.changed = asyncio.Event()
@@ -146,13 +146,16 @@ def serve(
     shutdown: Shutdown,
     *,
     listeners: Listeners | None = None,
+    admission: Admission | None = None,
 ) -> None:
-    """Serve on `listeners` (by default, those the config asks for) until stopped."""
+    """Serve on `listeners` (by default, those the config asks for) until stopped, counting
+    connections against the limits in `admission` (by default, this process's own)."""
     factory = loop_factory(config.loop)
     context = tls.server_context(config)
     listeners = listeners or Listeners.open(config)
+    admission = admission or Admission.from_config(config)
     with listeners, asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(listeners, context, config, events, shutdown))
+        runner.run(_serve(listeners, context, config, events, shutdown, admission))
 
 
 async def _serve(
@@ -161,9 +164,10 @@ async def _serve(
     config: ServerConfig,
     events: ServerEvents,
     shutdown: Shutdown,
+    admission: Admission,
 ) -> None:
     loop = asyncio.get_running_loop()
-    server = _Server(config, events)
+    server = _Server(config, events, admission)
     proxy = ProxyGate(config, server.admission, events)
     acceptor = Acceptor(server.admission, events, proxy.is_proxy)
     protocol_class = DataLoggingEchoProtocol if config.log_data else EchoProtocol

@@ -6,6 +6,11 @@ herd). The parent only supervises: it restarts a worker that dies and, on a stop
 request, passes it on to every worker and waits for them to drain. With port 0 the
 parent first binds a non-listening placeholder to pick the port and keeps it for
 the server's lifetime, so restarted workers get the same one.
+
+`--max-connections` and `--max-per-ip` bound the whole server, not each worker: the
+workers count in one table the supervisor shares with them before forking
+(`echoplex._shared_admission`), and a worker that dies gives back what it held
+before its replacement starts.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 from .. import tls
 from .._net import Listeners, open_tcp_listeners
+from .._shared_admission import AdmissionTable
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ServerEvents
@@ -63,14 +69,17 @@ def _worker_main(
     events: ServerEvents,
     shared: list[socket.socket],
     ready: Connection,
+    table: AdmissionTable | None,
 ) -> None:
     multiprocessing.current_process().name = f"worker-{index}"
+    admission = table.admission_for(index) if table is not None else None
     shutdown = Shutdown()
     _stop_when_orphaned(shutdown)
     try:
         with stop_on_signals(shutdown):
             listeners = Listeners.open(config, shared=False, reuse_port=True, inherited=shared)
-            asyncio_.serve(config, _ReadyReporter(events, ready), shutdown, listeners=listeners)
+            reporter = _ReadyReporter(events, ready)
+            asyncio_.serve(config, reporter, shutdown, listeners=listeners, admission=admission)
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
@@ -101,11 +110,16 @@ def _stop_when_orphaned(shutdown: Shutdown) -> None:
 
 class _Supervisor:
     def __init__(
-        self, config: ServerConfig, events: ServerEvents, shared: list[socket.socket]
+        self,
+        config: ServerConfig,
+        events: ServerEvents,
+        shared: list[socket.socket],
+        table: AdmissionTable | None = None,
     ) -> None:
         self.config = config
         self.events = events
         self.shared = shared
+        self.table = table
         self.context = multiprocessing.get_context("fork")
         self.workers: dict[int, tuple[BaseProcess, float]] = {}
         # Ready pipes of workers that have not reported listening yet.
@@ -115,7 +129,7 @@ class _Supervisor:
         parent_end, child_end = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
-            args=(index, self.config, self.events, self.shared, child_end),
+            args=(index, self.config, self.events, self.shared, child_end, self.table),
             name=f"worker-{index}",
             daemon=False,
         )
@@ -167,6 +181,8 @@ class _Supervisor:
                     continue
                 process.join()
                 _forget_metrics_of(process.pid or 0)
+                if self.table is not None:
+                    self.table.forget(index)  # before its replacement counts in that column
                 log.warning(
                     "worker %d (pid %s) exited with status %s; restarting",
                     index,
@@ -233,7 +249,8 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
         try:
             port = placeholders[0].getsockname()[1] if placeholders else config.port
             worker_config = replace(config, hosts=hosts, port=port)
-            supervisor = _Supervisor(worker_config, events, shared.sockets)
+            table = AdmissionTable.from_config(worker_config)
+            supervisor = _Supervisor(worker_config, events, shared.sockets, table)
             try:
                 events.listening(supervisor.start_all())
                 log.info("%d workers running", config.worker_count)
@@ -241,6 +258,8 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
                 events.stopping()
             finally:
                 supervisor.stop(shutdown)
+                if table is not None:
+                    table.close()
         finally:
             for placeholder in placeholders:
                 placeholder.close()
