@@ -15,6 +15,8 @@ import sys
 import pytest
 
 from echoplex.cli import build_parser
+from echoplex.config import ServerConfig
+from echoplex.load.config import LoadConfig
 
 from .procs import ROOT, Server, echoplex
 from .test_contract import recv_exactly
@@ -262,3 +264,31 @@ def test_tutorial_client_sends_the_bytes_typed() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Starting client...\nReceived: b'\\xff'\n"
     assert result.stderr == ""
+
+
+# ---------------------------------------------------------------- the API too
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"hosts": (LONG_LABEL,)},
+        {"hosts": ("127.0.0.1", "a\0b")},
+        {"metrics_host": NOT_UTF8},
+        {"unix_path": LONG_UNIX_PATH},
+        {"unix_path": ""},
+        {"backlog": 2**31},
+        {"workers": 10**6},
+    ],
+)
+def test_the_server_config_refuses_what_the_cli_refuses(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        ServerConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "fields", [{"host": LONG_LABEL}, {"host": ""}, {"unix_path": LONG_UNIX_PATH}]
+)
+def test_the_load_config_refuses_what_the_cli_refuses(fields: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        LoadConfig(**fields)  # type: ignore[arg-type]
