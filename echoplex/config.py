@@ -18,6 +18,8 @@ MAX_BACKLOG = 2**31 - 1  # listen() takes a C int
 LOOPS = ("auto", "asyncio", "uvloop")
 # More processes than this is a fork bomb, not a server (a mistyped --workers 1000000).
 MAX_WORKERS = 1024
+# The pool starts every thread at once; each takes a stack and a slot in the scheduler.
+MAX_THREADS = 4096
 
 
 @dataclass(frozen=True)
@@ -142,8 +144,8 @@ class ServerConfig:
             raise ValueError(f"port must be 0..65535, not {self.port}")
         if not 1 <= self.backlog <= MAX_BACKLOG:
             raise ValueError(f"backlog must be 1 to {MAX_BACKLOG}, not {self.backlog}")
-        if self.threads < 1:
-            raise ValueError(f"threads must be at least 1, not {self.threads}")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be 1 to {MAX_THREADS}, not {self.threads}")
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(
                 f"workers must be 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}"

@@ -71,6 +71,7 @@ HOSTILE = [
     (["serve", "--port", "9" * 5000], "argument --port: not a whole number"),
     (["serve", "--backlog", "99999999999999999999"], "argument --backlog: must be at most"),
     (["serve", "--workers", "99999999999999999999"], "argument --workers: must be at most"),
+    (["serve", "--threads", "99999999"], "argument --threads: must be at most"),
     (
         ["serve", "--idle-timeout", "1e300"],
         "argument --idle-timeout: must be 0 or more seconds",

@@ -273,7 +273,7 @@ def test_sizes_accept_suffixes(text: str, value: int) -> None:
         (["-d", "-1"], "0 or more"),
         (["--warmup", "nan"], "0 or more"),
         (["--connect-rate", "-2"], "above 0"),
-        (["--timeout", "inf"], "finite"),
+        (["--timeout", "inf"], "at most a year"),
         (["--loop", "tokio"], "invalid choice"),
     ],
 )

@@ -25,6 +25,7 @@ from ..config import (
     DEFAULT_PORT,
     LOOPS,
     MAX_BACKLOG,
+    MAX_THREADS,
     MAX_WORKERS,
     ServerConfig,
 )
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=at_most(MAX_THREADS, positive_int),
         default=ServerConfig.threads,
         help=f"worker threads of the pool model (default {ServerConfig.threads})",
     )
