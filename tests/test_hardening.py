@@ -1,6 +1,7 @@
 """The fault suite: hostile and broken clients against every model, with real sockets.
 
-`workers` runs with one worker here: limits are enforced per worker process.
+`workers` runs with one worker here; how its limits hold across workers is
+`tests/test_workers_limits.py`.
 """
 
 from __future__ import annotations
