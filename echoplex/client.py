@@ -6,22 +6,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import selectors
 import signal
 import socket
 import ssl
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ._cli_util import fail
 from .config import DEFAULT_PORT
 from .proxy_protocol import encode_v1, encode_v2
-from .shutdown import start_deaf_thread
 
 CHUNK_BYTES = 65536
 
@@ -99,57 +98,53 @@ def interact(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
     """Copy stdin to the socket and the socket to stdout. On stdin EOF, half-close and
     keep printing until the server closes (nc -N behaviour). Over TLS, where a TCP
     half-close would cut the TLS session, end instead once every byte sent has come back.
+
+    One thread waits on both with select: a TLS session may not be read and written from
+    two threads at once (OpenSSL's SSL objects are not thread-safe), and a stop signal
+    always finds the thread that acts on it. stdin is read with os.read, so a typed line
+    goes out at once, and no more of it is read while the server has not taken the last.
     """
     over_tls = isinstance(sock, ssl.SSLSocket)
-    lock = threading.Lock()
+    stdin_fd = stdin.fileno()
+    sock.setblocking(False)
+    unsent = b""  # read from stdin, not yet taken by the socket
     sent = received = 0
-    stdin_done = False
-
-    def all_echoed() -> bool:
-        return stdin_done and received >= sent
-
-    def send_stdin() -> None:
-        nonlocal sent, stdin_done
-        with contextlib.suppress(OSError):
-            while chunk := _read_some(stdin):
-                sock.sendall(chunk)
-                with lock:
-                    sent += len(chunk)
-            if not over_tls:
-                sock.shutdown(socket.SHUT_WR)
-                return
-            with lock:
-                stdin_done = True
-                wake_reader = all_echoed()
-            if wake_reader:  # the reader is waiting for bytes that will never come
-                with socket.socket(fileno=os.dup(sock.fileno())) as duplicate:
-                    duplicate.shutdown(socket.SHUT_RD)
-
-    # Deaf to Ctrl-C: a signal landing on it would wait for the main thread's recv.
-    start_deaf_thread(send_stdin, "stdin-to-server")
-    with contextlib.suppress(ssl.SSLEOFError):
-        while chunk := sock.recv(CHUNK_BYTES):
-            stdout.write(chunk)
-            stdout.flush()
-            with lock:
+    stdin_open, half_closed = True, False
+    while True:
+        if over_tls and not stdin_open and not unsent and received >= sent:
+            return  # every byte typed has come back
+        waiting_in: list[Any] = [sock] + ([stdin_fd] if stdin_open and not unsent else [])
+        waiting_out = [sock] if unsent else []
+        readable: list[Any] = [sock]  # TLS may hold decrypted bytes select cannot see
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            readable, _, _ = select.select(waiting_in, waiting_out, [])
+        if sock in readable:
+            try:
+                chunk = sock.recv(CHUNK_BYTES)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                chunk = None
+            except ssl.SSLEOFError:
+                chunk = b""
+            if chunk == b"":
+                return  # the server closed
+            if chunk:
+                stdout.write(chunk)
+                stdout.flush()
                 received += len(chunk)
-                if over_tls and all_echoed():
-                    return
-
-
-def _read_some(stream: BinaryIO) -> bytes:
-    """What the stream has (a typed line), without waiting for a full buffer.
-
-    A real file is read with os.read on its descriptor, not through its buffered
-    object: the reading thread is a daemon, and a daemon blocked inside a buffered
-    read holds that object's lock, which aborts the interpreter at exit (Ctrl-C).
-    """
-    try:
-        fd = stream.fileno()
-    except (AttributeError, OSError, ValueError):  # in-memory streams have none
-        read1 = getattr(stream, "read1", None)
-        return read1(CHUNK_BYTES) if read1 else stream.read(CHUNK_BYTES)
-    return os.read(fd, CHUNK_BYTES)
+        if stdin_fd in readable:
+            unsent = os.read(stdin_fd, CHUNK_BYTES)
+            stdin_open = bool(unsent)
+        if unsent:
+            try:
+                taken = sock.send(unsent)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                taken = 0
+            unsent = unsent[taken:]
+            sent += taken
+        if not (stdin_open or unsent or over_tls or half_closed):
+            half_closed = True
+            with contextlib.suppress(OSError):  # the server is gone: the next recv says so
+                sock.shutdown(socket.SHUT_WR)
 
 
 def describe_connect_error(host: str, port: int, exc: OSError) -> str:

@@ -165,6 +165,14 @@ class TimeLimits:
     def any(self) -> bool:
         return not (self.idle_s is None and self.send_s is None and self.lifetime_s is None)
 
+    def sweep_interval_s(self, *other_limits_s: float) -> float | None:
+        """How often a sweep over every connection must look, for these limits and the
+        others given (handshake deadlines): a limit is enforced at most a quarter of
+        itself late, and within a second. None when there is nothing to enforce."""
+        limits = (self.idle_s, self.send_s, self.lifetime_s, *other_limits_s)
+        shortest_s = min((limit_s for limit_s in limits if limit_s), default=None)
+        return None if shortest_s is None else min(1.0, max(0.01, shortest_s / 4))
+
 
 class Deadlines:
     """How long one connection's next read or send may block (blocking models)."""

@@ -95,8 +95,11 @@ def wait_until(
 
 
 @contextlib.contextmanager
-def stop_on_signals(shutdown: Shutdown) -> Iterator[None]:
-    """Route SIGINT/SIGTERM to `shutdown.request` while the block runs (main thread only).
+def stop_on_signals(
+    shutdown: Shutdown, signals: tuple[signal.Signals, ...] = STOP_SIGNALS
+) -> Iterator[None]:
+    """Route `signals` (SIGINT, SIGTERM) to `shutdown.request` while the block runs (main
+    thread only).
 
     The kernel hands a process-directed signal to any thread that does not block it, and
     CPython runs the Python handler only in the main thread, the next time it runs
@@ -109,25 +112,13 @@ def stop_on_signals(shutdown: Shutdown) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, shutdown.request) for sig in STOP_SIGNALS}
     previous_wakeup = signal.set_wakeup_fd(shutdown.wakeup_fd(), warn_on_full_buffer=False)
+    previous = {}
     try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, shutdown.request)
         yield
     finally:
-        signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def start_deaf_thread(target: Callable[[], object], name: str) -> threading.Thread:
-    """Start a daemon thread that never receives SIGINT/SIGTERM, so they go to a thread
-    that will act on them. For a program whose main thread blocks on something no
-    signal wakes (a socket read) while a helper thread waits on another: the thread
-    inherits the signal mask it is started with."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    return thread
+        signal.set_wakeup_fd(previous_wakeup)

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import ssl
+import struct
 import time
 
 import pytest
@@ -117,3 +118,33 @@ def test_stalled_proxy_headers_hold_no_worker_and_a_split_header_is_read() -> No
             for sock in stalled:
                 sock.close()
         assert server.stop() == 0
+
+
+def reset_at_once(server: Server) -> None:
+    """Connect and reset (SO_LINGER 0), as port scanners and TCP health checks do."""
+    sock = socket.create_connection(server.address, timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize("mode", ["pool", "threads"])
+def test_clients_that_reset_before_the_tls_handshake_cost_only_themselves(
+    mode: str, certificate: tuple[str, str, str]
+) -> None:
+    cert_file, key_file, ca_file = certificate
+    tls_args = ("--tls-cert", cert_file, "--tls-key", key_file, "--threads", "2")
+    with Server(*tls_args, "--drain-timeout", "30", mode=mode) as server:
+        for _ in range(6):  # three times the pool's workers
+            reset_at_once(server)
+        deadline = time.monotonic() + 10
+        while server.stderr.count("outcome=tls-handshake-failed") < 6:
+            assert time.monotonic() < deadline, server.stderr
+            time.sleep(0.02)
+        context = ssl.create_default_context(cafile=ca_file)
+        with socket.create_connection(server.address, timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(b"still here")
+                assert recv_exactly(tls, 10) == b"still here"
+        # Nothing left open: the stop does not wait out the 30 s drain.
+        assert server.stop(timeout_s=15) == 0
+        assert "Traceback" not in server.stderr

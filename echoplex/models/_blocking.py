@@ -1,11 +1,13 @@
-"""The blocking-socket pieces the `simple`, `threads` and `pool` models share.
+"""What the thread-based models (`simple`, `threads`, `pool`) share: accepting, the
+record of open connections, closing and cutting off, the drain; and the blocking echo
+loop of `simple` and `threads`.
 
 The accept loop waits on the listeners *and* the shutdown wakeup, so a stop request
 interrupts it at once. The echo loop reads into one preallocated buffer per
 connection (no allocation per chunk) and writes each chunk back in full before
 reading again: a client that does not read its echo stops being read, so it can
 never make the server hold more than one buffer (`max_buffer_bytes`) of its bytes.
-Time limits are socket timeouts, set only when a limit is configured.
+Its time limits are socket timeouts, set only when a limit is configured.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import errno
 import logging
 import mmap
-import os
 import selectors
 import socket
 import ssl
@@ -36,6 +37,9 @@ from . import _splice
 log = logging.getLogger("echoplex.server")
 
 _CUT_OFF_GRACE_S = 1.0
+# Stacks of the threads that serve connections: they only run the echo loop (and a
+# TLS handshake), so thousands of them cost little memory.
+THREAD_STACK_BYTES = 256 * 1024
 
 ReadGate = Callable[[socket.socket], str | None]
 """Called with the connection before each read by the `simple` model: None to read, or
@@ -52,9 +56,9 @@ class BlockingServer:
         self.admission = Admission.from_config(config)
         self.tls = tls.server_context(config)
         self.proxy = ProxyGate(config, self.admission, events)
-        # Descriptor of every connection accepted and not yet closed, so that a drain can
-        # wait for them and then cut them off (a TLS wrap keeps the descriptor).
-        self._open: dict[ConnectionRecord, int] = {}
+        # Every connection accepted and not yet closed (the plain socket, also under TLS),
+        # so that a drain can wait for them and then cut them off.
+        self._open: dict[ConnectionRecord, socket.socket] = {}
         self._lock = threading.Lock()
 
     def accept(self, listeners: Listeners) -> Iterator[tuple[socket.socket, ConnectionRecord]]:
@@ -76,7 +80,7 @@ class BlockingServer:
                             conn.setblocking(True)
                             record = ConnectionRecord(peer)
                             with self._lock:
-                                self._open[record] = conn.fileno()
+                                self._open[record] = conn
                             yield conn, record
                         if back_off:
                             self.shutdown.wait(ACCEPT_BACKOFF_S)
@@ -91,17 +95,20 @@ class BlockingServer:
         An unexpected exception is logged once, with its traceback, and ends this
         connection alone.
         """
+        over_tls: ssl.SSLSocket | None = None
         try:
             if self.proxy.expects_header(record):
                 self.proxy.read_blocking(conn, record)
             if self.tls is not None and record.outcome is None:
-                conn = self._handshake(conn, record)
+                over_tls = self._handshake(conn, record)
             if record.outcome is None:
                 self.events.connection_opened(record)
-                echo_until_closed(conn, record, self.config, self.events, read_gate)
+                echo_until_closed(over_tls or conn, record, self.config, self.events, read_gate)
         except Exception:
             self.failed(record)
         finally:
+            if over_tls is not None:
+                over_tls.close()
             self.close(conn, record)
 
     @staticmethod
@@ -119,28 +126,33 @@ class BlockingServer:
 
     def cut_off(self, record: ConnectionRecord, outcome: str) -> None:
         """End an open connection from another thread, as `outcome`: shut it down, so
-        whoever serves it finds it ended at once and closes it."""
+        whoever serves it (blocked in recv or send, or about to be) finds it ended at
+        once and closes it. Under the lock, an open connection's socket is not closed
+        under us: `close` takes it off the record first."""
         with self._lock:
-            fd = self._open.get(record)
-            if fd is None:
+            conn = self._open.get(record)
+            if conn is None:
                 return  # closed already
             record.finish(outcome)
-            # shutdown() through a duplicate: a thread blocked in recv/send on the
-            # connection returns at once, and we never close a descriptor under it.
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
-                dup.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # the client is gone already
+                conn.shutdown(socket.SHUT_RDWR)
 
-    def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> socket.socket:
+    def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> ssl.SSLSocket | None:
+        """The TLS session over `conn`, or None with the record saying why there is none.
+
+        A duplicate of the socket is wrapped: a wrap that fails part-way (a client that
+        resets at once) has already taken the descriptor of the socket it was given, and
+        `conn` must keep its own until `close`."""
         assert self.tls is not None
         conn.settimeout(self.config.tls_handshake_timeout_s)
         try:
-            wrapped = self.tls.wrap_socket(conn, server_side=True)
+            wrapped = self.tls.wrap_socket(conn.dup(), server_side=True)
         except TimeoutError:
             record.finish(tls.HANDSHAKE_TIMEOUT)
-            return conn
+            return None
         except (ssl.SSLError, OSError):
             record.finish(tls.HANDSHAKE_FAILED)
-            return conn
+            return None
         wrapped.settimeout(None)
         return wrapped
 
@@ -234,10 +246,22 @@ def echo_until_closed(
         buffer.close()
 
 
+@contextlib.contextmanager
+def small_thread_stacks() -> Iterator[None]:
+    """Threads started inside the block get `THREAD_STACK_BYTES` stacks."""
+    previous_stack_bytes = threading.stack_size(THREAD_STACK_BYTES)
+    try:
+        yield
+    finally:
+        threading.stack_size(previous_stack_bytes)
+
+
 def failure_outcome(exc: OSError) -> str:
     """How a connection ended that failed with `exc` (its time limits aside)."""
     if isinstance(exc, ssl.SSLEOFError):
         return "closed"  # a TLS client that closed without close_notify
+    if isinstance(exc, ssl.SSLError):
+        return "error:tls"  # its errno is OpenSSL's, not the system's
     if isinstance(exc, ConnectionResetError | BrokenPipeError):
         return "reset"
     return f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"

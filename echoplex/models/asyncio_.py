@@ -215,7 +215,8 @@ async def _serve(
 
     # Stop signals reach us through this wakeup too (`shutdown.stop_on_signals`).
     loop.add_reader(shutdown.fileno(), on_stop_requested)
-    sweeper = loop.create_task(_sweep_limits(server)) if server.limits.any else None
+    interval_s = server.limits.sweep_interval_s()
+    sweeper = loop.create_task(_sweep_limits(server, interval_s)) if interval_s else None
     try:
         for listener in listeners:
             watch(listener)
@@ -240,12 +241,9 @@ async def _serve(
         loop.remove_reader(shutdown.fileno())
 
 
-async def _sweep_limits(server: _Server) -> None:
+async def _sweep_limits(server: _Server, interval_s: float) -> None:
     """End connections whose idle, send or lifetime limit has run out."""
     limits = server.limits
-    shortest_s = min(s for s in (limits.idle_s, limits.send_s, limits.lifetime_s) if s)
-    # A limit is enforced at most a quarter of itself late (and within a second).
-    interval_s = min(1.0, max(0.01, shortest_s / 4))
     while True:
         await asyncio.sleep(interval_s)
         now = time.monotonic()

@@ -13,10 +13,12 @@ worker hears of it until that one re-arms it, and only that one closes it.
 Backpressure as in every model: echo the client has not taken yet (at most one
 buffer) is kept, and the connection is armed for writing alone, so it is not read
 until its echo is out. The PROXY header and the TLS handshake are steps of the same
-turns, so a client that stalls them holds no worker either. Time limits, handshake
-deadlines and the drain's cut-off come from other threads as a shutdown(2) of the
-socket (`BlockingServer.cut_off`), which makes it ready: the worker that takes it
-finds it ended and closes it with the recorded outcome.
+turns, so a client that stalls them holds no worker either. TLS runs over memory
+buffers (`ssl.MemoryBIO`, as asyncio does): the socket stays a plain non-blocking
+socket from accept to close, and only this module moves ciphertext in and out.
+Time limits, handshake deadlines and the drain's cut-off come from other threads as
+a shutdown(2) of the socket (`BlockingServer.cut_off`), which makes it ready: the
+worker that takes it finds it ended and closes it with the recorded outcome.
 
 No zero-copy here: splice needs a pipe pair per streaming connection, and a turn
 that may not block cannot wait on the pipe; streams are echoed through Python.
@@ -25,21 +27,24 @@ that may not block cannot wait on the pipe; streams are echoed through Python.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import socket
 import ssl
 import threading
 import time
+from typing import cast
 
 from .. import tls
 from .._proxy_accept import HEADER_TIMEOUT
 from ..config import ServerConfig
+from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import ProgressWatch, TimeLimits
 from ..proxy_protocol import ProxyHeaderReader
 from ..shutdown import Shutdown
-from ._blocking import BlockingServer, failure_outcome
+from ._blocking import BlockingServer, failure_outcome, small_thread_stacks
 
 log = logging.getLogger("echoplex.server")
 
@@ -50,20 +55,45 @@ WRITABLE = select.EPOLLOUT
 READS_PER_TURN = 16
 
 
+class TlsSession:
+    """A server-side TLS session over two memory buffers: ciphertext in, ciphertext out."""
+
+    __slots__ = ("handshaking", "incoming", "outgoing", "session")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.session = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.handshaking = True
+
+    def buffered(self) -> bool:
+        """Bytes wait inside the session (ciphertext or plaintext): epoll cannot see them."""
+        return bool(self.incoming.pending or self.session.pending())
+
+
 class PooledConnection:
     """One connection's state between turns: where it is in its life, and owed echo."""
 
-    __slots__ = ("cut", "handshaking", "header", "opened", "owed", "record", "sock", "watch")
+    __slots__ = ("cut", "header", "opened", "owed", "owed_plain", "record", "sock", "tls", "watch")
 
-    def __init__(self, sock: socket.socket, record: ConnectionRecord, *, header: bool, tls: bool):
+    def __init__(
+        self, sock: socket.socket, record: ConnectionRecord, *, header: bool, tls: TlsSession | None
+    ) -> None:
         self.sock = sock
         self.record = record
         self.header = ProxyHeaderReader() if header else None  # a PROXY header is due
-        self.handshaking = tls
+        self.tls = tls
         self.opened = False
-        self.owed = b""  # received, not yet echoed: while any, the connection is not read
+        # Bytes for the wire the client has not taken yet (echo, or TLS records); while
+        # any wait, the connection is not read. `owed_plain`: echoed bytes among them.
+        self.owed = b""
+        self.owed_plain = 0
         self.watch = ProgressWatch(record.opened_at)
-        self.cut = False  # cut off already (a limit, the drain): the next turn ends it
+        self.cut = False  # cut off by the sweeper already: not again
+
+    @property
+    def handshaking(self) -> bool:
+        return self.header is not None or (self.tls is not None and self.tls.handshaking)
 
 
 class ConnectionPool:
@@ -81,20 +111,30 @@ class ConnectionPool:
         self.epoll.register(self._stop_reader, READABLE)
         self._stopped = threading.Event()
         self._chunk_bytes = min(self.config.recv_bytes, self.config.max_buffer_bytes)
+        self._sweep_interval_s = self.limits.sweep_interval_s(
+            *([self.config.proxy_header_timeout_s] if self.server.proxy.networks else []),
+            *([self.config.tls_handshake_timeout_s] if self.server.tls else []),
+        )
         self._threads = [
             threading.Thread(target=self._work, name=f"echo-pool-{index}", daemon=True)
             for index in range(threads)
         ]
-        if self._sweep_interval_s() is not None:
+        if self._sweep_interval_s is not None:
             self._threads.append(threading.Thread(target=self._sweep, name="echo-pool-limits"))
-        for thread in self._threads:
-            thread.start()
+        try:
+            with small_thread_stacks():
+                for thread in self._threads:
+                    thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of memory or pids
+            self.close()
+            raise StartupError(f"cannot start {threads} pool threads: {exc}") from None
 
     def add(self, sock: socket.socket, record: ConnectionRecord) -> None:
         """Take an admitted connection; the workers serve it from now on."""
         sock.setblocking(False)
         header = self.server.proxy.expects_header(record)
-        connection = PooledConnection(sock, record, header=header, tls=self.server.tls is not None)
+        session = TlsSession(self.server.tls) if self.server.tls is not None else None
+        connection = PooledConnection(sock, record, header=header, tls=session)
         fd = sock.fileno()
         self.connections[fd] = connection
         self.epoll.register(fd, READABLE | select.EPOLLONESHOT)
@@ -104,7 +144,8 @@ class ConnectionPool:
         self._stopped.set()
         os.write(self._stop_writer, b"!")
         for thread in self._threads:
-            thread.join()
+            if thread.ident is not None:
+                thread.join()
         for connection in list(self.connections.values()):  # none, unless the drain gave up
             connection.record.finish("drained")
             self._end(connection)
@@ -119,107 +160,135 @@ class ConnectionPool:
         self.close()
 
     def _work(self) -> None:
-        buffer = bytearray(self._chunk_bytes)
-        view = memoryview(buffer)
-        while True:
-            # One event per wait: ready connections spread over the free workers.
-            for fd, _ in self.epoll.poll(-1, 1):
-                if fd == self._stop_reader:
-                    return
-                connection = self.connections[fd]
-                try:
-                    wait_for = self._turn(connection, buffer, view)
-                except Exception:
-                    self.server.failed(connection.record)
-                    wait_for = None
-                if wait_for is not None:
-                    try:
-                        self.epoll.modify(fd, wait_for | select.EPOLLONESHOT)
-                        continue
-                    except OSError as exc:  # not expected: end this connection, not the worker
-                        log.error("cannot watch %s again: %s", connection.record.peer, exc)
-                        connection.record.finish("error:handler")
-                self._end(connection)
+        # Anonymous mmap, not bytearray: its pages cost memory only once written, so
+        # threads that only ever see small messages hold a page or two, not 64 KiB.
+        with mmap.mmap(-1, self._chunk_bytes) as buffer:
+            view = memoryview(buffer)
+            try:
+                while True:
+                    # One event per wait: ready connections spread over the free workers.
+                    for fd, _ in self.epoll.poll(-1, 1):
+                        if fd == self._stop_reader:
+                            return
+                        self._take_turn(self.connections[fd], buffer, view)
+            finally:
+                view.release()
+
+    def _take_turn(self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview) -> None:
+        """One turn, then arm the connection again or end it; whatever goes wrong ends
+        this connection alone, never the worker."""
+        try:
+            wait_for = self._turn(connection, buffer, view)
+        except Exception:
+            self.server.failed(connection.record)
+            wait_for = None
+        try:
+            if wait_for is not None:
+                self.epoll.modify(connection.sock.fileno(), wait_for | select.EPOLLONESHOT)
+                return
+        except OSError:  # not expected: end this connection, not the worker
+            self.server.failed(connection.record)
+        try:
+            self._end(connection)
+        except Exception:
+            log.exception("unexpected error closing %s", connection.record.peer)
 
     def _end(self, connection: PooledConnection) -> None:
+        record = connection.record
+        record.bytes_out = record.bytes_in - connection.owed_plain
         fd = connection.sock.fileno()
         self.epoll.unregister(fd)
         del self.connections[fd]  # before close(): its descriptor number may be reused
-        self.server.close(connection.sock, connection.record)
+        self.server.close(connection.sock, record)
 
     def _turn(
-        self, connection: PooledConnection, buffer: bytearray, view: memoryview
+        self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview
     ) -> int | None:
         """Do what is ready: the event to wait for next, or None when the connection ended."""
         record = connection.record
-        if connection.cut:
-            return None
-        if connection.header is not None:
-            try:
-                taken = self.server.proxy.read_ready(connection.sock, record, connection.header)
-            except BlockingIOError:
-                return READABLE
-            if taken is None:
-                return READABLE
-            if not taken:
-                return None
-            connection.header = None
-        if connection.handshaking:
-            wait_for = self._handshake(connection)
-            if wait_for is not None or record.outcome is not None:
-                return wait_for
-        if not connection.opened:
-            connection.opened = True
-            self.events.connection_opened(record)
+        if record.outcome is not None:
+            return None  # cut off (a limit, the drain)
         try:
+            if connection.owed and not self._flush(connection):
+                return WRITABLE
+            if connection.header is not None:
+                taken = self.server.proxy.read_ready(connection.sock, record, connection.header)
+                if taken is None:
+                    return READABLE
+                if not taken:
+                    return None
+                connection.header = None
+            if connection.tls is not None and connection.tls.handshaking:
+                wait_for = self._handshake(connection)
+                if wait_for is not None or record.outcome is not None:
+                    return wait_for
+            if not connection.opened:
+                connection.opened = True
+                self.events.connection_opened(record)
             return self._echo(connection, buffer, view)
-        except ssl.SSLWantReadError:
-            return READABLE
-        except ssl.SSLWantWriteError:
-            return WRITABLE
-        except OSError as exc:
+        except BlockingIOError:
+            return READABLE  # only reads get this far: a send that would block is owed
+        except OSError as exc:  # ssl.SSLError included
             record.finish(failure_outcome(exc))
             return None
 
-    def _handshake(self, connection: PooledConnection) -> int | None:
-        """A TLS handshake step: the event to wait for, or None when done (or failed,
-        with the record saying so)."""
-        sock = connection.sock
-        if not isinstance(sock, ssl.SSLSocket):
-            assert self.server.tls is not None
-            sock = connection.sock = self.server.tls.wrap_socket(
-                sock, server_side=True, do_handshake_on_connect=False
-            )
+    def _flush(self, connection: PooledConnection) -> bool:
+        """Send what is owed; True once nothing is."""
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            return READABLE
-        except ssl.SSLWantWriteError:
-            return WRITABLE
-        except (ssl.SSLError, OSError):
-            connection.record.finish(tls.HANDSHAKE_FAILED)
-            return None
-        connection.handshaking = False
-        return None
+            sent = connection.sock.send(connection.owed)
+        except BlockingIOError:
+            return False
+        connection.owed = connection.owed[sent:]
+        if not connection.owed:
+            connection.owed_plain = 0
+        elif connection.tls is None:
+            connection.owed_plain = len(connection.owed)
+        return not connection.owed
+
+    def _owe(self, connection: PooledConnection, data: bytes, plain_bytes: int) -> bool:
+        """Send `data` (holding `plain_bytes` of echo), keeping what the socket does not
+        take; True if it took all of it."""
+        connection.owed, connection.owed_plain = data, plain_bytes
+        return self._flush(connection)
+
+    def _handshake(self, connection: PooledConnection) -> int | None:
+        """TLS handshake steps: the event to wait for, or None once done (or failed, with
+        the record saying so)."""
+        session = connection.tls
+        assert session is not None
+        while True:
+            try:
+                session.session.do_handshake()
+                session.handshaking = False
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLError, OSError):
+                connection.record.finish(tls.HANDSHAKE_FAILED)
+                return None
+            try:
+                if not self._owe(connection, session.outgoing.read(), 0):
+                    return WRITABLE
+                if not session.handshaking:
+                    return None
+                ciphertext = connection.sock.recv(self._chunk_bytes)
+            except BlockingIOError:
+                return READABLE
+            except OSError:
+                connection.record.finish(tls.HANDSHAKE_FAILED)
+                return None
+            if not ciphertext:
+                connection.record.finish(tls.HANDSHAKE_FAILED)
+                return None
+            session.incoming.write(ciphertext)
 
     def _echo(
-        self, connection: PooledConnection, buffer: bytearray, view: memoryview
+        self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview
     ) -> int | None:
-        sock, record = connection.sock, connection.record
-        if connection.owed:
-            try:
-                sent = sock.send(connection.owed)
-            except BlockingIOError:
-                return WRITABLE
-            record.bytes_out += sent
-            connection.owed = connection.owed[sent:]
-            if connection.owed:
-                return WRITABLE
+        record, session = connection.record, connection.tls
         while True:
             for _ in range(READS_PER_TURN):
-                try:
-                    received = sock.recv_into(buffer)
-                except BlockingIOError:
+                received = self._receive(connection, buffer)
+                if received is None:
                     return READABLE
                 if not received:
                     # The client shut down its write side, and every byte it sent has
@@ -229,55 +298,70 @@ class ConnectionPool:
                 record.bytes_in += received
                 if self.config.log_data:
                     self.events.data_received(record, bytes(view[:received]))
-                try:
-                    sent = sock.send(view[:received])
-                except (BlockingIOError, ssl.SSLWantWriteError):
-                    sent = 0
-                record.bytes_out += sent
-                if sent < received:
-                    connection.owed = bytes(view[sent:received])
-                    return WRITABLE
-                # Decrypted bytes waiting inside TLS are out of epoll's sight: read on.
-                tls_pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
-                if received < len(buffer) and not tls_pending:
-                    # Less than a buffer: the socket had nothing more just now (a
-                    # ping-pong), so wait rather than pay for a read that finds nothing.
-                    return READABLE
-            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                if session is None:
+                    try:
+                        sent = connection.sock.send(view[:received])
+                    except BlockingIOError:
+                        sent = 0
+                    if sent < received:
+                        connection.owed = bytes(view[sent:received])
+                        connection.owed_plain = len(connection.owed)
+                        return WRITABLE
+                    if received < len(buffer):
+                        # Less than a buffer: the socket had nothing more just now (a
+                        # ping-pong), so wait rather than pay for a read that finds nothing.
+                        return READABLE
+                else:
+                    session.session.write(view[:received])
+                    if not self._owe(connection, session.outgoing.read(), received):
+                        return WRITABLE
+            if session is None or not session.buffered():
                 return READABLE  # budget spent: behind the other ready connections
 
-    def _sweep_interval_s(self) -> float | None:
-        limits = [self.limits.idle_s, self.limits.send_s, self.limits.lifetime_s]
-        if self.server.proxy.networks:
-            limits.append(self.config.proxy_header_timeout_s)
-        if self.server.tls is not None:
-            limits.append(self.config.tls_handshake_timeout_s)
-        shortest_s = min((s for s in limits if s), default=None)
-        if shortest_s is None:
-            return None
-        # A limit is enforced at most a quarter of itself late (and within a second).
-        return min(1.0, max(0.01, shortest_s / 4))
+    def _receive(self, connection: PooledConnection, buffer: mmap.mmap) -> int | None:
+        """Echo bytes read into `buffer`: how many, 0 at the end of the stream, None if
+        none are ready now."""
+        session = connection.tls
+        if session is None:
+            try:
+                return connection.sock.recv_into(buffer)
+            except BlockingIOError:
+                return None
+        while True:
+            try:
+                # With a buffer, read() returns a count (typeshed says bytes).
+                return cast(int, session.session.read(len(buffer), buffer))
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return 0  # close_notify
+            try:
+                ciphertext = connection.sock.recv(self._chunk_bytes)
+            except BlockingIOError:
+                return None
+            if not ciphertext:
+                return 0  # closed without close_notify: as the other models, a close
+            session.incoming.write(ciphertext)
 
     def _sweep(self) -> None:
         """Cut off connections whose time limit, or handshake deadline, has run out."""
-        interval_s = self._sweep_interval_s()
-        while not self._stopped.wait(interval_s):
+        while not self._stopped.wait(self._sweep_interval_s):
             now = time.monotonic()
             for connection in list(self.connections.values()):
                 outcome = self._expired(connection, now)
                 if outcome is not None and not connection.cut:
+                    connection.cut = True
                     self.server.cut_off(connection.record, outcome)
-                    connection.cut = True  # after: a turn that sees it finds the outcome
 
     def _expired(self, connection: PooledConnection, now: float) -> str | None:
-        age_s = now - connection.record.opened_at
-        if connection.header is not None:
-            timeout_s = self.config.proxy_header_timeout_s
-            return HEADER_TIMEOUT if age_s >= timeout_s else None
-        if connection.handshaking:
-            timeout_s = self.config.tls_handshake_timeout_s
-            return tls.HANDSHAKE_TIMEOUT if age_s >= timeout_s else None
         record = connection.record
+        age_s = now - record.opened_at
+        if connection.header is not None:
+            timed_out = age_s >= self.config.proxy_header_timeout_s
+            return HEADER_TIMEOUT if timed_out else None
+        if connection.handshaking:
+            timed_out = age_s >= self.config.tls_handshake_timeout_s
+            return tls.HANDSHAKE_TIMEOUT if timed_out else None
         return connection.watch.check(self.limits, record.bytes_in, len(connection.owed), now)
 
 

@@ -42,7 +42,6 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
         while True:
             if shutdown.requested:
                 stop_listening()
-                shutdown.clear_wakeup()
             limit = deadlines.for_read()
             timeout_s = math.inf if limit.timeout_s is None else limit.timeout_s
             outcome = limit.outcome
@@ -61,7 +60,8 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
                 return None
             if not readable:
                 return outcome  # timed out
-            # Otherwise a stop request woke us: look again.
+            # A stop request woke us (or another signal's wakeup byte): look again.
+            shutdown.clear_wakeup()
 
     try:
         events.listening(listeners.addresses)

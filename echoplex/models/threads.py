@@ -12,9 +12,7 @@ import threading
 from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
 from ..shutdown import Shutdown
-from ._blocking import BlockingServer
-
-THREAD_STACK_BYTES = 256 * 1024
+from ._blocking import BlockingServer, small_thread_stacks
 
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
@@ -23,8 +21,5 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
     def start_thread(conn: socket.socket, record: ConnectionRecord) -> None:
         threading.Thread(target=server.serve, args=(conn, record), daemon=True).start()
 
-    previous_stack_bytes = threading.stack_size(THREAD_STACK_BYTES)
-    try:
+    with small_thread_stacks():
         server.serve_handing_off(start_thread)
-    finally:
-        threading.stack_size(previous_stack_bytes)

@@ -71,12 +71,20 @@ def _worker_main(
     ready: Connection,
     table: AdmissionTable | None,
 ) -> None:
+    # Forked from the supervisor, we hold its signal handler and wakeup socket: until our
+    # own are in place, SIGTERM ends this worker outright (it serves nobody yet).
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C in a terminal signals the whole process group, and the supervisor passes the
+    # stop on as SIGTERM: a worker that heard both would take the second as "stop now"
+    # and skip the drain. So a worker listens to its supervisor only.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     multiprocessing.current_process().name = f"worker-{index}"
     admission = table.admission_for(index) if table is not None else None
     shutdown = Shutdown()
     _stop_when_orphaned(shutdown)
     try:
-        with stop_on_signals(shutdown):
+        with stop_on_signals(shutdown, (signal.SIGTERM,)):
             listeners = Listeners.open(config, shared=False, reuse_port=True, inherited=shared)
             reporter = _ReadyReporter(events, ready)
             asyncio_.serve(config, reporter, shutdown, listeners=listeners, admission=admission)
