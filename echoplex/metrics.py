@@ -203,7 +203,8 @@ class _UdpCollector:
 # listener needs too, so everything it holds is bounded: one thread reads request heads
 # from at most MAX_PENDING connections at once with a selector (a silent or trickling
 # client costs a descriptor, not a thread); when that many are waiting, the oldest is
-# closed for the newcomer, so a scraper always gets in. A head not complete within
+# closed for the newcomer, so a scraper gets in unless 64 others connect within its own
+# round trip. A head not complete within
 # REQUEST_TIMEOUT_S of the connect is dropped. HTTP_WORKERS threads answer complete
 # requests, handed over through a queue of at most MAX_QUEUED, each within
 # SEND_TIMEOUT_S. A reset is the client's business: a debug line, never a traceback.
@@ -337,15 +338,18 @@ class _HTTPEndpoint:
                     log.debug("metrics: answer failed: %s", exc)
 
     def _respond(self, sock: socket.socket, head: bytes) -> None:
+        # The answer is rendered whole, then sent with one sendall: its timeout bounds the
+        # whole send, where writes through a socket file would each get a fresh one.
         environ = self._environ(head)
-        with sock.makefile("wb") as out:
-            if environ is None:
-                out.write(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-                return
-            handler = _Handler(io.BytesIO(), out, _LogWriter(), environ, multiprocess=False)
-            handler.os_environ = {}  # not the process's environment, as under CGI
-            handler.http_version = "1.0"
-            handler.run(self.app)
+        if environ is None:
+            sock.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            return
+        answer = io.BytesIO()
+        handler = _Handler(io.BytesIO(), answer, _LogWriter(), environ, multiprocess=False)
+        handler.os_environ = {}  # not the process's environment, as under CGI
+        handler.http_version = "1.0"
+        handler.run(self.app)
+        sock.sendall(answer.getbuffer())
 
     def _environ(self, head: bytes) -> dict[str, str] | None:
         """The WSGI environ of a request head; None if it is not HTTP."""

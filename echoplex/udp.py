@@ -311,8 +311,8 @@ def open_udp_sockets(config: ServerConfig, port: int | None = None) -> list[sock
 
 
 def serve_udp(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    """Serve UDP echo in this thread until `shutdown` is requested (SIGINT/SIGTERM in the
-    main thread)."""
+    """Serve UDP echo in this thread until `shutdown` is requested (`server.run` routes
+    SIGINT/SIGTERM to it)."""
     factory = loop_factory(config.loop)
     UdpEchoServer(open_udp_sockets(config), config, events, shutdown, factory).serve()
 

@@ -196,7 +196,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=ServerConfig.zero_copy,
         help="echo streaming clients with splice(2), bytes never entering Python "
-        "(Linux; threads, pool and simple models; not with TLS or --log-data; default on)",
+        "(Linux; threads and simple models; not with TLS or --log-data; default on)",
     )
     limits.add_argument(
         "--send-timeout",

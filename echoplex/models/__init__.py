@@ -28,7 +28,7 @@ MODELS: dict[str, str] = {
 DESCRIPTIONS: dict[str, str] = {
     "simple": "one client at a time (the tutorial's first server)",
     "threads": "a thread per connection (the tutorial's second server)",
-    "pool": "a bounded pool of worker threads; extra connections wait their turn",
+    "pool": "a fixed pool of worker threads serves every connection that is ready",
     "asyncio": "one event loop (uvloop when installed)",
     "workers": "one asyncio process per CPU on SO_REUSEPORT listeners, supervised",
 }
