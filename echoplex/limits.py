@@ -161,10 +161,6 @@ class TimeLimits:
             config.max_lifetime_s or None,
         )
 
-    @property
-    def any(self) -> bool:
-        return not (self.idle_s is None and self.send_s is None and self.lifetime_s is None)
-
     def sweep_interval_s(self, *other_limits_s: float) -> float | None:
         """How often a sweep over every connection must look, for these limits and the
         others given (handshake deadlines): a limit is enforced at most a quarter of
@@ -177,7 +173,7 @@ class TimeLimits:
 class Deadlines:
     """How long one connection's next read or send may block (blocking models)."""
 
-    __slots__ = ("any", "clock", "idle_s", "lifetime_ends", "send_s")
+    __slots__ = ("clock", "idle_s", "lifetime_ends", "send_s")
 
     def __init__(self, config: ServerConfig, opened_at: float, clock: Clock = time.monotonic):
         limits = TimeLimits.from_config(config)
@@ -185,7 +181,6 @@ class Deadlines:
         self.send_s = limits.send_s
         self.lifetime_ends = opened_at + limits.lifetime_s if limits.lifetime_s else None
         self.clock = clock
-        self.any = limits.any
 
     def for_read(self) -> Wait:
         return self._bounded(self.idle_s, IDLE_TIMEOUT)

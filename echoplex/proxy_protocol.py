@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 __all__ = [
-    "HEADER_TIMEOUT_S",
     "MAX_HEADER_BYTES",
     "MAX_V1_BYTES",
     "V2_SIGNATURE",
@@ -72,11 +71,6 @@ MAX_HEADER_BYTES = 4096
 bytes, but the spec sizes headers to fit one 536-byte segment; real senders' TLVs
 (ALPN, SNI, TLS details, a unique ID of at most 128 bytes) stay far below 4 KiB, and
 a cap keeps a peer from making us buffer 64 KiB before we can say no."""
-
-HEADER_TIMEOUT_S = 5.0
-"""How long a trusted peer may take to deliver its whole header before the connection
-is aborted. The spec allows a receiver to abort if the header is not seen "within a
-few seconds (at least 3 seconds to cover a TCP retransmit)"."""
 
 _V2_ADDRESS_BYTES = {1: 12, 2: 36, 3: 216}  # INET, INET6, UNIX
 _UNIX_PATH_BYTES = 108
@@ -220,7 +214,7 @@ class ProxyHeaderReader:
       possible"). `reason` is the kind, for the log line and metrics.
     - The peer closes first: call `feed_eof()`, which raises `ProxyProtocolError`
       (`truncated`): the spec says to reject partial headers.
-    - No complete header within `HEADER_TIMEOUT_S` of the accept (a clock the caller
+    - No complete header within the header timeout of the accept (a clock the caller
       owns, counted from accept, not from the last byte, so a trickle cannot hold
       the connection): abort the connection, echoing nothing.
 

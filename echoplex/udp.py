@@ -42,7 +42,7 @@ from ._throttle import Throttle
 from .config import ServerConfig
 from .errors import StartupError
 from .events import DatagramEvents, LogEvents, ServerEvents
-from .models.asyncio_ import LoopFactory, loop_factory
+from .loops import LoopFactory, loop_factory
 from .shutdown import Shutdown
 from .udp_guard import Clock, ReflectionGuard
 

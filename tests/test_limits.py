@@ -54,7 +54,6 @@ def config(**limits: Any) -> ServerConfig:
 
 def test_deadlines_without_limits_block_forever() -> None:
     deadlines = Deadlines(config(), opened_at=0)
-    assert not deadlines.any
     assert deadlines.for_read().timeout_s is None
     assert deadlines.for_send().timeout_s is None
 
@@ -108,7 +107,7 @@ def test_lifetime_counts_from_when_the_connection_opened() -> None:
 
 def test_sweep_limits_without_limits_enforce_nothing() -> None:
     none = limits()
-    assert not none.any and limits(send_timeout_s=1.0).any
+    assert none.sweep_interval_s() is None and limits(send_timeout_s=1.0).sweep_interval_s()
     watch = ProgressWatch(opened_at=0)
     assert watch.check(none, bytes_in=0, pending_bytes=10, now=1e9) is None
 
@@ -150,3 +149,11 @@ def test_throttle_lets_one_message_a_second_through_and_counts_the_rest(
 def test_config_rejects_negative_limits(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         replace(ServerConfig(), **bad)
+
+
+def test_a_sweep_looks_a_quarter_of_the_shortest_limit_apart_within_bounds() -> None:
+    assert limits(idle_timeout_s=2.0, send_timeout_s=30.0).sweep_interval_s() == 0.5
+    assert limits(idle_timeout_s=300.0).sweep_interval_s() == 1.0  # at least once a second
+    assert limits(max_lifetime_s=0.001).sweep_interval_s() == 0.01  # not a busy loop
+    # Handshake deadlines count too, with no limit of the connection's own.
+    assert limits().sweep_interval_s(5.0, 0.4) == 0.1

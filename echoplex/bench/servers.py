@@ -130,7 +130,6 @@ SERVERS: dict[str, ServerSpec] = {
         "ref-uvloop", "baseline_uvloop.py", "asyncio Protocol echo on uvloop", "uvloop"
     ),
 }
-BASELINES = tuple(name for name, spec in SERVERS.items() if spec.kind == "baseline")
 
 
 class ServerStartError(Exception):

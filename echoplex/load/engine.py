@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from time import perf_counter_ns
 
 from ..errors import StartupError
-from ..models.asyncio_ import loop_factory
+from ..loops import loop_factory
 from ..payload import PayloadPattern
 from ..stats import LatencyHistogram, require_hdrh
 from .config import LoadConfig

@@ -20,7 +20,6 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
 from .. import tls
@@ -28,29 +27,12 @@ from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
 from .._net import Listeners
 from .._proxy_accept import ProxyGate
 from ..config import ServerConfig
-from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import IDLE_TIMEOUT, Admission, ProgressWatch, TimeLimits
+from ..loops import loop_factory
 from ..shutdown import Shutdown
 
 log = logging.getLogger("echoplex.server")
-LoopFactory = Callable[[], asyncio.AbstractEventLoop]
-
-
-def loop_factory(name: str) -> LoopFactory:
-    """`auto`: uvloop if it imports, else the standard loop (as uvicorn's loops/auto.py)."""
-    if name == "asyncio":
-        return asyncio.new_event_loop
-    try:
-        import uvloop
-    except ImportError:
-        if name == "uvloop":
-            raise StartupError(
-                "uvloop is not installed: pip install 'echoplex[uvloop]', or use --loop asyncio"
-            ) from None
-        return asyncio.new_event_loop
-    factory: LoopFactory = uvloop.new_event_loop
-    return factory
 
 
 class _Server:

@@ -34,6 +34,7 @@ from .._shared_admission import AdmissionTable
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ServerEvents
+from ..loops import loop_factory
 from ..shutdown import Shutdown, stop_on_signals
 from . import asyncio_
 
@@ -244,7 +245,7 @@ class _Supervisor:
 
 
 def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    asyncio_.loop_factory(config.loop)  # fail here, once, if the loop cannot be had
+    loop_factory(config.loop)  # fail here, once, if the loop cannot be had
     tls.server_context(config)  # likewise for the certificate
     # Sockets passed by systemd and the Unix socket are opened once, here, and shared.
     with Listeners.open(config, tcp=False) as shared:
