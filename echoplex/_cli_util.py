@@ -1,4 +1,11 @@
-"""Argument types and parser behaviour every echoplex command shares.
+"""Argument types, option declarations and parser behaviour every echoplex command shares.
+
+A config dataclass declares each of its options once, beside the field, with `option()`:
+flag, help, group, argument type and (through the flag) environment variable.
+`add_options` generates the argparse options from those declarations, the parser's
+environment overlay reads the same options, `config_from_args` maps the parsed values
+back onto the fields, and `flags_for_settings` turns the `field` names a config's
+errors speak of into the flags the user typed.
 
 Every bad value, on the command line or in an `ECHOPLEX_*` variable, is one line on
 stderr and exit status 2: the types below turn what would fail deeper down (an IDNA
@@ -9,13 +16,14 @@ the parser's own error, naming the option.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
-
-from ._net import check_host, check_unix_path
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn, TypeVar
 
 # A timeout of a few hundred years overflows the C time types under the socket calls
 # (`settimeout(1e300)` raises OverflowError), and no echo run needs more than a year.
@@ -193,7 +201,7 @@ def size_bytes(text: str, most: int = 1 << 30) -> int:
     base = 1000 if (unit and not binary and prefix) else 1024
     value = int(digits) * base**power
     if not 1 <= value <= most:
-        raise argparse.ArgumentTypeError(f"must be 1 byte to {_binary_size(most)}, not {text}")
+        raise argparse.ArgumentTypeError(f"must be 1 byte to {binary_size(most)}, not {text}")
     return value
 
 
@@ -214,7 +222,7 @@ def positive_rate(text: str) -> float:
     return value
 
 
-def _binary_size(size: int) -> str:
+def binary_size(size: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size % scale == 0:
             return f"{size // scale}{unit}"
@@ -228,13 +236,30 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
 
+def datagram_rate(text: str) -> float:
+    """Datagrams per second: a finite number, 0 (no limit) or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of datagrams a second: {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite rate, 0 (no limit) or more, not {text}")
+    return value
+
+
 def host_name(text: str) -> str:
     """An address or a name that can be looked up (see `echoplex._net.check_host`)."""
+    # Imported here: the config modules declare their options with these types, and
+    # `_net` imports `echoplex.config`.
+    from ._net import check_host
+
     return _checked(check_host, text)
 
 
 def unix_socket_path(text: str) -> str:
     """A path a Unix socket can have: not empty, no NUL, short enough for the kernel."""
+    from ._net import check_unix_path
+
     return _checked(check_unix_path, text)
 
 
@@ -313,3 +338,100 @@ def _one_value(action: argparse.Action, text: str) -> object:
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
     return value
+
+
+# ---------------------------------------------------------------- options declared once
+
+OPTION = "echoplex.option"  # the key of an `Option` in a dataclass field's metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How one config field is set from the command line, and so from the environment:
+    its `PREFIX_FLAG_NAME` variable is the flag's name (see `environment_variables`).
+
+    The kind of option follows the field's type: a `bool` is a switch (`negatable`
+    adds `--no-FLAG`), a tuple a repeatable option, anything else takes one value,
+    checked by `parse` (an argparse type, whose error names the flag)."""
+
+    flag: str
+    help: str
+    """May hold `{default}`: the field's default, as `show` writes it (`:g` for floats)."""
+    parse: Callable[[str], Any] | None = None
+    group: str | None = None
+    """Title of the help section; None: the command's own options."""
+    metavar: str | None = None
+    choices: Sequence[str] | None = None
+    short: str | None = None
+    show: Callable[[Any], str] | None = None
+    negatable: bool = False
+
+
+def option(default: Any, flag: str, help: str, **declaration: Any) -> Any:
+    """A dataclass field with this default, settable by `flag` (see `Option`)."""
+    return dataclasses.field(default=default, metadata={OPTION: Option(flag, help, **declaration)})
+
+
+def options_of(config_class: type) -> Iterator[tuple[dataclasses.Field[Any], Option]]:
+    """(field, its option) for every field of `config_class` that declares one."""
+    for config_field in dataclasses.fields(config_class):
+        declared = config_field.metadata.get(OPTION)
+        if declared is not None:
+            yield config_field, declared
+
+
+def add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """An argparse option for each field of `config_class` with an `option()`, its dest
+    the field's name and its default the field's, in help sections by `group`."""
+    hints = typing.get_type_hints(config_class)
+    groups: dict[str | None, Any] = {None: parser}
+    for config_field, declared in options_of(config_class):
+        if declared.group not in groups:
+            groups[declared.group] = parser.add_argument_group(declared.group)
+        default = config_field.default
+        shown = (declared.show or _shown)(default)
+        kwargs: dict[str, Any] = {
+            "dest": config_field.name,
+            "default": default,
+            "help": declared.help.format(default=shown),
+        }
+        hint = hints[config_field.name]
+        if hint is bool:
+            kwargs["action"] = (
+                argparse.BooleanOptionalAction if declared.negatable else "store_true"
+            )
+        else:
+            if typing.get_origin(hint) is tuple:
+                kwargs["action"] = "append"
+            kwargs["type"] = declared.parse
+            kwargs["choices"] = declared.choices
+            if declared.choices is None:
+                kwargs["metavar"] = declared.metavar or declared.flag[2:].upper()
+        flags = [declared.short, declared.flag] if declared.short else [declared.flag]
+        groups[declared.group].add_argument(*flags, **kwargs)
+
+
+Config = TypeVar("Config")
+
+
+def config_from_args(config_class: Callable[..., Config], args: argparse.Namespace) -> Config:
+    """`config_class` built from the options `add_options` gave `args` (a repeated
+    option's list becomes the field's tuple); the config resolves its own defaults."""
+    settings = {}
+    for config_field, _ in options_of(typing.cast(type, config_class)):
+        value = getattr(args, config_field.name)
+        settings[config_field.name] = tuple(value) if isinstance(value, list) else value
+    return config_class(**settings)
+
+
+def flags_for_settings(message: str, config_class: type) -> str:
+    """A config's error, which names settings as `field_name`, naming their flags instead
+    (`proxy_protocol` -> --proxy-protocol), as the user of the command typed them."""
+    flags = {
+        config_field.name: declared.flag for config_field, declared in options_of(config_class)
+    }
+    return re.sub(r"`(\w+)`", lambda match: flags.get(match[1], match[0]), message)
+
+
+def _shown(default: object) -> str:
+    return f"{default:g}" if isinstance(default, float) else str(default)

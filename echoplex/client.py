@@ -147,10 +147,6 @@ def interact(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
                 sock.shutdown(socket.SHUT_WR)
 
 
-def describe_connect_error(host: str, port: int, exc: OSError) -> str:
-    return describe_connection_error(Target(host, port), exc)
-
-
 def describe_connection_error(target: Target, exc: OSError) -> str:
     reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, socket.gaierror):

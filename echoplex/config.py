@@ -2,6 +2,12 @@
 
 Every concurrency model reads the same frozen `ServerConfig`; the CLI only builds one.
 Units are part of the field names (`_s` for seconds, `_bytes` for sizes).
+
+Each field that `echoplex serve` can set declares its option beside it, once, with
+`option()` (flag, help, help section, argument type; the `ECHOPLEX_*` variable is the
+flag's name): the command's options, their environment variables and the mapping back
+onto this class are generated from these declarations (`echoplex._cli_util`). Errors
+name the settings as `field_name`; the command shows them as the flags.
 """
 
 from __future__ import annotations
@@ -9,6 +15,25 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
+
+from ._cli_util import (
+    at_most,
+    binary_size,
+    datagram_rate,
+    file_path,
+    host_name,
+    non_negative_int,
+    non_negative_seconds,
+    octal_mode,
+    option,
+    port_number,
+    positive_int,
+    positive_seconds,
+    size_bytes,
+    unix_socket_path,
+)
+from .models import DESCRIPTIONS, MODELS
 
 DEFAULT_PORT = 12345
 # The kernel caps this at net.core.somaxconn; asking for more costs nothing and
@@ -20,177 +45,398 @@ LOOPS = ("auto", "asyncio", "uvloop")
 MAX_WORKERS = 1024
 # The pool starts every thread at once; each takes a stack and a slot in the scheduler.
 MAX_THREADS = 4096
+DEFAULT_HOST = "127.0.0.1"
+
+
+class _FromOtherSettings:
+    """The default of a field that follows from other fields; `__post_init__` replaces
+    it with the value (a frozen dataclass cannot say "unless" in a plain default)."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+
+    def __repr__(self) -> str:
+        return f"<{self.rule}>"
+
+
+# Typed Any: the field keeps its own type, and never holds these once built.
+HOSTS_UNLESS_UNIX: Any = _FromOtherSettings(f"({DEFAULT_HOST!r},), or () with unix_path")
+TCP_UNLESS_UDP_ALONE: Any = _FromOtherSettings("True, or False when only udp is asked for")
+
+TLS = "TLS"
+PROXY = "PROXY protocol (behind HAProxy and the like)"
+METRICS = "metrics"
+LIMITS = "limits (0 turns a limit off)"
+UDP = "UDP echo (RFC 862), rate-limited against reflection (0 turns a rate limit off)"
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    mode: str = "threads"
+    mode: str = option(
+        "threads",
+        "--mode",
+        "concurrency model (default {default}). "
+        + "; ".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()),
+        choices=tuple(MODELS),
+    )
     """Concurrency model, a key of `echoplex.models.MODELS`."""
 
-    hosts: tuple[str, ...] = ("127.0.0.1",)
+    hosts: tuple[str, ...] = option(
+        HOSTS_UNLESS_UNIX,
+        "--host",
+        f"address to listen on, repeatable; `::` serves IPv6 and IPv4 (default {DEFAULT_HOST}, "
+        "or none when --unix is given)",
+        parse=host_name,
+        metavar="HOST",
+    )
     """Addresses to listen on, each on `port`. An IPv6 literal (with ':') listens on IPv6;
     `::` alone also takes IPv4 clients (dual stack). Empty: no TCP listener of our own
-    (only `unix_path` or sockets passed by systemd)."""
+    (only `unix_path` or sockets passed by systemd). Default: 127.0.0.1, none when
+    `unix_path` is given."""
 
-    port: int = DEFAULT_PORT
+    port: int = option(
+        DEFAULT_PORT,
+        "--port",
+        "port to listen on, 0 for any free one (default {default})",
+        parse=port_number,
+    )
     """TCP port; 0 picks a free one (the first host's; the others bind the same number)."""
 
-    unix_path: str | None = None
+    unix_path: str | None = option(
+        None,
+        "--unix",
+        "also listen on this Unix domain socket path",
+        parse=unix_socket_path,
+        metavar="PATH",
+    )
     """Also listen on this Unix domain socket path."""
 
-    unix_mode: int = 0o600
+    unix_mode: int = option(
+        0o600,
+        "--unix-mode",
+        "permissions of the --unix socket file, in octal (default {default})",
+        parse=octal_mode,
+        metavar="MODE",
+        show=lambda mode: f"{mode:o}",
+    )
     """Permissions of the Unix socket file: who may connect."""
 
-    tls_cert_file: str | None = None
+    tls_cert_file: str | None = option(
+        None, "--tls-cert", "PEM certificate chain", parse=file_path, metavar="FILE", group=TLS
+    )
     """PEM certificate chain: with `tls_key_file`, every TCP connection speaks TLS 1.2+."""
 
-    tls_key_file: str | None = None
+    tls_key_file: str | None = option(
+        None, "--tls-key", "PEM private key", parse=file_path, metavar="FILE", group=TLS
+    )
     """PEM private key of `tls_cert_file`."""
 
-    tls_handshake_timeout_s: float = 10.0
+    tls_handshake_timeout_s: float = option(
+        10.0,
+        "--tls-handshake-timeout",
+        "drop a client that has not finished its handshake by then (default {default})",
+        parse=positive_seconds,
+        metavar="SECONDS",
+        group=TLS,
+    )
     """Drop a client that has not completed the TLS handshake in this long."""
 
-    metrics_port: int | None = None
+    metrics_port: int | None = option(
+        None,
+        "--metrics-port",
+        "serve Prometheus metrics on /metrics and health on /healthz (needs echoplex[metrics])",
+        parse=port_number,
+        metavar="PORT",
+        group=METRICS,
+    )
     """Serve Prometheus metrics (`/metrics`) and health (`/healthz`) over HTTP on this port
     (0: any free one); None: no metrics."""
 
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str = option(
+        DEFAULT_HOST,
+        "--metrics-host",
+        "address of the metrics endpoint (default {default})",
+        parse=host_name,
+        metavar="HOST",
+        group=METRICS,
+    )
     """Address of the metrics endpoint."""
 
-    proxy_protocol: bool = False
+    proxy_protocol: bool = option(
+        False,
+        "--proxy-protocol",
+        "require a PROXY v1/v2 header from --trusted-proxy peers; logs and limits then see "
+        "the real client",
+        group=PROXY,
+    )
     """Expect a PROXY protocol (v1 or v2) header from `trusted_proxies`, and require it:
     logs, limits and metrics then see the real client. Other peers are plain clients."""
 
-    trusted_proxies: tuple[str, ...] = ()
-    """Networks (CIDR) whose connections carry a PROXY header, e.g. `10.0.0.0/8`, `::1`."""
+    trusted_proxies: tuple[str, ...] = option(
+        (),
+        "--trusted-proxy",
+        "a network whose connections carry the header (repeatable; commas allowed)",
+        metavar="CIDR",
+        group=PROXY,
+    )
+    """Networks (CIDR) whose connections carry a PROXY header, e.g. `10.0.0.0/8`, `::1`;
+    an item may be a comma-separated list."""
 
-    proxy_header_timeout_s: float = 5.0
+    proxy_header_timeout_s: float = option(
+        5.0,
+        "--proxy-header-timeout",
+        "drop a proxied connection with no complete header by then (default {default})",
+        parse=positive_seconds,
+        metavar="SECONDS",
+        group=PROXY,
+    )
     """Drop a trusted proxy's connection with no complete header this long after accept
     (the PROXY protocol specification asks for at least 3 seconds)."""
 
-    backlog: int = DEFAULT_BACKLOG
+    backlog: int = option(
+        DEFAULT_BACKLOG,
+        "--backlog",
+        "listen backlog (default {default})",
+        parse=at_most(MAX_BACKLOG, positive_int),
+    )
     """listen() backlog: connections the kernel queues before we accept them."""
 
-    threads: int = 32
+    threads: int = option(
+        32,
+        "--threads",
+        "worker threads of the pool model (default {default})",
+        parse=at_most(MAX_THREADS, positive_int),
+    )
     """Worker threads of the `pool` model."""
 
-    workers: int = 0
+    workers: int = option(
+        0,
+        "--workers",
+        "processes of the workers model (default {default}: one per CPU)",
+        parse=at_most(MAX_WORKERS, non_negative_int),
+    )
     """Processes of the `workers` model; 0 means one per CPU."""
 
-    loop: str = "auto"
+    loop: str = option(
+        "auto",
+        "--loop",
+        "event loop of asyncio/workers (default {default}: uvloop if installed)",
+        choices=LOOPS,
+    )
     """Event loop of `asyncio` and `workers`: auto (uvloop if installed), asyncio, uvloop."""
 
-    drain_timeout_s: float = 5.0
+    drain_timeout_s: float = option(
+        5.0,
+        "--drain-timeout",
+        "on SIGTERM/SIGINT, how long open connections may finish (default {default})",
+        parse=non_negative_seconds,
+        metavar="SECONDS",
+    )
     """On SIGTERM/SIGINT, how long open connections may go on before they are closed."""
 
-    log_data: bool = False
+    log_data: bool = option(
+        False, "--log-data", "log every chunk received, as the tutorial prints it"
+    )
     """Report every chunk received (the tutorial's `Received: b'...'` lines)."""
 
     recv_bytes: int = 65536
     """Largest read from a connection at once."""
 
-    max_connections: int = 20_000
+    max_connections: int = option(
+        20_000,
+        "--max-connections",
+        "connections served at once; more are accepted and closed at once (default {default})",
+        parse=non_negative_int,
+        metavar="N",
+        group=LIMITS,
+    )
     """Connections served at once; past it a new one is accepted and closed at once. 0: no
     limit. Bounded by default: a thread (or buffer) per connection is memory a flood takes."""
 
-    max_per_ip: int = 0
+    max_per_ip: int = option(
+        0,
+        "--max-per-ip",
+        "connections at once from one client address (default {default})",
+        parse=non_negative_int,
+        metavar="N",
+        group=LIMITS,
+    )
     """Connections served at once from one client address; 0: no limit."""
 
-    idle_timeout_s: float = 300.0
+    idle_timeout_s: float = option(
+        300.0,
+        "--idle-timeout",
+        "close a connection silent both ways this long (default {default})",
+        parse=non_negative_seconds,
+        metavar="SECONDS",
+        group=LIMITS,
+    )
     """Close a connection with no byte in either direction for this long; 0: never."""
 
-    max_lifetime_s: float = 0.0
+    max_lifetime_s: float = option(
+        0.0,
+        "--max-lifetime",
+        "close a connection this old, however busy (default {default}: never)",
+        parse=non_negative_seconds,
+        metavar="SECONDS",
+        group=LIMITS,
+    )
     """Close a connection this old, however busy (bounds a client trickling bytes); 0: never."""
 
-    max_buffer_bytes: int = 65536
+    max_buffer_bytes: int = option(
+        65536,
+        "--max-buffer",
+        "echo bytes held per connection before it stops being read (default {default})",
+        parse=size_bytes,
+        metavar="BYTES",
+        group=LIMITS,
+        show=binary_size,
+    )
     """Echo bytes held per connection at most: past it, the server stops reading that client
     until its echo is written, so a client that never reads cannot grow server memory."""
 
-    zero_copy: bool = True
+    zero_copy: bool = option(
+        True,
+        "--zero-copy",
+        "echo streaming clients with splice(2), bytes never entering Python (Linux; threads "
+        "and simple models; not with TLS or --log-data; default on)",
+        negatable=True,
+    )
     """Echo a streaming client with splice(2) through a pipe (Linux, blocking models), so
     its bytes never enter Python; off under TLS and `log_data`, where Python must see them."""
 
-    send_timeout_s: float = 30.0
+    send_timeout_s: float = option(
+        30.0,
+        "--send-timeout",
+        "close a connection that takes none of its echo this long (default {default})",
+        parse=non_negative_seconds,
+        metavar="SECONDS",
+        group=LIMITS,
+    )
     """Close a connection that accepts no byte of its echo for this long; 0: never."""
 
-    tcp: bool = True
-    """Serve TCP, through `mode`."""
+    tcp: bool = option(
+        TCP_UNLESS_UDP_ALONE,
+        "--tcp",
+        "serve TCP (the default unless --udp is given)",
+        group=UDP,
+    )
+    """Serve TCP, through `mode`. Default: yes, unless `udp` alone is asked for."""
 
-    udp: bool = False
+    udp: bool = option(
+        False,
+        "--udp",
+        "serve UDP echo; alone, UDP only (with --tcp, both on the same port)",
+        group=UDP,
+    )
     """Serve UDP echo (RFC 862) on `hosts` and the same port number (`echoplex.udp`)."""
 
-    udp_rate_per_source: float = 100.0
+    udp_rate_per_source: float = option(
+        100.0,
+        "--udp-rate",
+        "datagrams answered per second per source address, bursts of twice that "
+        "(default {default})",
+        parse=datagram_rate,
+        metavar="PER_S",
+        group=UDP,
+    )
     """UDP datagrams answered per second per source address (IPv6: per /64), in bursts of
     up to twice that; 0: no limit. Interactive use and health checks send a few a second;
     a spoofed flood can reflect no more than this at one victim."""
 
-    udp_rate_total: float = 10_000.0
+    udp_rate_total: float = option(
+        10_000.0,
+        "--udp-rate-total",
+        "datagrams answered per second from all sources, bursts of twice that (default {default})",
+        parse=datagram_rate,
+        metavar="PER_S",
+        group=UDP,
+    )
     """UDP datagrams answered per second from all sources together, bursts of twice that;
     0: no limit. Caps what the server reflects however many addresses a flood forges, a
     fraction of what one event loop can echo, so TCP beside it keeps its share."""
 
-    udp_max_sources: int = 65_536
+    udp_max_sources: int = option(
+        65_536,
+        "--udp-max-sources",
+        "source addresses whose rate is tracked at once (default {default})",
+        parse=positive_int,
+        metavar="N",
+        group=UDP,
+    )
     """Source addresses whose UDP rate is tracked at once: bounded memory, however many
     addresses a flood forges (a source's bucket is forgotten once it has refilled)."""
 
     def __post_init__(self) -> None:
         from ._net import check_host, check_unix_path  # _net reads this module's config
 
+        if self.hosts is HOSTS_UNLESS_UNIX:
+            hosts = () if self.unix_path is not None else (DEFAULT_HOST,)
+            object.__setattr__(self, "hosts", hosts)
+        if self.tcp is TCP_UNLESS_UDP_ALONE:
+            object.__setattr__(self, "tcp", not self.udp)
         for host in (*self.hosts, self.metrics_host):
             check_host(host)  # a ValueError naming it, not a UnicodeError at bind
         if self.unix_path is not None:
             check_unix_path(self.unix_path)
+        if self.mode not in MODELS:
+            raise ValueError(f"`mode` must be one of {', '.join(MODELS)}, not {self.mode!r}")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, not {self.port}")
+            raise ValueError(f"`port` must be 0..65535, not {self.port}")
         if not 1 <= self.backlog <= MAX_BACKLOG:
-            raise ValueError(f"backlog must be 1 to {MAX_BACKLOG}, not {self.backlog}")
+            raise ValueError(f"`backlog` must be 1 to {MAX_BACKLOG}, not {self.backlog}")
         if not 1 <= self.threads <= MAX_THREADS:
-            raise ValueError(f"threads must be 1 to {MAX_THREADS}, not {self.threads}")
+            raise ValueError(f"`threads` must be 1 to {MAX_THREADS}, not {self.threads}")
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(
-                f"workers must be 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}"
+                f"`workers` must be 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}"
             )
         if self.loop not in LOOPS:
-            raise ValueError(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"drain timeout must be 0 or more, not {self.drain_timeout_s}")
+            raise ValueError(f"`loop` must be one of {', '.join(LOOPS)}, not {self.loop!r}")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"`drain_timeout_s` must be 0 or more, not {self.drain_timeout_s}")
         if self.proxy_protocol and not self.trusted_proxies:
             raise ValueError(
-                "--proxy-protocol needs --trusted-proxy CIDR (the proxies that send the header)"
+                "`proxy_protocol` needs `trusted_proxies` (the networks of the proxies that "
+                "send the header)"
             )
         if self.trusted_proxies:
             from .proxy_protocol import parse_networks
 
             parse_networks(self.trusted_proxies)  # a ValueError naming the bad entry
         if not self.proxy_header_timeout_s > 0:
-            raise ValueError("PROXY header timeout must be more than 0 seconds")
+            raise ValueError("`proxy_header_timeout_s` must be more than 0 seconds")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("TLS needs both a certificate and a key file")
+            raise ValueError(
+                "TLS needs both a certificate and a key file (`tls_cert_file` and `tls_key_file`)"
+            )
         if not self.tls_handshake_timeout_s > 0:
-            raise ValueError("TLS handshake timeout must be more than 0 seconds")
+            raise ValueError("`tls_handshake_timeout_s` must be more than 0 seconds")
         if not 0 <= self.unix_mode <= 0o777:
             raise ValueError(
-                f"unix mode must be an octal permission like 600, not {self.unix_mode:o}"
+                f"`unix_mode` must be an octal permission like 600, not {self.unix_mode:o}"
             )
         if self.recv_bytes < 1:
-            raise ValueError(f"recv size must be at least 1, not {self.recv_bytes}")
+            raise ValueError(f"`recv_bytes` must be at least 1, not {self.recv_bytes}")
         if self.max_buffer_bytes < 1:
-            raise ValueError(f"max buffer must be at least 1 byte, not {self.max_buffer_bytes}")
+            raise ValueError(
+                f"`max_buffer_bytes` must be at least 1 byte, not {self.max_buffer_bytes}"
+            )
         for name in ("max_connections", "max_per_ip"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name.replace('_', '-')} must be 0 (no limit) or more")
+                raise ValueError(f"`{name}` must be 0 (no limit) or more")
         for name in ("idle_timeout_s", "max_lifetime_s", "send_timeout_s"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"{name[:-2].replace('_', '-')} must be 0 (none) or more seconds")
+                raise ValueError(f"`{name}` must be 0 (none) or more seconds")
         if not (self.tcp or self.udp):
-            raise ValueError("serve TCP, UDP or both")
+            raise ValueError("serve TCP, UDP or both: `tcp` and `udp` are both off")
         if self.udp and not self.hosts:
-            raise ValueError("UDP needs a host to listen on")
+            raise ValueError("`udp` needs a host to listen on (`hosts`)")
         for name in ("udp_rate_per_source", "udp_rate_total"):
             if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name.replace('_', '-')} must be 0 (no limit) or a finite rate")
+                raise ValueError(f"`{name}` must be 0 (no limit) or a finite rate")
         if self.udp_max_sources < 1:
-            raise ValueError(f"udp-max-sources must be at least 1, not {self.udp_max_sources}")
+            raise ValueError(f"`udp_max_sources` must be at least 1, not {self.udp_max_sources}")
 
     @property
     def worker_count(self) -> int:

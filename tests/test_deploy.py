@@ -205,7 +205,7 @@ def test_dockerfile_runs_echoplex_as_pid_1_and_not_as_root() -> None:
     assert args.hosts == ["0.0.0.0"] and args.metrics_host == "0.0.0.0"  # published ports
     exposed = {int(port.split("/")[0]) for port in docker.last("EXPOSE").split()}
     assert exposed == {args.port, args.metrics_port}
-    assert args.drain_timeout < DOCKER_STOP_TIMEOUT_S
+    assert args.drain_timeout_s < DOCKER_STOP_TIMEOUT_S
 
     health = docker.last("HEALTHCHECK")
     command = docker.exec_form("HEALTHCHECK")
@@ -481,7 +481,7 @@ def test_kubernetes_probes_ports_and_grace_period_fit_the_server() -> None:
     # SIGKILL comes terminationGracePeriodSeconds after the stop begins, preStop included.
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    drain = args.drain_timeout
+    drain = args.drain_timeout_s
     assert drain > DEFAULT_DRAIN_S, "a drain as long as the grace period allows"
     assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + drain
     liveness = container["livenessProbe"]
@@ -606,7 +606,7 @@ def test_systemd_units_fit_together_and_the_server() -> None:
     args = parse_serve(argv[2:], environment, "echoplex.service")
     stop_timeout = seconds(unit_value(service, "Service", "TimeoutStopSec"))
     grace = EXIT_GRACE_S if args.mode == "workers" else 0
-    assert stop_timeout > args.drain_timeout + grace
+    assert stop_timeout > args.drain_timeout_s + grace
     assert unit_value(service, "Service", "KillSignal") in ("SIGTERM", "SIGINT")
     if args.mode == "workers":
         # Otherwise systemd signals every worker too, and the supervisor's own SIGTERM
@@ -733,8 +733,8 @@ def test_haproxy_config_fits_its_instances() -> None:
         for line in sections["defaults"]
         if line.startswith("timeout ")
     }
-    assert seconds(timeouts["client"]) > args.idle_timeout  # the server decides idleness
-    assert seconds(timeouts["server"]) > args.idle_timeout
+    assert seconds(timeouts["client"]) > args.idle_timeout_s  # the server decides idleness
+    assert seconds(timeouts["server"]) > args.idle_timeout_s
 
 
 def test_haproxy_config_runs_in_front_of_three_instances() -> None:
