@@ -18,6 +18,7 @@ from ._net import plain_peer
 from .config import ServerConfig
 from .events import ConnectionRecord, ServerEvents
 from .limits import Admission
+from .outcomes import Outcome
 from .proxy_protocol import (
     MAX_HEADER_BYTES,
     ProxyHeaderReader,
@@ -28,7 +29,7 @@ from .proxy_protocol import (
 )
 
 # Outcomes of a connection whose PROXY header was missing or bad.
-HEADER_TIMEOUT = "proxy-header-timeout"
+HEADER_TIMEOUT = Outcome.PROXY_HEADER_TIMEOUT
 
 
 def take_header(conn: socket.socket, reader: ProxyHeaderReader) -> ProxyResult | None:
@@ -111,7 +112,7 @@ class ProxyGate:
         try:
             result = read_header_blocking(conn, record.opened_at + self.timeout_s)
         except (TimeoutError, ProxyProtocolError, OSError) as exc:
-            record.finish(_failure(exc))
+            record.finish(*_failure(exc))
             return False
         return self._apply(record, result)
 
@@ -119,7 +120,7 @@ class ProxyGate:
         try:
             result = await read_header(conn, record.opened_at + self.timeout_s)
         except (TimeoutError, ProxyProtocolError, OSError) as exc:
-            record.finish(_failure(exc))
+            record.finish(*_failure(exc))
             return False
         return self._apply(record, result)
 
@@ -134,7 +135,7 @@ class ProxyGate:
         except BlockingIOError:
             raise
         except (ProxyProtocolError, OSError) as exc:
-            record.finish(_failure(exc))
+            record.finish(*_failure(exc))
             return False
         return None if result is None else self._apply(record, result)
 
@@ -143,16 +144,16 @@ class ProxyGate:
         reason = self.admission.transfer(client_ip(record.peer), client_ip(client))
         if reason is not None:
             self.events.connection_rejected(client, reason)
-            record.finish(f"rejected:{reason}")
+            record.finish(Outcome.REJECTED, reason)
             return False
         if result.source is not None:  # a LOCAL header (a health check) names nobody
             record.via, record.peer = record.peer, client
         return True
 
 
-def _failure(exc: BaseException) -> str:
+def _failure(exc: BaseException) -> tuple[Outcome, str | None]:
     if isinstance(exc, ProxyProtocolError):
-        return f"proxy-error:{exc.reason}"
+        return Outcome.PROXY_ERROR, str(exc.reason)
     if isinstance(exc, TimeoutError):
-        return HEADER_TIMEOUT
-    return "reset"
+        return HEADER_TIMEOUT, None
+    return Outcome.RESET, None

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ._net import format_address
 from ._throttle import Throttle
+from .outcomes import Outcome, label
 
 
 @dataclass(slots=True, eq=False)  # compared by identity: records key tables
@@ -32,14 +33,19 @@ class ConnectionRecord:
     opened_reported: bool = False
     """Set by reporters that count open connections, so a connection that ended before
     it was reported open (a failed TLS handshake) is not counted closed twice."""
-    outcome: str | None = None
-    """How it ended: `closed` (client finished), `reset`, `error:ERRNO`, `drained` (cut off
-    at shutdown). The first cause recorded wins: a drain that cuts a connection off is
-    not overwritten by the error the cut then causes."""
+    outcome: Outcome | None = None
+    """How it ended (`echoplex.outcomes`); the first cause recorded wins."""
+    detail: str | None = None
+    """What the outcome needs said besides (an errno's name, a PROXY error, a limit)."""
 
-    def finish(self, outcome: str) -> None:
+    def finish(self, outcome: Outcome, detail: str | None = None) -> None:
         if self.outcome is None:
-            self.outcome = outcome
+            self.outcome, self.detail = outcome, detail
+
+    @property
+    def outcome_label(self) -> str:
+        """The outcome as logs and metrics show it: `closed`, `error:EPIPE`, ..."""
+        return label(self.outcome or Outcome.CLOSED, self.detail)
 
     @property
     def duration_s(self) -> float:
@@ -129,7 +135,7 @@ class LogEvents:
 
     def connection_closed(self, record: ConnectionRecord) -> None:
         peer = format_address(record.peer)
-        outcome = record.outcome or "closed"
+        outcome = record.outcome_label
         duration_s = record.duration_s
         self.log.info(
             "close %s in=%d out=%d duration=%.3fs outcome=%s%s",

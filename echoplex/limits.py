@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import ServerConfig
+from .outcomes import Outcome
 
 Clock = Callable[[], float]
 
@@ -25,9 +26,9 @@ OVER_MAX_CONNECTIONS = "max-connections"
 OVER_MAX_PER_IP = "max-per-ip"
 
 # Outcomes of a connection that a time limit ended.
-IDLE_TIMEOUT = "idle-timeout"
-SEND_TIMEOUT = "send-timeout"
-LIFETIME = "max-lifetime"
+IDLE_TIMEOUT = Outcome.IDLE_TIMEOUT
+SEND_TIMEOUT = Outcome.SEND_TIMEOUT
+LIFETIME = Outcome.LIFETIME
 
 
 class Counts(Protocol):
@@ -136,7 +137,7 @@ class Wait:
     """How long the next read or write may block, and what it means if it runs out."""
 
     timeout_s: float | None
-    outcome: str
+    outcome: Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +192,7 @@ class Deadlines:
     def lifetime_over(self) -> bool:
         return self.lifetime_ends is not None and self.clock() >= self.lifetime_ends
 
-    def _bounded(self, limit_s: float | None, outcome: str) -> Wait:
+    def _bounded(self, limit_s: float | None, outcome: Outcome) -> Wait:
         if self.lifetime_ends is None:
             return Wait(limit_s, outcome)
         left = max(0.0, self.lifetime_ends - self.clock())
@@ -221,7 +222,7 @@ class ProgressWatch:
 
     def check(
         self, limits: TimeLimits, bytes_in: int, pending_bytes: int, now: float
-    ) -> str | None:
+    ) -> Outcome | None:
         if bytes_in != self._last_in:
             self._last_in = bytes_in
             self._received_at = now

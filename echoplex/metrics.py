@@ -140,12 +140,12 @@ class MetricsEvents:
 
     def connection_closed(self, record: ConnectionRecord) -> None:
         m = self.metrics
-        outcome = record.outcome or "closed"
+        outcome = record.outcome_label
         if record.opened_reported:
             m.label(m.open).dec()
         m.label(m.closed, outcome=outcome).inc()
-        if outcome == "reset" or outcome.startswith("error:"):
-            m.label(m.errors, kind=outcome.removeprefix("error:")).inc()
+        if record.outcome is not None and record.outcome.is_error:
+            m.label(m.errors, kind=record.detail or record.outcome).inc()
         m.label(m.bytes_received).inc(record.bytes_in)
         m.label(m.bytes_sent).inc(record.bytes_out)
         self.inner.connection_closed(record)

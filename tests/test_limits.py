@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import replace
 from typing import Any
 
@@ -157,3 +158,29 @@ def test_a_sweep_looks_a_quarter_of_the_shortest_limit_apart_within_bounds() -> 
     assert limits(max_lifetime_s=0.001).sweep_interval_s() == 0.01  # not a busy loop
     # Handshake deadlines count too, with no limit of the connection's own.
     assert limits().sweep_interval_s(5.0, 0.4) == 0.1
+
+
+def test_the_behaviour_document_lists_every_outcome() -> None:
+    from pathlib import Path
+
+    from echoplex.outcomes import Outcome
+
+    document = (Path(__file__).parent.parent / "docs" / "server-behavior.md").read_text()
+    for outcome in Outcome:
+        assert f"| `{outcome}" in document, f"docs/server-behavior.md does not list {outcome}"
+
+
+def test_exceptions_map_to_outcomes_in_one_place() -> None:
+    import ssl
+
+    from echoplex.outcomes import Outcome, label, outcome_of
+
+    assert outcome_of(None) == (Outcome.CLOSED, None)
+    assert outcome_of(ssl.SSLEOFError()) == (Outcome.CLOSED, None)
+    assert outcome_of(ssl.SSLError(1, "bad record mac")) == (Outcome.ERROR, "tls")
+    assert outcome_of(ConnectionResetError()) == (Outcome.RESET, None)
+    assert outcome_of(BrokenPipeError()) == (Outcome.RESET, None)
+    assert outcome_of(OSError(errno.ETIMEDOUT, "timed out")) == (Outcome.ERROR, "ETIMEDOUT")
+    assert outcome_of(RuntimeError("?")) == (Outcome.ERROR, "RuntimeError")
+    assert label(Outcome.ERROR, "EPIPE") == "error:EPIPE" and label(Outcome.DRAINED) == "drained"
+    assert Outcome.RESET.is_error and not Outcome.IDLE_TIMEOUT.is_error

@@ -13,7 +13,6 @@ Its time limits are socket timeouts, set only when a limit is configured.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import mmap
 import selectors
@@ -31,6 +30,7 @@ from .._proxy_accept import ProxyGate
 from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import Admission, Deadlines
+from ..outcomes import Outcome, outcome_of
 from ..shutdown import Shutdown, wait_until
 from . import _splice
 
@@ -41,7 +41,7 @@ _CUT_OFF_GRACE_S = 1.0
 # TLS handshake), so thousands of them cost little memory.
 THREAD_STACK_BYTES = 256 * 1024
 
-ReadGate = Callable[[socket.socket], str | None]
+ReadGate = Callable[[socket.socket], Outcome | None]
 """Called with the connection before each read by the `simple` model: None to read, or
 an outcome to stop with."""
 
@@ -113,7 +113,7 @@ class BlockingServer:
 
     @staticmethod
     def failed(record: ConnectionRecord) -> None:
-        record.finish("error:handler")
+        record.finish(Outcome.ERROR, "handler")
         log.exception("unexpected error serving %s; closing that connection", record.peer)
 
     def close(self, conn: socket.socket, record: ConnectionRecord) -> None:
@@ -124,7 +124,7 @@ class BlockingServer:
         self.admission.release(client_ip(record.peer))
         self.events.connection_closed(record)
 
-    def cut_off(self, record: ConnectionRecord, outcome: str) -> None:
+    def cut_off(self, record: ConnectionRecord, outcome: Outcome) -> None:
         """End an open connection from another thread, as `outcome`: shut it down, so
         whoever serves it (blocked in recv or send, or about to be) finds it ended at
         once and closes it. Under the lock, an open connection's socket is not closed
@@ -178,7 +178,7 @@ class BlockingServer:
         if left:
             log.info("drain timeout: closing %d open connection(s)", len(left))
         for record in left:
-            self.cut_off(record, "drained")
+            self.cut_off(record, Outcome.DRAINED)
         # Give the cut-off threads a moment to close and report their connections.
         grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
         wait_until(lambda: not self._open, lambda: grace_ends)
@@ -221,7 +221,7 @@ def echo_until_closed(
             if not received:
                 # The client shut down its write side and every byte it sent has
                 # been echoed (each chunk is written in full before the next read).
-                record.finish("closed")
+                record.finish(Outcome.CLOSED)
                 return
             record.bytes_in += received
             if log_data:
@@ -240,7 +240,7 @@ def echo_until_closed(
         # Python's timeout, or the kernel's (a blocking call failing with EAGAIN).
         record.finish(wait.outcome)
     except OSError as exc:
-        record.finish(failure_outcome(exc))
+        record.finish(*outcome_of(exc))
     finally:
         view.release()
         buffer.close()
@@ -254,17 +254,6 @@ def small_thread_stacks() -> Iterator[None]:
         yield
     finally:
         threading.stack_size(previous_stack_bytes)
-
-
-def failure_outcome(exc: OSError) -> str:
-    """How a connection ended that failed with `exc` (its time limits aside)."""
-    if isinstance(exc, ssl.SSLEOFError):
-        return "closed"  # a TLS client that closed without close_notify
-    if isinstance(exc, ssl.SSLError):
-        return "error:tls"  # its errno is OpenSSL's, not the system's
-    if isinstance(exc, ConnectionResetError | BrokenPipeError):
-        return "reset"
-    return f"error:{errno.errorcode.get(exc.errno or 0, exc.errno)}"
 
 
 def _kernel_timeouts(conn: socket.socket, receive_s: float | None, send_s: float | None) -> None:

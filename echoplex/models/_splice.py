@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..events import ConnectionRecord
 from ..limits import Deadlines, Wait
+from ..outcomes import Outcome
 
 if TYPE_CHECKING:
     from ._blocking import ReadGate
@@ -73,7 +74,7 @@ def splice_echo(
                     return
                 continue
             if not moved_in:
-                record.finish("closed")  # the client is done and all of it was echoed
+                record.finish(Outcome.CLOSED)  # the client is done and all of it was echoed
                 return
             record.bytes_in += moved_in
             left = moved_in

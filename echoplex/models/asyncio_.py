@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import ssl
@@ -30,6 +29,7 @@ from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import IDLE_TIMEOUT, Admission, ProgressWatch, TimeLimits
 from ..loops import loop_factory
+from ..outcomes import Outcome, outcome_of
 from ..shutdown import Shutdown
 
 log = logging.getLogger("echoplex.server")
@@ -92,17 +92,11 @@ class EchoProtocol(asyncio.Protocol):
         transport = getattr(self, "transport", None)
         unsent = 0 if exc is None or transport is None else transport.get_write_buffer_size()
         record.bytes_out = max(0, self.received - unsent)
-        if exc is None:
-            self.record.finish("closed")
-        elif isinstance(exc, ConnectionResetError | BrokenPipeError):
-            self.record.finish("reset")
-        else:
-            code = getattr(exc, "errno", None) or 0
-            self.record.finish(f"error:{errno.errorcode.get(code, type(exc).__name__)}")
+        self.record.finish(*outcome_of(exc))
         self.server.closed(self)
         self.server.events.connection_closed(self.record)
 
-    def end(self, outcome: str) -> None:
+    def end(self, outcome: Outcome) -> None:
         """Close for a limit or a drain: gracefully if nothing is waiting to be sent."""
         self.record.finish(outcome)
         if outcome == IDLE_TIMEOUT:
@@ -261,7 +255,7 @@ async def _drain(
             break
         await next_change(left_s)
     for protocol in list(server.open):
-        protocol.end("drained")
+        protocol.end(Outcome.DRAINED)
     # connection_lost runs on a later loop iteration; let the aborted ones report.
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(1.0):

@@ -42,9 +42,10 @@ from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
 from ..limits import ProgressWatch, TimeLimits
+from ..outcomes import Outcome, outcome_of
 from ..proxy_protocol import ProxyHeaderReader
 from ..shutdown import Shutdown
-from ._blocking import BlockingServer, failure_outcome, small_thread_stacks
+from ._blocking import BlockingServer, small_thread_stacks
 
 log = logging.getLogger("echoplex.server")
 
@@ -147,7 +148,7 @@ class ConnectionPool:
             if thread.ident is not None:
                 thread.join()
         for connection in list(self.connections.values()):  # none, unless the drain gave up
-            connection.record.finish("drained")
+            connection.record.finish(Outcome.DRAINED)
             self._end(connection)
         self.epoll.close()
         os.close(self._stop_reader)
@@ -229,7 +230,7 @@ class ConnectionPool:
         except BlockingIOError:
             return READABLE  # only reads get this far: a send that would block is owed
         except OSError as exc:  # ssl.SSLError included
-            record.finish(failure_outcome(exc))
+            record.finish(*outcome_of(exc))
             return None
 
     def _flush(self, connection: PooledConnection) -> bool:
@@ -293,7 +294,7 @@ class ConnectionPool:
                 if not received:
                     # The client shut down its write side, and every byte it sent has
                     # been echoed (nothing is read while echo is owed).
-                    record.finish("closed")
+                    record.finish(Outcome.CLOSED)
                     return None
                 record.bytes_in += received
                 if self.config.log_data:
@@ -353,7 +354,7 @@ class ConnectionPool:
                     connection.cut = True
                     self.server.cut_off(connection.record, outcome)
 
-    def _expired(self, connection: PooledConnection, now: float) -> str | None:
+    def _expired(self, connection: PooledConnection, now: float) -> Outcome | None:
         record = connection.record
         age_s = now - record.opened_at
         if connection.header is not None:

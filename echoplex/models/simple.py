@@ -19,6 +19,7 @@ from .._net import Listeners
 from ..config import ServerConfig
 from ..events import ServerEvents
 from ..limits import Deadlines
+from ..outcomes import Outcome
 from ..shutdown import Shutdown
 from ._blocking import BlockingServer
 
@@ -35,7 +36,7 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
             listeners.close()  # new connects are refused from now on
             events.stopping()
 
-    def read_gate(deadlines: Deadlines, conn: socket.socket) -> str | None:
+    def read_gate(deadlines: Deadlines, conn: socket.socket) -> Outcome | None:
         """Wait until the client sends something: None, or why to stop instead."""
         if isinstance(conn, ssl.SSLSocket) and conn.pending():
             return None  # already decrypted, waiting in the TLS layer
@@ -47,9 +48,9 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
             outcome = limit.outcome
             drain_left_s = shutdown.drain_deadline(config.drain_timeout_s) - time.monotonic()
             if drain_left_s <= 0:
-                return "drained"
+                return Outcome.DRAINED
             if drain_left_s <= timeout_s:
-                timeout_s, outcome = max(0.0, drain_left_s), "drained"
+                timeout_s, outcome = max(0.0, drain_left_s), Outcome.DRAINED
             readable, _, _ = select.select(
                 [conn.fileno(), shutdown.fileno()],
                 [],

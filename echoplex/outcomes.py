@@ -1,0 +1,63 @@
+"""Every way a connection can end, in one place: the `Outcome` enum, whose values are
+the labels logs and metrics use, and the one mapping from an exception to an outcome.
+
+A connection's first recorded outcome wins (`ConnectionRecord.finish`): a drain that
+cuts a connection off is not overwritten by the error the cut then causes. Some
+outcomes carry a detail (the errno's name, the PROXY error, the limit): the label is
+then `outcome:detail`, as in `error:EPIPE` or `rejected:max-per-ip`.
+"""
+
+from __future__ import annotations
+
+import errno
+import ssl
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    CLOSED = "closed"
+    """The client finished (it closed, or half-closed and took all its echo)."""
+    RESET = "reset"
+    """The client reset the connection or vanished mid-send."""
+    IDLE_TIMEOUT = "idle-timeout"
+    """No byte from the client for `--idle-timeout` while nothing was owed to it."""
+    SEND_TIMEOUT = "send-timeout"
+    """The client took none of its echo for `--send-timeout`."""
+    LIFETIME = "max-lifetime"
+    """The connection reached `--max-lifetime`, however busy."""
+    DRAINED = "drained"
+    """Still open at the drain deadline (or at a second stop signal): cut off."""
+    TLS_HANDSHAKE_TIMEOUT = "tls-handshake-timeout"
+    """No TLS handshake within `--tls-handshake-timeout`."""
+    TLS_HANDSHAKE_FAILED = "tls-handshake-failed"
+    """The TLS handshake failed (not TLS, an old version, a reset during it)."""
+    PROXY_HEADER_TIMEOUT = "proxy-header-timeout"
+    """A trusted proxy sent no complete PROXY header within `--proxy-header-timeout`."""
+    PROXY_ERROR = "proxy-error"
+    """A trusted proxy sent a bad PROXY header; the detail says how it was bad."""
+    REJECTED = "rejected"
+    """The client a PROXY header named is over a limit; the detail names the limit."""
+    ERROR = "error"
+    """Anything else: the detail is the errno's name, `tls`, or `handler` (a bug)."""
+
+    @property
+    def is_error(self) -> bool:
+        """Counted as an error in metrics: the connection failed, not the client's choice."""
+        return self in (Outcome.RESET, Outcome.ERROR)
+
+
+def label(outcome: Outcome, detail: str | None = None) -> str:
+    return f"{outcome}:{detail}" if detail else str(outcome)
+
+
+def outcome_of(exc: BaseException | None) -> tuple[Outcome, str | None]:
+    """How a connection ended that failed with `exc` (None: it closed cleanly); its
+    time limits aside, which the models know better than the exception."""
+    if exc is None or isinstance(exc, ssl.SSLEOFError):
+        return Outcome.CLOSED, None  # SSLEOFError: a TLS client that skipped close_notify
+    if isinstance(exc, ssl.SSLError):
+        return Outcome.ERROR, "tls"  # its errno is OpenSSL's, not the system's
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return Outcome.RESET, None
+    code = getattr(exc, "errno", None)
+    return Outcome.ERROR, errno.errorcode.get(code, str(code)) if code else type(exc).__name__
