@@ -132,6 +132,14 @@ def port_number(text: str) -> int:
     return value
 
 
+def target_port(text: str) -> int:
+    """A port to connect to: 1..65535 (0 means "any" only when listening)."""
+    value = _integer(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1..65535, not {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = _integer(text)
     if value < 1:
@@ -290,31 +298,11 @@ def fail(prog: str, message: str, status: int = 2) -> int:
 
 
 def add_stream_transport_arguments(group: argparse._ArgumentGroup) -> None:
-    """The client side's transport options, the same for `client` and `load`."""
-    group.add_argument(
-        "--unix",
-        type=unix_socket_path,
-        metavar="PATH",
-        help="connect to a Unix domain socket instead",
-    )
-    group.add_argument(
-        "--tls", action="store_true", help="speak TLS (1.2 or newer), verifying --host"
-    )
-    group.add_argument(
-        "--ca",
-        type=file_path,
-        metavar="FILE",
-        help="verify the server against this CA file (with --tls)",
-    )
-    group.add_argument(
-        "--insecure", action="store_true", help="with --tls, verify nothing (testing only)"
-    )
-    group.add_argument(
-        "--send-proxy",
-        choices=("v1", "v2"),
-        help="start each connection with a PROXY protocol header naming it (before TLS), "
-        "as HAProxy's send-proxy does, to test a server behind one",
-    )
+    """The client side's stream transport options, the same for `client` and `load`:
+    `LoadConfig`'s declarations, under the flags' own names (`args.unix`, `args.ca`)."""
+    from .load.config import STREAM_TRANSPORT, LoadConfig  # only these commands need it
+
+    add_options(group, LoadConfig, only=STREAM_TRANSPORT, dest_from_flag=True)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -372,6 +360,11 @@ def option(default: Any, flag: str, help: str, **declaration: Any) -> Any:
     return dataclasses.field(default=default, metadata={OPTION: Option(flag, help, **declaration)})
 
 
+def described(choices: dict[str, str]) -> str:
+    """Each choice with what it means, for an option's help: `a: this; b: that`."""
+    return "; ".join(f"{name}: {text}" for name, text in choices.items())
+
+
 def options_of(config_class: type) -> Iterator[tuple[dataclasses.Field[Any], Option]]:
     """(field, its option) for every field of `config_class` that declares one."""
     for config_field in dataclasses.fields(config_class):
@@ -380,18 +373,30 @@ def options_of(config_class: type) -> Iterator[tuple[dataclasses.Field[Any], Opt
             yield config_field, declared
 
 
-def add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    config_class: type,
+    *,
+    only: Sequence[str] | None = None,
+    dest_from_flag: bool = False,
+) -> None:
     """An argparse option for each field of `config_class` with an `option()`, its dest
-    the field's name and its default the field's, in help sections by `group`."""
+    the field's name and its default the field's, in help sections by `group`.
+
+    With `only`, just those fields, all in `parser` (the caller's section); with
+    `dest_from_flag`, each value is stored under its flag's name, as argparse would."""
     hints = typing.get_type_hints(config_class)
     groups: dict[str | None, Any] = {None: parser}
     for config_field, declared in options_of(config_class):
-        if declared.group not in groups:
+        if only is not None:
+            if config_field.name not in only:
+                continue
+        elif declared.group not in groups:
             groups[declared.group] = parser.add_argument_group(declared.group)
         default = config_field.default
         shown = (declared.show or _shown)(default)
         kwargs: dict[str, Any] = {
-            "dest": config_field.name,
+            "dest": declared.flag[2:].replace("-", "_") if dest_from_flag else config_field.name,
             "default": default,
             "help": declared.help.format(default=shown),
         }
@@ -408,7 +413,7 @@ def add_options(parser: argparse.ArgumentParser, config_class: type) -> None:
             if declared.choices is None:
                 kwargs["metavar"] = declared.metavar or declared.flag[2:].upper()
         flags = [declared.short, declared.flag] if declared.short else [declared.flag]
-        groups[declared.group].add_argument(*flags, **kwargs)
+        groups[None if only is not None else declared.group].add_argument(*flags, **kwargs)
 
 
 Config = TypeVar("Config")

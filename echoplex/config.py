@@ -21,6 +21,7 @@ from ._cli_util import (
     at_most,
     binary_size,
     datagram_rate,
+    described,
     file_path,
     host_name,
     non_negative_int,
@@ -48,7 +49,7 @@ MAX_THREADS = 4096
 DEFAULT_HOST = "127.0.0.1"
 
 
-class _FromOtherSettings:
+class FromOtherSettings:
     """The default of a field that follows from other fields; `__post_init__` replaces
     it with the value (a frozen dataclass cannot say "unless" in a plain default)."""
 
@@ -60,8 +61,8 @@ class _FromOtherSettings:
 
 
 # Typed Any: the field keeps its own type, and never holds these once built.
-HOSTS_UNLESS_UNIX: Any = _FromOtherSettings(f"({DEFAULT_HOST!r},), or () with unix_path")
-TCP_UNLESS_UDP_ALONE: Any = _FromOtherSettings("True, or False when only udp is asked for")
+HOSTS_UNLESS_UNIX: Any = FromOtherSettings(f"({DEFAULT_HOST!r},), or () with unix_path")
+TCP_UNLESS_UDP_ALONE: Any = FromOtherSettings("True, or False when only udp is asked for")
 
 TLS = "TLS"
 PROXY = "PROXY protocol (behind HAProxy and the like)"
@@ -75,8 +76,7 @@ class ServerConfig:
     mode: str = option(
         "threads",
         "--mode",
-        "concurrency model (default {default}). "
-        + "; ".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()),
+        "concurrency model (default {default}). " + described(DESCRIPTIONS),
         choices=tuple(MODELS),
     )
     """Concurrency model, a key of `echoplex.models.MODELS`."""

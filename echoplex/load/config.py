@@ -8,9 +8,25 @@ transport connects is `echoplex.load.transport`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from .._cli_util import (
+    binary_size,
+    described,
+    file_path,
+    host_name,
+    non_negative_seconds,
+    option,
+    positive_int,
+    positive_rate,
+    positive_seconds,
+    size_bytes,
+    target_port,
+    unix_socket_path,
+)
 from .._net import check_host, check_unix_path
-from ..config import DEFAULT_PORT, LOOPS
+from ..client import UDP_TIMEOUT_S
+from ..config import DEFAULT_HOST, DEFAULT_PORT, LOOPS, FromOtherSettings
 
 PATTERNS: dict[str, str] = {
     "pingpong": "closed loop: each connection sends --size bytes, waits for all of them "
@@ -28,69 +44,190 @@ PROXY_VERSIONS = ("v1", "v2")
 # UDP has neither a byte stream to keep a window of bytes in flight on, nor
 # connections to hold open and check later: only the message patterns apply.
 UDP_PATTERNS = ("pingpong", "rate")
+DEFAULT_WINDOW_BYTES = 256 * 1024
+DEFAULT_TIMEOUT_S = 10.0
+# The options `echoplex client` shares (`echoplex._cli_util.add_stream_transport_arguments`).
+STREAM_TRANSPORT = ("unix_path", "tls", "ca_file", "tls_insecure", "send_proxy")
+TRANSPORT = "transport (as `echoplex client`; default TCP to --host:--port)"
+
+# Typed Any: the field keeps its own type, and never holds these once built.
+WINDOW_FOR_STREAM: Any = FromOtherSettings(
+    f"{DEFAULT_WINDOW_BYTES}, and only for the stream pattern"
+)
+TIMEOUT_BY_TRANSPORT: Any = FromOtherSettings(
+    f"{DEFAULT_TIMEOUT_S:g}, or {UDP_TIMEOUT_S:g} with udp"
+)
+
+
+def message_size(text: str) -> int:
+    """A message size: 1 byte to MAX_SIZE_BYTES, with K/KiB/M/MiB... (see `size_bytes`)."""
+    return size_bytes(text, MAX_SIZE_BYTES)
 
 
 @dataclass(frozen=True)
 class LoadConfig:
-    host: str = "127.0.0.1"
+    """Each field `echoplex load` sets declares its option beside it (`option()`): the
+    command's options and the mapping back are generated from them; errors name the
+    settings as `field_name`, which the command shows as flags."""
+
+    host: str = option(
+        DEFAULT_HOST, "--host", "server address (default {default})", parse=host_name
+    )
     """Server to load; a name is resolved once, before the first connect."""
 
-    port: int = DEFAULT_PORT
+    port: int = option(DEFAULT_PORT, "--port", "server port (default {default})", parse=target_port)
     """Server port, 1..65535."""
 
-    pattern: str = "pingpong"
+    pattern: str = option(
+        "pingpong",
+        "--pattern",
+        "traffic pattern (default {default}). " + described(PATTERNS),
+        choices=tuple(PATTERNS),
+    )
     """A key of `PATTERNS`."""
 
-    connections: int = 10
+    connections: int = option(
+        10,
+        "--connections",
+        "connections to open (default {default})",
+        parse=positive_int,
+        short="-c",
+    )
     """Connections opened (and, for `rate`, sharing the rate)."""
 
-    size_bytes: int = 1024
+    size_bytes: int = option(
+        1024,
+        "--size",
+        "bytes per message; K/KiB/M/MiB are powers of 1024, KB/MB of 1000 (default {default})",
+        parse=message_size,
+        metavar="BYTES",
+        short="-s",
+    )
     """Bytes in one message: a ping-pong, a scheduled send, a stream chunk, a hold check."""
 
-    duration_s: float = 10.0
+    duration_s: float = option(
+        10.0,
+        "--duration",
+        "measured time; for hold, how long connections stay idle (default {default})",
+        parse=positive_seconds,
+        metavar="SECONDS",
+        short="-d",
+    )
     """Measured time after the warmup; for `hold`, how long connections stay idle."""
 
-    warmup_s: float = 0.0
+    warmup_s: float = option(
+        0.0,
+        "--warmup",
+        "traffic before the measured time, left out of every figure (default {default})",
+        parse=non_negative_seconds,
+        metavar="SECONDS",
+    )
     """Traffic before the measured time, left out of every figure (not used by `hold`)."""
 
-    rate_per_s: float | None = None
+    rate_per_s: float | None = option(
+        None,
+        "--rate",
+        "with --pattern rate (required there): messages per second, all connections together",
+        parse=positive_rate,
+        metavar="PER_S",
+    )
     """`rate` only: messages per second in all, spread evenly over the connections."""
 
-    window_bytes: int = 256 * 1024
-    """`stream` only: bytes in flight per connection (at least one message)."""
+    window_bytes: int = option(
+        WINDOW_FOR_STREAM,
+        "--window",
+        "with --pattern stream: bytes in flight per connection "
+        f"(default {binary_size(DEFAULT_WINDOW_BYTES)})",
+        parse=message_size,
+        metavar="BYTES",
+    )
+    """`stream` only: bytes in flight per connection (at least one message). Default:
+    256 KiB; given with another pattern, an error."""
 
-    connect_rate_per_s: float | None = None
+    connect_rate_per_s: float | None = option(
+        None,
+        "--connect-rate",
+        "new connections per second while opening (default: as fast as they open)",
+        parse=positive_rate,
+        metavar="PER_S",
+    )
     """New connections per second while opening; None opens them as fast as they come up."""
 
-    timeout_s: float = 10.0
+    timeout_s: float = option(
+        TIMEOUT_BY_TRANSPORT,
+        "--timeout",
+        "a connect, or an echo making no progress, fails after this long; also how long the "
+        f"end waits for echoes in flight (default {DEFAULT_TIMEOUT_S:g}); with --udp, a "
+        f"datagram not echoed this long after it was sent is lost (default {UDP_TIMEOUT_S:g})",
+        parse=positive_seconds,
+        metavar="SECONDS",
+    )
     """A connect, or an echo that makes no progress, fails after this long; also how long
     the end of a run waits for echoes still in flight. With `udp`, a datagram whose echo
-    has not come back this long after it was sent counts as lost (`echoplex load --udp`
-    defaults to 2 seconds, as `echoplex client --udp` does)."""
+    has not come back this long after it was sent counts as lost. Default: 10 seconds,
+    with `udp` 2 (as `echoplex client --udp`)."""
 
-    seed: int = 0
+    seed: int = option(0, "--seed", "seed of the payload bytes (default {default})", parse=int)
     """Seed of the payload bytes."""
 
-    loop: str = "auto"
+    loop: str = option(
+        "auto",
+        "--loop",
+        "event loop (default {default}: uvloop if installed)",
+        choices=LOOPS,
+    )
     """Event loop: auto (uvloop if installed), asyncio, uvloop."""
 
-    unix_path: str | None = None
+    unix_path: str | None = option(
+        None,
+        "--unix",
+        "connect to a Unix domain socket instead",
+        parse=unix_socket_path,
+        metavar="PATH",
+        group=TRANSPORT,
+    )
     """Connect to this Unix domain socket instead of host:port."""
 
-    tls: bool = False
+    tls: bool = option(
+        False, "--tls", "speak TLS (1.2 or newer), verifying --host", group=TRANSPORT
+    )
     """Speak TLS over each connection, verifying the server as `host`."""
 
-    ca_file: str | None = None
+    ca_file: str | None = option(
+        None,
+        "--ca",
+        "verify the server against this CA file (with --tls)",
+        parse=file_path,
+        metavar="FILE",
+        group=TRANSPORT,
+    )
     """With `tls`: verify the server against this CA file (default: the system's CAs)."""
 
-    tls_insecure: bool = False
+    tls_insecure: bool = option(
+        False, "--insecure", "with --tls, verify nothing (testing only)", group=TRANSPORT
+    )
     """With `tls`: verify nothing (testing only)."""
 
-    send_proxy: str | None = None
+    send_proxy: str | None = option(
+        None,
+        "--send-proxy",
+        "start each connection with a PROXY protocol header naming it (before TLS), as "
+        "HAProxy's send-proxy does, to test a server behind one",
+        choices=PROXY_VERSIONS,
+        group=TRANSPORT,
+    )
     """`v1` or `v2`: each connection starts with a PROXY protocol header naming itself,
     sent before TLS, as HAProxy's send-proxy does."""
 
-    udp: bool = False
+    udp: bool = option(
+        False,
+        "--udp",
+        "UDP echo: each connection a UDP socket, each message one datagram of at most "
+        f"{MAX_DATAGRAM_BYTES:,} bytes, verified; pingpong and rate only. A datagram not "
+        "echoed within --timeout is lost, an error. Start the server with --udp-rate 0 "
+        "--udp-rate-total 0 (or limits above the load), or its reflection guard drops most",
+        group=TRANSPORT,
+    )
     """UDP echo: each connection is a connected UDP socket, each message one datagram
     (pingpong and rate only; at most MAX_DATAGRAM_BYTES)."""
 
@@ -115,35 +252,47 @@ class LoadConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if self.window_bytes is WINDOW_FOR_STREAM:
+            object.__setattr__(self, "window_bytes", DEFAULT_WINDOW_BYTES)
+        elif self.pattern != "stream":
+            problems.append("`window_bytes` applies only to `pattern` stream")
+        if self.timeout_s is TIMEOUT_BY_TRANSPORT:
+            object.__setattr__(self, "timeout_s", UDP_TIMEOUT_S if self.udp else DEFAULT_TIMEOUT_S)
         if self.pattern not in PATTERNS:
-            problems.append(f"unknown pattern {self.pattern!r} (choose from {', '.join(PATTERNS)})")
+            choices = ", ".join(PATTERNS)
+            problems.append(f"unknown `pattern` {self.pattern!r} (choose from {choices})")
         if not 1 <= self.port <= 65535:
-            problems.append(f"port must be 1..65535, not {self.port}")
+            problems.append(f"`port` must be 1..65535, not {self.port}")
         if not 1 <= self.connections <= MAX_CONNECTIONS:
-            problems.append(f"connections must be 1..{MAX_CONNECTIONS}, not {self.connections}")
+            problems.append(f"`connections` must be 1..{MAX_CONNECTIONS}, not {self.connections}")
         if not 1 <= self.size_bytes <= MAX_SIZE_BYTES:
-            problems.append(f"size must be 1..{MAX_SIZE_BYTES} bytes, not {self.size_bytes}")
+            problems.append(
+                f"`size_bytes` must be 1..{MAX_SIZE_BYTES} bytes, not {self.size_bytes}"
+            )
         if not 0 < self.duration_s < float("inf"):
-            problems.append(f"duration must be more than 0 seconds, not {self.duration_s}")
+            problems.append(f"`duration_s` must be more than 0 seconds, not {self.duration_s}")
         if not 0 <= self.warmup_s < float("inf"):
-            problems.append(f"warmup must be 0 seconds or more, not {self.warmup_s}")
+            problems.append(f"`warmup_s` must be 0 seconds or more, not {self.warmup_s}")
         if not 0 < self.timeout_s < float("inf"):
-            problems.append(f"timeout must be more than 0 seconds, not {self.timeout_s}")
+            problems.append(f"`timeout_s` must be more than 0 seconds, not {self.timeout_s}")
         if self.window_bytes < 1:
-            problems.append(f"window must be at least 1 byte, not {self.window_bytes}")
+            problems.append(f"`window_bytes` must be at least 1 byte, not {self.window_bytes}")
         if self.pattern == "rate":
             if self.rate_per_s is None:
-                problems.append("--pattern rate needs --rate MESSAGES_PER_S")
+                problems.append("`pattern` rate needs `rate_per_s` MESSAGES_PER_S")
             elif not 0 < self.rate_per_s < float("inf"):
-                problems.append(f"rate must be more than 0 messages/s, not {self.rate_per_s}")
+                problems.append(
+                    f"`rate_per_s` must be more than 0 messages/s, not {self.rate_per_s}"
+                )
         elif self.rate_per_s is not None:
-            problems.append("--rate applies only to --pattern rate")
+            problems.append("`rate_per_s` applies only to `pattern` rate")
         if self.connect_rate_per_s is not None and not 0 < self.connect_rate_per_s < float("inf"):
             problems.append(
-                f"connect rate must be more than 0 connections/s, not {self.connect_rate_per_s}"
+                "`connect_rate_per_s` must be more than 0 connections/s, "
+                f"not {self.connect_rate_per_s}"
             )
         if self.loop not in LOOPS:
-            problems.append(f"loop must be one of {', '.join(LOOPS)}, not {self.loop!r}")
+            problems.append(f"`loop` must be one of {', '.join(LOOPS)}, not {self.loop!r}")
         problems += self._transport_problems()
         if problems:
             raise ValueError(problems[0])
@@ -151,9 +300,9 @@ class LoadConfig:
     def _transport_problems(self) -> list[str]:
         problems = []
         if (self.ca_file or self.tls_insecure) and not self.tls:
-            problems.append("--ca and --insecure go with --tls")
+            problems.append("`ca_file` and `tls_insecure` go with `tls`")
         if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
-            problems.append(f"--send-proxy must be v1 or v2, not {self.send_proxy!r}")
+            problems.append(f"`send_proxy` must be v1 or v2, not {self.send_proxy!r}")
         for check, value in ((check_host, self.host), (check_unix_path, self.unix_path)):
             try:
                 if value is not None:
@@ -163,7 +312,7 @@ class LoadConfig:
         if not self.udp:
             return problems
         if self.tls or self.unix_path is not None or self.send_proxy is not None:
-            problems.append("--udp does not go with --tls, --unix or --send-proxy")
+            problems.append("`udp` does not go with `tls`, `unix_path` or `send_proxy`")
         if self.pattern not in UDP_PATTERNS:
             why = (
                 "UDP has no byte stream to keep a window of bytes in flight on"
@@ -171,12 +320,12 @@ class LoadConfig:
                 else "UDP has no connections to hold open"
             )
             problems.append(
-                f"--pattern {self.pattern} does not go with --udp: {why} "
+                f"`pattern` {self.pattern} does not go with `udp`: {why} "
                 f"(use {' or '.join(UDP_PATTERNS)})"
             )
         if self.size_bytes > MAX_DATAGRAM_BYTES:
             problems.append(
-                f"with --udp, size must be 1..{MAX_DATAGRAM_BYTES} bytes (one datagram), "
+                f"with `udp`, size must be 1..{MAX_DATAGRAM_BYTES} bytes (one datagram), "
                 f"not {self.size_bytes}"
             )
         return problems
