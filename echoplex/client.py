@@ -8,17 +8,12 @@ import errno
 import os
 import select
 import selectors
-import signal
 import socket
 import ssl
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, BinaryIO
 
-from ._cli_util import fail
 from .config import DEFAULT_PORT
 from .proxy_protocol import encode_v1, encode_v2
 
@@ -158,76 +153,6 @@ def describe_connection_error(target: Target, exc: OSError) -> str:
     return f"cannot connect to {target}: {reason}"
 
 
-def one_shot(
-    prog: str,
-    target: Target,
-    messages: Iterable[bytes],
-    *,
-    raw: bool,
-    timeout_s: float | None = None,
-) -> int:
-    """Send each message in turn on one connection, printing each echo; the exit status."""
-    try:
-        sock = connect(target, timeout_s)
-    except OSError as exc:
-        return fail(prog, describe_connection_error(target, exc), status=1)
-
-    def failed(exc: OSError) -> str:
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
-        return f"connection to {target} failed: {reason}"
-
-    return _print_echoes(prog, sock, messages, round_trip, failed, raw=raw)
-
-
-def _print_echoes(
-    prog: str,
-    sock: socket.socket,
-    messages: Iterable[bytes],
-    exchange: Callable[[socket.socket, bytes], bytes],
-    failed: Callable[[OSError], str],
-    *,
-    raw: bool,
-) -> int:
-    """One-shot use over TCP or UDP: `exchange` each message, print each echo as it comes
-    back (the tutorial's `Received: b'...'`, or the bytes with `raw`), close; the exit
-    status. A wrong echo or a failure (worded by `failed`) ends it with status 1."""
-    with sock:
-        for message in messages:
-            try:
-                echoed = exchange(sock, message)
-            except EchoMismatch as exc:
-                return fail(prog, str(exc), status=1)
-            except OSError as exc:
-                return fail(prog, failed(exc), status=1)
-            if raw:
-                sys.stdout.buffer.write(echoed)
-                sys.stdout.buffer.flush()
-            else:
-                print("Received:", echoed, flush=True)
-    return 0
-
-
-class _Stopped(Exception):
-    pass
-
-
-def _raise_stopped(signum: int, frame: FrameType | None) -> None:
-    raise _Stopped
-
-
-@contextlib.contextmanager
-def stopped_quietly() -> Iterator[None]:
-    """SIGINT/SIGTERM end the block at once, with no traceback: a requested stop."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except _Stopped:
-        pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 # UDP (`echoplex client --udp`): each message is one datagram, each echo one datagram back.
 UDP_TIMEOUT_S = 2.0
 """How long to wait for a datagram's echo: on UDP a lost datagram is never answered."""
@@ -268,31 +193,6 @@ def describe_udp_error(host: str, port: int, exc: OSError, timeout_s: float) -> 
     if exc.errno == errno.EMSGSIZE:
         return f"a message is too long for one datagram (at most {MAX_DATAGRAM_BYTES} bytes)"
     return f"udp to {host}:{port} failed: {exc.strerror or exc}"
-
-
-def one_shot_udp(
-    prog: str,
-    host: str,
-    port: int,
-    messages: Iterable[bytes],
-    *,
-    raw: bool,
-    timeout_s: float = UDP_TIMEOUT_S,
-) -> int:
-    """Send each message as a datagram in turn, printing each echo; the exit status."""
-    try:
-        sock = open_udp(host, port)
-    except OSError as exc:
-        return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
-    sock.settimeout(timeout_s)
-    return _print_echoes(
-        prog,
-        sock,
-        messages,
-        datagram_round_trip,
-        lambda exc: describe_udp_error(host, port, exc, timeout_s),
-        raw=raw,
-    )
 
 
 def interact_udp(sock: socket.socket, stdin_fd: int, stdout: BinaryIO, timeout_s: float) -> int:

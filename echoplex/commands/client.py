@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import socket
 import ssl
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
 
 from .._cli_util import (
     add_stream_transport_arguments,
@@ -18,21 +22,116 @@ from .._cli_util import (
 )
 from ..client import (
     UDP_TIMEOUT_S,
+    EchoMismatch,
     Target,
     connect,
+    datagram_round_trip,
     describe_connection_error,
     describe_udp_error,
     interact,
     interact_udp,
-    one_shot,
-    one_shot_udp,
     open_udp,
-    stopped_quietly,
+    round_trip,
 )
 from ..config import DEFAULT_PORT
 from ..tls import client_context
 
 PROG = "echoplex client"
+
+
+def one_shot(
+    prog: str,
+    target: Target,
+    messages: Iterable[bytes],
+    *,
+    raw: bool,
+    timeout_s: float | None = None,
+) -> int:
+    """Send each message in turn on one connection, printing each echo; the exit status."""
+    try:
+        sock = connect(target, timeout_s)
+    except OSError as exc:
+        return fail(prog, describe_connection_error(target, exc), status=1)
+
+    def failed(exc: OSError) -> str:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
+        return f"connection to {target} failed: {reason}"
+
+    return _print_echoes(prog, sock, messages, round_trip, failed, raw=raw)
+
+
+def _print_echoes(
+    prog: str,
+    sock: socket.socket,
+    messages: Iterable[bytes],
+    exchange: Callable[[socket.socket, bytes], bytes],
+    failed: Callable[[OSError], str],
+    *,
+    raw: bool,
+) -> int:
+    """One-shot use over TCP or UDP: `exchange` each message, print each echo as it comes
+    back (the tutorial's `Received: b'...'`, or the bytes with `raw`), close; the exit
+    status. A wrong echo or a failure (worded by `failed`) ends it with status 1."""
+    with sock:
+        for message in messages:
+            try:
+                echoed = exchange(sock, message)
+            except EchoMismatch as exc:
+                return fail(prog, str(exc), status=1)
+            except OSError as exc:
+                return fail(prog, failed(exc), status=1)
+            if raw:
+                sys.stdout.buffer.write(echoed)
+                sys.stdout.buffer.flush()
+            else:
+                print("Received:", echoed, flush=True)
+    return 0
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
+
+
+@contextlib.contextmanager
+def stopped_quietly() -> Iterator[None]:
+    """SIGINT/SIGTERM end the block at once, with no traceback: a requested stop."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def one_shot_udp(
+    prog: str,
+    host: str,
+    port: int,
+    messages: Iterable[bytes],
+    *,
+    raw: bool,
+    timeout_s: float = UDP_TIMEOUT_S,
+) -> int:
+    """Send each message as a datagram in turn, printing each echo; the exit status."""
+    try:
+        sock = open_udp(host, port)
+    except OSError as exc:
+        return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
+    sock.settimeout(timeout_s)
+    return _print_echoes(
+        prog,
+        sock,
+        messages,
+        datagram_round_trip,
+        lambda exc: describe_udp_error(host, port, exc, timeout_s),
+        raw=raw,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
