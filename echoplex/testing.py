@@ -110,7 +110,8 @@ def check_model(
     `model`: a name in `echoplex.models.MODELS` (run through `echoplex.server.run`), or
     an object with `serve(config, events, shutdown)`. `concurrent`: whether it serves
     clients at once (default: all but `simple`). `seed`: of the random payloads.
-    `config_overrides`: `ServerConfig` fields, applied over the kit's own settings.
+    `config_overrides`: `ServerConfig` fields, applied over the kit's own settings (a
+    machine too busy to finish a client within the drain may pass `drain_timeout_s=5`).
     """
     if isinstance(model, str):
         load_model(model)  # an unknown name is a ValueError now, not inside a run
@@ -256,6 +257,7 @@ class Client:
     """What a check gets: the server's address and events, and sockets closed for it."""
 
     address: tuple[str, int]
+    config: ServerConfig
     events: EventsRecorder
     shutdown: Shutdown
     sockets: list[socket.socket] = field(default_factory=list)
@@ -300,7 +302,7 @@ def _serve_and_drive(
         try:
             events.wait(lambda: events.port is not None, "listening", STARTUP_TIMEOUT_S)
             assert events.port, "the server listens on no 127.0.0.1 address"
-            client = Client(("127.0.0.1", events.port), events, shutdown)
+            client = Client(("127.0.0.1", events.port), config, events, shutdown)
             for check_name, check in checks:
                 name = check_name
                 try:
@@ -414,8 +416,9 @@ def _check_max_connections(client: Client) -> None:
         answer = extra.recv(1)
         assert not answer, f"client {CLIENTS + 1} was served, over max_connections={CLIENTS}"
     port = extra.getsockname()[1]
-    client.events.wait(lambda: port in client.events.rejected, "report of the rejection", 10)
-    reason = client.events.rejected[port]
+    events = client.events
+    events.wait(lambda: port in events.rejected, "report of the rejection", REPORT_TIMEOUT_S)
+    reason = events.rejected[port]
     assert reason == "max-connections", f"rejected as {reason!r}, not 'max-connections'"
     holders[0].close()  # a slot frees once its close is reported (released, then reported)
     client.expect_outcome(holders[0], "closed", "holder")
@@ -464,20 +467,26 @@ def _check_drain_and_stop(client: Client, concurrent: bool, by_signal: bool) -> 
     else:
         client.shutdown.request()
     how = "SIGTERM" if by_signal else "Shutdown.request()"
-    client.events.wait(lambda: client.events.stopping_seen, f"stopping after {how}", 10)
+    drain_s = client.config.drain_timeout_s
+    events = client.events
+    events.wait(lambda: events.stopping_seen, f"stopping after {how}", REPORT_TIMEOUT_S)
+    # Both must be done within the drain timeout: a machine too busy for that (it would
+    # say `drained` below) needs a longer `drain_timeout_s` passed to `check_model`.
     client.echo(idler, b"echoed while draining")
     if finisher is not None:
         client.echo(finisher, b"two")
         finisher.shutdown(socket.SHUT_WR)
         assert not _recv_until_eof(finisher), "bytes after the echo"
         client.expect_outcome(finisher, "closed", "client finishing during the drain")
+    idler.settimeout(drain_s + IO_TIMEOUT_S)
     _recv_until_closed(idler)
     client.expect_outcome(idler, "drained", "client idle past the drain timeout")
-    client.events.wait(lambda: client.events.returned, f"the server's return after {how}", 10)
+    events.wait(lambda: events.returned, f"the server's return after {how}", REPORT_TIMEOUT_S)
 
 
 def _check_idle_timeout(client: Client) -> None:
     sock = client.connect()
+    sock.settimeout(client.config.idle_timeout_s + IO_TIMEOUT_S)
     assert not _recv_until_eof(sock), "bytes from a silent client's connection"
     client.expect_outcome(sock, "idle-timeout", "silent client")
 
@@ -490,7 +499,7 @@ def _check_send_timeout(client: Client) -> None:
     sock.setblocking(False)
     port = sock.getsockname()[1]
     chunk = b"n" * 65_536
-    deadline = time.monotonic() + REPORT_TIMEOUT_S
+    deadline = time.monotonic() + client.config.send_timeout_s + REPORT_TIMEOUT_S
     with selectors.DefaultSelector() as selector:
         selector.register(sock, selectors.EVENT_WRITE)
         while port not in client.events.outcomes:
@@ -503,13 +512,14 @@ def _check_send_timeout(client: Client) -> None:
                 except (BrokenPipeError, ConnectionResetError):
                     break  # cut off: the report follows
     client.expect_outcome(sock, "send-timeout", "client that never reads")
-    sock.setblocking(True)
+    sock.settimeout(IO_TIMEOUT_S)
     _recv_until_closed(sock)
 
 
 def _stop_by_request(client: Client) -> None:
     client.shutdown.request()
-    client.events.wait(lambda: client.events.returned, "the server's return after a stop", 10)
+    events = client.events
+    events.wait(lambda: events.returned, "the server's return after a stop", REPORT_TIMEOUT_S)
 
 
 # Helpers.
