@@ -84,7 +84,7 @@ __all__ = ["check_model"]
 
 log = logging.getLogger("echoplex.testing")
 
-Start = Callable[[ServerConfig, "EventsRecorder", Shutdown], None]
+_Start = Callable[[ServerConfig, "_Events", Shutdown], None]
 
 ONE_AT_A_TIME = frozenset({"simple"})
 """Models that serve one client at a time (see the module docstring)."""
@@ -143,22 +143,22 @@ def check_model(
     _serve_and_drive(label, start, config(SEND_LIMIT), send_checks)
 
 
-def _run_named(name: str) -> Start:
-    def start(config: ServerConfig, events: EventsRecorder, shutdown: Shutdown) -> None:
+def _run_named(name: str) -> _Start:
+    def start(config: ServerConfig, events: _Events, shutdown: Shutdown) -> None:
         run(replace(config, mode=name), events, shutdown)
 
     return start
 
 
-def _run_module(model: Model) -> Start:
-    def start(config: ServerConfig, events: EventsRecorder, shutdown: Shutdown) -> None:
+def _run_module(model: Model) -> _Start:
+    def start(config: ServerConfig, events: _Events, shutdown: Shutdown) -> None:
         with stop_on_signals(shutdown):  # what `run` does for the models it knows
             model.serve(config, events, shutdown)
 
     return start
 
 
-class EventsRecorder(QuietEvents):
+class _Events(QuietEvents):
     """The server's events as the kit sees them, from any thread or forked process.
 
     Each event is one short line written to a pipe (atomic, lock-free); a reader thread
@@ -249,16 +249,16 @@ def _port(peer: Any) -> int:
     return peer[1] if isinstance(peer, tuple) else 0
 
 
-Check = Callable[["Client"], None]
+_Check = Callable[["_Client"], None]
 
 
 @dataclass
-class Client:
+class _Client:
     """What a check gets: the server's address and events, and sockets closed for it."""
 
     address: tuple[str, int]
     config: ServerConfig
-    events: EventsRecorder
+    events: _Events
     shutdown: Shutdown
     sockets: list[socket.socket] = field(default_factory=list)
     ports: dict[socket.socket, int] = field(default_factory=dict)  # kept past the close
@@ -289,11 +289,11 @@ class Client:
 
 
 def _serve_and_drive(
-    label: str, start: Start, config: ServerConfig, checks: Sequence[tuple[str, Check]]
+    label: str, start: _Start, config: ServerConfig, checks: Sequence[tuple[str, _Check]]
 ) -> None:
     """Serve in this thread; run `checks` in order from a client thread; the last check
     stops the server. The first failure stops it at once (a forced stop) and is raised."""
-    events = EventsRecorder()
+    events = _Events()
     shutdown = Shutdown()
     failures: list[BaseException] = []
 
@@ -302,7 +302,7 @@ def _serve_and_drive(
         try:
             events.wait(lambda: events.port is not None, "listening", STARTUP_TIMEOUT_S)
             assert events.port, "the server listens on no 127.0.0.1 address"
-            client = Client(("127.0.0.1", events.port), config, events, shutdown)
+            client = _Client(("127.0.0.1", events.port), config, events, shutdown)
             for check_name, check in checks:
                 name = check_name
                 try:
@@ -338,7 +338,7 @@ def _serve_and_drive(
 # The checks, in the order they run.
 
 
-def _check_streams(client: Client, seed: int) -> None:
+def _check_streams(client: _Client, seed: int) -> None:
     """CLIENTS at once, each sending random chunks while reading, then half-closing:
     one thread and a selector, so every client is sending and receiving together."""
     rng = random.Random(seed)
@@ -384,7 +384,7 @@ def _check_streams(client: Client, seed: int) -> None:
 CHUNK_SIZES = (1, 2, 7, 100, 1000, 1460, 4096, 20_000, 65_536)
 
 
-def _check_mebibyte(client: Client, seed: int) -> None:
+def _check_mebibyte(client: _Client, seed: int) -> None:
     data = random.Random(seed + 1).randbytes(1 << 20)
     sock = client.connect()
     with _in_thread(lambda: sock.sendall(data), "sending 1 MiB"):
@@ -393,7 +393,7 @@ def _check_mebibyte(client: Client, seed: int) -> None:
     client.expect_outcome(sock, "closed", "1 MiB client")
 
 
-def _check_half_close(client: Client, seed: int) -> None:
+def _check_half_close(client: _Client, seed: int) -> None:
     data = random.Random(seed + 2).randbytes(300_000)
     sock = client.connect()
 
@@ -406,7 +406,7 @@ def _check_half_close(client: Client, seed: int) -> None:
     client.expect_outcome(sock, "closed", "half-closed client")
 
 
-def _check_max_connections(client: Client) -> None:
+def _check_max_connections(client: _Client) -> None:
     holders = [client.connect() for _ in range(CLIENTS)]
     for index, holder in enumerate(holders):
         client.echo(holder, b"%d" % index)
@@ -429,7 +429,7 @@ def _check_max_connections(client: Client) -> None:
         client.expect_outcome(sock, "closed", "holder")
 
 
-def _check_reset(client: Client) -> None:
+def _check_reset(client: _Client) -> None:
     survivor = client.connect()
     client.echo(survivor, b"before")
     victims = []
@@ -452,7 +452,7 @@ def _check_reset(client: Client) -> None:
         client.expect_outcome(victim, "reset", "client that reset")
 
 
-def _check_drain_and_stop(client: Client, concurrent: bool, by_signal: bool) -> None:
+def _check_drain_and_stop(client: _Client, concurrent: bool, by_signal: bool) -> None:
     idler = client.connect()
     client.echo(idler, b"one")
     finisher = client.connect() if concurrent else None
@@ -484,14 +484,14 @@ def _check_drain_and_stop(client: Client, concurrent: bool, by_signal: bool) -> 
     events.wait(lambda: events.returned, f"the server's return after {how}", REPORT_TIMEOUT_S)
 
 
-def _check_idle_timeout(client: Client) -> None:
+def _check_idle_timeout(client: _Client) -> None:
     sock = client.connect()
     sock.settimeout(client.config.idle_timeout_s + IO_TIMEOUT_S)
     assert not _recv_until_eof(sock), "bytes from a silent client's connection"
     client.expect_outcome(sock, "idle-timeout", "silent client")
 
 
-def _check_send_timeout(client: Client) -> None:
+def _check_send_timeout(client: _Client) -> None:
     """Send without reading until the server gives up on us: the bytes in flight are
     bounded by the socket buffers, since the server stops reading a client that does
     not take its echo."""
@@ -516,7 +516,7 @@ def _check_send_timeout(client: Client) -> None:
     _recv_until_closed(sock)
 
 
-def _stop_by_request(client: Client) -> None:
+def _stop_by_request(client: _Client) -> None:
     client.shutdown.request()
     events = client.events
     events.wait(lambda: events.returned, "the server's return after a stop", REPORT_TIMEOUT_S)
