@@ -20,7 +20,8 @@ The server runs three times. The first run (`drain_timeout_s=1`, `max_connection
 - 1 MiB sent and read at once on one connection;
 - half-close: a client that shuts down its write side gets every byte back, then EOF;
 - max-connections: with 20 clients held open a 21st is closed at once (and reported
-  rejected as `max-connections`); once one holder leaves, a newcomer is served;
+  rejected as `max-connections`); once a holder's close is reported, a newcomer is
+  served (a model gives a slot back before it reports the close);
 - reset: clients that reset (SO_LINGER 0) with echo unread end only their own
   connections (outcome `reset`): a client open throughout, and one that comes after,
   are still served;
