@@ -94,14 +94,15 @@ class Parser(argparse.ArgumentParser):
 
     def _environment_defaults(self, prefix: str) -> list[tuple[argparse.Action, object]]:
         """Each option's value from its variable; a bad value is the parser's one-line
-        error, naming the variable; a variable no option reads is warned about."""
+        error, naming the variable; an empty one counts as unset; a variable no option
+        reads is warned about."""
         values = []
         known = set()
         for action, variable in environment_variables(self, prefix):
             known.add(variable)
             text = os.environ.get(variable)
-            if text is None:
-                continue
+            if text is None or not text.strip():
+                continue  # unset, or left empty by a template: the default stands
             try:
                 values.append((action, _from_environment(action, text)))
             except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -407,7 +408,7 @@ def add_options(
             )
         else:
             if typing.get_origin(hint) is tuple:
-                kwargs["action"] = "append"
+                kwargs["action"] = _ReplacingAppend
             kwargs["type"] = declared.parse
             kwargs["choices"] = declared.choices
             if declared.choices is None:

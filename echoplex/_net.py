@@ -262,6 +262,10 @@ class Listeners:
                     open_unix_listener(config.unix_path, config.unix_mode, config.backlog)
                 )
                 unix_path = config.unix_path
+            if tcp and not sockets:
+                raise StartupError(
+                    "nothing to listen on: no host, no Unix socket, no systemd socket"
+                )
         except BaseException:
             for sock in sockets:
                 sock.close()

@@ -14,11 +14,13 @@ import sys
 
 import pytest
 
+from echoplex import run
 from echoplex.cli import build_parser
 from echoplex.config import ServerConfig
+from echoplex.errors import StartupError
 from echoplex.load.config import LoadConfig
 
-from .procs import ROOT, Server, echoplex
+from .procs import ROOT, Process, Server, echoplex
 from .test_contract import recv_exactly
 
 LONG_LABEL = "a" * 64 + ".x"  # IDNA refuses a label over 63 characters
@@ -293,3 +295,25 @@ def test_the_server_config_refuses_what_the_cli_refuses(fields: dict[str, object
 def test_the_load_config_refuses_what_the_cli_refuses(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         LoadConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    # A template that leaves ECHOPLEX_HOST= empty must not make a server that listens nowhere.
+    env = {"ECHOPLEX_HOST": "", "ECHOPLEX_TCP": " "}
+    with Process(
+        [sys.executable, "-m", "echoplex", "serve", "--port", "0", "--mode", "simple"], env=env
+    ) as server:
+        server.wait_for_stderr(r"listening on 127\.0\.0\.1:\d+")
+
+
+def test_config_replace_keeps_resolved_defaults() -> None:
+    from dataclasses import replace
+
+    assert replace(LoadConfig(), connections=5).connections == 5  # the resolved window passes
+    assert ServerConfig(unix_path="/tmp/x.sock").hosts == ()
+    assert ServerConfig(udp=True).tcp is False
+    assert LoadConfig(udp=True).timeout_s == 2.0
+    nowhere = replace(ServerConfig(unix_path="/tmp/x.sock"), unix_path=None)
+    assert nowhere.hosts == ()  # replace keeps resolved values: the server says so at start
+    with pytest.raises(StartupError, match="nothing to listen on"):
+        run(replace(nowhere, port=0))

@@ -254,7 +254,8 @@ class LoadConfig:
         problems = []
         if self.window_bytes is WINDOW_FOR_STREAM:
             object.__setattr__(self, "window_bytes", DEFAULT_WINDOW_BYTES)
-        elif self.pattern != "stream":
+        elif self.pattern != "stream" and self.window_bytes != DEFAULT_WINDOW_BYTES:
+            # Its default passes (`dataclasses.replace` hands the resolved value back).
             problems.append("`window_bytes` applies only to `pattern` stream")
         if self.timeout_s is TIMEOUT_BY_TRANSPORT:
             object.__setattr__(self, "timeout_s", UDP_TIMEOUT_S if self.udp else DEFAULT_TIMEOUT_S)

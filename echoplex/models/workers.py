@@ -92,6 +92,8 @@ def _worker_main(
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
+    finally:
+        shutdown.close()  # the orphan watch may still request(): that is harmless now
 
 
 def _forget_metrics_of(pid: int) -> None:
