@@ -25,6 +25,8 @@ import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
+from ._net import check_host, check_unix_path
+
 # A timeout of a few hundred years overflows the C time types under the socket calls
 # (`settimeout(1e300)` raises OverflowError), and no echo run needs more than a year.
 MAX_SECONDS = 365 * 24 * 3600.0
@@ -258,17 +260,11 @@ def datagram_rate(text: str) -> float:
 
 def host_name(text: str) -> str:
     """An address or a name that can be looked up (see `echoplex._net.check_host`)."""
-    # Imported here: the config modules declare their options with these types, and
-    # `_net` imports `echoplex.config`.
-    from ._net import check_host
-
     return _checked(check_host, text)
 
 
 def unix_socket_path(text: str) -> str:
     """A path a Unix socket can have: not empty, no NUL, short enough for the kernel."""
-    from ._net import check_unix_path
-
     return _checked(check_unix_path, text)
 
 

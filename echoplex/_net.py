@@ -15,10 +15,12 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import ServerConfig
 from .errors import StartupError
+
+if TYPE_CHECKING:  # annotations only: the config's option types use this module's checks
+    from .config import ServerConfig
 
 log = logging.getLogger("echoplex.server")
 

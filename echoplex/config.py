@@ -34,6 +34,7 @@ from ._cli_util import (
     size_bytes,
     unix_socket_path,
 )
+from ._net import check_host, check_unix_path
 from .models import DESCRIPTIONS, MODELS
 
 DEFAULT_PORT = 12345
@@ -368,8 +369,6 @@ class ServerConfig:
     addresses a flood forges (a source's bucket is forgotten once it has refilled)."""
 
     def __post_init__(self) -> None:
-        from ._net import check_host, check_unix_path  # _net reads this module's config
-
         if self.hosts is HOSTS_UNLESS_UNIX:
             hosts = () if self.unix_path is not None else (DEFAULT_HOST,)
             object.__setattr__(self, "hosts", hosts)
