@@ -28,9 +28,6 @@ from .proxy_protocol import (
     parse_networks,
 )
 
-# Outcomes of a connection whose PROXY header was missing or bad.
-HEADER_TIMEOUT = Outcome.PROXY_HEADER_TIMEOUT
-
 
 def take_header(conn: socket.socket, reader: ProxyHeaderReader) -> ProxyResult | None:
     """Move what has arrived of the header from `conn` into `reader`, never a byte past
@@ -155,5 +152,5 @@ def _failure(exc: BaseException) -> tuple[Outcome, str | None]:
     if isinstance(exc, ProxyProtocolError):
         return Outcome.PROXY_ERROR, str(exc.reason)
     if isinstance(exc, TimeoutError):
-        return HEADER_TIMEOUT, None
+        return Outcome.PROXY_HEADER_TIMEOUT, None
     return Outcome.RESET, None

@@ -25,11 +25,6 @@ Clock = Callable[[], float]
 OVER_MAX_CONNECTIONS = "max-connections"
 OVER_MAX_PER_IP = "max-per-ip"
 
-# Outcomes of a connection that a time limit ended.
-IDLE_TIMEOUT = Outcome.IDLE_TIMEOUT
-SEND_TIMEOUT = Outcome.SEND_TIMEOUT
-LIFETIME = Outcome.LIFETIME
-
 
 class Counts(Protocol):
     """Where `Admission` keeps its numbers: in this process (`LocalCounts`), or in memory
@@ -184,10 +179,10 @@ class Deadlines:
         self.clock = clock
 
     def for_read(self) -> Wait:
-        return self._bounded(self.idle_s, IDLE_TIMEOUT)
+        return self._bounded(self.idle_s, Outcome.IDLE_TIMEOUT)
 
     def for_send(self) -> Wait:
-        return self._bounded(self.send_s, SEND_TIMEOUT)
+        return self._bounded(self.send_s, Outcome.SEND_TIMEOUT)
 
     def lifetime_over(self) -> bool:
         return self.lifetime_ends is not None and self.clock() >= self.lifetime_ends
@@ -197,7 +192,7 @@ class Deadlines:
             return Wait(limit_s, outcome)
         left = max(0.0, self.lifetime_ends - self.clock())
         if limit_s is None or left < limit_s:
-            return Wait(left, LIFETIME)
+            return Wait(left, Outcome.LIFETIME)
         return Wait(limit_s, outcome)
 
 
@@ -230,13 +225,13 @@ class ProgressWatch:
             self._sent_at = now  # the client took some of its echo (or had none waiting)
         self._last_pending = pending_bytes
         if limits.lifetime_s is not None and now - self.opened_at >= limits.lifetime_s:
-            return LIFETIME
+            return Outcome.LIFETIME
         if limits.send_s is not None and pending_bytes and now - self._sent_at >= limits.send_s:
-            return SEND_TIMEOUT
+            return Outcome.SEND_TIMEOUT
         if (
             limits.idle_s is not None
             and not pending_bytes
             and now - self._received_at >= limits.idle_s
         ):
-            return IDLE_TIMEOUT
+            return Outcome.IDLE_TIMEOUT
         return None

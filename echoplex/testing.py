@@ -81,7 +81,7 @@ from .models import Model, load_model
 from .server import run
 from .shutdown import Shutdown, stop_on_signals
 
-__all__ = ["check_model"]
+__all__ = ["check_model", "recv_exactly", "recv_until_eof"]
 
 log = logging.getLogger("echoplex.testing")
 
@@ -276,7 +276,7 @@ class _Client:
 
     def echo(self, sock: socket.socket, data: bytes) -> None:
         sock.sendall(data)
-        _expect_echo(data, _recv_exactly(sock, len(data)))
+        _expect_echo(data, recv_exactly(sock, len(data)))
 
     def expect_outcome(self, sock: socket.socket, expected: str, what: str) -> None:
         outcome = self.events.outcome_of(self.ports[sock], what)
@@ -389,7 +389,7 @@ def _check_mebibyte(client: _Client, seed: int) -> None:
     data = random.Random(seed + 1).randbytes(1 << 20)
     sock = client.connect()
     with _in_thread(lambda: sock.sendall(data), "sending 1 MiB"):
-        _expect_echo(data, _recv_exactly(sock, len(data)))
+        _expect_echo(data, recv_exactly(sock, len(data)))
     sock.close()
     client.expect_outcome(sock, "closed", "1 MiB client")
 
@@ -403,7 +403,7 @@ def _check_half_close(client: _Client, seed: int) -> None:
         sock.shutdown(socket.SHUT_WR)
 
     with _in_thread(send_then_half_close, "sending, then shutting down the write side"):
-        _expect_echo(data, _recv_until_eof(sock))
+        _expect_echo(data, recv_until_eof(sock))
     client.expect_outcome(sock, "closed", "half-closed client")
 
 
@@ -477,7 +477,7 @@ def _check_drain_and_stop(client: _Client, concurrent: bool, by_signal: bool) ->
     if finisher is not None:
         client.echo(finisher, b"two")
         finisher.shutdown(socket.SHUT_WR)
-        assert not _recv_until_eof(finisher), "bytes after the echo"
+        assert not recv_until_eof(finisher), "bytes after the echo"
         client.expect_outcome(finisher, "closed", "client finishing during the drain")
     idler.settimeout(drain_s + IO_TIMEOUT_S)
     _recv_until_closed(idler)
@@ -488,7 +488,7 @@ def _check_drain_and_stop(client: _Client, concurrent: bool, by_signal: bool) ->
 def _check_idle_timeout(client: _Client) -> None:
     sock = client.connect()
     sock.settimeout(client.config.idle_timeout_s + IO_TIMEOUT_S)
-    assert not _recv_until_eof(sock), "bytes from a silent client's connection"
+    assert not recv_until_eof(sock), "bytes from a silent client's connection"
     client.expect_outcome(sock, "idle-timeout", "silent client")
 
 
@@ -526,7 +526,8 @@ def _stop_by_request(client: _Client) -> None:
 # Helpers.
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """`size` bytes from `sock`, or fewer if the peer closes first."""
     data = bytearray()
     while len(data) < size:
         chunk = sock.recv(min(size - len(data), 1 << 20))
@@ -536,7 +537,8 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def _recv_until_eof(sock: socket.socket) -> bytes:
+def recv_until_eof(sock: socket.socket) -> bytes:
+    """Everything `sock` receives until the peer closes."""
     data = bytearray()
     while chunk := sock.recv(1 << 20):
         data += chunk
@@ -547,7 +549,7 @@ def _recv_until_closed(sock: socket.socket) -> None:
     """Read whatever is left until the server's close shows: EOF, or a reset if it
     closed with bytes of ours unread."""
     with contextlib.suppress(ConnectionResetError):
-        _recv_until_eof(sock)
+        recv_until_eof(sock)
 
 
 def _expect_echo(sent: bytes, got: bytes, who: str = "the client") -> None:

@@ -7,12 +7,6 @@ import ssl
 
 from .config import ServerConfig
 from .errors import StartupError
-from .outcomes import Outcome
-
-# What a TLS client that never finishes its handshake, or fails it, is recorded as:
-# dropped, but not counted as a server error.
-HANDSHAKE_TIMEOUT = Outcome.TLS_HANDSHAKE_TIMEOUT
-HANDSHAKE_FAILED = Outcome.TLS_HANDSHAKE_FAILED
 
 
 def server_context(config: ServerConfig) -> ssl.SSLContext | None:

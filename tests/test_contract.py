@@ -13,26 +13,11 @@ import time
 
 import pytest
 
+from echoplex.testing import recv_exactly, recv_until_eof
+
 from .procs import Server
 
 CLOSE_LINE = re.compile(r"close (\S+) in=(\d+) out=(\d+) duration=([\d.]+)s outcome=(\S+)")
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
-
-
-def recv_until_eof(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while chunk := sock.recv(65536):
-        data += chunk
-    return bytes(data)
 
 
 def drive_clients(

@@ -11,16 +11,14 @@ import pytest
 from echoplex import ServerConfig
 from echoplex._throttle import Throttle
 from echoplex.limits import (
-    IDLE_TIMEOUT,
-    LIFETIME,
     OVER_MAX_CONNECTIONS,
     OVER_MAX_PER_IP,
-    SEND_TIMEOUT,
     Admission,
     Deadlines,
     ProgressWatch,
     TimeLimits,
 )
+from echoplex.outcomes import Outcome
 
 
 class FakeClock:
@@ -66,11 +64,16 @@ def test_lifetime_shortens_the_idle_and_send_waits() -> None:
         opened_at=clock.now,
         clock=clock,
     )
-    assert deadlines.for_read().timeout_s == 10 and deadlines.for_read().outcome == IDLE_TIMEOUT
-    assert deadlines.for_send().timeout_s == 5 and deadlines.for_send().outcome == SEND_TIMEOUT
+    assert (
+        deadlines.for_read().timeout_s == 10
+        and deadlines.for_read().outcome == Outcome.IDLE_TIMEOUT
+    )
+    assert (
+        deadlines.for_send().timeout_s == 5 and deadlines.for_send().outcome == Outcome.SEND_TIMEOUT
+    )
     clock.now += 27
     assert deadlines.for_read().timeout_s == pytest.approx(3)
-    assert deadlines.for_read().outcome == LIFETIME
+    assert deadlines.for_read().outcome == Outcome.LIFETIME
     clock.now += 10
     assert deadlines.for_send().timeout_s == 0
     assert deadlines.lifetime_over()
@@ -83,7 +86,7 @@ def limits(**config_limits: Any) -> TimeLimits:
 def test_watch_ends_a_silent_connection_after_the_idle_timeout() -> None:
     watch, idle = ProgressWatch(opened_at=0), limits(idle_timeout_s=1.0)
     assert watch.check(idle, bytes_in=0, pending_bytes=0, now=0.9) is None
-    assert watch.check(idle, bytes_in=0, pending_bytes=0, now=1.0) == IDLE_TIMEOUT
+    assert watch.check(idle, bytes_in=0, pending_bytes=0, now=1.0) == Outcome.IDLE_TIMEOUT
 
 
 def test_watch_keeps_a_connection_that_receives_bytes() -> None:
@@ -97,13 +100,13 @@ def test_lifetime_ends_a_trickling_connection() -> None:
     outcomes = [
         watch.check(both, bytes_in=step, pending_bytes=0, now=step * 0.9) for step in range(1, 7)
     ]
-    assert outcomes[-1] == LIFETIME and set(outcomes[:-1]) == {None}
+    assert outcomes[-1] == Outcome.LIFETIME and set(outcomes[:-1]) == {None}
 
 
 def test_lifetime_counts_from_when_the_connection_opened() -> None:
     watch, lifetime = ProgressWatch(opened_at=100.0), limits(max_lifetime_s=5.0)
     assert watch.check(lifetime, bytes_in=1, pending_bytes=0, now=104.9) is None
-    assert watch.check(lifetime, bytes_in=2, pending_bytes=0, now=105.0) == LIFETIME
+    assert watch.check(lifetime, bytes_in=2, pending_bytes=0, now=105.0) == Outcome.LIFETIME
 
 
 def test_sweep_limits_without_limits_enforce_nothing() -> None:
@@ -121,7 +124,7 @@ def test_send_timeout_counts_only_while_the_client_takes_nothing() -> None:
     assert watch.check(both, bytes_in=100, pending_bytes=30, now=3.0) is None
     # Then it stops reading altogether.
     assert watch.check(both, bytes_in=100, pending_bytes=30, now=4.9) is None
-    assert watch.check(both, bytes_in=100, pending_bytes=30, now=5.0) == SEND_TIMEOUT
+    assert watch.check(both, bytes_in=100, pending_bytes=30, now=5.0) == Outcome.SEND_TIMEOUT
 
 
 def test_throttle_lets_one_message_a_second_through_and_counts_the_rest(

@@ -148,10 +148,10 @@ class BlockingServer:
         try:
             wrapped = self.tls.wrap_socket(conn.dup(), server_side=True)
         except TimeoutError:
-            record.finish(tls.HANDSHAKE_TIMEOUT)
+            record.finish(Outcome.TLS_HANDSHAKE_TIMEOUT)
             return None
         except (ssl.SSLError, OSError):
-            record.finish(tls.HANDSHAKE_FAILED)
+            record.finish(Outcome.TLS_HANDSHAKE_FAILED)
             return None
         wrapped.settimeout(None)
         return wrapped

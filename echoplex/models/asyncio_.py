@@ -27,7 +27,7 @@ from .._net import Listeners
 from .._proxy_accept import ProxyGate
 from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
-from ..limits import IDLE_TIMEOUT, Admission, ProgressWatch, TimeLimits
+from ..limits import Admission, ProgressWatch, TimeLimits
 from ..loops import loop_factory
 from ..outcomes import Outcome, outcome_of
 from ..shutdown import Shutdown
@@ -99,7 +99,7 @@ class EchoProtocol(asyncio.Protocol):
     def end(self, outcome: Outcome) -> None:
         """Close for a limit or a drain: gracefully if nothing is waiting to be sent."""
         self.record.finish(outcome)
-        if outcome == IDLE_TIMEOUT:
+        if outcome == Outcome.IDLE_TIMEOUT:
             self.transport.close()
         else:
             self.transport.abort()
@@ -167,7 +167,9 @@ async def _serve(
             # dropped, but not a server error.
             if tls_context is not None:
                 timed_out = isinstance(exc, ConnectionAbortedError | TimeoutError)
-                protocol.record.finish(tls.HANDSHAKE_TIMEOUT if timed_out else tls.HANDSHAKE_FAILED)
+                protocol.record.finish(
+                    Outcome.TLS_HANDSHAKE_TIMEOUT if timed_out else Outcome.TLS_HANDSHAKE_FAILED
+                )
             conn.close()
             protocol.connection_lost(None if tls_context else exc)
 

@@ -36,8 +36,6 @@ import threading
 import time
 from typing import cast
 
-from .. import tls
-from .._proxy_accept import HEADER_TIMEOUT
 from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
@@ -264,7 +262,7 @@ class ConnectionPool:
             except ssl.SSLWantReadError:
                 pass
             except (ssl.SSLError, OSError):
-                connection.record.finish(tls.HANDSHAKE_FAILED)
+                connection.record.finish(Outcome.TLS_HANDSHAKE_FAILED)
                 return None
             try:
                 if not self._owe(connection, session.outgoing.read(), 0):
@@ -275,10 +273,10 @@ class ConnectionPool:
             except BlockingIOError:
                 return READABLE
             except OSError:
-                connection.record.finish(tls.HANDSHAKE_FAILED)
+                connection.record.finish(Outcome.TLS_HANDSHAKE_FAILED)
                 return None
             if not ciphertext:
-                connection.record.finish(tls.HANDSHAKE_FAILED)
+                connection.record.finish(Outcome.TLS_HANDSHAKE_FAILED)
                 return None
             session.incoming.write(ciphertext)
 
@@ -359,10 +357,10 @@ class ConnectionPool:
         age_s = now - record.opened_at
         if connection.header is not None:
             timed_out = age_s >= self.config.proxy_header_timeout_s
-            return HEADER_TIMEOUT if timed_out else None
+            return Outcome.PROXY_HEADER_TIMEOUT if timed_out else None
         if connection.handshaking:
             timed_out = age_s >= self.config.tls_handshake_timeout_s
-            return tls.HANDSHAKE_TIMEOUT if timed_out else None
+            return Outcome.TLS_HANDSHAKE_TIMEOUT if timed_out else None
         return connection.watch.check(self.limits, record.bytes_in, len(connection.owed), now)
 
 
