@@ -187,6 +187,27 @@ def test_summarize_gives_one_row_per_point_and_server_with_medians_and_errors() 
     assert summarize(runs, "requests_per_s", None)[0].vs_baseline is None
 
 
+def test_a_server_that_echoed_a_wrong_byte_anywhere_is_never_ranked() -> None:
+    runs = []
+    for point in ("c1", "c10"):
+        runs += [_run("ref-uvloop", 0, 100.0, point), _run("fast", 0, 500.0, point)]
+        runs.append(_run("honest", 0, 50.0, point))
+    # The liar was right at c1 and wrong at c10: it is ranked at neither.
+    runs[4].mismatches = 1
+    runs[4].mismatch_samples = ["connection 3 offset 7: expected byte 0x01, received 0x02"]
+    rows = {(row.point, row.server): row for row in summarize(runs, "requests_per_s", "ref-uvloop")}
+    for point in ("c1", "c10"):
+        fast = rows[(point, "fast")]
+        assert not fast.verified and fast.vs_baseline is None and fast.cpu_vs_baseline is None
+        assert rows[(point, "honest")].verified and rows[(point, "honest")].vs_baseline == 0.5
+    assert rows[("c10", "fast")].mismatch_samples == runs[4].mismatch_samples
+    # Echoing bytes that were never sent is lying too; and a lying reference ranks no one.
+    runs[4].mismatches, runs[4].errors_by_kind = 0, {"extra bytes": 1}
+    rows = {(row.point, row.server): row for row in summarize(runs, "requests_per_s", "fast")}
+    assert not rows[("c1", "fast")].verified
+    assert all(row.vs_baseline is None for row in rows.values())
+
+
 def test_the_reference_defaults_to_uvloop_then_the_asyncio_model() -> None:
     assert choose_reference(["simple", "asyncio", "ref-uvloop"], None) == "ref-uvloop"
     assert choose_reference(["simple", "asyncio"], None) == "asyncio"

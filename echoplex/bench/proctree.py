@@ -26,6 +26,9 @@ class ProcStat:
 
     pid: int
     ppid: int
+    pgrp: int
+    state: str
+    """`R`, `S`, ... or `Z` for a zombie: exited, not reaped yet."""
     utime: int
     stime: int
     cutime: int
@@ -42,10 +45,13 @@ def parse_stat(pid: int, text: str) -> ProcStat:
     """Parse one `/proc/PID/stat` line. The command name (field 2) may hold spaces
     and parentheses, so the fields are counted from the last `)`."""
     fields = text[text.rindex(")") + 2 :].split()
-    # fields[0] is field 3 (state); ppid is field 4; utime..cstime are fields 14..17.
+    # fields[0] is field 3 (state); ppid and pgrp are fields 4 and 5; utime..cstime
+    # are fields 14..17.
     return ProcStat(
         pid=pid,
         ppid=int(fields[1]),
+        pgrp=int(fields[2]),
+        state=fields[0],
         utime=int(fields[11]),
         stime=int(fields[12]),
         cutime=int(fields[13]),
@@ -90,6 +96,26 @@ def tree_stats(root_pid: int) -> list[ProcStat]:
 
 def tree_pids(root_pid: int) -> list[int]:
     return [stat.pid for stat in tree_stats(root_pid)]
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of process group `pgid` that are still running (not zombies)."""
+    return [stat.pid for stat in _all_stats().values() if stat.pgrp == pgid and stat.state != "Z"]
+
+
+def tree_affinity(root_pid: int) -> dict[int, set[int]]:
+    """The CPUs every thread of the tree may run on, by thread id (the threads of a
+    process can be pinned apart, so each is read)."""
+    cpus: dict[int, set[int]] = {}
+    for pid in tree_pids(root_pid):
+        try:
+            tids = [int(tid) for tid in os.listdir(PROC / str(pid) / "task")]
+        except OSError:
+            continue  # gone
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                cpus[tid] = os.sched_getaffinity(tid)
+    return cpus
 
 
 def tree_cpu_s(root_pid: int) -> float | None:

@@ -80,6 +80,18 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+# What a server that echoed wrong bytes shows instead of its ratios: it is not ranked.
+NOT_RANKED = "wrong echo"
+
+
+def _vs_ref(row: Row) -> str:
+    return _ratio(row.vs_baseline) if row.verified else NOT_RANKED
+
+
+def _cpu_vs_ref(row: Row) -> str:
+    return _ratio(row.cpu_vs_baseline) if row.verified else NOT_RANKED
+
+
 THROUGHPUT_COLUMNS: list[Column] = [
     ("req/s", lambda row: _fmt(row.figure("requests_per_s"), ",.0f")),
     ("MB/s", lambda row: _fmt(row.figure("mb_per_s"), ",.2f")),
@@ -90,8 +102,8 @@ THROUGHPUT_COLUMNS: list[Column] = [
     ("peak RSS MiB", lambda row: _fmt(row.figure("peak_rss_bytes"), ",.1f", MIB)),
     ("accepted", lambda row: _fmt(row.figure("connections_accepted"), ",.0f")),
     ("errors", lambda row: f"{row.errors_total:,}"),
-    ("vs ref", lambda row: _ratio(row.vs_baseline)),
-    ("CPU/req vs ref", lambda row: _ratio(row.cpu_vs_baseline)),
+    ("vs ref", _vs_ref),
+    ("CPU/req vs ref", _cpu_vs_ref),
 ]
 HOLD_COLUMNS: list[Column] = [
     ("alive", lambda row: _fmt(row.figure("connections_alive"), ",.0f")),
@@ -100,7 +112,7 @@ HOLD_COLUMNS: list[Column] = [
     ("KiB/conn", _per_connection_kib),
     ("server CPU %", lambda row: _fmt(row.figure("server_cpu_pct"), ",.1f")),
     ("errors", lambda row: f"{row.errors_total:,}"),
-    ("vs ref", lambda row: _ratio(row.vs_baseline)),
+    ("vs ref", _vs_ref),
 ]
 
 
@@ -164,6 +176,10 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
             "",
             table(result),
         ]
+        if custom := _custom_lines(report, result):
+            parts += ["", "Servers given with `--server` (run through `/bin/sh -c`):", "", *custom]
+        if wrong := _wrong_echo_lines(result):
+            parts += ["", *wrong]
         if pinned_apart := _pinning_lines(result, pinning):
             parts += ["", "Servers pinned to other CPUs than the first:", "", *pinned_apart]
         if per_worker := _per_worker_lines(result):
@@ -213,6 +229,39 @@ def _pinning_lines(result: ScenarioResult, pinning: dict[str, Any] | None) -> li
             f"- {server}: server on {_cpu_set(cpus)}{fewer}, load generator on CPU {load_cpu}"
             f"{shared}"
         )
+    return lines
+
+
+def _custom_lines(report: BenchReport, result: ScenarioResult) -> list[str]:
+    commands = {spec.name: spec.command for spec in report.settings.custom_servers}
+    return [f"- {name}: `{commands[name]}`" for name in result.servers if name in commands]
+
+
+def _wrong_echo_lines(result: ScenarioResult) -> list[str]:
+    """The servers that echoed wrong bytes, with the first of them: not ranked."""
+    liars = {row.server: row for row in result.rows if not row.verified}
+    if not liars:
+        return []
+    lines = [
+        "**Wrong echoes**: these servers sent back bytes they were not sent, so they "
+        "are not ranked (no ratios):",
+        "",
+    ]
+    for server in liars:
+        rows = [row for row in result.rows if row.server == server]
+        mismatches = sum(row.mismatches_total for row in rows)
+        samples = [sample for row in rows for sample in row.mismatch_samples][:3]
+        extra = sum(row.errors_by_kind.get("extra bytes", 0) for row in rows)
+        what = [f"{mismatches:,} mismatched connection(s)"] if mismatches else []
+        what += [f"{extra:,} connection(s) echoed extra bytes"] if extra else []
+        lines.append(
+            f"- {server}: {', '.join(what)}" + (f"; {'; '.join(samples)}" if samples else "")
+        )
+    if result.reference in liars:
+        lines += [
+            "",
+            f"The reference `{result.reference}` is among them: no server is ranked in this table.",
+        ]
     return lines
 
 

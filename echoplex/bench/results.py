@@ -1,5 +1,11 @@
 """What one bench run measured, and how repeated runs become one row: medians, an
-error total, and the ratio to the reference server. Pure functions, no I/O."""
+error total, and the ratio to the reference server. Pure functions, no I/O.
+
+A server that echoed a wrong byte in any run (a mismatch, or bytes that were never
+sent) is not ranked: its rows say `verified: false` and have no ratios, and if it is
+the reference, no row of its scenario has one. Speed bought with wrong answers is
+not speed.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +33,11 @@ MEDIAN_FIELDS = (
     "connections_accepted",
     "client_cpu_s",
     "client_cpu_us_per_request",
+    "server_processes",
 )
+# `echoplex load` error kinds that mean the server echoed what it was not sent.
+WRONG_ECHO_ERRORS = ("extra bytes",)
+MISMATCH_SAMPLES_KEPT = 5
 
 
 @dataclass
@@ -53,6 +63,8 @@ class RunResult:
     errors: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     mismatches: int = 0
+    mismatch_samples: list[str] = field(default_factory=list)
+    """The first wrong bytes the load generator saw: connection, offset, expected, received."""
     connections_alive: float | None = None
     client_cpu_s: float | None = None
     client_cpu_us_per_request: float | None = None
@@ -71,6 +83,8 @@ class RunResult:
     """Connections the server accepted, by process (`worker-N` for workers)."""
     server_cpus: list[int] | None = None
     """The CPUs the server was pinned to; None when the bench did not pin."""
+    server_processes: int | None = None
+    """Processes in the server's tree under load (a shell and its server count two)."""
     failure: str | None = None
     """Why the run did not complete normally (timeout, crash, no report), if it did not."""
 
@@ -83,6 +97,13 @@ class RunResult:
     @property
     def error_count(self) -> int:
         return self.errors + self.mismatches + (1 if self.failure else 0)
+
+    @property
+    def echoed_wrong(self) -> bool:
+        """Whether the server sent back a byte it was not sent (it lied)."""
+        return bool(self.mismatches) or any(
+            self.errors_by_kind.get(kind) for kind in WRONG_ECHO_ERRORS
+        )
 
 
 @dataclass
@@ -105,6 +126,11 @@ class Row:
     failures: list[str] = field(default_factory=list)
     connections_opened: list[dict[str, int]] = field(default_factory=list)
     server_cpus: list[int] | None = None
+    verified: bool = True
+    """False when the server echoed a wrong byte at any point of the scenario: it is
+    not ranked (no ratios)."""
+    mismatches_total: int = 0
+    mismatch_samples: list[str] = field(default_factory=list)
     reference: str | None = None
     vs_baseline: float | None = None
     """Median over repeats of (this server's headline figure / the reference's, same repeat)."""
@@ -131,6 +157,9 @@ class Row:
             "failures": self.failures,
             "connections_opened": self.connections_opened,
             "server_cpus": self.server_cpus,
+            "verified": self.verified,
+            "mismatches_total": self.mismatches_total,
+            "mismatch_samples": self.mismatch_samples,
             "reference": self.reference,
             "vs_baseline": self.vs_baseline,
             "cpu_vs_baseline": self.cpu_vs_baseline,
@@ -157,9 +186,16 @@ def paired_ratio(
     return median(ratios)
 
 
+def wrong_echoes(runs: Iterable[RunResult]) -> set[str]:
+    """The servers that echoed a wrong byte in any of `runs`."""
+    return {run.server for run in runs if run.echoed_wrong}
+
+
 def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> list[Row]:
     """One row per (point, server), in the order first run; `vs_baseline` against
-    `reference` at the same point when it ran there."""
+    `reference` at the same point when it ran there, for servers whose every echo was
+    right, and only if the reference's was too."""
+    liars = wrong_echoes(runs)
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for run in runs:
         groups.setdefault((run.point, run.server), []).append(run)
@@ -181,9 +217,14 @@ def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> 
             failures=[run.failure for run in group if run.failure],
             connections_opened=[run.connections_opened for run in group if run.connections_opened],
             server_cpus=first.server_cpus,
+            verified=server not in liars,
+            mismatches_total=sum(run.mismatches for run in group),
+            mismatch_samples=[sample for run in group for sample in run.mismatch_samples][
+                :MISMATCH_SAMPLES_KEPT
+            ],
         )
         reference_runs = groups.get((point, reference)) if reference else None
-        if reference_runs:
+        if reference_runs and row.verified and reference not in liars:
             row.reference = reference
             row.vs_baseline = paired_ratio(group, reference_runs, metric)
             row.cpu_vs_baseline = paired_ratio(group, reference_runs, "cpu_us_per_request")

@@ -28,8 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from ..models import MODELS
+from ..payload import Mismatch
 from .loadgen import LoadRun, LoadSpec
-from .proctree import raise_nofile_limit, tree_cpu_s, tree_peak_rss_bytes, tree_rss_bytes
+from .proctree import (
+    raise_nofile_limit,
+    tree_affinity,
+    tree_cpu_s,
+    tree_peak_rss_bytes,
+    tree_pids,
+    tree_rss_bytes,
+)
 from .results import Row, RunResult, choose_reference, summarize
 from .scenarios import ALL, SCENARIOS, LoadPoint, Scenario
 from .servers import SERVERS, RunningServer, ServerSpec, ServerStartError
@@ -69,11 +77,17 @@ class BenchSettings:
     servers: tuple[str, ...] | None = None
     """Servers to run (models and/or `ref-*`); None: each scenario's own choice."""
     baselines: bool = False
+    custom_servers: tuple[ServerSpec, ...] = ()
+    """`--server` commands, run in every scenario beside the others."""
     duration_s: float | None = None
     warmup_s: float | None = None
     repeat: int = 1
     pin: bool = True
     reference: str | None = None
+
+    def specs(self) -> dict[str, ServerSpec]:
+        """Every server this run may start, by name: the built-in ones and `--server`s."""
+        return {**SERVERS, **{spec.name: spec for spec in self.custom_servers}}
 
 
 @dataclass
@@ -111,6 +125,7 @@ def plan_pinning(wanted: bool) -> Pinning | None:
 
 def servers_for(scenario: Scenario, settings: BenchSettings) -> list[str]:
     names = list(settings.servers or scenario.models or MODELS)
+    names += [spec.name for spec in settings.custom_servers if spec.name not in names]
     if settings.baselines:
         names += [
             name for name, spec in SERVERS.items() if spec.kind == "baseline" and name not in names
@@ -219,8 +234,9 @@ def run_scenario(
         log.warning("scenario %s skipped: %s", scenario.name, result.skipped)
         return result
     specs: list[ServerSpec] = []
+    known = settings.specs()
     for name in servers_for(scenario, settings):
-        spec = SERVERS[name]
+        spec = known[name]
         if (reason := spec.unavailable_reason()) is not None:
             log.warning("skipping %s", reason)
             continue
@@ -283,15 +299,21 @@ def measure(
         return result
     try:
         result.idle_rss_bytes = tree_rss_bytes(server.pid)
+        unpinned = _unpinned(server.pid, server_cpus)
         run = LoadRun(server.host, server.port, load, cpu=pinning.load_cpu if pinning else None)
         try:
             run.wait(load.warmup_s + LOAD_STARTUP_S)
             cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
             run.wait(load.duration_s * CPU_WINDOW_SHARE)
             cpu_after, window_s = tree_cpu_s(server.pid), time.monotonic() - started
+            # Again under load: a server may start processes or threads lazily.
+            unpinned = unpinned or _unpinned(server.pid, server_cpus)
+            result.server_processes = len(tree_pids(server.pid))
             report, failure = run.finish()
         finally:
             run.stop()
+        if unpinned:
+            failure = "; ".join(filter(None, (failure, unpinned)))
         result.peak_rss_bytes = tree_peak_rss_bytes(server.pid)
         result.connections_opened = server.connections_opened()
         if not server.alive():
@@ -312,6 +334,22 @@ def measure(
     return result
 
 
+def _unpinned(root_pid: int, cpus: Sequence[int] | None) -> str | None:
+    """Which of the server's threads may run outside `cpus` (one that pinned itself
+    elsewhere), said in one line; None when all stay on them, or nothing was pinned."""
+    if not cpus:
+        return None
+    allowed = set(cpus)
+    escaped = {tid: on for tid, on in tree_affinity(root_pid).items() if not on <= allowed}
+    if not escaped:
+        return None
+    tid, on = next(iter(escaped.items()))
+    return (
+        f"{len(escaped)} server thread(s) not pinned to CPUs {sorted(allowed)}, e.g. "
+        f"thread {tid} on CPUs {sorted(on)}"
+    )
+
+
 def apply_load_report(result: RunResult, report: dict[str, Any]) -> None:
     """Copy the figures of an `echoplex load --json` report into `result`."""
     latency = report.get("latency_us")
@@ -328,9 +366,20 @@ def apply_load_report(result: RunResult, report: dict[str, Any]) -> None:
             str(kind): int(count) for kind, count in by_kind.items() if _number(count) is not None
         }
     result.mismatches = int(_number(report.get("mismatches")) or 0)
+    samples = report.get("mismatch_samples")
+    if isinstance(samples, list):
+        result.mismatch_samples = [_mismatch_text(sample) for sample in samples]
     result.connections_alive = _number(report.get("connections_alive"))
     result.client_cpu_s = _number(report.get("client_cpu_s"))
     result.client_cpu_us_per_request = _number(report.get("client_cpu_us_per_request"))
+
+
+def _mismatch_text(sample: object) -> str:
+    """One of `echoplex load`'s mismatch samples as it prints them."""
+    try:
+        return str(Mismatch(**sample))  # type: ignore[arg-type]
+    except TypeError:
+        return str(sample)
 
 
 def _number(value: object) -> float | None:

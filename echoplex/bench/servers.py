@@ -1,11 +1,15 @@
 """The servers the bench compares, and how one is started, watched and stopped.
 
-Every server is a separate program that logs `listening on HOST:PORT` on stderr once
-it accepts: `echoplex serve --mode M` for the five models, and the three few-line
-reference servers in the repository's `bench/` directory. So one launcher handles
-them all: start it (pinned to CPUs if asked), read the port from its log, keep
-reading its log in a thread (counting the connections each process accepted), and
-stop it with SIGTERM, then SIGKILL to its whole session if it does not exit in time.
+Three kinds: `echoplex serve --mode M` for the models, the few-line reference servers
+(`baseline`), and any server a user names with `--server NAME='COMMAND {port}'`
+(`custom`). The first two log `listening on HOST:PORT` on stderr once they accept, so
+they start on port 0 and the port is read from their log; a custom server is given a
+free port in its command and is ready once that port accepts a connection. One
+launcher handles them all: start the server in a session of its own (pinned to CPUs
+if asked: `taskset` sets the affinity before it execs, and every process the server
+starts inherits it, however deep), keep reading its log in a thread (counting the
+connections each echoplex process accepted), and stop it with SIGTERM, then SIGKILL
+to its whole session if it does not exit in time.
 """
 
 from __future__ import annotations
@@ -15,26 +19,36 @@ import importlib.util
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Self
+from typing import IO, NoReturn, Self
 
 from ..models import MODELS
+from .proctree import group_pids
 
 BASELINE_DIR = Path(__file__).resolve().parents[2] / "bench"
+LOOPBACK = "127.0.0.1"
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 # `echoplex serve --log-level info` logs one `open PEER` line per accepted connection;
 # the workers model puts the process name (`worker-N`) before the logger name.
 OPENED = re.compile(r" INFO (?:(\S+) )?echoplex\.server: open ")
+PORT_PLACEHOLDER = "{port}"
+# A custom server's name goes into tables and file names: keep it plain.
+SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
 STARTUP_TIMEOUT_S = 20.0
+# How often a custom server's port is tried while it starts.
+CONNECT_POLL_S = 0.02
 # Servers drain for this long on SIGTERM; the load has ended by then, so it is short.
 DRAIN_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 8.0
+STOP_POLL_S = 0.02
 STDERR_TAIL_LINES = 40
 
 
@@ -42,9 +56,13 @@ STDERR_TAIL_LINES = 40
 class ServerSpec:
     name: str
     kind: str
-    """`model` (an echoplex concurrency model) or `baseline` (a reference server)."""
+    """`model` (an echoplex concurrency model), `baseline` (a reference server) or
+    `custom` (a `--server` command)."""
     description: str
-    argv: tuple[str, ...]
+    argv: tuple[str, ...] = ()
+    """The program of a model or reference server; it picks its port and logs it."""
+    command: str | None = None
+    """A custom server's shell command, `{port}` standing for the port the bench picks."""
     requires: tuple[str, ...] = ()
     """Modules the server imports that may be missing (checked before starting it)."""
     cpus: int = 1
@@ -57,6 +75,37 @@ class ServerSpec:
         if self.kind == "baseline" and not Path(self.argv[1]).is_file():
             return f"{self.name}: {self.argv[1]} not found (run from a source checkout)"
         return None
+
+    def launch_argv(self, port: int) -> list[str]:
+        """What to run: a custom server's command through the shell (so it may set
+        variables, change directory or chain commands), the others as they are."""
+        if self.command is None:
+            return list(self.argv)
+        return ["/bin/sh", "-c", self.command.replace(PORT_PLACEHOLDER, str(port))]
+
+
+def custom_server(text: str) -> ServerSpec:
+    """The server a `--server NAME='COMMAND {port}'` value describes; a ValueError that
+    says what is wrong with it otherwise."""
+    name, equals, command = text.partition("=")
+    name, command = name.strip(), command.strip()
+    if not equals or not name:
+        raise ValueError(f"expected NAME='COMMAND {PORT_PLACEHOLDER}', got {text!r}")
+    if not SERVER_NAME.fullmatch(name):
+        raise ValueError(
+            f"server name {name!r}: use up to 40 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if name in SERVERS:
+        raise ValueError(f"server name {name!r} is taken by a built-in server: choose another")
+    if not command:
+        raise ValueError(f"server {name!r} has an empty command")
+    if PORT_PLACEHOLDER not in command:
+        raise ValueError(
+            f"server {name!r}: the command must say where the port goes with "
+            f"{PORT_PLACEHOLDER} (the bench picks a free one): {command!r}"
+        )
+    return ServerSpec(name=name, kind="custom", description=command, command=command)
 
 
 def _model_spec(name: str) -> ServerSpec:
@@ -72,7 +121,7 @@ def _model_spec(name: str) -> ServerSpec:
             "--mode",
             name,
             "--host",
-            "127.0.0.1",
+            LOOPBACK,
             "--port",
             "0",
             "--drain-timeout",
@@ -132,6 +181,14 @@ SERVERS: dict[str, ServerSpec] = {
 }
 
 
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on now, for a server that cannot pick its own."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 class ServerStartError(Exception):
     pass
 
@@ -141,9 +198,11 @@ class RunningServer:
 
     def __init__(self, spec: ServerSpec, *, cpus: Sequence[int] | None = None) -> None:
         self.spec = spec
-        argv = list(spec.argv)
+        self.host, self.port = (LOOPBACK, free_port()) if spec.command is not None else ("", 0)
+        argv = spec.launch_argv(self.port)
         if cpus:
-            # taskset execs: the pid stays ours.
+            # taskset sets the affinity, then execs: the pid stays ours, and whatever the
+            # server starts (a shell's child, workers, threads) inherits the CPUs.
             argv = ["taskset", "-c", ",".join(map(str, cpus)), *argv]
         self.proc = subprocess.Popen(
             argv,
@@ -151,12 +210,11 @@ class RunningServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            # Its own session, so a stuck tree (workers) can be killed as one group.
+            # Its own session and process group: a shell that does not exec its command,
+            # or a stuck tree (workers), is signalled as one group.
             start_new_session=True,
         )
         self.pid = self.proc.pid
-        self.host = ""
-        self.port = 0
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._opened: Counter[str] = Counter()
@@ -166,12 +224,34 @@ class RunningServer:
             target=self._read_log, args=(self.proc.stderr,), daemon=True
         )
         self._reader.start()
-        if not self._ready.wait(STARTUP_TIMEOUT_S) or not self.port:
+        try:
+            self._wait_until_listening()
+        except ServerStartError:
             self.stop()
-            raise ServerStartError(
-                f"{spec.name} did not report `listening on` within {STARTUP_TIMEOUT_S:.0f}s"
-                f" (exit status {self.proc.poll()}): {self.stderr_tail()[-500:]}"
-            )
+            raise
+
+    def _wait_until_listening(self) -> None:
+        within = f"within {STARTUP_TIMEOUT_S:.0f}s"
+        if self.spec.command is None:
+            if not self._ready.wait(STARTUP_TIMEOUT_S) or not self.port:
+                self._not_ready(f"did not report `listening on` {within}")
+            return
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.exit_status() is not None:
+                self._not_ready(f"exited before accepting connections on port {self.port}")
+            with contextlib.suppress(OSError):
+                socket.create_connection((self.host, self.port), timeout=1).close()
+                return
+            time.sleep(CONNECT_POLL_S)
+        self._not_ready(f"did not accept connections on {self.host}:{self.port} {within}")
+
+    def _not_ready(self, what: str) -> NoReturn:
+        self._reader.join(timeout=0.5)  # the server's last words, if it has exited
+        raise ServerStartError(
+            f"{self.spec.name} {what} (exit status {self.exit_status()}): "
+            f"{self.stderr_tail()[-500:]}"
+        )
 
     def _read_log(self, stream: IO[bytes]) -> None:
         try:
@@ -191,7 +271,7 @@ class RunningServer:
 
     def connections_opened(self) -> dict[str, int] | None:
         """Connections accepted so far, by process (`main`, or `worker-N` for workers);
-        None for servers that do not log them (the reference servers)."""
+        None for servers that do not log them (reference and custom servers)."""
         if self.spec.kind != "model":
             return None
         with self._lock:
@@ -200,22 +280,46 @@ class RunningServer:
     def stderr_tail(self) -> str:
         return "\n".join(self._tail)
 
+    def exit_status(self) -> int | None:
+        """The server's exit status once it has exited, else None. The root process is
+        not reaped here (WNOWAIT), so its process group stays ours to signal."""
+        if self.proc.returncode is not None:
+            return self.proc.returncode
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return self.proc.poll()
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.exit_status() is None
+
+    def _others_left(self) -> bool:
+        """Whether any process of the server's group but its root is still running."""
+        return any(pid != self.pid for pid in group_pids(self.pid))
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL to the whole session; returns the exit status."""
-        if self.proc.poll() is None:
+        """SIGTERM, then SIGKILL to the whole group; returns the root's exit status.
+        Returns once every process of the group has exited."""
+        if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-        try:
-            status = self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            # Not reaped yet, so the group id is still ours: kill the whole session
-            # (a workers supervisor and its workers) at once.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-            status = self.proc.wait()
+                if self.spec.command is not None:
+                    # The shell may not pass the signal on to the server it started.
+                    os.killpg(self.pid, signal.SIGTERM)
+                else:
+                    self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self.alive() or self._others_left():
+            if time.monotonic() >= deadline:
+                # The root is not reaped yet, so the group id is still ours: kill the
+                # whole group (a workers supervisor and its workers) at once.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                break
+            time.sleep(STOP_POLL_S)
+        status = self.proc.wait()
         self._reader.join(timeout=5)
         return status
 

@@ -15,6 +15,7 @@ from ..bench.charts import MissingDependency, check_available
 from ..bench.report import markdown, write_results
 from ..bench.runner import selected, servers_for
 from ..bench.scenarios import ALL
+from ..bench.servers import ServerSpec, custom_server
 
 PROG = "echoplex bench"
 
@@ -36,6 +37,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"({', '.join(n for n, s in SERVERS.items() if s.kind == 'model')}) and/or reference "
         f"servers ({', '.join(n for n, s in SERVERS.items() if s.kind == 'baseline')}) "
         f"(default: every model{_scenario_defaults('models')})",
+    )
+    parser.add_argument(
+        "--server",
+        action="append",
+        type=_custom_server,
+        metavar="NAME='COMMAND {port}'",
+        help="also run any echo server, in any language: COMMAND runs through /bin/sh with "
+        "{port} replaced by a free port it must listen on at 127.0.0.1; pinned, loaded, "
+        "measured (its whole process tree) and ranked like the others, unless it echoes a "
+        "wrong byte; repeatable",
     )
     parser.add_argument(
         "--baselines",
@@ -64,9 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reference",
-        choices=SERVERS,
         metavar="NAME",
-        help="server the vs_baseline ratios are relative to (default ref-uvloop with "
+        help="server the vs_baseline ratios are relative to, built in or a --server "
+        "(default ref-uvloop with "
         f"--baselines, else asyncio{_scenario_defaults('reference')})",
     )
     parser.add_argument(
@@ -109,6 +120,13 @@ def _server_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _custom_server(text: str) -> ServerSpec:
+    try:
+        return custom_server(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--server: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING,
@@ -117,16 +135,25 @@ def run(args: argparse.Namespace) -> int:
     )
     # Progress lines are ours; other libraries (matplotlib) stay at warnings.
     logging.getLogger("echoplex").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    custom: list[ServerSpec] = []
+    for spec in args.server or ():
+        if spec.name in (each.name for each in custom):
+            return fail(PROG, f"--server: server name {spec.name!r} is given twice")
+        custom.append(spec)
     settings = BenchSettings(
         scenarios=selected(args.scenario or ["concurrency"]),
         servers=args.models,
         baselines=args.baselines,
+        custom_servers=tuple(custom),
         duration_s=args.duration,
         warmup_s=args.warmup,
         repeat=args.repeat,
         pin=not args.no_pin,
         reference=args.reference,
     )
+    if args.reference and args.reference not in settings.specs():
+        known = ", ".join(settings.specs())
+        return fail(PROG, f"--reference {args.reference}: no such server (choose from {known})")
     for name in settings.scenarios:
         if args.reference and args.reference not in servers_for(SCENARIOS[name], settings):
             return fail(PROG, f"--reference {args.reference} is not among the servers {name} runs")
@@ -145,6 +172,11 @@ def run(args: argparse.Namespace) -> int:
         except OSError as exc:
             return fail(PROG, f"cannot write results to {args.out}: {exc}")
     print(markdown(report), end="")
+    liars = sorted(
+        {row.server for result in report.scenarios for row in result.rows if not row.verified}
+    )
+    if liars:
+        return fail(PROG, f"wrong echoes from {', '.join(liars)}: not ranked", 1)
     return 0
 
 
@@ -155,6 +187,8 @@ def command_line(args: argparse.Namespace) -> str:
         argv += ["--scenario", scenario]
     if args.models:
         argv += ["--models", ",".join(args.models)]
+    for spec in args.server or ():
+        argv += ["--server", f"{spec.name}={spec.command}"]
     if args.baselines:
         argv.append("--baselines")
     for flag, value in (("--duration", args.duration), ("--warmup", args.warmup)):
