@@ -234,40 +234,24 @@ class Listeners:
         self.from_systemd = False
 
     @classmethod
-    def open(
-        cls,
-        config: ServerConfig,
-        *,
-        tcp: bool = True,
-        shared: bool = True,
-        reuse_port: bool = False,
-        inherited: list[socket.socket] | None = None,
-    ) -> Listeners:
-        """Open every listener the config asks for.
-
-        `shared` covers the sockets a multi-process server opens once and its workers
-        inherit: those passed by systemd (which then replace our own TCP listeners) and
-        the Unix socket. `tcp` covers one TCP listener per host, which workers open
-        each for themselves with `reuse_port`.
-        """
-        sockets: list[socket.socket] = list(inherited or [])
+    def open(cls, config: ServerConfig, *, tcp: bool = True) -> Listeners:
+        """Open the listeners the config asks for: the sockets systemd passed (which then
+        replace our own TCP listeners), the Unix socket, and with `tcp` one TCP listener
+        per host. (The `workers` model binds its TCP listeners in each worker instead.)"""
+        sockets: list[socket.socket] = []
         unix_path = None
         try:
-            passed = systemd_sockets() if shared else []
+            passed = systemd_sockets()
             if passed:
                 log.info("serving %d socket(s) passed by systemd", len(passed))
             sockets += passed
             if tcp and not passed:
-                sockets += open_tcp_listeners(config, reuse_port=reuse_port)
-            if shared and config.unix_path:
+                sockets += open_tcp_listeners(config.hosts, config.port, config.backlog)
+            if config.unix_path:
                 sockets.append(
                     open_unix_listener(config.unix_path, config.unix_mode, config.backlog)
                 )
                 unix_path = config.unix_path
-            if tcp and not sockets:
-                raise StartupError(
-                    "nothing to listen on: no host, no Unix socket, no systemd socket"
-                )
         except BaseException:
             for sock in sockets:
                 sock.close()
@@ -301,16 +285,30 @@ class Listeners:
 
 
 def open_tcp_listeners(
-    config: ServerConfig, *, reuse_port: bool = False, listen: bool = True
+    hosts: Sequence[str], port: int, backlog: int, *, reuse_port: bool = False, listen: bool = True
 ) -> list[socket.socket]:
     """One listener per host, all on the same port (the first one picks it if port is 0)."""
 
     def bind_one(host: str, port: int, v6_only: bool) -> socket.socket:
         return open_tcp_listener(
-            host, port, config.backlog, reuse_port=reuse_port, listen=listen, v6_only=v6_only
+            host, port, backlog, reuse_port=reuse_port, listen=listen, v6_only=v6_only
         )
 
-    return bind_each_host(config.hosts, config.port, bind_one)
+    return bind_each_host(hosts, port, bind_one)
+
+
+def open_udp_sockets(hosts: Sequence[str], port: int) -> list[socket.socket]:
+    """One non-blocking UDP socket per host, all on the same port (the first one picks
+    it if port is 0)."""
+
+    def bind_one(host: str, port: int, v6_only: bool) -> socket.socket:
+        # No SO_REUSEADDR: on Linux it would let a second server bind this UDP port and
+        # silently take its datagrams.
+        sock = bind_socket(host, port, socket.SOCK_DGRAM, v6_only=v6_only, label="udp ")
+        sock.setblocking(False)
+        return sock
+
+    return bind_each_host(hosts, port, bind_one)
 
 
 def tune_connection(sock: socket.socket) -> None:

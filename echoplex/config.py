@@ -35,7 +35,7 @@ from ._cli_util import (
     unix_socket_path,
 )
 from ._net import check_host, check_unix_path
-from .models import DESCRIPTIONS, MODELS
+from .models import MODELS
 
 DEFAULT_PORT = 12345
 # The kernel caps this at net.core.somaxconn; asking for more costs nothing and
@@ -77,7 +77,8 @@ class ServerConfig:
     mode: str = option(
         "threads",
         "--mode",
-        "concurrency model (default {default}). " + described(DESCRIPTIONS),
+        "concurrency model (default {default}). "
+        + described({name: entry.description for name, entry in MODELS.items()}),
         choices=tuple(MODELS),
     )
     """Concurrency model, a key of `echoplex.models.MODELS`."""

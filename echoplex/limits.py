@@ -171,8 +171,7 @@ class Deadlines:
 
     __slots__ = ("clock", "idle_s", "lifetime_ends", "send_s")
 
-    def __init__(self, config: ServerConfig, opened_at: float, clock: Clock = time.monotonic):
-        limits = TimeLimits.from_config(config)
+    def __init__(self, limits: TimeLimits, opened_at: float, clock: Clock = time.monotonic):
         self.idle_s = limits.idle_s
         self.send_s = limits.send_s
         self.lifetime_ends = opened_at + limits.lifetime_s if limits.lifetime_s else None

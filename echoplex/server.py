@@ -14,8 +14,8 @@ import resource
 from collections.abc import Callable
 
 from .config import ServerConfig
-from .events import LogEvents, ServerEvents
-from .models import load_model
+from .events import LogEvents, ServerEvents, announced
+from .plan import Model, load_model, resolve
 from .shutdown import Shutdown, stop_on_signals
 
 
@@ -23,14 +23,17 @@ def run(
     config: ServerConfig,
     events: ServerEvents | None = None,
     shutdown: Shutdown | None = None,
+    *,
+    model: Model | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM (in the main thread) or `shutdown.request()`, then drain.
 
-    TCP through `config.mode`, UDP echo (`config.udp`) alone or beside it (`echoplex.udp`).
+    TCP through `config.mode` (or a `model` of your own: `echoplex.plan.Model`), UDP echo
+    (`config.udp`) alone or beside it (`echoplex.udp`).
 
     Raises `StartupError` when the server cannot start (busy port, missing uvloop).
     """
-    model = load_model(config.mode)
+    model = model or load_model(config.mode)
     raise_descriptor_limit()
     own_shutdown = shutdown is None
     shutdown = shutdown or Shutdown()
@@ -41,19 +44,19 @@ def run(
 
         events, stop_metrics = metrics_events(config, events)
     try:
-        with stop_on_signals(shutdown):
+        with stop_on_signals(shutdown), resolve(config, model) as plan, announced(plan, events):
             if not config.udp:
-                model.serve(config, events, shutdown)
+                model.serve(plan, events, shutdown)
                 return
             from . import udp  # only when asked for: it imports asyncio
 
             if not config.tcp:
-                udp.serve_udp(config, events, shutdown)
+                udp.serve_udp(plan, events, shutdown)
             else:
                 # UDP in a thread of its own beside the model (in `workers` mode, beside the
                 # supervisor: the workers serve TCP only).
-                with udp.serving_beside_tcp(config, events, shutdown) as tcp_config:
-                    model.serve(tcp_config, events, shutdown)
+                with udp.serving_beside_tcp(plan, events, shutdown):
+                    model.serve(plan, events, shutdown)
     finally:
         stop_metrics()
         if own_shutdown:

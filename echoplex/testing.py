@@ -31,7 +31,7 @@ The server runs three times. The first run (`drain_timeout_s=1`, `max_connection
   one left idle is cut off when the drain timeout passes (`drained`), and the server
   returns. A stop signal may land on any thread, and the server must still wake, so
   `echoplex.server.run` routes SIGTERM into the `Shutdown` with `signal.set_wakeup_fd`
-  (a model given as a module gets the same routing, `shutdown.stop_on_signals`).
+  (a model of your own runs through `run` too, so it gets the same routing).
   Called from a thread other than the main one, where Python cannot install signal
   handlers, the kit stops the server with `Shutdown.request()` instead and logs so.
 
@@ -77,9 +77,9 @@ from typing import Any
 
 from .config import ServerConfig
 from .events import ConnectionRecord, QuietEvents
-from .models import Model, load_model
+from .plan import Model, load_model
 from .server import run
-from .shutdown import Shutdown, stop_on_signals
+from .shutdown import Shutdown
 
 __all__ = ["check_model", "recv_exactly", "recv_until_eof"]
 
@@ -108,19 +108,20 @@ def check_model(
     """Run the echo contract against `model` in this process; raise AssertionError if it
     is broken.
 
-    `model`: a name in `echoplex.models.MODELS` (run through `echoplex.server.run`), or
-    an object with `serve(config, events, shutdown)`. `concurrent`: whether it serves
-    clients at once (default: all but `simple`). `seed`: of the random payloads.
+    `model`: a name in `echoplex.models.MODELS`, or an object with `serve(plan, events,
+    shutdown)` (`echoplex.plan.Model`); either runs through `echoplex.server.run`.
+    `concurrent`: whether it serves clients at once (default: all but `simple`).
+    `seed`: of the random payloads.
     `config_overrides`: `ServerConfig` fields, applied over the kit's own settings (a
     machine too busy to finish a client within the drain may pass `drain_timeout_s=5`).
     """
     if isinstance(model, str):
-        load_model(model)  # an unknown name is a ValueError now, not inside a run
-        label, start = model, _run_named(model)
+        label, chosen = model, load_model(model)  # an unknown name: a ValueError now
         concurrent = model not in ONE_AT_A_TIME if concurrent is None else concurrent
     else:
-        label, start = getattr(model, "__name__", type(model).__name__), _run_module(model)
+        label, chosen = getattr(model, "__name__", type(model).__name__), model
         concurrent = True if concurrent is None else concurrent
+    start = _runner(chosen)
     by_signal = threading.current_thread() is threading.main_thread()
     if not by_signal:
         log.info("not in the main thread: stopping %s with Shutdown.request(), not SIGTERM", label)
@@ -144,17 +145,9 @@ def check_model(
     _serve_and_drive(label, start, config(SEND_LIMIT), send_checks)
 
 
-def _run_named(name: str) -> _Start:
+def _runner(model: Model) -> _Start:
     def start(config: ServerConfig, events: _Events, shutdown: Shutdown) -> None:
-        run(replace(config, mode=name), events, shutdown)
-
-    return start
-
-
-def _run_module(model: Model) -> _Start:
-    def start(config: ServerConfig, events: _Events, shutdown: Shutdown) -> None:
-        with stop_on_signals(shutdown):  # what `run` does for the models it knows
-            model.serve(config, events, shutdown)
+        run(config, events, shutdown, model=model)
 
     return start
 

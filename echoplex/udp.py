@@ -34,15 +34,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any, cast
 
-from ._net import bind_each_host, bind_socket, open_tcp_listeners
 from ._throttle import Throttle
-from .config import ServerConfig
 from .errors import StartupError
 from .events import DatagramEvents, LogEvents, ServerEvents
-from .loops import LoopFactory, loop_factory
+from .plan import ServerPlan
 from .shutdown import Shutdown
 from .udp_guard import Clock, ReflectionGuard
 
@@ -58,8 +55,6 @@ DROP_REPORT_INTERVAL_S = 1.0
 STOP_POLL_S = 0.25
 # How long closing transports may take to flush what they hold before they are aborted.
 CLOSE_TIMEOUT_S = 1.0
-# With port 0 and both transports: tries at a port free for TCP that is also free for UDP.
-SHARED_PORT_ATTEMPTS = 20
 STARTUP_TIMEOUT_S = 30.0
 
 
@@ -174,18 +169,13 @@ class UdpEchoServer:
     """UDP echo on bound sockets, on an event loop of its own, until `shutdown` is
     requested or `stop()` is called. `serve()` runs the loop in the calling thread."""
 
-    def __init__(
-        self,
-        sockets: list[socket.socket],
-        config: ServerConfig,
-        events: ServerEvents,
-        shutdown: Shutdown,
-        factory: LoopFactory,
-    ) -> None:
-        self.sockets = sockets
+    def __init__(self, plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+        config = plan.config
+        assert plan.loop is not None, "the plan resolves a loop when UDP is asked for"
+        self.sockets = plan.udp_sockets
         self.events = datagram_events(events)
         self.shutdown = shutdown
-        self.factory = factory
+        self.factory = plan.loop
         self.guard = ReflectionGuard(
             config.udp_rate_per_source, config.udp_rate_total, config.udp_max_sources
         )
@@ -292,48 +282,19 @@ async def _close(
         await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
 
 
-def open_udp_socket(host: str, port: int, *, v6_only: bool = False) -> socket.socket:
-    """A non-blocking UDP socket bound to host:port; closed if that fails."""
-    # No SO_REUSEADDR: on Linux it would let a second server bind this UDP port and
-    # silently take its datagrams.
-    sock = bind_socket(host, port, socket.SOCK_DGRAM, v6_only=v6_only, label="udp ")
-    sock.setblocking(False)
-    return sock
-
-
-def open_udp_sockets(config: ServerConfig, port: int | None = None) -> list[socket.socket]:
-    """One socket per host, all on the same port (the first one picks it if it is 0)."""
-
-    def bind_one(host: str, port: int, v6_only: bool) -> socket.socket:
-        return open_udp_socket(host, port, v6_only=v6_only)
-
-    return bind_each_host(config.hosts, config.port if port is None else port, bind_one)
-
-
-def serve_udp(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    """Serve UDP echo in this thread until `shutdown` is requested (`server.run` routes
-    SIGINT/SIGTERM to it)."""
-    factory = loop_factory(config.loop)
-    UdpEchoServer(open_udp_sockets(config), config, events, shutdown, factory).serve()
+def serve_udp(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+    """Serve UDP echo on the plan's sockets in this thread until `shutdown` is requested
+    (`server.run` routes SIGINT/SIGTERM to it)."""
+    UdpEchoServer(plan, events, shutdown).serve()
 
 
 @contextlib.contextmanager
 def serving_beside_tcp(
-    config: ServerConfig, events: ServerEvents, shutdown: Shutdown
-) -> Iterator[ServerConfig]:
-    """Serve UDP echo in a thread of its own while the block serves TCP with the config it
-    is given: port 0 replaced by the port number both use. With port 0 the TCP port is
-    picked first and held (bound, not listening) until the block ends, so the TCP model
-    can bind it again. The thread has ended when the block exits."""
-    factory = loop_factory(config.loop)
-    sockets, placeholders = _bind_udp_beside_tcp(config)
-    port = sockets[0].getsockname()[1]
-    try:
-        server = UdpEchoServer(sockets, config, events, shutdown, factory)
-    except BaseException:
-        for sock in sockets + placeholders:
-            sock.close()
-        raise
+    plan: ServerPlan, events: ServerEvents, shutdown: Shutdown
+) -> Iterator[None]:
+    """Serve UDP echo in a thread of its own while the block serves TCP. The thread has
+    ended when the block exits."""
+    server = UdpEchoServer(plan, events, shutdown)
     thread = threading.Thread(target=server.serve_in_thread, name="udp-echo", daemon=True)
     thread.start()
     try:
@@ -342,28 +303,9 @@ def serving_beside_tcp(
             raise server.error
         if not server.ready.is_set():
             raise StartupError("udp echo did not start in time")
-        yield replace(config, port=port)
+        yield
     finally:
         server.stop()
         thread.join()
-        for placeholder in placeholders:
-            placeholder.close()
     if server.error is not None:
         raise server.error
-
-
-def _bind_udp_beside_tcp(config: ServerConfig) -> tuple[list[socket.socket], list[socket.socket]]:
-    """UDP sockets on the port TCP will use, and (port 0) TCP sockets holding that port."""
-    if config.port:
-        return open_udp_sockets(config), []
-    for _ in range(SHARED_PORT_ATTEMPTS):
-        placeholders = open_tcp_listeners(config, listen=False)
-        try:
-            return open_udp_sockets(config, placeholders[0].getsockname()[1]), placeholders
-        except StartupError as exc:
-            for placeholder in placeholders:
-                placeholder.close()
-            cause = exc.__cause__
-            if not (isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE):
-                raise
-    raise StartupError("found no port free for both TCP and UDP")

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 from echoplex import MODELS
-from echoplex.config import ServerConfig
 from echoplex.events import ServerEvents
+from echoplex.plan import ServerPlan
 from echoplex.shutdown import Shutdown
 from echoplex.testing import check_model
 
@@ -52,10 +52,11 @@ class BrokenModel:
         self.__name__ = name
         self.damage = damage  # (chunk, first chunk?) -> what is sent back
 
-    def serve(self, config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
+    def serve(self, plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
         threads: list[threading.Thread] = []
-        with socket.create_server((config.hosts[0], config.port)) as listener:
-            events.listening([listener.getsockname()])
+        with plan.listeners as listeners:
+            (listener,) = listeners
+            events.listening(listeners.addresses)
             while not shutdown.requested:
                 ready, _, _ = select.select([listener.fileno(), shutdown.fileno()], [], [])
                 if listener.fileno() in ready:

@@ -52,7 +52,7 @@ def config(**limits: Any) -> ServerConfig:
 
 
 def test_deadlines_without_limits_block_forever() -> None:
-    deadlines = Deadlines(config(), opened_at=0)
+    deadlines = Deadlines(limits(), opened_at=0)
     assert deadlines.for_read().timeout_s is None
     assert deadlines.for_send().timeout_s is None
 
@@ -60,7 +60,7 @@ def test_deadlines_without_limits_block_forever() -> None:
 def test_lifetime_shortens_the_idle_and_send_waits() -> None:
     clock = FakeClock()
     deadlines = Deadlines(
-        config(idle_timeout_s=10, send_timeout_s=5, max_lifetime_s=30),
+        limits(idle_timeout_s=10, send_timeout_s=5, max_lifetime_s=30),
         opened_at=clock.now,
         clock=clock,
     )

@@ -8,13 +8,13 @@ happen every time.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from echoplex import QuietEvents, ServerConfig, Shutdown
 from echoplex.models.workers import _Supervisor
+from echoplex.plan import load_model, resolve
 
 # No process has a pid above pid_max, so signalling this one is a harmless ESRCH.
 NO_SUCH_PID = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
@@ -52,8 +52,9 @@ def test_stop_returns_as_soon_as_the_last_worker_is_gone() -> None:
     # runs into the test's watchdog. Before the fix it looked once to decide to wait and
     # again to list what to wait on; the worker exited in between, and it waited on the
     # shutdown socket alone until the grace ran out.
-    config = replace(ServerConfig(), drain_timeout_s=3600.0)
-    supervisor = _Supervisor(config, QuietEvents(), [])
+    config = ServerConfig(mode="workers", port=0, drain_timeout_s=3600.0)
+    plan = resolve(config, load_model(config.mode))
+    supervisor = _Supervisor(plan, QuietEvents())
     # Looks: signalling the workers, deciding to wait; gone from the next look on.
     worker = ExitsBetweenLooks(looks=2)
     supervisor.workers[0] = (worker, 0.0)  # type: ignore[assignment]
@@ -66,3 +67,4 @@ def test_stop_returns_as_soon_as_the_last_worker_is_gone() -> None:
     finally:
         shutdown.close()
         worker.close()
+        plan.close()

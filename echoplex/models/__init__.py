@@ -1,47 +1,40 @@
-"""The concurrency models, by name. Each is one module exposing the same function:
+"""The concurrency models, by name: the registry `echoplex serve --mode` chooses from.
 
-    serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None
+Each model is one module exposing the same function (`echoplex.plan.Model`):
 
-It binds its listener(s), calls `events.listening(...)` once it accepts, echoes
-until `shutdown` is requested, drains for `config.drain_timeout_s`, and returns.
-Modules are imported only when chosen, so optional dependencies stay optional.
+    serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None
+
+It serves the plan's listeners, calls `events.listening(...)` once it accepts, echoes
+until `shutdown` is requested, drains for `plan.drain_timeout_s`, and returns. A new
+model is one module here plus one line below; `echoplex.testing.check_model` checks it.
+Modules are imported only when chosen, so optional dependencies stay optional, and this
+registry imports nothing, so any layer may read it.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Protocol
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from ..config import ServerConfig
-    from ..events import ServerEvents
-    from ..shutdown import Shutdown
 
-MODELS: dict[str, str] = {
-    "simple": "echoplex.models.simple",
-    "threads": "echoplex.models.threads",
-    "pool": "echoplex.models.pool",
-    "asyncio": "echoplex.models.asyncio_",
-    "workers": "echoplex.models.workers",
+class ModelEntry(NamedTuple):
+    module: str
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {
+    "simple": ModelEntry(
+        "echoplex.models.simple", "one client at a time (the tutorial's first server)"
+    ),
+    "threads": ModelEntry(
+        "echoplex.models.threads", "a thread per connection (the tutorial's second server)"
+    ),
+    "pool": ModelEntry(
+        "echoplex.models.pool",
+        "a fixed pool of worker threads serves every connection that is ready",
+    ),
+    "asyncio": ModelEntry("echoplex.models.asyncio_", "one event loop (uvloop when installed)"),
+    "workers": ModelEntry(
+        "echoplex.models.workers",
+        "one asyncio process per CPU on SO_REUSEPORT listeners, supervised",
+    ),
 }
-
-DESCRIPTIONS: dict[str, str] = {
-    "simple": "one client at a time (the tutorial's first server)",
-    "threads": "a thread per connection (the tutorial's second server)",
-    "pool": "a fixed pool of worker threads serves every connection that is ready",
-    "asyncio": "one event loop (uvloop when installed)",
-    "workers": "one asyncio process per CPU on SO_REUSEPORT listeners, supervised",
-}
-
-
-class Model(Protocol):
-    def serve(self, config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None: ...
-
-
-def load_model(name: str) -> Model:
-    try:
-        module_name = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown mode {name!r} (choose from {', '.join(MODELS)})") from None
-    module: Model = importlib.import_module(module_name)
-    return module

@@ -23,14 +23,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from .. import tls
-from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
+from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
-from .._proxy_accept import ProxyGate
-from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
-from ..limits import Admission, Deadlines
+from ..lifecycle import Connections, Step, handshake_outcome
+from ..limits import Deadlines
 from ..outcomes import Outcome, outcome_of
+from ..plan import ServerPlan
 from ..shutdown import Shutdown, wait_until
 from . import _splice
 
@@ -49,21 +48,15 @@ an outcome to stop with."""
 class BlockingServer:
     """Accepting, serving and draining connections on blocking sockets."""
 
-    def __init__(self, config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-        self.config = config
+    def __init__(self, plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+        self.plan = plan
         self.events = events
         self.shutdown = shutdown
-        self.admission = Admission.from_config(config)
-        self.tls = tls.server_context(config)
-        self.proxy = ProxyGate(config, self.admission, events)
-        # Every connection accepted and not yet closed (the plain socket, also under TLS),
-        # so that a drain can wait for them and then cut them off.
-        self._open: dict[ConnectionRecord, socket.socket] = {}
-        self._lock = threading.Lock()
+        self.connections: Connections[socket.socket] = Connections(plan, events, _shut_down)
 
     def accept(self, listeners: Listeners) -> Iterator[tuple[socket.socket, ConnectionRecord]]:
         """Yield admitted, tuned, blocking connections until a stop is requested."""
-        acceptor = Acceptor(self.admission, self.events, self.proxy.is_proxy)
+        acceptor = self.connections.acceptor()
         try:
             with selectors.DefaultSelector() as selector:
                 for listener in listeners:
@@ -78,10 +71,7 @@ class BlockingServer:
                         admitted, back_off = acceptor.accept_ready(key.fileobj)  # type: ignore[arg-type]
                         for conn, peer in admitted:
                             conn.setblocking(True)
-                            record = ConnectionRecord(peer)
-                            with self._lock:
-                                self._open[record] = conn
-                            yield conn, record
+                            yield conn, self.connections.admitted(peer, conn)
                         if back_off:
                             self.shutdown.wait(ACCEPT_BACKOFF_S)
         finally:
@@ -90,68 +80,37 @@ class BlockingServer:
     def serve(
         self, conn: socket.socket, record: ConnectionRecord, read_gate: ReadGate | None = None
     ) -> None:
-        """Serve one admitted connection to the end, report it, close it whatever happens.
-
-        An unexpected exception is logged once, with its traceback, and ends this
-        connection alone.
-        """
+        """Serve one admitted connection to the end, report it, close it whatever happens."""
+        connections = self.connections
         over_tls: ssl.SSLSocket | None = None
         try:
-            if self.proxy.expects_header(record):
-                self.proxy.read_blocking(conn, record)
-            if self.tls is not None and record.outcome is None:
-                over_tls = self._handshake(conn, record)
-            if record.outcome is None:
-                self.events.connection_opened(record)
-                echo_until_closed(over_tls or conn, record, self.config, self.events, read_gate)
+            for step in connections.steps(record):
+                if step is Step.PROXY_HEADER:
+                    connections.proxy.read_blocking(conn, record)
+                elif step is Step.TLS_HANDSHAKE:
+                    over_tls = self._handshake(conn, record)
+                else:
+                    connections.opened(record)
+                    echo_until_closed(over_tls or conn, record, self.plan, self.events, read_gate)
         except Exception:
-            self.failed(record)
+            connections.failed(record)
         finally:
             if over_tls is not None:
                 over_tls.close()
-            self.close(conn, record)
-
-    @staticmethod
-    def failed(record: ConnectionRecord) -> None:
-        record.finish(Outcome.ERROR, "handler")
-        log.exception("unexpected error serving %s; closing that connection", record.peer)
-
-    def close(self, conn: socket.socket, record: ConnectionRecord) -> None:
-        """Close an admitted connection, give back its slot and report it: once, last."""
-        with self._lock:
-            del self._open[record]  # before close(): its descriptor number may be reused
-        conn.close()
-        self.admission.release(client_ip(record.peer))
-        self.events.connection_closed(record)
-
-    def cut_off(self, record: ConnectionRecord, outcome: Outcome) -> None:
-        """End an open connection from another thread, as `outcome`: shut it down, so
-        whoever serves it (blocked in recv or send, or about to be) finds it ended at
-        once and closes it. Under the lock, an open connection's socket is not closed
-        under us: `close` takes it off the record first."""
-        with self._lock:
-            conn = self._open.get(record)
-            if conn is None:
-                return  # closed already
-            record.finish(outcome)
-            with contextlib.suppress(OSError):  # the client is gone already
-                conn.shutdown(socket.SHUT_RDWR)
+            connections.closed(record, conn.close)
 
     def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> ssl.SSLSocket | None:
         """The TLS session over `conn`, or None with the record saying why there is none.
 
         A duplicate of the socket is wrapped: a wrap that fails part-way (a client that
         resets at once) has already taken the descriptor of the socket it was given, and
-        `conn` must keep its own until `close`."""
-        assert self.tls is not None
-        conn.settimeout(self.config.tls_handshake_timeout_s)
+        `conn` must keep its own until it is closed."""
+        assert self.plan.tls is not None
+        conn.settimeout(self.plan.config.tls_handshake_timeout_s)
         try:
-            wrapped = self.tls.wrap_socket(conn.dup(), server_side=True)
-        except TimeoutError:
-            record.finish(Outcome.TLS_HANDSHAKE_TIMEOUT)
-            return None
-        except (ssl.SSLError, OSError):
-            record.finish(Outcome.TLS_HANDSHAKE_FAILED)
+            wrapped = self.plan.tls.wrap_socket(conn.dup(), server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            record.finish(*handshake_outcome(exc))
             return None
         wrapped.settimeout(None)
         return wrapped
@@ -161,7 +120,7 @@ class BlockingServer:
     ) -> None:
         """Accept on this thread and `hand_off` each connection (to a new thread, to a
         pool); on a stop, close the listeners and drain."""
-        with Listeners.open(self.config) as listeners:
+        with self.plan.listeners as listeners:
             self.events.listening(listeners.addresses)
             for conn, record in self.accept(listeners):
                 hand_off(conn, record)
@@ -170,34 +129,39 @@ class BlockingServer:
 
     def drain(self) -> None:
         """Let open connections finish until the drain deadline, then cut off the rest."""
-        drain_timeout_s = self.config.drain_timeout_s
-        if self.shutdown.wait_drained(drain_timeout_s, lambda: not self._open):
+        connections = self.connections
+        if self.shutdown.wait_drained(self.plan.drain_timeout_s, lambda: not connections.count):
             return
-        with self._lock:
-            left = list(self._open)
+        left = connections.cut_off_all(Outcome.DRAINED)
         if left:
-            log.info("drain timeout: closing %d open connection(s)", len(left))
-        for record in left:
-            self.cut_off(record, Outcome.DRAINED)
+            log.info("drain timeout: closing %d open connection(s)", left)
         # Give the cut-off threads a moment to close and report their connections.
         grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
-        wait_until(lambda: not self._open, lambda: grace_ends)
+        wait_until(lambda: not connections.count, lambda: grace_ends)
+
+
+def _shut_down(conn: socket.socket) -> None:
+    """Cut a connection off from another thread: whoever serves it (blocked in recv or
+    send, or about to be) finds it ended at once, and closes it."""
+    with contextlib.suppress(OSError):  # the client is gone already
+        conn.shutdown(socket.SHUT_RDWR)
 
 
 def echo_until_closed(
     conn: socket.socket,
     record: ConnectionRecord,
-    config: ServerConfig,
+    plan: ServerPlan,
     events: ServerEvents,
     read_gate: ReadGate | None = None,
 ) -> None:
     """Echo every byte back until the client closes; `record.finish()` says how it ended."""
+    config = plan.config
     # Anonymous mmap, not bytearray: its pages cost memory only once written, so an idle
     # connection (or one sending small messages) holds a page or two, not 64 KiB.
     buffer = mmap.mmap(-1, min(config.recv_bytes, config.max_buffer_bytes))
     view = memoryview(buffer)
     log_data = config.log_data
-    deadlines = Deadlines(config, record.opened_at)
+    deadlines = Deadlines(plan.limits, record.opened_at)
     # Idle and send timeouts are the same for every call: the kernel enforces them
     # (SO_RCVTIMEO, SO_SNDTIMEO), so a chunk costs one recv and one send, with no poll
     # before each. Only a lifetime limit, which shrinks as the connection ages, needs

@@ -21,35 +21,33 @@ import ssl
 import time
 from typing import Any, cast
 
-from .. import tls
-from .._accept import ACCEPT_BACKOFF_S, Acceptor, client_ip
+from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
-from .._proxy_accept import ProxyGate
-from ..config import ServerConfig
-from ..events import ConnectionRecord, ServerEvents
-from ..limits import Admission, ProgressWatch, TimeLimits
-from ..loops import loop_factory
+from ..events import ServerEvents
+from ..lifecycle import Connections, Step, handshake_outcome
+from ..limits import Admission, ProgressWatch
 from ..outcomes import Outcome, outcome_of
+from ..plan import ServerPlan
 from ..shutdown import Shutdown
 
 log = logging.getLogger("echoplex.server")
 
 
+RUNS_EVENT_LOOP = True
+
+
 class _Server:
-    """What every connection's protocol shares: config, reporting, limits, open set."""
+    """What every connection's protocol shares: reporting, limits, the open connections."""
 
-    def __init__(self, config: ServerConfig, events: ServerEvents, admission: Admission) -> None:
-        self.config = config
+    def __init__(self, plan: ServerPlan, events: ServerEvents, admission: Admission) -> None:
+        self.plan = plan
         self.events = events
-        self.admission = admission
-        self.limits = TimeLimits.from_config(config)
-        self.open: set[EchoProtocol] = set()
+        self.limits = plan.limits
+        self.connections: Connections[EchoProtocol] = Connections(
+            plan, events, EchoProtocol.cut_off, admission
+        )
         self.changed = asyncio.Event()
-
-    def closed(self, protocol: EchoProtocol) -> None:
-        self.open.discard(protocol)
-        self.admission.release(client_ip(protocol.record.peer))
-        self.changed.set()
+        self.connections.on_change = self.changed.set
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -58,19 +56,19 @@ class EchoProtocol(asyncio.Protocol):
     def __init__(self, server: _Server, peer: Any) -> None:
         self.server = server
         self.received = 0  # here, not on the record: one attribute less per chunk
-        self.record = ConnectionRecord(peer)
+        self.transport: asyncio.Transport | None = None
+        self.record = server.connections.admitted(peer, self)
         self.watch = ProgressWatch(self.record.opened_at)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
-        max_buffer = self.server.config.max_buffer_bytes
+        max_buffer = self.server.plan.config.max_buffer_bytes
         self.transport.set_write_buffer_limits(high=max_buffer, low=max_buffer // 4)
-        self.server.open.add(self)
-        self.server.events.connection_opened(self.record)
+        self.server.connections.opened(self.record)
 
     def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
+        self.transport.write(data)  # type: ignore[union-attr]
         self.received += len(data)
 
     def eof_received(self) -> bool:
@@ -79,27 +77,28 @@ class EchoProtocol(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
-        self.transport.pause_reading()
+        self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
-        self.transport.resume_reading()
+        self.transport.resume_reading()  # type: ignore[union-attr]
 
     def connection_lost(self, exc: Exception | None) -> None:
         record = self.record
         record.bytes_in = self.received
         # Closed cleanly, the transport wrote out every byte it was handed first. (No
-        # transport at all: the connection failed before it was made.)
-        transport = getattr(self, "transport", None)
+        # transport at all: the connection ended before it was made.)
+        transport = self.transport
         unsent = 0 if exc is None or transport is None else transport.get_write_buffer_size()
         record.bytes_out = max(0, self.received - unsent)
-        self.record.finish(*outcome_of(exc))
-        self.server.closed(self)
-        self.server.events.connection_closed(self.record)
+        record.finish(*outcome_of(exc))
+        self.server.connections.closed(record, lambda: None)  # the transport has closed it
 
-    def end(self, outcome: Outcome) -> None:
-        """Close for a limit or a drain: gracefully if nothing is waiting to be sent."""
-        self.record.finish(outcome)
-        if outcome == Outcome.IDLE_TIMEOUT:
+    def cut_off(self) -> None:
+        """End it for a limit or a drain: gracefully if nothing is waiting to be sent.
+        (Not made yet, it is still in its PROXY or TLS step, which has its own deadline.)"""
+        if self.transport is None:
+            return
+        if self.record.outcome == Outcome.IDLE_TIMEOUT:
             self.transport.close()
         else:
             self.transport.abort()
@@ -116,62 +115,54 @@ class DataLoggingEchoProtocol(EchoProtocol):
         super().data_received(data)
 
 
-def serve(
-    config: ServerConfig,
+def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+    serve_on(plan.listeners, plan, events, shutdown, plan.admission)
+
+
+def serve_on(
+    listeners: Listeners,
+    plan: ServerPlan,
     events: ServerEvents,
     shutdown: Shutdown,
-    *,
-    listeners: Listeners | None = None,
-    admission: Admission | None = None,
+    admission: Admission,
 ) -> None:
-    """Serve on `listeners` (by default, those the config asks for) until stopped, counting
-    connections against the limits in `admission` (by default, this process's own)."""
-    factory = loop_factory(config.loop)
-    context = tls.server_context(config)
-    listeners = listeners or Listeners.open(config)
-    admission = admission or Admission.from_config(config)
-    with listeners, asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(_serve(listeners, context, config, events, shutdown, admission))
+    """Serve on `listeners` until stopped, counting connections in `admission` (this
+    process's own, or a `workers` server's shared table)."""
+    assert plan.loop is not None, "the plan resolves a loop for this model"
+    with listeners, asyncio.Runner(loop_factory=plan.loop) as runner:
+        runner.run(_serve(listeners, plan, events, shutdown, admission))
 
 
 async def _serve(
     listeners: Listeners,
-    tls_context: ssl.SSLContext | None,
-    config: ServerConfig,
+    plan: ServerPlan,
     events: ServerEvents,
     shutdown: Shutdown,
     admission: Admission,
 ) -> None:
     loop = asyncio.get_running_loop()
-    server = _Server(config, events, admission)
-    proxy = ProxyGate(config, server.admission, events)
-    acceptor = Acceptor(server.admission, events, proxy.is_proxy)
-    protocol_class = DataLoggingEchoProtocol if config.log_data else EchoProtocol
+    server = _Server(plan, events, admission)
+    connections = server.connections
+    acceptor = connections.acceptor()
+    protocol_class = DataLoggingEchoProtocol if plan.config.log_data else EchoProtocol
     stop_wakeup = asyncio.Event()
     adopting: set[asyncio.Task[None]] = set()
-    handshake_timeout_s = config.tls_handshake_timeout_s if tls_context else None
 
     async def adopt(conn: socket.socket, peer: Any) -> None:
         protocol = protocol_class(server, peer)
+        record = protocol.record
         conn.setblocking(False)
-        if proxy.expects_header(protocol.record) and not await proxy.read(conn, protocol.record):
+        context = None
+        for step in connections.steps(record):
+            if step is Step.PROXY_HEADER:
+                await connections.proxy.read(conn, record)
+            elif step is Step.TLS_HANDSHAKE:
+                context = plan.tls  # the loop does the handshake as it takes the socket
+            else:
+                await _connect(loop, protocol, conn, context, plan.config.tls_handshake_timeout_s)
+        if record.outcome is not None and protocol.transport is None:
             conn.close()
             protocol.connection_lost(None)
-            return
-        try:
-            await loop.connect_accepted_socket(
-                lambda: protocol, conn, ssl=tls_context, ssl_handshake_timeout=handshake_timeout_s
-            )
-        except (OSError, ssl.SSLError) as exc:
-            # Gone before the loop took it, or (TLS) a handshake that failed or timed out:
-            # dropped, but not a server error.
-            if tls_context is not None:
-                timed_out = isinstance(exc, ConnectionAbortedError | TimeoutError)
-                protocol.record.finish(
-                    Outcome.TLS_HANDSHAKE_TIMEOUT if timed_out else Outcome.TLS_HANDSHAKE_FAILED
-                )
-            conn.close()
-            protocol.connection_lost(None if tls_context else exc)
 
     def on_acceptable(listener: socket.socket) -> None:
         admitted, back_off = acceptor.accept_ready(listener)
@@ -208,7 +199,7 @@ async def _serve(
         events.stopping()
         if adopting:
             await asyncio.wait(adopting)
-        await _drain(server, stop_wakeup, config, shutdown)
+        await _drain(server, stop_wakeup, plan.drain_timeout_s, shutdown)
     finally:
         if sweeper is not None:
             sweeper.cancel()
@@ -219,21 +210,44 @@ async def _serve(
         loop.remove_reader(shutdown.fileno())
 
 
+async def _connect(
+    loop: asyncio.AbstractEventLoop,
+    protocol: EchoProtocol,
+    conn: socket.socket,
+    context: ssl.SSLContext | None,
+    handshake_timeout_s: float,
+) -> None:
+    """Hand the socket to the loop (through a TLS handshake with `context`); the record
+    says why if that failed."""
+    try:
+        await loop.connect_accepted_socket(
+            lambda: protocol,
+            conn,
+            ssl=context,
+            ssl_handshake_timeout=handshake_timeout_s if context else None,
+        )
+    except (OSError, ssl.SSLError) as exc:
+        # Gone before the loop took it, or a handshake that failed or timed out.
+        protocol.record.finish(*(handshake_outcome(exc) if context else outcome_of(exc)))
+
+
 async def _sweep_limits(server: _Server, interval_s: float) -> None:
     """End connections whose idle, send or lifetime limit has run out."""
     limits = server.limits
     while True:
         await asyncio.sleep(interval_s)
         now = time.monotonic()
-        for protocol in list(server.open):
+        for protocol in server.connections.handles():
+            if protocol.transport is None:
+                continue  # not made yet: its PROXY or TLS step has a deadline of its own
             pending = protocol.transport.get_write_buffer_size()
             outcome = protocol.watch.check(limits, protocol.received, pending, now)
             if outcome is not None:
-                protocol.end(outcome)
+                server.connections.cut_off(protocol.record, outcome)
 
 
 async def _drain(
-    server: _Server, stop_wakeup: asyncio.Event, config: ServerConfig, shutdown: Shutdown
+    server: _Server, stop_wakeup: asyncio.Event, drain_timeout_s: float, shutdown: Shutdown
 ) -> None:
     """Wait for open connections to end until the deadline, then abort the rest."""
 
@@ -251,16 +265,16 @@ async def _drain(
                 waiter.cancel()
         stop_wakeup.clear()
 
-    while server.open:
-        left_s = shutdown.drain_deadline(config.drain_timeout_s) - time.monotonic()
+    connections = server.connections
+    while connections.count:
+        left_s = shutdown.drain_deadline(drain_timeout_s) - time.monotonic()
         if left_s <= 0:
             break
         await next_change(left_s)
-    for protocol in list(server.open):
-        protocol.end(Outcome.DRAINED)
+    connections.cut_off_all(Outcome.DRAINED)
     # connection_lost runs on a later loop iteration; let the aborted ones report.
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(1.0):
-            while server.open:
+            while connections.count:
                 server.changed.clear()
                 await server.changed.wait()

@@ -34,13 +34,15 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from typing import cast
 
-from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
-from ..limits import ProgressWatch, TimeLimits
+from ..lifecycle import Step, handshake_outcome
+from ..limits import ProgressWatch
 from ..outcomes import Outcome, outcome_of
+from ..plan import ServerPlan
 from ..proxy_protocol import ProxyHeaderReader
 from ..shutdown import Shutdown
 from ._blocking import BlockingServer, small_thread_stacks
@@ -73,16 +75,28 @@ class TlsSession:
 class PooledConnection:
     """One connection's state between turns: where it is in its life, and owed echo."""
 
-    __slots__ = ("cut", "header", "opened", "owed", "owed_plain", "record", "sock", "tls", "watch")
+    __slots__ = (
+        "cut",
+        "header",
+        "owed",
+        "owed_plain",
+        "record",
+        "sock",
+        "step",
+        "steps",
+        "tls",
+        "watch",
+    )
 
     def __init__(
-        self, sock: socket.socket, record: ConnectionRecord, *, header: bool, tls: TlsSession | None
+        self, sock: socket.socket, record: ConnectionRecord, steps: Iterator[Step]
     ) -> None:
         self.sock = sock
         self.record = record
-        self.header = ProxyHeaderReader() if header else None  # a PROXY header is due
-        self.tls = tls
-        self.opened = False
+        self.steps = steps
+        self.step: Step | None = None
+        self.header: ProxyHeaderReader | None = None  # while the PROXY header is read
+        self.tls: TlsSession | None = None  # from the TLS handshake on
         # Bytes for the wire the client has not taken yet (echo, or TLS records); while
         # any wait, the connection is not read. `owed_plain`: echoed bytes among them.
         self.owed = b""
@@ -90,29 +104,27 @@ class PooledConnection:
         self.watch = ProgressWatch(record.opened_at)
         self.cut = False  # cut off by the sweeper already: not again
 
-    @property
-    def handshaking(self) -> bool:
-        return self.header is not None or (self.tls is not None and self.tls.handshaking)
-
 
 class ConnectionPool:
     """The epoll set, the worker threads and, if any limit is set, the limit sweeper."""
 
     def __init__(self, server: BlockingServer, threads: int) -> None:
         self.server = server
-        self.config = server.config
+        self.connections = server.connections
+        self.plan = server.plan
+        self.config = server.plan.config
         self.events = server.events
-        self.limits = TimeLimits.from_config(self.config)
+        self.limits = server.plan.limits
         self.epoll = select.epoll()
-        self.connections: dict[int, PooledConnection] = {}
+        self.by_fd: dict[int, PooledConnection] = {}
         # Level-triggered and never read: once written, every worker's wait returns.
         self._stop_reader, self._stop_writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.epoll.register(self._stop_reader, READABLE)
         self._stopped = threading.Event()
         self._chunk_bytes = min(self.config.recv_bytes, self.config.max_buffer_bytes)
         self._sweep_interval_s = self.limits.sweep_interval_s(
-            *([self.config.proxy_header_timeout_s] if self.server.proxy.networks else []),
-            *([self.config.tls_handshake_timeout_s] if self.server.tls else []),
+            *([self.config.proxy_header_timeout_s] if server.connections.proxy.networks else []),
+            *([self.config.tls_handshake_timeout_s] if self.plan.tls else []),
         )
         self._threads = [
             threading.Thread(target=self._work, name=f"echo-pool-{index}", daemon=True)
@@ -131,11 +143,10 @@ class ConnectionPool:
     def add(self, sock: socket.socket, record: ConnectionRecord) -> None:
         """Take an admitted connection; the workers serve it from now on."""
         sock.setblocking(False)
-        header = self.server.proxy.expects_header(record)
-        session = TlsSession(self.server.tls) if self.server.tls is not None else None
-        connection = PooledConnection(sock, record, header=header, tls=session)
+        connection = PooledConnection(sock, record, self.connections.steps(record))
+        self._advance(connection)
         fd = sock.fileno()
-        self.connections[fd] = connection
+        self.by_fd[fd] = connection
         self.epoll.register(fd, READABLE | select.EPOLLONESHOT)
 
     def close(self) -> None:
@@ -145,7 +156,7 @@ class ConnectionPool:
         for thread in self._threads:
             if thread.ident is not None:
                 thread.join()
-        for connection in list(self.connections.values()):  # none, unless the drain gave up
+        for connection in list(self.by_fd.values()):  # none, unless the drain gave up
             connection.record.finish(Outcome.DRAINED)
             self._end(connection)
         self.epoll.close()
@@ -169,7 +180,7 @@ class ConnectionPool:
                     for fd, _ in self.epoll.poll(-1, 1):
                         if fd == self._stop_reader:
                             return
-                        self._take_turn(self.connections[fd], buffer, view)
+                        self._take_turn(self.by_fd[fd], buffer, view)
             finally:
                 view.release()
 
@@ -179,14 +190,14 @@ class ConnectionPool:
         try:
             wait_for = self._turn(connection, buffer, view)
         except Exception:
-            self.server.failed(connection.record)
+            self.connections.failed(connection.record)
             wait_for = None
         try:
             if wait_for is not None:
                 self.epoll.modify(connection.sock.fileno(), wait_for | select.EPOLLONESHOT)
                 return
         except OSError:  # not expected: end this connection, not the worker
-            self.server.failed(connection.record)
+            self.connections.failed(connection.record)
         try:
             self._end(connection)
         except Exception:
@@ -197,8 +208,8 @@ class ConnectionPool:
         record.bytes_out = record.bytes_in - connection.owed_plain
         fd = connection.sock.fileno()
         self.epoll.unregister(fd)
-        del self.connections[fd]  # before close(): its descriptor number may be reused
-        self.server.close(connection.sock, record)
+        del self.by_fd[fd]  # before close(): its descriptor number may be reused
+        self.connections.closed(record, connection.sock.close)
 
     def _turn(
         self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview
@@ -210,20 +221,15 @@ class ConnectionPool:
         try:
             if connection.owed and not self._flush(connection):
                 return WRITABLE
-            if connection.header is not None:
-                taken = self.server.proxy.read_ready(connection.sock, record, connection.header)
-                if taken is None:
-                    return READABLE
-                if not taken:
-                    return None
-                connection.header = None
-            if connection.tls is not None and connection.tls.handshaking:
-                wait_for = self._handshake(connection)
-                if wait_for is not None or record.outcome is not None:
+            while connection.step is not Step.ECHO:
+                if connection.step is Step.PROXY_HEADER:
+                    wait_for = self._read_header(connection)
+                else:
+                    wait_for = self._handshake(connection)
+                if wait_for is not None:
                     return wait_for
-            if not connection.opened:
-                connection.opened = True
-                self.events.connection_opened(record)
+                if not self._advance(connection):
+                    return None
             return self._echo(connection, buffer, view)
         except BlockingIOError:
             return READABLE  # only reads get this far: a send that would block is owed
@@ -250,9 +256,31 @@ class ConnectionPool:
         connection.owed, connection.owed_plain = data, plain_bytes
         return self._flush(connection)
 
+    def _advance(self, connection: PooledConnection) -> bool:
+        """On to the connection's next step; False if it has none left (it ended)."""
+        step = connection.step = next(connection.steps, None)
+        if step is Step.PROXY_HEADER:
+            connection.header = ProxyHeaderReader()
+        elif step is Step.TLS_HANDSHAKE:
+            assert self.plan.tls is not None
+            connection.header = None
+            connection.tls = TlsSession(self.plan.tls)
+        elif step is Step.ECHO:
+            connection.header = None
+            self.connections.opened(connection.record)
+        return step is not None
+
+    def _read_header(self, connection: PooledConnection) -> int | None:
+        """The PROXY header step: the event to wait for, or None once it is done (or
+        failed, with the record saying so)."""
+        assert connection.header is not None
+        proxy = self.connections.proxy
+        taken = proxy.read_ready(connection.sock, connection.record, connection.header)
+        return READABLE if taken is None else None
+
     def _handshake(self, connection: PooledConnection) -> int | None:
-        """TLS handshake steps: the event to wait for, or None once done (or failed, with
-        the record saying so)."""
+        """The TLS handshake step: the event to wait for, or None once it is done (or
+        failed, with the record saying so)."""
         session = connection.tls
         assert session is not None
         while True:
@@ -261,8 +289,8 @@ class ConnectionPool:
                 session.handshaking = False
             except ssl.SSLWantReadError:
                 pass
-            except (ssl.SSLError, OSError):
-                connection.record.finish(Outcome.TLS_HANDSHAKE_FAILED)
+            except (ssl.SSLError, OSError) as exc:
+                connection.record.finish(*handshake_outcome(exc))
                 return None
             try:
                 if not self._owe(connection, session.outgoing.read(), 0):
@@ -272,11 +300,11 @@ class ConnectionPool:
                 ciphertext = connection.sock.recv(self._chunk_bytes)
             except BlockingIOError:
                 return READABLE
-            except OSError:
-                connection.record.finish(Outcome.TLS_HANDSHAKE_FAILED)
+            except OSError as exc:
+                connection.record.finish(*handshake_outcome(exc))
                 return None
             if not ciphertext:
-                connection.record.finish(Outcome.TLS_HANDSHAKE_FAILED)
+                connection.record.finish(*handshake_outcome(EOFError()))
                 return None
             session.incoming.write(ciphertext)
 
@@ -346,26 +374,26 @@ class ConnectionPool:
         """Cut off connections whose time limit, or handshake deadline, has run out."""
         while not self._stopped.wait(self._sweep_interval_s):
             now = time.monotonic()
-            for connection in list(self.connections.values()):
+            for connection in list(self.by_fd.values()):
                 outcome = self._expired(connection, now)
                 if outcome is not None and not connection.cut:
                     connection.cut = True
-                    self.server.cut_off(connection.record, outcome)
+                    self.connections.cut_off(connection.record, outcome)
 
     def _expired(self, connection: PooledConnection, now: float) -> Outcome | None:
         record = connection.record
         age_s = now - record.opened_at
-        if connection.header is not None:
+        if connection.step is Step.PROXY_HEADER:
             timed_out = age_s >= self.config.proxy_header_timeout_s
             return Outcome.PROXY_HEADER_TIMEOUT if timed_out else None
-        if connection.handshaking:
+        if connection.step is Step.TLS_HANDSHAKE:
             timed_out = age_s >= self.config.tls_handshake_timeout_s
             return Outcome.TLS_HANDSHAKE_TIMEOUT if timed_out else None
         return connection.watch.check(self.limits, record.bytes_in, len(connection.owed), now)
 
 
-def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    server = BlockingServer(config, events, shutdown)
+def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+    server = BlockingServer(plan, events, shutdown)
     # Leaving the pool stops its workers; by then the drain has closed every connection.
-    with ConnectionPool(server, config.threads) as pool:
+    with ConnectionPool(server, plan.config.threads) as pool:
         server.serve_handing_off(pool.add)

@@ -15,18 +15,17 @@ import ssl
 import time
 from functools import partial
 
-from .._net import Listeners
-from ..config import ServerConfig
 from ..events import ServerEvents
 from ..limits import Deadlines
 from ..outcomes import Outcome
+from ..plan import ServerPlan
 from ..shutdown import Shutdown
 from ._blocking import BlockingServer
 
 
-def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    server = BlockingServer(config, events, shutdown)
-    listeners = Listeners.open(config)
+def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+    server = BlockingServer(plan, events, shutdown)
+    listeners = plan.listeners
     stopped_listening = False
 
     def stop_listening() -> None:
@@ -46,7 +45,7 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
             limit = deadlines.for_read()
             timeout_s = math.inf if limit.timeout_s is None else limit.timeout_s
             outcome = limit.outcome
-            drain_left_s = shutdown.drain_deadline(config.drain_timeout_s) - time.monotonic()
+            drain_left_s = shutdown.drain_deadline(plan.drain_timeout_s) - time.monotonic()
             if drain_left_s <= 0:
                 return Outcome.DRAINED
             if drain_left_s <= timeout_s:
@@ -67,6 +66,6 @@ def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> Non
     try:
         events.listening(listeners.addresses)
         for conn, record in server.accept(listeners):
-            server.serve(conn, record, partial(read_gate, Deadlines(config, record.opened_at)))
+            server.serve(conn, record, partial(read_gate, Deadlines(plan.limits, record.opened_at)))
     finally:
         stop_listening()

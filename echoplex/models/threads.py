@@ -9,14 +9,14 @@ from __future__ import annotations
 import socket
 import threading
 
-from ..config import ServerConfig
 from ..events import ConnectionRecord, ServerEvents
+from ..plan import ServerPlan
 from ..shutdown import Shutdown
 from ._blocking import BlockingServer, small_thread_stacks
 
 
-def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    server = BlockingServer(config, events, shutdown)
+def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+    server = BlockingServer(plan, events, shutdown)
 
     def start_thread(conn: socket.socket, record: ConnectionRecord) -> None:
         threading.Thread(target=server.serve, args=(conn, record), daemon=True).start()

@@ -5,7 +5,7 @@ connections over the workers' accept queues (no shared accept lock, no thunderin
 herd). The parent only supervises: it restarts a worker that dies and, on a stop
 request, passes it on to every worker and waits for them to drain. With port 0 the
 parent first binds a non-listening placeholder to pick the port and keeps it for
-the server's lifetime, so restarted workers get the same one.
+the server's lifetime (`ServerPlan.reserved`), so restarted workers get the same one.
 
 `--max-connections` and `--max-per-ip` bound the whole server, not each worker: the
 workers count in one table the supervisor shares with them before forking
@@ -20,25 +20,24 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
-from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .. import tls
 from .._net import Listeners, open_tcp_listeners
 from .._shared_admission import AdmissionTable
-from ..config import ServerConfig
 from ..errors import StartupError
 from ..events import ServerEvents
-from ..loops import loop_factory
+from ..plan import ServerPlan
 from ..shutdown import Shutdown, stop_on_signals
 from . import asyncio_
 
 log = logging.getLogger("echoplex.workers")
+
+RUNS_EVENT_LOOP = True  # in each worker: the plan resolves the loop once, before forking
+LISTENER_PER_PROCESS = True
 
 # A worker that dies sooner than this after starting is restarted only after this long,
 # so a worker that cannot start does not turn into a fork loop.
@@ -66,9 +65,8 @@ class _ReadyReporter:
 
 def _worker_main(
     index: int,
-    config: ServerConfig,
+    plan: ServerPlan,
     events: ServerEvents,
-    shared: list[socket.socket],
     ready: Connection,
     table: AdmissionTable | None,
 ) -> None:
@@ -81,14 +79,18 @@ def _worker_main(
     # and skip the drain. So a worker listens to its supervisor only.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     multiprocessing.current_process().name = f"worker-{index}"
-    admission = table.admission_for(index) if table is not None else None
+    admission = table.admission_for(index) if table is not None else plan.admission
     shutdown = Shutdown()
     _stop_when_orphaned(shutdown)
     try:
         with stop_on_signals(shutdown, (signal.SIGTERM,)):
-            listeners = Listeners.open(config, shared=False, reuse_port=True, inherited=shared)
+            # Its own TCP listeners on the plan's port, beside those the supervisor shares
+            # (systemd's, the Unix socket: the supervisor alone removes the socket file).
+            config = plan.config
+            own = open_tcp_listeners(plan.hosts, plan.port, config.backlog, reuse_port=True)
+            listeners = Listeners([*plan.listeners.sockets, *own])
             reporter = _ReadyReporter(events, ready)
-            asyncio_.serve(config, reporter, shutdown, listeners=listeners, admission=admission)
+            asyncio_.serve_on(listeners, plan, reporter, shutdown, admission)
     except StartupError as exc:
         log.error("%s", exc)
         os._exit(2)
@@ -121,15 +123,11 @@ def _stop_when_orphaned(shutdown: Shutdown) -> None:
 
 class _Supervisor:
     def __init__(
-        self,
-        config: ServerConfig,
-        events: ServerEvents,
-        shared: list[socket.socket],
-        table: AdmissionTable | None = None,
+        self, plan: ServerPlan, events: ServerEvents, table: AdmissionTable | None = None
     ) -> None:
-        self.config = config
+        self.plan = plan
+        self.worker_count = plan.config.worker_count
         self.events = events
-        self.shared = shared
         self.table = table
         self.context = multiprocessing.get_context("fork")
         self.workers: dict[int, tuple[BaseProcess, float]] = {}
@@ -140,7 +138,7 @@ class _Supervisor:
         parent_end, child_end = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
-            args=(index, self.config, self.events, self.shared, child_end, self.table),
+            args=(index, self.plan, self.events, child_end, self.table),
             name=f"worker-{index}",
             daemon=False,
         )
@@ -162,7 +160,7 @@ class _Supervisor:
         return addresses
 
     def start_all(self) -> list[Any]:
-        for index in range(self.config.worker_count):
+        for index in range(self.worker_count):
             self.start(index)
         addresses: list[Any] = []
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -210,10 +208,11 @@ class _Supervisor:
         """Pass the stop on (again, if forced), wait for the drain, kill what is left."""
         self.signal_all(signal.SIGTERM)
         forwarded_force = False
-        latest_drain_end = time.monotonic() + self.config.drain_timeout_s
+        drain_timeout_s = self.plan.drain_timeout_s
+        latest_drain_end = time.monotonic() + drain_timeout_s
 
         def grace_ends() -> float:
-            drain_end = min(shutdown.drain_deadline(self.config.drain_timeout_s), latest_drain_end)
+            drain_end = min(shutdown.drain_deadline(drain_timeout_s), latest_drain_end)
             return drain_end + EXIT_GRACE_S
 
         # One look per round at who is alive, and a wait on exactly those: a worker that
@@ -246,31 +245,15 @@ class _Supervisor:
                 os.kill(process.pid, sig)  # type: ignore[arg-type]
 
 
-def serve(config: ServerConfig, events: ServerEvents, shutdown: Shutdown) -> None:
-    loop_factory(config.loop)  # fail here, once, if the loop cannot be had
-    tls.server_context(config)  # likewise for the certificate
-    # Sockets passed by systemd and the Unix socket are opened once, here, and shared.
-    with Listeners.open(config, tcp=False) as shared:
-        hosts = () if shared.from_systemd else config.hosts
-        # Hold each TCP port (bound, not listening) for the server's lifetime, so that with
-        # port 0 every worker, restarted ones too, binds the same port.
-        placeholders = open_tcp_listeners(
-            replace(config, hosts=hosts), reuse_port=True, listen=False
-        )
-        try:
-            port = placeholders[0].getsockname()[1] if placeholders else config.port
-            worker_config = replace(config, hosts=hosts, port=port)
-            table = AdmissionTable.from_config(worker_config)
-            supervisor = _Supervisor(worker_config, events, shared.sockets, table)
-            try:
-                events.listening(supervisor.start_all())
-                log.info("%d workers running", config.worker_count)
-                supervisor.supervise(shutdown)
-                events.stopping()
-            finally:
-                supervisor.stop(shutdown)
-                if table is not None:
-                    table.close()
-        finally:
-            for placeholder in placeholders:
-                placeholder.close()
+def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+    table = AdmissionTable.from_config(plan.config)
+    supervisor = _Supervisor(plan, events, table)
+    try:
+        events.listening(supervisor.start_all())
+        log.info("%d workers running", supervisor.worker_count)
+        supervisor.supervise(shutdown)
+        events.stopping()
+    finally:
+        supervisor.stop(shutdown)
+        if table is not None:
+            table.close()
