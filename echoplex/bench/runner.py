@@ -15,6 +15,7 @@ window need not line up exactly with the load generator's own measurement.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import platform
@@ -54,6 +55,12 @@ LOAD_STARTUP_S = 0.3
 CPU_WINDOW_SHARE = 0.9
 # Descriptors the bench, a server or the load generator need beyond one per connection.
 NOFILE_MARGIN = 200
+# What the bench needs beyond the standard library, by module, with the package that
+# provides it; `echoplex[bench]` installs them all. `echoplex load` records every
+# latency in an HDR histogram; the charts are drawn with matplotlib.
+LOAD_MODULES = {"hdrh": "hdrhistogram"}
+CHART_MODULES = {"matplotlib": "matplotlib"}
+INSTALL_HINT = "pip install 'echoplex[bench]'"
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,14 @@ class BenchReport:
     settings: BenchSettings
     scenarios: list[ScenarioResult] = field(default_factory=list)
     finished_at: str | None = None
+
+
+def missing_packages(charts: bool) -> list[str]:
+    """The packages a run needs (with `charts`, to draw them too) that are not installed."""
+    needed = {**LOAD_MODULES, **(CHART_MODULES if charts else {})}
+    return [
+        package for module, package in needed.items() if importlib.util.find_spec(module) is None
+    ]
 
 
 def plan_pinning(wanted: bool) -> Pinning | None:

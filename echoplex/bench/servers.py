@@ -1,7 +1,7 @@
 """The servers the bench compares, and how one is started, watched and stopped.
 
 Three kinds: `echoplex serve --mode M` for the models, the few-line reference servers
-(`baseline`), and any server a user names with `--server NAME='COMMAND {port}'`
+(`baseline`, in `baselines/`), and any server a user names with `--server NAME='COMMAND {port}'`
 (`custom`). The first two log `listening on HOST:PORT` on stderr once they accept, so
 they start on port 0 and the port is read from their log; a custom server is given a
 free port in its command and is ready once that port accepts a connection. One
@@ -33,7 +33,8 @@ from typing import IO, NoReturn, Self
 from ..models import MODELS
 from .proctree import group_pids
 
-BASELINE_DIR = Path(__file__).resolve().parents[2] / "bench"
+# In the package, so a wheel has them too; run by path, so they import nothing of ours.
+BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
 LOOPBACK = "127.0.0.1"
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 # `echoplex serve --log-level info` logs one `open PEER` line per accepted connection;
@@ -64,16 +65,17 @@ class ServerSpec:
     command: str | None = None
     """A custom server's shell command, `{port}` standing for the port the bench picks."""
     requires: tuple[str, ...] = ()
-    """Modules the server imports that may be missing (checked before starting it)."""
+    """Modules the server imports that may be missing (checked before starting it); each
+    is also the name of the echoplex extra that installs it."""
     cpus: int = 1
     """CPUs the bench pins it to when it pins: one per process that serves."""
 
     def unavailable_reason(self) -> str | None:
         for module in self.requires:
             if importlib.util.find_spec(module) is None:
-                return f"{self.name} needs {module} (pip install 'echoplex[uvloop]')"
+                return f"{self.name} needs {module}: pip install 'echoplex[{module}]'"
         if self.kind == "baseline" and not Path(self.argv[1]).is_file():
-            return f"{self.name}: {self.argv[1]} not found (run from a source checkout)"
+            return f"{self.name}: {self.argv[1]} is missing (reinstall echoplex)"
         return None
 
     def launch_argv(self, port: int) -> list[str]:
@@ -133,12 +135,14 @@ def _model_spec(name: str) -> ServerSpec:
     )
 
 
-def _baseline_spec(name: str, script: str, description: str, *requires: str) -> ServerSpec:
+def _baseline_spec(
+    name: str, description: str, script: str, *args: str, requires: tuple[str, ...] = ()
+) -> ServerSpec:
     return ServerSpec(
         name=name,
         kind="baseline",
         description=description,
-        argv=(sys.executable, str(BASELINE_DIR / script), "0"),
+        argv=(sys.executable, str(BASELINE_DIR / script), "0", *args),
         requires=requires,
     )
 
@@ -168,15 +172,16 @@ SERVERS: dict[str, ServerSpec] = {
     "workers-1": _with_workers(1),
     "workers-2": _with_workers(2),
     "ref-socketserver": _baseline_spec(
-        "ref-socketserver",
-        "baseline_socketserver.py",
-        "stdlib socketserver.ThreadingTCPServer",
+        "ref-socketserver", "stdlib socketserver.ThreadingTCPServer", "socketserver_echo.py"
     ),
     "ref-asyncio": _baseline_spec(
-        "ref-asyncio", "baseline_asyncio.py", "asyncio Protocol echo, stdlib loop"
+        "ref-asyncio", "asyncio Protocol echo, stdlib loop", "protocol_echo.py", "asyncio"
     ),
     "ref-uvloop": _baseline_spec(
-        "ref-uvloop", "baseline_uvloop.py", "asyncio Protocol echo on uvloop", "uvloop"
+        "ref-uvloop",
+        "asyncio Protocol echo on uvloop",
+        *("protocol_echo.py", "uvloop"),
+        requires=("uvloop",),
     ),
 }
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 from .._cli_util import fail, non_negative_seconds, positive_int, positive_seconds
 from ..bench import SCENARIOS, SERVERS, BenchSettings, run_bench
-from ..bench.charts import MissingDependency, check_available
 from ..bench.report import markdown, write_results
-from ..bench.runner import selected, servers_for
+from ..bench.runner import INSTALL_HINT, missing_packages, selected, servers_for
 from ..bench.scenarios import ALL
 from ..bench.servers import ServerSpec, custom_server
 
@@ -52,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--baselines",
         action="store_true",
         help="also run the reference servers: stdlib socketserver, asyncio and uvloop "
-        "Protocol echoes (bench/baseline_*.py)",
+        "Protocol echoes (echoplex/bench/baselines/; ref-uvloop only where uvloop is "
+        "installed)",
     )
     parser.add_argument(
         "--duration",
@@ -128,6 +128,11 @@ def _custom_server(text: str) -> ServerSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before anything starts: a long run must not end in a table of `-`, nor fail at
+    # the charts after it.
+    if missing := missing_packages(charts=args.out is not None):
+        verb = "is" if len(missing) == 1 else "are"
+        return fail(PROG, f"{' and '.join(missing)} {verb} not installed: {INSTALL_HINT}", 1)
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -154,14 +159,15 @@ def run(args: argparse.Namespace) -> int:
     if args.reference and args.reference not in settings.specs():
         known = ", ".join(settings.specs())
         return fail(PROG, f"--reference {args.reference}: no such server (choose from {known})")
+    # A server asked for by name must run; `--baselines` runs the ones it can, and says so.
+    for name in dict.fromkeys(
+        [*(args.models or ()), *([args.reference] if args.reference else [])]
+    ):
+        if reason := settings.specs()[name].unavailable_reason():
+            return fail(PROG, reason, 1)
     for name in settings.scenarios:
         if args.reference and args.reference not in servers_for(SCENARIOS[name], settings):
             return fail(PROG, f"--reference {args.reference} is not among the servers {name} runs")
-    if args.out is not None:
-        try:
-            check_available()  # before a long run, not after it
-        except MissingDependency as exc:
-            return fail(PROG, str(exc))
     try:
         report = run_bench(settings, command_line(args))
     except KeyboardInterrupt:

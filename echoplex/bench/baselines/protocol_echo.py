@@ -1,18 +1,18 @@
-"""Reference echo server: an asyncio Protocol on uvloop (`pip install uvloop`).
+"""Reference echo server: an asyncio Protocol whose data_received writes the data back,
+on the standard library's event loop or on uvloop (`pip install uvloop`).
 
-python bench/baseline_uvloop.py PORT      (0 = any free port)
+python protocol_echo.py PORT [asyncio|uvloop]      (0 = any free port; default asyncio)
 """
 
 import asyncio
 import logging
 import sys
 
-import uvloop
-
 
 class Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # uvloop sets TCP_NODELAY on TCP transports itself
+        # asyncio and uvloop set TCP_NODELAY on TCP transports themselves.
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[attr-defined]
@@ -28,4 +28,10 @@ async def main(port: int) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    uvloop.run(main(int(sys.argv[1])))
+    port, loop = int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "asyncio"
+    if loop == "uvloop":
+        import uvloop  # only here: the stdlib loop's server does not carry it
+
+        uvloop.run(main(port))
+    else:
+        asyncio.run(main(port))

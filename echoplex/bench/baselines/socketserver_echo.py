@@ -1,6 +1,6 @@
 """Reference echo server: the standard library's socketserver.ThreadingTCPServer.
 
-python bench/baseline_socketserver.py PORT      (0 = any free port)
+python socketserver_echo.py PORT      (0 = any free port)
 """
 
 import logging

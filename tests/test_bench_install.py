@@ -1,0 +1,174 @@
+"""`echoplex bench` as an installed package: it names the extra it lacks before starting
+anything, and its reference servers come with the wheel.
+
+Each test runs the real command under an interpreter of its own: a virtual environment
+without pip whose site-packages hold only what the test puts there (echoplex from this
+checkout or from a wheel built from it, and some of the bench's dependencies, linked
+from the environment running the tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .procs import ROOT
+
+
+def _origin(module: str) -> Path:
+    """Where an installed module lives: its package directory, or its file."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, f"{module} is not installed here"
+    origin = Path(spec.origin)
+    return origin.parent if origin.name == "__init__.py" else origin
+
+
+def _environment(path: Path, *, modules: tuple[str, ...], checkout: bool) -> Path:
+    """A venv at `path` whose site-packages holds links to `modules` and, with
+    `checkout`, this checkout's echoplex; its python."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=30
+    )
+    python = path / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    )
+    for module in modules:
+        (site / _origin(module).name).symlink_to(_origin(module))
+    if checkout:
+        (site / "echoplex-checkout.pth").write_text(f"{ROOT}\n")
+    return python
+
+
+def _run(
+    python: Path, *args: str, cwd: Path, timeout_s: float = 30
+) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    return subprocess.run(
+        [python, "-m", "echoplex", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def _importable(python: Path, module: str) -> bool:
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([python, "-c", code], timeout=30, check=False).returncode == 0
+
+
+def test_bench_names_the_extra_it_lacks_before_starting_anything(tmp_path: Path) -> None:
+    python = _environment(tmp_path / "venv", modules=(), checkout=True)
+    assert not _importable(python, "hdrh") and not _importable(python, "matplotlib")
+    result = _run(python, "bench", "--scenario", "smoke", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "echoplex bench: error: hdrhistogram is not installed: pip install 'echoplex[bench]'\n"
+    )
+    out = tmp_path / "out"
+    result = _run(python, "bench", "--scenario", "smoke", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "echoplex bench: error: hdrhistogram and matplotlib are not installed: "
+        "pip install 'echoplex[bench]'\n"
+    )
+    assert not out.exists()
+
+
+def test_a_reference_server_asked_for_by_name_needs_its_module(tmp_path: Path) -> None:
+    python = _environment(tmp_path / "venv", modules=("hdrh", "pyhdrh"), checkout=True)
+    assert not _importable(python, "uvloop")
+    for args in (
+        ("--models", "ref-asyncio,ref-uvloop"),
+        ("--reference", "ref-uvloop", "--baselines"),
+    ):
+        result = _run(python, "bench", "--scenario", "smoke", *args, cwd=tmp_path)
+        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert result.stderr == (
+            "echoplex bench: error: ref-uvloop needs uvloop: pip install 'echoplex[uvloop]'\n"
+        )
+
+
+def _wheel(tmp_path: Path) -> Path:
+    """A wheel of this checkout, built from a copy of it (the build writes beside its
+    sources, and others share this working tree)."""
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "echoplex", source / "echoplex", ignore=ignore)
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, source / name)
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (wheel,) = dist.glob("echoplex-*.whl")
+    return wheel
+
+
+@pytest.mark.timeout(120)
+def test_the_reference_servers_run_from_a_wheel(tmp_path: Path) -> None:
+    wheel = _wheel(tmp_path)
+    names = zipfile.ZipFile(wheel).namelist()
+    for script in ("socketserver_echo.py", "protocol_echo.py"):
+        assert f"echoplex/bench/baselines/{script}" in names
+    python = _environment(tmp_path / "venv", modules=("hdrh", "pyhdrh", "uvloop"), checkout=False)
+    site = python.parent.parent / "lib"
+    # Installing a pure wheel is unpacking it into site-packages.
+    (purelib,) = site.glob("python3*/site-packages")
+    zipfile.ZipFile(wheel).extractall(purelib)
+    # From elsewhere than the checkout, so only the wheel's echoplex can be imported.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _run(
+        python,
+        *("bench", "--scenario", "smoke", "--models", "ref-socketserver", "--baselines"),
+        *("--duration", "0.2", "--warmup", "0.1", "--quiet"),
+        cwd=elsewhere,
+        timeout_s=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| pingpong c=1 s=64B | ref-uvloop |" in result.stdout
+    where = subprocess.run(
+        [
+            python,
+            "-c",
+            "from echoplex.bench.servers import SERVERS; print(SERVERS['ref-asyncio'].argv[1])",
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(purelib) and Path(where).is_file()
