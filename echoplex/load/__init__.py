@@ -3,12 +3,13 @@
     from echoplex.load import LoadConfig, run
     result = run(LoadConfig(port=12345, pattern="pingpong", connections=50, duration_s=5))
 
-Modules: `config` (the one LoadConfig), `transport` (how a connection reaches the
-server: TCP, Unix socket, TLS, PROXY header, UDP), `connections` (a verifying asyncio
-Protocol per pattern), `datagrams` (the same over UDP, a datagram at a time), `engine`
-(connect, drive, watch, tally), `timer` (sub-millisecond schedule for `rate`), `result`
-(the figures), `report` (progress line, summary, JSON). Payloads come from
-`echoplex.payload`, latency percentiles from `echoplex.stats`.
+Modules: `config` (the one LoadConfig), `patterns` (the registry of traffic patterns,
+a class each), `transport` (how a connection reaches the server: TCP, Unix socket, TLS,
+PROXY header, UDP), `connections` (a verifying asyncio Protocol per pattern),
+`datagrams` (the same over UDP, a datagram at a time), `engine` (connect, drive, watch,
+tally), `timer` (sub-millisecond schedule for `rate`), `result` (the figures), `report`
+(progress line, summary, JSON). Payloads come from `echoplex.payload`, latency
+percentiles from `echoplex.stats`.
 
 The engine is imported on first use of its names: every `echoplex` command builds
 the `load` parser (which needs only `config`), and most never run a load.
@@ -19,7 +20,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import PATTERNS, LoadConfig
+from .config import LoadConfig
+from .patterns import PATTERNS, Pattern
 
 if TYPE_CHECKING:
     from .engine import LoadError, Progress, run
@@ -46,6 +48,7 @@ __all__ = [
     "LoadConfig",
     "LoadError",
     "LoadResult",
+    "Pattern",
     "Progress",
     "run",
 ]

@@ -27,24 +27,12 @@ from .._cli_util import (
 from .._net import check_host, check_unix_path
 from ..client import UDP_TIMEOUT_S
 from ..config import DEFAULT_HOST, DEFAULT_PORT, LOOPS, FromOtherSettings
+from .patterns import DEFAULT_WINDOW_BYTES, PATTERNS, UDP_PATTERNS, Pattern
 
-PATTERNS: dict[str, str] = {
-    "pingpong": "closed loop: each connection sends --size bytes, waits for all of them "
-    "back, repeats",
-    "rate": "open loop at --rate messages/s in all, sent on schedule whatever comes back; "
-    "latency from each message's intended send time",
-    "stream": "each connection keeps --window bytes in flight: bulk throughput",
-    "hold": "open -c connections, one round trip each, hold them idle for --duration, "
-    "one more round trip: how many stay alive",
-}
 MAX_CONNECTIONS = 100_000
 MAX_SIZE_BYTES = 1 << 30
 MAX_DATAGRAM_BYTES = 65_507  # the most one UDP datagram carries over IPv4
 PROXY_VERSIONS = ("v1", "v2")
-# UDP has neither a byte stream to keep a window of bytes in flight on, nor
-# connections to hold open and check later: only the message patterns apply.
-UDP_PATTERNS = ("pingpong", "rate")
-DEFAULT_WINDOW_BYTES = 256 * 1024
 DEFAULT_TIMEOUT_S = 10.0
 # The options `echoplex client` shares (`echoplex._cli_util.add_stream_transport_arguments`).
 STREAM_TRANSPORT = ("unix_path", "tls", "ca_file", "tls_insecure", "send_proxy")
@@ -81,10 +69,11 @@ class LoadConfig:
     pattern: str = option(
         "pingpong",
         "--pattern",
-        "traffic pattern (default {default}). " + described(PATTERNS),
+        "traffic pattern (default {default}). "
+        + described({name: pattern.description for name, pattern in PATTERNS.items()}),
         choices=tuple(PATTERNS),
     )
-    """A key of `PATTERNS`."""
+    """A key of `PATTERNS` (`echoplex.load.patterns`); the class is `pattern_class`."""
 
     connections: int = option(
         10,
@@ -250,18 +239,17 @@ class LoadConfig:
             where = f"{self.transport} {where}"
         return f"{where} with PROXY {self.send_proxy}" if self.send_proxy else where
 
+    @property
+    def pattern_class(self) -> type[Pattern]:
+        """The pattern `pattern` names (`echoplex.load.patterns`)."""
+        return PATTERNS[self.pattern]
+
     def __post_init__(self) -> None:
-        problems = []
         if self.window_bytes is WINDOW_FOR_STREAM:
             object.__setattr__(self, "window_bytes", DEFAULT_WINDOW_BYTES)
-        elif self.pattern != "stream" and self.window_bytes != DEFAULT_WINDOW_BYTES:
-            # Its default passes (`dataclasses.replace` hands the resolved value back).
-            problems.append("`window_bytes` applies only to `pattern` stream")
         if self.timeout_s is TIMEOUT_BY_TRANSPORT:
             object.__setattr__(self, "timeout_s", UDP_TIMEOUT_S if self.udp else DEFAULT_TIMEOUT_S)
-        if self.pattern not in PATTERNS:
-            choices = ", ".join(PATTERNS)
-            problems.append(f"unknown `pattern` {self.pattern!r} (choose from {choices})")
+        problems = self._pattern_problems()
         if not 1 <= self.port <= 65535:
             problems.append(f"`port` must be 1..65535, not {self.port}")
         if not 1 <= self.connections <= MAX_CONNECTIONS:
@@ -276,17 +264,6 @@ class LoadConfig:
             problems.append(f"`warmup_s` must be 0 seconds or more, not {self.warmup_s}")
         if not 0 < self.timeout_s < float("inf"):
             problems.append(f"`timeout_s` must be more than 0 seconds, not {self.timeout_s}")
-        if self.window_bytes < 1:
-            problems.append(f"`window_bytes` must be at least 1 byte, not {self.window_bytes}")
-        if self.pattern == "rate":
-            if self.rate_per_s is None:
-                problems.append("`pattern` rate needs `rate_per_s` MESSAGES_PER_S")
-            elif not 0 < self.rate_per_s < float("inf"):
-                problems.append(
-                    f"`rate_per_s` must be more than 0 messages/s, not {self.rate_per_s}"
-                )
-        elif self.rate_per_s is not None:
-            problems.append("`rate_per_s` applies only to `pattern` rate")
         if self.connect_rate_per_s is not None and not 0 < self.connect_rate_per_s < float("inf"):
             problems.append(
                 "`connect_rate_per_s` must be more than 0 connections/s, "
@@ -297,6 +274,19 @@ class LoadConfig:
         problems += self._transport_problems()
         if problems:
             raise ValueError(problems[0])
+
+    def _pattern_problems(self) -> list[str]:
+        pattern = PATTERNS.get(self.pattern)
+        if pattern is None:
+            choices = ", ".join(PATTERNS)
+            return [f"unknown `pattern` {self.pattern!r} (choose from {choices})"]
+        problems = []
+        for other in PATTERNS.values():
+            for setting, unused in other.own_settings.items():
+                # The unused value passes: `dataclasses.replace` hands a resolved one back.
+                if other is not pattern and getattr(self, setting) != unused:
+                    problems.append(f"`{setting}` applies only to `pattern` {other.name}")
+        return problems + pattern.problems(self)
 
     def _transport_problems(self) -> list[str]:
         problems = []
@@ -314,14 +304,10 @@ class LoadConfig:
             return problems
         if self.tls or self.unix_path is not None or self.send_proxy is not None:
             problems.append("`udp` does not go with `tls`, `unix_path` or `send_proxy`")
-        if self.pattern not in UDP_PATTERNS:
-            why = (
-                "UDP has no byte stream to keep a window of bytes in flight on"
-                if self.pattern == "stream"
-                else "UDP has no connections to hold open"
-            )
+        pattern = PATTERNS.get(self.pattern)
+        if pattern is not None and pattern.datagram_connection is None:
             problems.append(
-                f"`pattern` {self.pattern} does not go with `udp`: {why} "
+                f"`pattern` {self.pattern} does not go with `udp`: {pattern.not_over_udp} "
                 f"(use {' or '.join(UDP_PATTERNS)})"
             )
         if self.size_bytes > MAX_DATAGRAM_BYTES:

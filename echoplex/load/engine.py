@@ -39,20 +39,33 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
+from typing import Protocol, cast
 
 from ..errors import StartupError
 from ..loops import loop_factory
 from ..payload import PayloadPattern
 from ..stats import LatencyHistogram, require_hdrh
+from . import connections as stream_connections
+from . import datagrams
 from .config import LoadConfig
-from .connections import NEVER_NS, Hold, LoadConnection, PingPong, Rate, Stream, Tally
-from .datagrams import DatagramConnection, DatagramPingPong, DatagramRate
+from .connections import NEVER_NS, LoadConnection, Tally
+from .datagrams import DatagramConnection
+from .patterns import Pattern
 from .result import ConnectionFailure, LoadResult
 from .timer import PeriodicTimer
 from .transport import OpenFailed, connector_for
 
 Connection = LoadConnection | DatagramConnection
-RATE_CONNECTIONS = (Rate, DatagramRate)
+
+
+class Scheduled(Protocol):
+    """A connection of a `scheduled` pattern: it sends when the run's schedule says."""
+
+    @property
+    def alive(self) -> bool: ...
+    def schedule(self, first_ns: float, interval_ns: float) -> None: ...
+    def send_due(self) -> None: ...
+
 
 TICK_S = 0.25
 # Over UDP the watchdog is what notices a lost datagram (and lets `pingpong` send the
@@ -100,6 +113,14 @@ def run(config: LoadConfig, progress: ProgressCallback | None = None) -> LoadRes
         return runner.run(LoadRun(config, progress).run())
 
 
+def connection_class(pattern: type[Pattern], udp: bool) -> type[Connection]:
+    """The connection class `pattern` names, over UDP or a stream (see `patterns`)."""
+    name = pattern.datagram_connection if udp else pattern.connection
+    if name is None:
+        raise ValueError(f"{pattern.name} does not go with udp")  # LoadConfig refuses it
+    return cast(type[Connection], getattr(datagrams if udp else stream_connections, name))
+
+
 def _ensure_descriptors(connections: int) -> None:
     try:
         import resource
@@ -131,6 +152,9 @@ class LoadRun:
 
     def __init__(self, config: LoadConfig, progress: ProgressCallback | None = None) -> None:
         self.config = config
+        self.pattern = config.pattern_class
+        self.connection_class = connection_class(self.pattern, config.udp)
+        self.connection_arguments = self.pattern.connection_arguments(config)
         self.progress = progress
         self.payload = PayloadPattern(config.seed)
         self.tally = Tally(config)
@@ -165,7 +189,7 @@ class LoadRun:
                 await self.connector.prepare()
             except OpenFailed as exc:
                 raise LoadError(exc.summary) from None
-            hold = self._start_hold() if self.config.pattern == "hold" else None
+            hold = self._start_hold() if self.pattern.holds else None
             await self._open_all()
             result.connections_opened = sum(conn is not None for conn in self.connections)
             if hold is not None:
@@ -233,25 +257,13 @@ class LoadRun:
             limiter.release()
 
     async def _connect(self, index: int) -> None:
-        connection = self._new_connection(index)
+        connection = self.connection_class(
+            self.tally, self.payload, index, **self.connection_arguments
+        )
         await self.connector.open(connection)
         self.connections[index] = connection
-        if isinstance(connection, Hold):
+        if self.pattern.holds:
             connection.begin()  # its first round trip, at once
-
-    def _new_connection(self, index: int) -> Connection:
-        pattern = self.config.pattern
-        if self.config.udp:  # the config allows pingpong and rate only
-            if pattern == "rate":
-                return DatagramRate(self.tally, self.payload, index)
-            return DatagramPingPong(self.tally, self.payload, index)
-        if pattern == "stream":
-            return Stream(self.tally, self.payload, index, self.config.window_bytes)
-        if pattern == "rate":
-            return Rate(self.tally, self.payload, index)
-        if pattern == "hold":
-            return Hold(self.tally, self.payload, index)
-        return PingPong(self.tally, self.payload, index)
 
     # the patterns
 
@@ -262,7 +274,7 @@ class LoadRun:
         tally.window_start_ns = window_start_ns
         tally.window_end_ns = window_start_ns + int(config.duration_s * 1e9)
         tally.sending = True
-        schedule = _RateSchedule(self, start_ns) if config.pattern == "rate" else None
+        schedule = _RateSchedule(self, start_ns) if self.pattern.scheduled else None
         try:
             for connection in self._live():
                 connection.begin()
@@ -432,8 +444,10 @@ class _RateSchedule:
         self.last_due = math.ceil((run.tally.window_end_ns - start_ns) / self.ns_per_message)
         self.next_message = 0
         self.lag_counts: defaultdict[int, int] = defaultdict(int)
-        for index, connection in enumerate(run.connections):
-            if isinstance(connection, RATE_CONNECTIONS):
+        # The pattern is `scheduled`: every connection is one that sends on schedule.
+        self.connections = cast(list[Scheduled | None], run.connections)
+        for index, connection in enumerate(self.connections):
+            if connection is not None:
                 connection.schedule(
                     start_ns + index * self.ns_per_message, count * self.ns_per_message
                 )
@@ -446,7 +460,7 @@ class _RateSchedule:
             return
         now_ns = perf_counter_ns()
         due = min(int((now_ns - self.start_ns) / self.ns_per_message) + 1, self.last_due)
-        connections = run.connections
+        connections = self.connections
         count = len(connections)
         window_start_ns = run.tally.window_start_ns
         lag_counts = self.lag_counts
@@ -454,7 +468,6 @@ class _RateSchedule:
         while message < due:
             connection = connections[message % count]
             if connection is not None and connection.alive:
-                assert isinstance(connection, RATE_CONNECTIONS)
                 connection.send_due()
                 due_ns = self.start_ns + message * self.ns_per_message
                 if due_ns >= window_start_ns:

@@ -89,15 +89,7 @@ def _heading(result: LoadResult) -> str:
         f"{config.connections:,} connections",
         f"{config.size_bytes:,} B messages",
     ]
-    if config.pattern == "rate":
-        parts.append(f"{config.rate_per_s:,g} messages/s due")
-    if config.pattern == "stream":
-        parts.append(f"{config.window_bytes:,} B window")
-    if config.pattern == "hold":
-        parts.append(f"held {config.duration_s:g} s")
-    else:
-        warmup = f" after {config.warmup_s:g} s warmup" if config.warmup_s else ""
-        parts.append(f"{result.measured_s:.2f} s measured{warmup}")
+    parts += config.pattern_class.heading(config, result.measured_s)
     parts += [config.target, result.loop]
     return " · ".join(parts)
 

@@ -111,7 +111,7 @@ class LoadResult:
             "duration_s": config.duration_s,
             "warmup_s": config.warmup_s,
             "rate": config.rate_per_s,
-            "window": config.window_bytes if config.pattern == "stream" else None,
+            "window": config.window_bytes if config.pattern_class.uses("window_bytes") else None,
             "connect_rate": config.connect_rate_per_s,
             "timeout_s": config.timeout_s,
             "seed": config.seed,
