@@ -16,10 +16,13 @@ def build_parser(command: str | None = None) -> Parser:
     others' options are not needed to parse its command line), so a server does not carry
     the load generator's and the benchmark's imports in its memory."""
     parser = Parser(prog="echoplex", description="A concurrent TCP echo server toolkit.")
-    parser.add_argument("--version", action="version", version=f"echoplex {__version__}")
+    add_version_argument(parser)
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subcommands.add_parser(name, help=help_text, description=help_text)
+        # Each command takes it too: the container's entrypoint is `echoplex serve`, so
+        # `docker run IMAGE --version` asks `echoplex serve --version`.
+        add_version_argument(sub)
         if command is not None and name != command:
             continue
         module = importlib.import_module(module_name)
@@ -30,6 +33,15 @@ def build_parser(command: str | None = None) -> Parser:
             sub.read_environment(prefix)
         sub.set_defaults(run=module.run, parser=sub)
     return parser
+
+
+def add_version_argument(parser: Parser) -> None:
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"echoplex {__version__}",
+        help="print the version and exit",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

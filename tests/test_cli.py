@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 
 import pytest
+
+from echoplex import __version__
 
 from .procs import Server, echoplex
 
@@ -61,3 +64,74 @@ def test_interactive_client_echoes_stdin_and_exits_after_eof(server: Server) -> 
     result = echoplex("client", "--port", str(server.port), input=b"line one\nline two\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "line one\nline two\n"
+
+
+# ---------------------------------------------------------------- HOST PORT, as nc takes them
+
+
+@pytest.fixture(scope="module")
+def tcp_and_udp() -> Iterator[Server]:
+    """One server echoing over TCP and UDP on the same port, for the spellings below."""
+    with Server("--udp", "--tcp") as running:
+        yield running
+
+
+def spelt(words: list[str], server: Server) -> list[str]:
+    return [word.format(host=server.host, port=server.port) for word in words]
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["{host}", "{port}", "-m", "hi"],
+        ["-m", "hi", "{host}", "{port}"],
+        ["{host}", "--port", "{port}", "-m", "hi"],
+        ["{host}", "{port}", "--host", "{host}", "--port", "{port}", "-m", "hi"],
+        ["--udp", "{host}", "{port}", "-m", "hi"],
+    ],
+    ids=" ".join,
+)
+def test_client_takes_host_and_port_as_nc_does(tcp_and_udp: Server, words: list[str]) -> None:
+    result = echoplex("client", *spelt(words, tcp_and_udp))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Starting client...\nReceived: b'hi'\n"
+
+
+def test_interactive_client_takes_host_and_port(tcp_and_udp: Server) -> None:
+    result = echoplex("client", tcp_and_udp.host, str(tcp_and_udp.port), input=b"one\ntwo\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "one\ntwo\n"
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["{host}", "{port}", "--port", "1"], "PORT {port} and --port 1 disagree: give one"),
+        (["::1", "{port}", "--host", "{host}"], "HOST ::1 and --host {host} disagree: give one"),
+        (["{port}"], "argument HOST: {port} is a number, not a host: give HOST PORT"),
+        (["--host", "{host}", "{port}"], "argument HOST: {port} is a number, not a host"),
+        (["{host}", "70000"], "argument PORT: port must be 0..65535, not 70000"),
+        (["--unix", "/tmp/echoplex-none.sock", "{host}"], "HOST and PORT do not go with --unix"),
+        (["{host}", "--count", "1", "{port}"], "unrecognized arguments: {port}"),
+    ],
+)
+def test_client_host_and_port_given_twice_or_badly_are_one_line(
+    tcp_and_udp: Server, words: list[str], expected: str
+) -> None:
+    # Each would reach the running server if the conflict went unnoticed.
+    result = echoplex("client", *spelt(words, tcp_and_udp), "-m", "hi", timeout_s=30)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert spelt([expected], tcp_and_udp)[0] in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- --version
+
+
+@pytest.mark.parametrize(
+    "args", [["--version"], ["serve", "--version"], ["client", "--version"], ["load", "--version"]]
+)
+def test_version_is_printed_and_exits_0(args: list[str]) -> None:
+    result = echoplex(*args, timeout_s=30)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"echoplex {__version__}\n", "")

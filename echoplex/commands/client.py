@@ -1,4 +1,7 @@
-"""`echoplex client`: interactive like nc, or one-shot with `--message`."""
+"""`echoplex client`: interactive like nc, or one-shot with `--message`.
+
+The server is named as nc names it, `echoplex client HOST PORT`, or with `--host` and
+`--port`; both spellings may be given if they agree."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import ssl
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
+from typing import TypeVar
 
 from .._cli_util import (
     add_stream_transport_arguments,
@@ -37,6 +41,9 @@ from ..config import DEFAULT_PORT
 from ..tls import client_context
 
 PROG = "echoplex client"
+DEFAULT_HOST = "127.0.0.1"
+
+Value = TypeVar("Value", str, int)
 
 
 def one_shot(
@@ -134,14 +141,39 @@ def one_shot_udp(
     )
 
 
+def positional_host(text: str) -> str:
+    """HOST as nc takes it; a number is refused: `echoplex client 12345` or `--host H 12345`
+    means a port, and a host spelt as one number (0.0.48.57) is never what was meant."""
+    if text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a number, not a host: give HOST PORT, or --port {text}"
+        )
+    return host_name(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Positionals and flags default to None, so that run() can tell what was given.
     parser.add_argument(
-        "--host", type=host_name, default="127.0.0.1", help="server address (default 127.0.0.1)"
+        "host_positional",
+        nargs="?",
+        type=positional_host,
+        metavar="HOST",
+        help=f"server address, as nc takes it (default {DEFAULT_HOST}); or --host",
+    )
+    parser.add_argument(
+        "port_positional",
+        nargs="?",
+        type=port_number,
+        metavar="PORT",
+        help=f"server port, as nc takes it (default {DEFAULT_PORT}); or --port",
+    )
+    parser.add_argument(
+        "--host", type=host_name, default=None, help=f"server address (default {DEFAULT_HOST})"
     )
     parser.add_argument(
         "--port",
         type=port_number,
-        default=DEFAULT_PORT,
+        default=None,
         help=f"server port (default {DEFAULT_PORT})",
     )
     parser.add_argument(
@@ -179,6 +211,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stream_transport_arguments(parser.add_argument_group("transport (default TCP)"))
 
 
+def address_from(args: argparse.Namespace) -> tuple[str, int]:
+    """(host, port) from HOST PORT or --host and --port, else the defaults; ValueError
+    if a positional and its flag disagree, or if they would be ignored (--unix)."""
+    if args.unix and (args.host_positional is not None or args.port_positional is not None):
+        raise ValueError("HOST and PORT do not go with --unix")
+    host = _given_once("HOST", args.host_positional, "--host", args.host)
+    port = _given_once("PORT", args.port_positional, "--port", args.port)
+    return (
+        DEFAULT_HOST if host is None else host,
+        DEFAULT_PORT if port is None else port,
+    )
+
+
+def _given_once(
+    positional: str, by_position: Value | None, flag: str, by_flag: Value | None
+) -> Value | None:
+    if by_position is not None and by_flag is not None and by_position != by_flag:
+        raise ValueError(f"{positional} {by_position} and {flag} {by_flag} disagree: give one")
+    return by_flag if by_position is None else by_position
+
+
 def target_from(args: argparse.Namespace) -> Target:
     """The connection the options describe; ValueError/OSError for bad TLS options."""
     if (args.ca or args.insecure) and not args.tls:
@@ -199,6 +252,10 @@ def messages(args: argparse.Namespace) -> Iterator[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        args.host, args.port = address_from(args)
+    except ValueError as exc:
+        return fail(PROG, str(exc))
     if args.udp:
         if args.tls or args.unix or args.send_proxy:
             return fail(PROG, "--udp does not go with --tls, --unix or --send-proxy")
