@@ -15,12 +15,9 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import StartupError
-
-if TYPE_CHECKING:  # annotations only: the config's option types use this module's checks
-    from .config import ServerConfig
 
 log = logging.getLogger("echoplex.server")
 
@@ -234,10 +231,16 @@ class Listeners:
         self.from_systemd = False
 
     @classmethod
-    def open(cls, config: ServerConfig, *, tcp: bool = True) -> Listeners:
-        """Open the listeners the config asks for: the sockets systemd passed (which then
-        replace our own TCP listeners), the Unix socket, and with `tcp` one TCP listener
-        per host. (The `workers` model binds its TCP listeners in each worker instead.)"""
+    def open(
+        cls,
+        hosts: Sequence[str],
+        port: int,
+        backlog: int,
+        unix: tuple[str, int] | None = None,
+    ) -> Listeners:
+        """Open the sockets systemd passed, which then replace our own TCP listeners (one
+        per host: none for the `workers` model, which binds them in each worker), and
+        the Unix socket at `unix` (its path and file mode)."""
         sockets: list[socket.socket] = []
         unix_path = None
         try:
@@ -245,13 +248,11 @@ class Listeners:
             if passed:
                 log.info("serving %d socket(s) passed by systemd", len(passed))
             sockets += passed
-            if tcp and not passed:
-                sockets += open_tcp_listeners(config.hosts, config.port, config.backlog)
-            if config.unix_path:
-                sockets.append(
-                    open_unix_listener(config.unix_path, config.unix_mode, config.backlog)
-                )
-                unix_path = config.unix_path
+            if not passed:
+                sockets += open_tcp_listeners(hosts, port, backlog)
+            if unix is not None:
+                unix_path, mode = unix
+                sockets.append(open_unix_listener(unix_path, mode, backlog))
         except BaseException:
             for sock in sockets:
                 sock.close()

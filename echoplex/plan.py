@@ -137,7 +137,10 @@ def _bind_tcp(
     """The listeners, the sockets that hold the port, and the hosts TCP binds itself."""
     if not config.tcp:
         return Listeners([]), [], ()
-    listeners = Listeners.open(config, tcp=not per_process)
+    unix = None if config.unix_path is None else (config.unix_path, config.unix_mode)
+    # A model that binds per process gets only the sockets its processes share here.
+    own_hosts = () if per_process else config.hosts
+    listeners = Listeners.open(own_hosts, config.port, config.backlog, unix)
     hosts = () if listeners.from_systemd else config.hosts
     reserved: list[socket.socket] = []
     try:

@@ -32,6 +32,7 @@ from ..outcomes import Outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown, wait_until
 from . import _splice
+from ._splice import ReadGate
 
 log = logging.getLogger("echoplex.server")
 
@@ -39,10 +40,6 @@ _CUT_OFF_GRACE_S = 1.0
 # Stacks of the threads that serve connections: they only run the echo loop (and a
 # TLS handshake), so thousands of them cost little memory.
 THREAD_STACK_BYTES = 256 * 1024
-
-ReadGate = Callable[[socket.socket], Outcome | None]
-"""Called with the connection before each read by the `simple` model: None to read, or
-an outcome to stop with."""
 
 
 class BlockingServer:

@@ -15,14 +15,15 @@ import fcntl
 import os
 import select
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ..events import ConnectionRecord
 from ..limits import Deadlines, Wait
 from ..outcomes import Outcome
 
-if TYPE_CHECKING:
-    from ._blocking import ReadGate
+ReadGate = Callable[[socket.socket], Outcome | None]
+"""Called with the connection before each read by the `simple` model: None to read, or
+an outcome to stop with."""
 
 AVAILABLE = hasattr(os, "splice")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
