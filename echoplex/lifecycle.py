@@ -8,14 +8,14 @@ state machine apart from the sockets). The models are I/O drivers of the same sh
 each asks `steps(record)` what comes next, does that step's reading and writing its own
 way (blocking sockets in `models/_blocking.py`, ready-driven turns in `models/pool.py`,
 an event loop in `models/asyncio_.py`), and calls back here when the connection opens
-and when it is over. How each step can end is an `Outcome` (`echoplex.outcomes`), and
-an exception becomes one in one place (`outcome_of`, `handshake_outcome`).
+and when it is over. How each step can end is an `Outcome`, and how an exception becomes
+one, is said in `echoplex.outcomes`, below this module (the records and the reporters
+need it too).
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -138,17 +138,3 @@ class Connections(Generic[Handle]):
         """The open connections' handles, as they are now."""
         with self._lock:
             return list(self._open.values())
-
-
-def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
-    """How a failed TLS handshake ended, and why (OpenSSL's reason, or what the socket
-    said): `tls-handshake-failed:WRONG_VERSION_NUMBER`, `tls-handshake-timeout`."""
-    if isinstance(exc, TimeoutError | ConnectionAbortedError):  # asyncio's timeout: aborted
-        return Outcome.TLS_HANDSHAKE_TIMEOUT, None
-    if isinstance(exc, ssl.SSLError):
-        return Outcome.TLS_HANDSHAKE_FAILED, exc.reason or type(exc).__name__
-    if isinstance(exc, ConnectionResetError | BrokenPipeError):
-        return Outcome.TLS_HANDSHAKE_FAILED, "reset"
-    if isinstance(exc, EOFError):
-        return Outcome.TLS_HANDSHAKE_FAILED, "closed"
-    return Outcome.TLS_HANDSHAKE_FAILED, type(exc).__name__

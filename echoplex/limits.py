@@ -183,9 +183,6 @@ class Deadlines:
     def for_send(self) -> Wait:
         return self._bounded(self.send_s, Outcome.SEND_TIMEOUT)
 
-    def lifetime_over(self) -> bool:
-        return self.lifetime_ends is not None and self.clock() >= self.lifetime_ends
-
     def _bounded(self, limit_s: float | None, outcome: Outcome) -> Wait:
         if self.lifetime_ends is None:
             return Wait(limit_s, outcome)

@@ -30,7 +30,7 @@ class Outcome(StrEnum):
     TLS_HANDSHAKE_TIMEOUT = "tls-handshake-timeout"
     """No TLS handshake within `--tls-handshake-timeout`."""
     TLS_HANDSHAKE_FAILED = "tls-handshake-failed"
-    """The TLS handshake failed (not TLS, an old version, a reset during it)."""
+    """The TLS handshake failed; the detail says why (OpenSSL's reason, `reset`, `closed`)."""
     PROXY_HEADER_TIMEOUT = "proxy-header-timeout"
     """A trusted proxy sent no complete PROXY header within `--proxy-header-timeout`."""
     PROXY_ERROR = "proxy-error"
@@ -61,3 +61,17 @@ def outcome_of(exc: BaseException | None) -> tuple[Outcome, str | None]:
         return Outcome.RESET, None
     code = getattr(exc, "errno", None)
     return Outcome.ERROR, errno.errorcode.get(code, str(code)) if code else type(exc).__name__
+
+
+def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
+    """How a failed TLS handshake ended, and why (OpenSSL's reason, or what the socket
+    said): `tls-handshake-failed:WRONG_VERSION_NUMBER`, `tls-handshake-timeout`."""
+    if isinstance(exc, TimeoutError | ConnectionAbortedError):  # asyncio's timeout: aborted
+        return Outcome.TLS_HANDSHAKE_TIMEOUT, None
+    if isinstance(exc, ssl.SSLError):
+        return Outcome.TLS_HANDSHAKE_FAILED, exc.reason or type(exc).__name__
+    if isinstance(exc, ConnectionResetError | BrokenPipeError):
+        return Outcome.TLS_HANDSHAKE_FAILED, "reset"
+    if isinstance(exc, EOFError):
+        return Outcome.TLS_HANDSHAKE_FAILED, "closed"
+    return Outcome.TLS_HANDSHAKE_FAILED, type(exc).__name__

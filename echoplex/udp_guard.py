@@ -6,7 +6,7 @@ becomes a reflector that hides the attacker. CERT advisory CA-1996-01 describes 
 worst case, a datagram "from" another echo or chargen port, which makes two servers
 answer each other for ever. So, before answering, `ReflectionGuard.verdict` checks:
 
-1. the source, a pure function of it (`address_verdict`): not from the ports of the
+1. the source, a pure function of it (`classify_host`, and the port): not from the ports of the
    classic small UDP services (echo 7, discard 9, daytime 13, qotd 17, chargen 19,
    time 37; and port 0, which means "no reply wanted", RFC 768), and not from an address
    no single host sends from: the limited broadcast 255.255.255.255, multicast, or the
@@ -115,14 +115,6 @@ def classify_host(host: str) -> SourceClass:
     elif address.is_multicast:
         reason = MULTICAST
     return SourceClass(reason, key, max_payload)
-
-
-def address_verdict(host: str, port: int) -> str | None:
-    """Why a datagram from host:port must not be answered whatever the rates, or None."""
-    reason = classify_host(host).reason
-    if reason is None and port in RESERVED_SOURCE_PORTS:
-        return RESERVED_PORT
-    return reason
 
 
 @dataclass(slots=True)

@@ -21,7 +21,6 @@ from echoplex.udp_guard import (
     SOURCES_FULL,
     UNSPECIFIED,
     ReflectionGuard,
-    address_verdict,
     burst_for,
     classify_host,
 )
@@ -65,7 +64,6 @@ def unlimited() -> ReflectionGuard:
     ],
 )
 def test_address_verdict(host: str, port: int, reason: str | None) -> None:
-    assert address_verdict(host, port) == reason
     assert unlimited().verdict((host, port), now=0.0) == reason
 
 

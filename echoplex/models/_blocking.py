@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterator
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
 from ..events import ConnectionRecord, ServerEvents
-from ..lifecycle import Connections, Step, handshake_outcome
+from ..lifecycle import Connections, Step
 from ..limits import Deadlines
-from ..outcomes import Outcome, outcome_of
+from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown, wait_until
 from . import _splice

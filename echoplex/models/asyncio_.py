@@ -24,9 +24,9 @@ from typing import Any, cast
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
 from ..events import ServerEvents
-from ..lifecycle import Connections, Step, handshake_outcome
+from ..lifecycle import Connections, Step
 from ..limits import Admission, ProgressWatch
-from ..outcomes import Outcome, outcome_of
+from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
 

@@ -39,9 +39,9 @@ from typing import cast
 
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
-from ..lifecycle import Step, handshake_outcome
+from ..lifecycle import Step
 from ..limits import ProgressWatch
-from ..outcomes import Outcome, outcome_of
+from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..proxy_protocol import ProxyHeaderReader
 from ..shutdown import Shutdown
