@@ -170,11 +170,24 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+_DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
+_SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
 def non_negative_seconds(text: str) -> float:
+    """A duration: seconds (`2.5`), or with a unit as wrk and fortio take them: `500ms`,
+    `10s`, `1m`, `2h`."""
+    match = _DURATION.fullmatch(text)
     try:
-        value = float(text)
+        if match is None:
+            value = float(text)  # a number out of range (-3, inf, nan) is told so below
+        else:
+            number, unit = match.groups()
+            value = float(number) * _SECONDS_PER_UNIT[(unit or "s").lower()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (seconds, or with a unit: 500ms, 10s, 1m, 2h)"
+        ) from None
     if not 0 <= value <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(
             f"must be 0 or more seconds, at most a year ({MAX_SECONDS:.0f}), not {text}"

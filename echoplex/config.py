@@ -138,7 +138,7 @@ class ServerConfig:
         "--tls-handshake-timeout",
         "drop a client that has not finished its handshake by then (default {default})",
         parse=positive_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
         group=TLS,
     )
     """Drop a client that has not completed the TLS handshake in this long."""
@@ -189,7 +189,7 @@ class ServerConfig:
         "--proxy-header-timeout",
         "drop a proxied connection with no complete header by then (default {default})",
         parse=positive_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
         group=PROXY,
     )
     """Drop a trusted proxy's connection with no complete header this long after accept
@@ -232,7 +232,7 @@ class ServerConfig:
         "--drain-timeout",
         "on SIGTERM/SIGINT, how long open connections may finish (default {default})",
         parse=non_negative_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
     )
     """On SIGTERM/SIGINT, how long open connections may go on before they are closed."""
 
@@ -270,7 +270,7 @@ class ServerConfig:
         "--idle-timeout",
         "close a connection silent both ways this long (default {default})",
         parse=non_negative_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
         group=LIMITS,
     )
     """Close a connection with no byte in either direction for this long; 0: never."""
@@ -280,7 +280,7 @@ class ServerConfig:
         "--max-lifetime",
         "close a connection this old, however busy (default {default}: never)",
         parse=non_negative_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
         group=LIMITS,
     )
     """Close a connection this old, however busy (bounds a client trickling bytes); 0: never."""
@@ -312,7 +312,7 @@ class ServerConfig:
         "--send-timeout",
         "close a connection that takes none of its echo this long (default {default})",
         parse=non_negative_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
         group=LIMITS,
     )
     """Close a connection that accepts no byte of its echo for this long; 0: never."""

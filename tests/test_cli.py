@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 
@@ -135,3 +136,31 @@ def test_client_host_and_port_given_twice_or_badly_are_one_line(
 def test_version_is_printed_and_exits_0(args: list[str]) -> None:
     result = echoplex(*args, timeout_s=30)
     assert (result.returncode, result.stdout, result.stderr) == (0, f"echoplex {__version__}\n", "")
+
+
+@pytest.mark.timeout(60)
+def test_durations_take_units_as_wrk_and_fortio_do() -> None:
+    # 300ms, not 300 seconds: a silent client is closed for idle within the test's time.
+    with Server("--idle-timeout", "300ms", "--drain-timeout", "1m", mode="threads") as server:
+        with socket.create_connection(server.address, timeout=10) as silent:
+            assert silent.recv(1) == b""
+        server.wait_for_stderr("outcome=idle-timeout")
+        assert server.stop() == 0
+    shown = echoplex("serve", "--help").stdout
+    assert "--idle-timeout DURATION" in shown
+    refused = echoplex("serve", "--idle-timeout", "5 parsecs")
+    assert refused.returncode == 2
+    assert "not a duration: '5 parsecs' (seconds, or with a unit: 500ms, 10s, 1m, 2h)" in (
+        refused.stderr
+    )
+    assert len(refused.stderr.splitlines()) == 1
+
+
+@pytest.mark.timeout(60)
+def test_load_durations_take_units(server: Server) -> None:
+    host, port = server.address
+    ran = echoplex("load", "--host", host, "--port", str(port), "-c", "2", "-d", "300ms", "--json")
+    assert ran.returncode == 0, ran.stderr
+    report = json.loads(ran.stdout)
+    assert report["duration_s"] == 0.3
+    assert report["requests"] > 0 and report["errors"] == 0 and report["mismatches"] == 0

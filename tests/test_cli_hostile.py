@@ -104,7 +104,7 @@ HOSTILE = [
     ),
     # Abbreviations are refused: `--max-conn` is not taken for `--max-connections`.
     (["serve", "--max-conn", "3"], "unrecognized arguments: --max-conn 3"),
-    (["client", "--mess", "x"], "unrecognized arguments: --mess x"),
+    (["client", "--mess", "x"], "unrecognized arguments: --mess (see --help)"),
     (["load", "--conn", "3"], "unrecognized arguments: --conn 3"),
     (["bench", "--dur", "1"], "unrecognized arguments: --dur 1"),
 ]
