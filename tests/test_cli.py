@@ -157,9 +157,12 @@ def test_durations_take_units_as_wrk_and_fortio_do() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_load_durations_take_units(server: Server) -> None:
-    host, port = server.address
-    ran = echoplex("load", "--host", host, "--port", str(port), "-c", "2", "-d", "300ms", "--json")
+def test_load_durations_take_units() -> None:
+    with Server(mode="threads") as server:
+        host, port = server.address
+        ran = echoplex(
+            "load", "--host", host, "--port", str(port), "-c", "2", "-d", "300ms", "--json"
+        )
     assert ran.returncode == 0, ran.stderr
     report = json.loads(ran.stdout)
     assert report["duration_s"] == 0.3
