@@ -4,18 +4,31 @@ Models call these hooks; they never print or log directly. `LogEvents` is the
 `echoplex serve` default (stderr, one line per connection); the tutorial's front
 door prints its own lines (`echoplex.tutorial`). `data_received` is only called
 when `ServerConfig.log_data` is set, so the echo hot path pays nothing for it.
+
+`run()` also reports the start (version, model, event loop) and, once everything has
+drained, the stop, to events that have the `RunEvents` hooks (`announced`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ._net import format_address
 from ._throttle import Throttle
 from .outcomes import Outcome, label
+
+if TYPE_CHECKING:
+    from .plan import ServerPlan
+
+# Numbers connections in the order this process accepts them (workers count each for
+# themselves). next() on a count is atomic under the GIL: no lock for the threads.
+_connection_ids = itertools.count(1)
 
 
 @dataclass(slots=True, eq=False)  # compared by identity: records key tables
@@ -37,6 +50,10 @@ class ConnectionRecord:
     """How it ended (`echoplex.outcomes`); the first cause recorded wins."""
     detail: str | None = None
     """What the outcome needs said besides (an errno's name, a PROXY error, a limit)."""
+    conn_id: int = field(default_factory=_connection_ids.__next__)
+    """This connection's number in its process (1, 2, ...): its open and close log lines
+    carry it, so they can be matched where the peer does not tell connections apart
+    (every Unix socket client is `unix`)."""
 
     def finish(self, outcome: Outcome, detail: str | None = None) -> None:
         if self.outcome is None:
@@ -84,6 +101,48 @@ class DatagramEvents(Protocol):
         """UDP stopped: datagrams answered and dropped (by reason) in all."""
 
 
+@dataclass(frozen=True)
+class BuildInfo:
+    """What is running: logged at the start, exported as `echoplex_build_info`."""
+
+    version: str
+    model: str
+    loop: str
+    """`uvloop` or `asyncio`; `none` when nothing runs an event loop (the blocking models
+    without UDP)."""
+
+    @classmethod
+    def of(cls, plan: ServerPlan) -> BuildInfo:
+        from . import __version__
+
+        # A loop factory is `uvloop.new_event_loop` or `asyncio.new_event_loop`.
+        loop = "none" if plan.loop is None else plan.loop.__module__.partition(".")[0]
+        return cls(__version__, plan.config.mode, loop)
+
+
+class RunEvents(Protocol):
+    """What `run()` reports besides `ServerEvents`, to events that have these hooks
+    (`LogEvents` has both; the metrics export the first)."""
+
+    def starting(self, build: BuildInfo) -> None:
+        """The server is configured and bound, about to serve."""
+
+    def stopped(self) -> None:
+        """The server has stopped: drained, every connection and the UDP echo closed."""
+
+
+@contextlib.contextmanager
+def announced(plan: ServerPlan, events: ServerEvents) -> Iterator[None]:
+    """Report `starting` now and, if the block ends without an exception, `stopped`."""
+    starting: Callable[[BuildInfo], None] | None = getattr(events, "starting", None)
+    if starting is not None:
+        starting(BuildInfo.of(plan))
+    yield
+    stopped: Callable[[], None] | None = getattr(events, "stopped", None)
+    if stopped is not None:
+        stopped()
+
+
 class QuietEvents:
     """Reports nothing: subclass it and override only the events you want to hear of."""
 
@@ -115,14 +174,32 @@ class LogEvents:
 
     # Each line also carries its fields in `extra`, for `--log-format json`.
 
+    def starting(self, build: BuildInfo) -> None:
+        # Not "listening on ...": the start line must not match what tools wait for.
+        self.log.info(
+            "starting echoplex %s (model %s, loop %s)",
+            build.version,
+            build.model,
+            build.loop,
+            extra={
+                "event": "starting",
+                "version": build.version,
+                "model": build.model,
+                "loop": build.loop,
+            },
+        )
+
+    def stopped(self) -> None:
+        self.log.info("stopped", extra={"event": "stopped"})
+
     def listening(self, addresses: list[Any]) -> None:
         for address in addresses:
             where = format_address(address)
             self.log.info("listening on %s", where, extra={"event": "listening", "address": where})
 
     def connection_opened(self, record: ConnectionRecord) -> None:
-        peer = format_address(record.peer)
-        fields = {"event": "open", "peer": peer}
+        peer = _peer(record)
+        fields = {"event": "open", "peer": peer, "conn_id": record.conn_id}
         if record.via is None:
             self.log.info("open %s", peer, extra=fields)
         else:
@@ -130,11 +207,12 @@ class LogEvents:
             self.log.info("open %s via %s", peer, via, extra={**fields, "via": via})
 
     def data_received(self, record: ConnectionRecord, data: bytes) -> None:
-        peer = format_address(record.peer)
-        self.log.info("%s Received: %r", peer, data, extra={"event": "data", "peer": peer})
+        peer = _peer(record)
+        fields = {"event": "data", "peer": peer, "conn_id": record.conn_id}
+        self.log.info("%s Received: %r", peer, data, extra=fields)
 
     def connection_closed(self, record: ConnectionRecord) -> None:
-        peer = format_address(record.peer)
+        peer = _peer(record)
         outcome = record.outcome_label
         duration_s = record.duration_s
         self.log.info(
@@ -148,6 +226,7 @@ class LogEvents:
             extra={
                 "event": "close",
                 "peer": peer,
+                "conn_id": record.conn_id,
                 "bytes_in": record.bytes_in,
                 "bytes_out": record.bytes_out,
                 "duration_s": round(duration_s, 6),
@@ -199,6 +278,14 @@ class LogEvents:
             sum(dropped.values()),
             f" ({_by_reason(dropped)})" if dropped else "",
         )
+
+
+def _peer(record: ConnectionRecord) -> str:
+    """The peer as the connection's log lines name it. A Unix socket client has no
+    address of its own (they are all `unix`): its number is added (`unix#7`), so that
+    its open line can be matched to its close line."""
+    peer = format_address(record.peer)
+    return peer if isinstance(record.peer, tuple) else f"{peer}#{record.conn_id}"
 
 
 def _datagrams(count: int) -> str:

@@ -7,6 +7,13 @@ when a connection ends. `prometheus-client` is an optional extra, imported only
 here. In `workers` mode its multiprocess mode sums the workers' files (each
 series carries a `worker` label, so per-worker figures stay visible).
 
+Besides the counts: `echoplex_build_info` (version, model, event loop), the state
+/healthz answers from (`echoplex_accepting`), the connection limit, and the standard
+`process_*` figures of every process of the server, each labelled with its `worker`
+like the rest (in `workers` mode, the supervisor and each live worker: a sum over
+`worker` is the whole server's CPU and memory; `echoplex_worker_up` says which
+workers are alive).
+
 The HTTP endpoint serves `/metrics` and `/healthz` (200 while accepting, 503 while
 draining or before the server listens).
 """
@@ -17,6 +24,7 @@ import errno
 import io
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import queue
 import selectors
@@ -30,10 +38,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.handlers import SimpleHandler
 
-from ._net import bind_socket
+from ._net import bind_socket, format_address
 from .config import ServerConfig
 from .errors import StartupError
-from .events import ConnectionRecord, ServerEvents
+from .events import BuildInfo, ConnectionRecord, ServerEvents
 
 log = logging.getLogger("echoplex.metrics")
 
@@ -69,7 +77,7 @@ def forget_process(pid: int) -> None:
 
 
 class Metrics:
-    def __init__(self, mode: str) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         prom = _require_client()
         self.prom = prom
         self.multiprocess = MULTIPROC_ENV in os.environ
@@ -81,7 +89,9 @@ class Metrics:
             multiprocess.MultiProcessCollector(self.registry)
         target = None if self.multiprocess else self.registry
         labels = ["model", "worker"]
-        self.mode = mode
+        self.mode = config.mode
+        self.max_connections = config.max_connections
+        self.build: BuildInfo | None = None  # once the server has resolved its loop
 
         def counter(name: str, text: str, extra: tuple[str, ...] = ()) -> Any:
             return prom.Counter(name, text, [*labels, *extra], registry=target)
@@ -106,8 +116,40 @@ class Metrics:
         self.bytes_received = counter("echoplex_bytes_received", "Bytes received from clients.")
         self.bytes_sent = counter("echoplex_bytes_sent", "Bytes echoed back to clients.")
         self.udp_tallies: list[Any] = []
+        self.worker_up: Any = None
+        if self.multiprocess:
+            # Written by each worker as it starts, so a worker that has served nobody yet
+            # shows too; `liveall` drops a dead worker's series once the supervisor has
+            # forgotten it (forget_process), and adds its pid.
+            self.worker_up = prom.Gauge(
+                "echoplex_worker_up",
+                "1 for each live worker process (workers mode).",
+                labels,
+                registry=None,
+                multiprocess_mode="liveall",
+            )
+            # multiprocessing runs this in each child it starts, once the child's name
+            # (`worker-N`) is set; the registration lasts as long as this object.
+            multiprocessing.util.register_after_fork(self, Metrics.worker_started)
         self.registry.register(_UdpCollector(self))
+        self.registry.register(_ServerCollector(self))
+        self.registry.register(_ProcessCollector(self))
         self.draining = True  # until the server listens
+
+    def worker_started(self) -> None:
+        self.label(self.worker_up).set(1)
+
+    def processes(self) -> dict[int, str]:
+        """The server's processes (pid: worker label): this one, and the live workers."""
+        processes = {os.getpid(): self.worker()}
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            for family in multiprocess.MultiProcessCollector(None).collect():
+                if family.name == "echoplex_worker_up":
+                    for sample in family.samples:
+                        processes[int(sample.labels["pid"])] = sample.labels["worker"]
+        return processes
 
     def worker(self) -> str:
         # "MainProcess" for single-process models, "worker-N" in the workers model.
@@ -123,6 +165,12 @@ class MetricsEvents:
     def __init__(self, inner: ServerEvents, metrics: Metrics) -> None:
         self.inner = inner
         self.metrics = metrics
+
+    def starting(self, build: BuildInfo) -> None:
+        self.metrics.build = build
+        starting = getattr(self.inner, "starting", None)
+        if starting is not None:
+            starting(build)
 
     def listening(self, addresses: list[Any]) -> None:
         self.metrics.draining = False
@@ -197,6 +245,73 @@ class _UdpCollector:
             for reason, count in reasons.items():
                 dropped.add_metric([*where, reason], count)
         return [answered, dropped]
+
+
+class _ServerCollector:
+    """The server as a whole, read when scraped: what runs, whether it accepts (as
+    /healthz says), and its connection limit (`--max-connections`, over every worker)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+
+        m = self.metrics
+        where = [m.mode, m.worker()]
+        families: list[Any] = []
+        if m.build is not None:
+            build = InfoMetricFamily(
+                "echoplex_build", "The version, concurrency model and event loop running."
+            )
+            info = {"version": m.build.version, "model": m.build.model, "loop": m.build.loop}
+            build.add_metric([], info)
+            families.append(build)
+        accepting = GaugeMetricFamily(
+            "echoplex_accepting",
+            "1 while the server accepts connections (/healthz answers 200); 0 before it "
+            "listens and while it drains (503).",
+            labels=["model", "worker"],
+        )
+        accepting.add_metric(where, 0 if m.draining else 1)
+        limit = GaugeMetricFamily(
+            "echoplex_connections_max",
+            "Connections served at once at most (--max-connections, the whole server); "
+            "0: no limit.",
+            labels=["model", "worker"],
+        )
+        limit.add_metric(where, m.max_connections)
+        return [*families, accepting, limit]
+
+
+class _ProcessCollector:
+    """prometheus-client's standard `process_*` figures (CPU, memory, descriptors, start
+    time) for each of the server's processes, labelled with `model` and `worker` like
+    every other series: one process outside `workers` mode; in it the supervisor
+    (`MainProcess`: metrics, UDP) and each live worker. The supervisor alone serves the
+    scrape, so it reads the workers' figures from /proc by pid."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client import ProcessCollector
+        from prometheus_client.core import Metric
+
+        merged: dict[str, Any] = {}
+        for pid, worker in self.metrics.processes().items():
+            labels = {"model": self.metrics.mode, "worker": worker}
+            for family in ProcessCollector(pid=_constant(pid), registry=None).collect():
+                into = merged.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, **labels}, sample.value)
+        return merged.values()
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid
 
 
 # The endpoint faces whoever can reach its port, out of the descriptors the echo
@@ -424,9 +539,12 @@ def serve_http(metrics: Metrics, host: str, port: int) -> tuple[Callable[[], Non
             listener.close()
         cause = exc.__cause__ if isinstance(exc, StartupError) else exc
         reason = getattr(cause, "strerror", None) or str(exc)
-        raise StartupError(f"cannot serve metrics on {host}:{port}: {reason}") from exc
+        where = format_address((host, port))
+        raise StartupError(f"cannot serve metrics on {where}: {reason}") from exc
     endpoint = _HTTPEndpoint(listener, app)
-    log.info("metrics on http://%s:%d/metrics, health on /healthz", host, endpoint.port)
+    # An IPv6 address is bracketed, as a URL needs it: http://[::1]:9812/metrics
+    where = format_address((host, endpoint.port))
+    log.info("metrics on http://%s/metrics, health on /healthz", where)
     return endpoint.stop, endpoint.port
 
 
@@ -437,7 +555,7 @@ def metrics_events(
     if config.metrics_port is None:
         return inner, lambda: None
     remove_directory = prepare_multiprocess() if config.mode == "workers" else lambda: None
-    metrics = Metrics(config.mode)
+    metrics = Metrics(config)
     stop_http, _ = serve_http(metrics, config.metrics_host, config.metrics_port)
 
     def stop() -> None:
