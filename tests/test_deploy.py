@@ -831,14 +831,17 @@ def test_the_metrics_table_lists_what_a_scrape_has() -> None:
     if not OPERATIONS.exists():
         pytest.skip("docs/operations.md is not there")
     documented = set(re.findall(r"`(echoplex_[a-z_]+)`", OPERATIONS.read_text()))
-    with Server("--metrics-port", "0", "--udp", "--tcp", mode="asyncio") as server:
-        assert echo_once(server.address) == b"deploy check\n"
-        metrics = server.wait_for_stderr(METRICS_LINE)
-        url = f"http://{metrics.group(1)}:{metrics.group(2)}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        assert server.stop() == 0
-    # Every family is declared (# TYPE) even before its first labelled sample.
-    declared = set(re.findall(r"^# TYPE (echoplex_\w+) ", text, flags=re.MULTILINE))
-    families = {name for name in declared if not name.endswith("_created")}
+    families: set[str] = set()
+    # One process, whose every family is declared (# TYPE) even before its first labelled
+    # sample; and `workers`, which has one family more (echoplex_worker_up).
+    for mode in ("asyncio", "workers"):
+        with Server("--metrics-port", "0", "--udp", "--tcp", mode=mode) as server:
+            assert echo_once(server.address) == b"deploy check\n"
+            metrics = server.wait_for_stderr(METRICS_LINE)
+            url = f"http://{metrics.group(1)}:{metrics.group(2)}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            assert server.stop() == 0
+        declared = set(re.findall(r"^# TYPE (echoplex_\w+) ", text, flags=re.MULTILINE))
+        families |= {name for name in declared if not name.endswith("_created")}
     assert documented == families
