@@ -307,14 +307,6 @@ def fail(prog: str, message: str, status: int = 2) -> int:
     return status
 
 
-def add_stream_transport_arguments(group: argparse._ArgumentGroup) -> None:
-    """The client side's stream transport options, the same for `client` and `load`:
-    `LoadConfig`'s declarations, under the flags' own names (`args.unix`, `args.ca`)."""
-    from .load.config import STREAM_TRANSPORT, LoadConfig  # only these commands need it
-
-    add_options(group, LoadConfig, only=STREAM_TRANSPORT, dest_from_flag=True)
-
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 

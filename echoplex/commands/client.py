@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TypeVar
 
 from .._cli_util import (
-    add_stream_transport_arguments,
+    add_options,
     fail,
     host_name,
     non_negative_seconds,
@@ -38,6 +38,7 @@ from ..client import (
     round_trip,
 )
 from ..config import DEFAULT_PORT
+from ..load.config import STREAM_TRANSPORT, LoadConfig
 from ..tls import client_context
 
 PROG = "echoplex client"
@@ -208,7 +209,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="use UDP: each message (each stdin line) is one datagram, each echo one back",
     )
-    add_stream_transport_arguments(parser.add_argument_group("transport (default TCP)"))
+    # The stream transport options as `echoplex load` declares them, under the flags'
+    # own names (`args.unix`, `args.ca`).
+    transport = parser.add_argument_group("transport (default TCP)")
+    add_options(transport, LoadConfig, only=STREAM_TRANSPORT, dest_from_flag=True)
 
 
 def address_from(args: argparse.Namespace) -> tuple[str, int]:
