@@ -63,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(PROG, str(exc))
     # Imported here: `echoplex serve` builds this parser too, and needs none of it.
-    from ..load import engine, report
+    from ..load import processes, report
 
     try:
         with report.live_progress() as progress:
-            result = engine.run(config, progress)
+            result = processes.run(config, progress)
     except StartupError as exc:
         return fail(PROG, str(exc), status=1)
     except KeyboardInterrupt:

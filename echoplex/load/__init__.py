@@ -7,9 +7,10 @@ Modules: `config` (the one LoadConfig), `patterns` (the registry of traffic patt
 a class each), `transport` (how a connection reaches the server: TCP, Unix socket, TLS,
 PROXY header, UDP), `connections` (a verifying asyncio Protocol per pattern),
 `datagrams` (the same over UDP, a datagram at a time), `engine` (connect, drive, watch,
-tally), `timer` (sub-millisecond schedule for `rate`), `result` (the figures), `report`
-(progress line, summary, JSON). Payloads come from `echoplex.payload`, latency
-percentiles from `echoplex.stats`.
+tally, in one process), `processes` (`run`: one process, or the connections spread over
+several), `merge` (their figures and histograms as one), `timer` (sub-millisecond
+schedule for `rate`), `result` (the figures), `report` (progress line, summary, JSON).
+Payloads come from `echoplex.payload`, latency percentiles from `echoplex.stats`.
 
 The engine is imported on first use of its names: every `echoplex` command builds
 the `load` parser (which needs only `config`), and most never run a load.
@@ -24,13 +25,14 @@ from .config import LoadConfig
 from .patterns import PATTERNS, Pattern
 
 if TYPE_CHECKING:
-    from .engine import LoadError, Progress, run
+    from .engine import LoadError, Progress
+    from .processes import run
     from .result import ConnectionFailure, LoadResult
 
 _LAZY = {
     "LoadError": "engine",
     "Progress": "engine",
-    "run": "engine",
+    "run": "processes",
     "ConnectionFailure": "result",
     "LoadResult": "result",
 }

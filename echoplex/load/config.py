@@ -7,10 +7,13 @@ transport connects is `echoplex.load.transport`.
 
 from __future__ import annotations
 
+import argparse
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from .._cli_util import (
+    at_most,
     binary_size,
     described,
     file_path,
@@ -30,6 +33,7 @@ from ..config import DEFAULT_HOST, DEFAULT_PORT, LOOPS, FromOtherSettings
 from .patterns import DEFAULT_WINDOW_BYTES, PATTERNS, UDP_PATTERNS, Pattern
 
 MAX_CONNECTIONS = 100_000
+MAX_PROCESSES = 256
 MAX_SIZE_BYTES = 1 << 30
 MAX_DATAGRAM_BYTES = 65_507  # the most one UDP datagram carries over IPv4
 PROXY_VERSIONS = ("v1", "v2")
@@ -45,6 +49,23 @@ WINDOW_FOR_STREAM: Any = FromOtherSettings(
 TIMEOUT_BY_TRANSPORT: Any = FromOtherSettings(
     f"{DEFAULT_TIMEOUT_S:g}, or {UDP_TIMEOUT_S:g} with udp"
 )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as `taskset` sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def process_count(text: str) -> int:
+    """`auto` (one per CPU this process may use) or 1 to MAX_PROCESSES."""
+    if text.strip().lower() == "auto":
+        return min(usable_cpus(), MAX_PROCESSES)
+    try:
+        return at_most(MAX_PROCESSES, positive_int)(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (a number of processes, or auto)") from None
 
 
 def message_size(text: str) -> int:
@@ -208,6 +229,23 @@ class LoadConfig:
     """`v1` or `v2`: each connection starts with a PROXY protocol header naming itself,
     sent before TLS, as HAProxy's send-proxy does."""
 
+    processes: int = option(
+        1,
+        "--processes",
+        "spread the connections over N processes, each with its own event loop (auto: "
+        "one per CPU this one may use); their counts and latency histograms are merged "
+        "exactly, and connections keep one numbering. At most one per connection "
+        "(default {default})",
+        parse=process_count,
+        metavar="N",
+    )
+    """Processes the connections are spread over (`echoplex.load.processes`); a run with
+    fewer connections uses one process per connection."""
+
+    first_connection: int = 0
+    """Number of this run's first connection, which names its payload and its errors: a
+    share of a run spread over processes starts where the previous share ends."""
+
     udp: bool = option(
         False,
         "--udp",
@@ -254,6 +292,12 @@ class LoadConfig:
             problems.append(f"`port` must be 1..65535, not {self.port}")
         if not 1 <= self.connections <= MAX_CONNECTIONS:
             problems.append(f"`connections` must be 1..{MAX_CONNECTIONS}, not {self.connections}")
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            problems.append(f"`processes` must be 1..{MAX_PROCESSES}, not {self.processes}")
+        if not 0 <= self.first_connection <= MAX_CONNECTIONS:
+            problems.append(
+                f"`first_connection` must be 0..{MAX_CONNECTIONS}, not {self.first_connection}"
+            )
         if not 1 <= self.size_bytes <= MAX_SIZE_BYTES:
             problems.append(
                 f"`size_bytes` must be 1..{MAX_SIZE_BYTES} bytes, not {self.size_bytes}"

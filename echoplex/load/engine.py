@@ -36,20 +36,21 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from ..errors import StartupError
 from ..loops import loop_factory
 from ..payload import PayloadPattern
-from ..stats import LatencyHistogram, require_hdrh
+from ..stats import require_hdrh
 from . import connections as stream_connections
 from . import datagrams
 from .config import LoadConfig
 from .connections import NEVER_NS, LoadConnection, Tally
 from .datagrams import DatagramConnection
+from .merge import MergeableHistogram
 from .patterns import Pattern
 from .result import ConnectionFailure, LoadResult
 from .timer import PeriodicTimer
@@ -102,15 +103,23 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+StartTime = Callable[[], Awaitable[int]]
+Result = TypeVar("Result")
 
 
 def run(config: LoadConfig, progress: ProgressCallback | None = None) -> LoadResult:
-    """Run one load against a server and return what it found (blocking)."""
+    """Run one load against a server, in this process, and return what it found (blocking)."""
+    return run_on_loop(config, LoadRun(config, progress).run)
+
+
+def run_on_loop(config: LoadConfig, main: Callable[[], Coroutine[Any, Any, Result]]) -> Result:
+    """`main()` on the config's event loop, once what a run needs is there: hdrhistogram,
+    the loop asked for, a descriptor for each connection."""
     require_hdrh()
     factory = loop_factory(config.loop)
     _ensure_descriptors(config.connections)
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(LoadRun(config, progress).run())
+        return runner.run(main())
 
 
 def connection_class(pattern: type[Pattern], udp: bool) -> type[Connection]:
@@ -148,17 +157,33 @@ def _cpu_seconds() -> float:
 
 
 class LoadRun:
-    """One run of one config: `await run()` for its LoadResult."""
+    """One run of one config: `await run()` for its LoadResult.
 
-    def __init__(self, config: LoadConfig, progress: ProgressCallback | None = None) -> None:
+    A share of a run spread over processes (`echoplex.load.processes`) numbers its
+    connections from `config.first_connection`, starts its traffic at the time
+    `start_time()` gives once its connections are open (by default at once), and
+    leaves signals to the process that spread the run (`handle_signals=False`).
+    """
+
+    def __init__(
+        self,
+        config: LoadConfig,
+        progress: ProgressCallback | None = None,
+        *,
+        start_time: StartTime | None = None,
+        handle_signals: bool = True,
+    ) -> None:
         self.config = config
+        self.start_time = start_time or _now_ns
+        self.handle_signals = handle_signals
         self.pattern = config.pattern_class
         self.connection_class = connection_class(self.pattern, config.udp)
         self.connection_arguments = self.pattern.connection_arguments(config)
         self.progress = progress
         self.payload = PayloadPattern(config.seed)
         self.tally = Tally(config)
-        self.histogram = LatencyHistogram()
+        self.histogram = MergeableHistogram()
+        self.send_lag: MergeableHistogram | None = None  # `scheduled` patterns only
         self.connector = connector_for(config)
         self.tick_s = (
             max(min(TICK_S, config.timeout_s / 4), MIN_UDP_TICK_S) if config.udp else TICK_S
@@ -176,7 +201,11 @@ class LoadRun:
     async def run(self) -> LoadResult:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        handle_signals = threading.current_thread() is threading.main_thread()
+        if self.interrupted:  # asked to stop before it ran
+            self._stop.set()
+        handle_signals = (
+            self.handle_signals and threading.current_thread() is threading.main_thread()
+        )
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
@@ -192,10 +221,11 @@ class LoadRun:
             hold = self._start_hold() if self.pattern.holds else None
             await self._open_all()
             result.connections_opened = sum(conn is not None for conn in self.connections)
+            start_ns = await self.start_time()
             if hold is not None:
                 await self._hold(result, *hold)
             else:
-                await self._load(result)
+                await self._load(result, start_ns)
             result.connections_alive = len(self._live())
         finally:
             ticker.cancel()
@@ -228,16 +258,20 @@ class LoadRun:
     # connecting
 
     async def _open_all(self) -> None:
-        # The first connection alone: if the server is not there, say so once and stop.
-        try:
-            await self._connect(0)
-        except OpenFailed as exc:
-            raise LoadError(exc.summary) from None
+        # The run's first connection alone: if the server is not there, say so once and
+        # stop. (The other shares of a run spread over processes count their failures.)
+        rest = range(self.config.connections)
+        if self.config.first_connection == 0:
+            try:
+                await self._connect(0)
+            except OpenFailed as exc:
+                raise LoadError(exc.summary) from None
+            rest = rest[1:]
         limiter = asyncio.Semaphore(MAX_CONNECTS_IN_FLIGHT)
         tasks = []
         started = time.monotonic()
         rate = self.config.connect_rate_per_s
-        for index in range(1, self.config.connections):
+        for index in rest:
             if rate is not None and await self._sleep(started + index / rate - time.monotonic()):
                 break
             await limiter.acquire()
@@ -252,13 +286,16 @@ class LoadRun:
         try:
             await self._connect(index)
         except OpenFailed as exc:
-            self.tally.failed(ConnectionFailure(index, exc.kind, 0, exc.detail))
+            number = self.config.first_connection + index
+            self.tally.failed(ConnectionFailure(number, exc.kind, 0, exc.detail))
         finally:
             limiter.release()
 
     async def _connect(self, index: int) -> None:
+        """Open connection `index` of this process (its number in the run may be higher)."""
+        number = self.config.first_connection + index
         connection = self.connection_class(
-            self.tally, self.payload, index, **self.connection_arguments
+            self.tally, self.payload, number, **self.connection_arguments
         )
         await self.connector.open(connection)
         self.connections[index] = connection
@@ -267,9 +304,10 @@ class LoadRun:
 
     # the patterns
 
-    async def _load(self, result: LoadResult) -> None:
+    async def _load(self, result: LoadResult, start_ns: int) -> None:
         config, tally = self.config, self.tally
-        start_ns = perf_counter_ns()
+        if await self._sleep((start_ns - perf_counter_ns()) / 1e9):
+            start_ns = perf_counter_ns()  # stopped before the start: nothing is measured
         window_start_ns = start_ns + int(config.warmup_s * 1e9)
         tally.window_start_ns = window_start_ns
         tally.window_end_ns = window_start_ns + int(config.duration_s * 1e9)
@@ -293,9 +331,9 @@ class LoadRun:
         result.client_cpu_s = _cpu_seconds() - cpu_start if end_ns > window_start_ns else 0.0
         result.measured_s = max(0, end_ns - window_start_ns) / 1e9
         if schedule is not None:
-            lag = LatencyHistogram()
-            lag.record_counts(schedule.lag_counts)
-            result.send_lag = lag.summary()
+            self.send_lag = MergeableHistogram()
+            self.send_lag.record_counts(schedule.lag_counts)
+            result.send_lag = self.send_lag.summary()
         self.phase = "draining"
         await self._wait_settled()
         self._settle_stragglers(result)
@@ -404,6 +442,11 @@ class LoadRun:
                     connections=self.config.connections,
                 )
             )
+
+
+async def _now_ns() -> int:
+    """The start of a run that is the whole load: at once."""
+    return perf_counter_ns()
 
 
 def _percentile(counts: dict[int, int], percent: float) -> int:

@@ -50,6 +50,8 @@ def format_summary(result: LoadResult) -> str:
         f"connections  {result.connections_opened:,} opened of {config.connections:,}, "
         f"{result.connections_alive:,} alive at the end"
     )
+    if result.shares:
+        lines.append("processes    " + _shares(result))
     by_kind = ", ".join(
         f"{kind} {count:,}" for kind, count in sorted(result.errors_by_kind.items())
     )
@@ -84,14 +86,26 @@ def high_udp_loss(result: LoadResult) -> bool:
 
 def _heading(result: LoadResult) -> str:
     config = result.config
+    processes = f" over {result.processes} processes" if result.shares else ""
     parts = [
         config.pattern,
-        f"{config.connections:,} connections",
+        f"{config.connections:,} connections{processes}",
         f"{config.size_bytes:,} B messages",
     ]
     parts += config.pattern_class.heading(config, result.measured_s)
     parts += [config.target, result.loop]
     return " · ".join(parts)
+
+
+def _shares(result: LoadResult) -> str:
+    """Each process's connections and what it verified: `0-4 26,025 verified; 5-9 ...`."""
+    parts = []
+    for share in result.shares:
+        first = share.config.first_connection
+        last = first + share.config.connections - 1
+        numbers = f"{first}-{last}" if last > first else f"{first}"
+        parts.append(f"connections {numbers}: {share.requests:,} verified")
+    return f"{len(result.shares)} ({'; '.join(parts)})"
 
 
 def _samples(texts: list[str], total: int) -> list[str]:

@@ -65,6 +65,14 @@ class LoadResult:
     unfinished: int = 0
     """Messages still in flight when an interrupted run stopped waiting for them."""
 
+    shares: list[LoadResult] = field(default_factory=list)
+    """The results of the processes the run was spread over (`echoplex.load.merge`);
+    empty when it ran in one."""
+
+    @property
+    def processes(self) -> int:
+        return len(self.shares) or 1
+
     @property
     def errors(self) -> int:
         return sum(self.errors_by_kind.values())
@@ -96,26 +104,28 @@ class LoadResult:
         return self.client_cpu_s * 1e6 / self.requests if self.requests else None
 
     def to_json(self) -> dict[str, Any]:
-        config = self.config
-        cpu_per_request = self.client_cpu_us_per_request
+        """The run: what was asked (`config_json`), then every figure; `per_process` has
+        the figures of each process (the run itself when it ran in one)."""
         return {
             "ok": self.ok,
-            "pattern": config.pattern,
-            "transport": config.transport,
-            "host": config.host,
-            "port": config.port,
-            "unix_path": config.unix_path,
-            "proxy_header": config.send_proxy,
-            "connections": config.connections,
-            "size": config.size_bytes,
-            "duration_s": config.duration_s,
-            "warmup_s": config.warmup_s,
-            "rate": config.rate_per_s,
-            "window": config.window_bytes if config.pattern_class.uses("window_bytes") else None,
-            "connect_rate": config.connect_rate_per_s,
-            "timeout_s": config.timeout_s,
-            "seed": config.seed,
+            **config_json(self.config),
             "loop": self.loop,
+            **self._figures(),
+            "processes": self.processes,
+            "per_process": [
+                {
+                    "first_connection": share.config.first_connection,
+                    "connections": share.config.connections,
+                    "rate": share.config.rate_per_s,
+                    **share._figures(),
+                }
+                for share in self.shares or [self]
+            ],
+        }
+
+    def _figures(self) -> dict[str, Any]:
+        cpu_per_request = self.client_cpu_us_per_request
+        return {
             "measured_s": round(self.measured_s, 6),
             "requests": self.requests,
             "requests_per_s": round(self.requests_per_s, 3),
@@ -146,3 +156,24 @@ class LoadResult:
             "interrupted": self.interrupted,
             "unfinished": self.unfinished,
         }
+
+
+def config_json(config: LoadConfig) -> dict[str, Any]:
+    """What a run was asked to do, as its JSON object opens (a failed run's too)."""
+    return {
+        "pattern": config.pattern,
+        "transport": config.transport,
+        "host": config.host,
+        "port": config.port,
+        "unix_path": config.unix_path,
+        "proxy_header": config.send_proxy,
+        "connections": config.connections,
+        "size": config.size_bytes,
+        "duration_s": config.duration_s,
+        "warmup_s": config.warmup_s,
+        "rate": config.rate_per_s,
+        "window": config.window_bytes if config.pattern_class.uses("window_bytes") else None,
+        "connect_rate": config.connect_rate_per_s,
+        "timeout_s": config.timeout_s,
+        "seed": config.seed,
+    }
