@@ -129,7 +129,7 @@ def busy_scrape() -> Iterator[Scrape]:
         scrape_until(
             server, lambda s: s.total("echoplex_connections_open") == 0, "the slot given back"
         )
-        reset(echo(server.address))  # an error: unread echo, closed with a RST
+        reset(echo(server.address))  # an error: closed with a RST (SO_LINGER 0)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.settimeout(10)
             for index in range(5):  # a burst of 2 is answered, then the source's rate
