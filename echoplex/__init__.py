@@ -4,6 +4,7 @@ Five concurrency models behind one contract (`echoplex.models`), one config obje
 (`ServerConfig`), and `run()` to serve until stopped.
 """
 
+from ._version import __version__
 from .config import ServerConfig
 from .errors import StartupError
 from .events import ConnectionRecord, LogEvents, QuietEvents, ServerEvents
@@ -20,6 +21,6 @@ __all__ = [
     "ServerEvents",
     "Shutdown",
     "StartupError",
+    "__version__",
     "run",
 ]
-__version__ = "0.1.0"

@@ -6,8 +6,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
 from ._cli_util import Parser
+from ._version import __version__
 from .commands import COMMANDS
 
 

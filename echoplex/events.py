@@ -11,20 +11,15 @@ drained, the stop, to events that have the `RunEvents` hooks (`announced`).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ._net import format_address
 from ._throttle import Throttle
 from .outcomes import Outcome, label
-
-if TYPE_CHECKING:
-    from .plan import ServerPlan
 
 # Numbers connections in the order this process accepts them (workers count each for
 # themselves). next() on a count is atomic under the GIL: no lock for the threads.
@@ -111,14 +106,6 @@ class BuildInfo:
     """`uvloop` or `asyncio`; `none` when nothing runs an event loop (the blocking models
     without UDP)."""
 
-    @classmethod
-    def of(cls, plan: ServerPlan) -> BuildInfo:
-        from . import __version__
-
-        # A loop factory is `uvloop.new_event_loop` or `asyncio.new_event_loop`.
-        loop = "none" if plan.loop is None else plan.loop.__module__.partition(".")[0]
-        return cls(__version__, plan.config.mode, loop)
-
 
 class RunEvents(Protocol):
     """What `run()` reports besides `ServerEvents`, to events that have these hooks
@@ -129,18 +116,6 @@ class RunEvents(Protocol):
 
     def stopped(self) -> None:
         """The server has stopped: drained, every connection and the UDP echo closed."""
-
-
-@contextlib.contextmanager
-def announced(plan: ServerPlan, events: ServerEvents) -> Iterator[None]:
-    """Report `starting` now and, if the block ends without an exception, `stopped`."""
-    starting: Callable[[BuildInfo], None] | None = getattr(events, "starting", None)
-    if starting is not None:
-        starting(BuildInfo.of(plan))
-    yield
-    stopped: Callable[[], None] | None = getattr(events, "stopped", None)
-    if stopped is not None:
-        stopped()
 
 
 class QuietEvents:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from ._version import __version__
 from .config import ServerConfig
-from .events import LogEvents, ServerEvents, announced
-from .plan import Model, load_model, resolve
+from .events import BuildInfo, LogEvents, ServerEvents
+from .plan import Model, ServerPlan, load_model, resolve
 from .shutdown import Shutdown, stop_on_signals
 
 
@@ -61,6 +62,21 @@ def run(
         stop_metrics()
         if own_shutdown:
             shutdown.close()
+
+
+@contextlib.contextmanager
+def announced(plan: ServerPlan, events: ServerEvents) -> Iterator[None]:
+    """Report `starting` now and, if the block ends without an exception, `stopped`, to
+    events that have these hooks (`echoplex.events.RunEvents`)."""
+    starting: Callable[[BuildInfo], None] | None = getattr(events, "starting", None)
+    if starting is not None:
+        # A loop factory is `uvloop.new_event_loop` or `asyncio.new_event_loop`.
+        loop = "none" if plan.loop is None else plan.loop.__module__.partition(".")[0]
+        starting(BuildInfo(__version__, plan.config.mode, loop))
+    yield
+    stopped: Callable[[], None] | None = getattr(events, "stopped", None)
+    if stopped is not None:
+        stopped()
 
 
 def raise_descriptor_limit() -> None:

@@ -135,7 +135,7 @@ def test_pingpong_and_stream_over_a_unix_socket(
             report = json.loads(out)
             assert_clean(report, 3, pattern)
             assert (report["transport"], report["unix_path"]) == ("unix", unix_path)
-        server.wait_for_stderr(r"close unix in=\d+ out=\d+")
+        server.wait_for_stderr(r"close unix#\d+ in=\d+ out=\d+")
 
 
 def test_a_missing_unix_socket_is_one_line(

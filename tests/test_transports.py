@@ -94,7 +94,7 @@ def test_unix_socket_echoes_with_the_asked_mode_and_is_removed_on_exit(
             sock.settimeout(10)
             sock.connect(unix_path)
             assert echo_over(sock, b"\x00unix\xff") == b"\x00unix\xff"
-        server.wait_for_stderr(r"close unix in=6 out=6")
+        server.wait_for_stderr(r"close unix#\d+ in=6 out=6")
         server.signal(signal.SIGTERM)
         assert server.wait() == 0
     assert not os.path.exists(unix_path)
