@@ -236,14 +236,19 @@ class LogEvents:
     def udp_listening(self, addresses: list[Any]) -> None:
         # Not "listening on HOST:PORT", which names the TCP listeners to those who parse it.
         for address in addresses:
-            self.log.info("listening on udp %s", format_address(address))
+            where = format_address(address)
+            self.log.info(
+                "listening on udp %s", where, extra={"event": "udp_listening", "address": where}
+            )
 
     def udp_dropped(self, counts: dict[str, int], last_source: Any) -> None:
+        source = format_address(last_source) if last_source is not None else "unknown"
         self.log.warning(
             "udp: dropped %s (%s), the last from %s",
             _datagrams(sum(counts.values())),
             _by_reason(counts),
-            format_address(last_source) if last_source is not None else "unknown",
+            source,
+            extra={"event": "udp_dropped", "dropped": dict(counts), "peer": source},
         )
 
     def udp_stopped(self, answered: int, dropped: dict[str, int]) -> None:
@@ -252,6 +257,7 @@ class LogEvents:
             _datagrams(answered),
             sum(dropped.values()),
             f" ({_by_reason(dropped)})" if dropped else "",
+            extra={"event": "udp_stopped", "answered": answered, "dropped": dict(dropped)},
         )
 
 

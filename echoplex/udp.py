@@ -128,7 +128,8 @@ class EchoDatagramProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # A send that failed (on Linux an unconnected UDP socket hears of no ICMP errors).
         code = getattr(exc, "errno", None) or 0
-        log.debug("udp send failed: %s", errno.errorcode.get(code, exc))
+        reason = errno.errorcode.get(code, str(exc))
+        log.debug("udp send failed: %s", reason, extra={"event": "udp_send_failed"})
         self.send_failed = True
         self.tally.drop(SEND_ERROR)
 
@@ -208,7 +209,7 @@ class UdpEchoServer:
             self.serve()
         except BaseException:
             if self.started:
-                log.exception("udp echo failed; stopping the server")
+                log.exception("udp echo failed; stopping the server", extra={"event": "udp_failed"})
                 self.shutdown.request()
 
     def stop(self) -> None:

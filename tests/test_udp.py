@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
 import random
 import re
 import signal
@@ -358,3 +359,31 @@ def test_client_udp_timeout_must_be_positive() -> None:
     result = echoplex("client", "--udp", "--timeout", "0", "-m", "hi")
     assert result.returncode == 2
     assert result.stderr == "echoplex client: error: --timeout must be more than 0 with --udp\n"
+
+
+@pytest.mark.timeout(30)
+def test_every_udp_log_line_has_an_event() -> None:
+    command = [sys.executable, "-m", "echoplex", "serve", "--udp", "--port", "0"]
+    options = ["--log-format", "json", "--udp-rate", "1", "--udp-rate-total", "0"]
+    with Process([*command, *options]) as server:
+        match = server.wait_for_stderr(r'"event": "udp_listening", "address": "127.0.0.1:(\d+)"')
+        with udp_socket() as sock:
+            for _ in range(10):  # one a second is allowed, after a burst of two: drops
+                sock.sendto(b"\xff\xfenot utf-8", ("127.0.0.1", int(match.group(1))))
+            sock.settimeout(5)
+            assert sock.recv(100) == b"\xff\xfenot utf-8"
+        server.wait_for_stderr(r'"event": "udp_dropped"')
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+    entries = [json.loads(line) for line in server.stderr.splitlines()]
+    udp_entries = [entry for entry in entries if "udp" in entry["message"]]
+    assert {entry["event"] for entry in udp_entries} == {
+        "udp_listening",
+        "udp_dropped",
+        "udp_stopped",
+    }, udp_entries
+    dropped = [entry for entry in udp_entries if entry["event"] == "udp_dropped"]
+    assert all(entry["dropped"]["rate-source"] > 0 for entry in dropped)
+    (stopped,) = [entry for entry in udp_entries if entry["event"] == "udp_stopped"]
+    assert stopped["answered"] >= 1
+    assert stopped["answered"] + sum(stopped["dropped"].values()) == 10
