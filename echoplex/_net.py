@@ -43,6 +43,8 @@ def check_host(host: str) -> str:
     with contextlib.suppress(ValueError):
         ipaddress.ip_address(host)  # literals, IPv6 with a zone (`fe80::1%eth0`) too
         return host
+    if host.startswith("[") and host.endswith("]"):
+        raise ValueError(f"write an IPv6 address without brackets: {host[1:-1]}, not {host}")
     if "\0" in host:
         raise ValueError(f"not a host name: {host!r} (a NUL character)")
     if len(host) > MAX_HOST_CHARS:

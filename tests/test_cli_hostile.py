@@ -43,6 +43,8 @@ HOSTILE = [
     (["serve", "--host", NOT_UTF8], "argument --host: not a host name"),
     (["serve", "--host", "a..b"], "argument --host: not a host name"),
     (["serve", "--host", ""], "argument --host: empty host"),
+    (["serve", "--host", "[::1]"], "--host: write an IPv6 address without brackets: ::1"),
+    (["serve", "--metrics-port", "0", "--metrics-host", "[::1]"], "without brackets: ::1"),
     (["serve", "--metrics-port", "0", "--metrics-host", LONG_LABEL], "--metrics-host: not a"),
     (["client", "--host", LONG_LABEL, "-m", "x"], "argument --host: not a host name"),
     (["client", "--udp", "--host", NOT_UTF8, "-m", "x"], "argument --host: not a host name"),
