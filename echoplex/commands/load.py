@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import ssl
 import sys
@@ -11,6 +12,7 @@ from .._cli_util import add_options, config_from_args, fail, flags_for_settings
 from ..errors import StartupError
 from ..load.config import LoadConfig
 from ..load.config import message_size as size_bytes
+from ..load.result import config_json
 from ..tls import client_context
 
 PROG = "echoplex load"
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Every echoed byte is checked against what was sent. Exit status: 0 when all "
         "of it came back right; 1 on any mismatch or connection error (the summary "
         "names the connection and offset), or when the server cannot be reached; "
-        "2 on bad arguments. Ctrl-C stops early and still reports."
+        "2 on bad arguments. With --json a run that fails still prints one JSON object, "
+        "with an `error` field. Ctrl-C stops early and still reports."
     )
     add_options(parser, LoadConfig)
     parser.add_argument(
@@ -58,6 +61,10 @@ def _check_ca_file(path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Bad arguments (exit 2) are one line on stderr, with or without --json: argparse
+    finds most of them before it knows whether --json was given, and they describe no
+    run. Every failure of a run (exit 1, or 130 when stopped before it began) is one
+    line on stderr and, with --json, a JSON object with an `error` field on stdout."""
     try:
         config = config_from(args)
     except ValueError as exc:
@@ -66,13 +73,32 @@ def run(args: argparse.Namespace) -> int:
     from ..load import processes, report
 
     try:
+        processes.check_dependencies(config)  # before anything starts
         with report.live_progress() as progress:
             result = processes.run(config, progress)
     except StartupError as exc:
-        return fail(PROG, str(exc), status=1)
+        return _failed(args, config, str(exc), 1)
     except KeyboardInterrupt:
         # Only before the run's own signal handling is in place (or after it ended).
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _failed(args, config, "interrupted", EXIT_INTERRUPTED)
+    except Exception as exc:
+        # A bug: the traceback follows, but a --json reader still gets an object.
+        if args.json:
+            print(error_json(config, f"internal error: {exc!r}"), flush=True)
+        raise
     print(report.to_json(result) if args.json else report.format_summary(result), flush=True)
     return 0 if result.ok else 1
+
+
+def error_json(config: LoadConfig, message: str) -> str:
+    """A run that failed, as `iperf3 -J` reports one: what was asked, and the error."""
+    return json.dumps({"ok": False, "error": message, **config_json(config)}, ensure_ascii=False)
+
+
+def _failed(args: argparse.Namespace, config: LoadConfig, message: str, status: int) -> int:
+    if args.json:
+        print(error_json(config, message), flush=True)
+    if status == EXIT_INTERRUPTED:
+        print(f"{PROG}: {message}", file=sys.stderr)
+        return status
+    return fail(PROG, message, status=status)

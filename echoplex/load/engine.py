@@ -236,6 +236,8 @@ class LoadRun:
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(sig)
         self.histogram.record_counts(self.tally.take_latency_counts())
+        size = self.config.size_bytes
+        result.echoed_total = sum(conn.verified() // size for conn in self.connections if conn)
         result.requests = self.histogram.count
         result.latency = self.histogram.summary()
         result.errors_by_kind = dict(self.tally.errors_by_kind)
@@ -330,6 +332,7 @@ class LoadRun:
         tally.window_end_ns = end_ns
         result.client_cpu_s = _cpu_seconds() - cpu_start if end_ns > window_start_ns else 0.0
         result.measured_s = max(0, end_ns - window_start_ns) / 1e9
+        result.sending_s = max(0, end_ns - start_ns) / 1e9
         if schedule is not None:
             self.send_lag = MergeableHistogram()
             self.send_lag.record_counts(schedule.lag_counts)

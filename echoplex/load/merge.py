@@ -92,6 +92,8 @@ def merged(config: LoadConfig, shares: Sequence[ShareResult]) -> LoadResult:
     total.client_cpu_s = sum(part.client_cpu_s for part in parts)
     total.interrupted = any(part.interrupted for part in parts)
     total.unfinished = sum(part.unfinished for part in parts)
+    total.echoed_total = sum(part.echoed_total for part in parts)
+    total.sending_s = max(part.sending_s for part in parts)
     return total
 
 

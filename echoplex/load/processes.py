@@ -40,6 +40,7 @@ from time import perf_counter_ns
 from typing import Any
 
 from ..errors import StartupError
+from ..loops import loop_factory
 from ..shutdown import Shutdown, stop_on_signals
 from ..stats import require_hdrh
 from . import engine
@@ -54,10 +55,17 @@ START_AHEAD_S = 0.05
 STOP_WAIT_S = 5.0  # how long stopped shares get to exit before they are killed
 
 
+def check_dependencies(config: LoadConfig) -> None:
+    """A StartupError naming the extra to install if the run needs what is not there:
+    hdrhistogram always (`echoplex[load]`), uvloop if asked for by name."""
+    require_hdrh()
+    loop_factory(config.loop)
+
+
 def run(config: LoadConfig, progress: ProgressCallback | None = None) -> LoadResult:
     """Run the load `config` describes, over `config.processes` processes (fewer if there
     are fewer connections), and return what it found (blocking)."""
-    require_hdrh()  # before any process starts
+    check_dependencies(config)  # before any process starts
     count = min(config.processes, config.connections)
     if count == 1:
         return engine.run(config, progress)
@@ -317,4 +325,4 @@ class _Share:
             self.start.set_result(perf_counter_ns())
 
 
-__all__ = ["Spread", "run", "share_main", "shares"]
+__all__ = ["Spread", "check_dependencies", "run", "share_main", "shares"]

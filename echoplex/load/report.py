@@ -12,9 +12,6 @@ from .engine import Progress, ProgressCallback
 from .result import LoadResult
 
 SAMPLES_SHOWN = 5
-# UDP losses above this share of the datagrams are worth a hint about the server's
-# reflection guard, which drops what exceeds its rates (100/s per source by default).
-HIGH_LOSS_SHARE = 0.01
 RATE_LIMIT_HINT = (
     "the server may be rate-limiting: see --udp-rate and --udp-rate-total of "
     "`echoplex serve` (0 turns a limit off)"
@@ -64,8 +61,10 @@ def format_summary(result: LoadResult) -> str:
             f"late         {result.late_datagrams:,} datagrams echoed again, or after they "
             "were counted lost"
         )
-    if high_udp_loss(result):
-        lines.append(f"hint         {result.lost_datagrams:,} datagrams lost: {RATE_LIMIT_HINT}")
+    if result.high_udp_loss:
+        lines.append(
+            f"hint         {result.lost_datagrams:,} datagrams lost: {_udp_loss_hint(result)}"
+        )
     cpu = f"client CPU   {result.client_cpu_s:.2f} s"
     if result.client_cpu_us_per_request is not None:
         cpu += f"   {result.client_cpu_us_per_request:,.1f} µs/request"
@@ -79,9 +78,16 @@ def format_summary(result: LoadResult) -> str:
     return "\n".join(lines)
 
 
-def high_udp_loss(result: LoadResult) -> bool:
-    lost = result.lost_datagrams
-    return result.config.udp and lost > 0 and lost >= HIGH_LOSS_SHARE * (lost + result.requests)
+def _udp_loss_hint(result: LoadResult) -> str:
+    limit = result.udp_limit_met()
+    if limit is None:
+        return RATE_LIMIT_HINT
+    return (
+        f"{result.datagrams_answered:,} answered in {result.sending_s:.1f} s is about what "
+        f"the server's {limit.what} rate limit lets through at its default ({limit.option} "
+        f"{limit.rate_per_s:g}: a burst of {limit.burst:g}, then {limit.rate_per_s:g} a "
+        f"second); start `echoplex serve` with {limit.option} 0 (no limit) or above the load"
+    )
 
 
 def _heading(result: LoadResult) -> str:

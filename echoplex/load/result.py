@@ -1,15 +1,53 @@
-"""What a load run found: counts, latency, errors, mismatches, and its own CPU cost."""
+"""What a load run found: counts, latency, errors, mismatches, and its own CPU cost; and,
+for UDP losses, whether they look like the server's default rate limits."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import ServerConfig
 from ..payload import Mismatch
 from ..stats import LatencySummary
+from ..udp_guard import burst_for
 from .config import LoadConfig
 
 MAX_SAMPLES = 20  # errors and mismatches kept in detail; all of them are counted
+# UDP losses above this share of the datagrams are worth a hint about the server's
+# reflection guard, which drops what exceeds its rates.
+HIGH_LOSS_SHARE = 0.01
+# Answers that fit a default limit: at most a little over what it lets through (the
+# client's clock and the server's differ by a few milliseconds), and not far under it
+# (a `pingpong` connection waits --timeout after each loss, and a bucket that fills to
+# its burst while every connection waits loses what it would have gained).
+LIMIT_FIT_ABOVE = 1.1
+LIMIT_FIT_BELOW = 0.7
+
+
+@dataclass(frozen=True)
+class UdpLimit:
+    """One of `echoplex serve`'s UDP rate limits, at its default: a token bucket that
+    answers a burst of `burst_for(rate)` datagrams, then `rate_per_s` a second."""
+
+    option: str
+    what: str
+    rate_per_s: float
+
+    @property
+    def burst(self) -> float:
+        return burst_for(self.rate_per_s)
+
+    def lets_through(self, seconds: float) -> float:
+        """Datagrams it answers over `seconds` of a load above its rate, from a full bucket."""
+        return self.burst + self.rate_per_s * seconds
+
+
+# `echoplex serve`'s defaults; a load comes from one address, so it meets the
+# per-source limit first.
+UDP_DEFAULT_LIMITS = (
+    UdpLimit("--udp-rate", "per-source", ServerConfig.udp_rate_per_source),
+    UdpLimit("--udp-rate-total", "total", ServerConfig.udp_rate_total),
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +103,12 @@ class LoadResult:
     unfinished: int = 0
     """Messages still in flight when an interrupted run stopped waiting for them."""
 
+    echoed_total: int = 0
+    """Messages echoed and verified over the whole run, measured or not (warmup, drain)."""
+
+    sending_s: float = 0.0
+    """How long messages were sent for (warmup and measured time; not for `hold`)."""
+
     shares: list[LoadResult] = field(default_factory=list)
     """The results of the processes the run was spread over (`echoplex.load.merge`);
     empty when it ran in one."""
@@ -85,6 +129,36 @@ class LoadResult:
     def lost_datagrams(self) -> int:
         """UDP: datagrams whose echo never came back within `timeout_s` (errors)."""
         return self.errors_by_kind.get("lost", 0)
+
+    @property
+    def high_udp_loss(self) -> bool:
+        """UDP datagrams lost, at least HIGH_LOSS_SHARE of them."""
+        lost = self.lost_datagrams
+        return self.config.udp and lost > 0 and lost >= HIGH_LOSS_SHARE * (lost + self.requests)
+
+    @property
+    def datagrams_answered(self) -> int:
+        """UDP: datagrams the server answered (echoes verified, and echoes too late)."""
+        return self.echoed_total + (self.late_datagrams or 0)
+
+    def udp_limit_met(self) -> UdpLimit | None:
+        """The server's default rate limit that the UDP losses look like, if one does.
+
+        Against a limit at its default, a load faster than the limit has the bucket's
+        burst answered, then the limit's rate, and loses the rest: the server answers
+        about `lets_through(sending_s)` datagrams. That many answers, with losses,
+        point to that limit. A likelihood, not proof: a bucket drained by another run
+        less than two seconds before, or a limit set by hand, fits no default, and then
+        the hint stays general.
+        """
+        if not self.high_udp_loss:
+            return None
+        answered = self.datagrams_answered
+        for limit in UDP_DEFAULT_LIMITS:
+            expected = limit.lets_through(self.sending_s)
+            if LIMIT_FIT_BELOW * expected <= answered <= LIMIT_FIT_ABOVE * expected:
+                return limit
+        return None
 
     @property
     def bytes(self) -> int:
@@ -111,6 +185,7 @@ class LoadResult:
             **config_json(self.config),
             "loop": self.loop,
             **self._figures(),
+            "udp_limit_suspected": self._udp_limit_json(),
             "processes": self.processes,
             "per_process": [
                 {
@@ -121,6 +196,18 @@ class LoadResult:
                 }
                 for share in self.shares or [self]
             ],
+        }
+
+    def _udp_limit_json(self) -> dict[str, Any] | None:
+        limit = self.udp_limit_met()
+        if limit is None:
+            return None
+        return {
+            "option": limit.option,
+            "rate_per_s": limit.rate_per_s,
+            "burst": limit.burst,
+            "datagrams_answered": self.datagrams_answered,
+            "sending_s": round(self.sending_s, 6),
         }
 
     def _figures(self) -> dict[str, Any]:
