@@ -6,17 +6,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import socket
 import ssl
 import stat
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-from .procs import Process, Server, echoplex, needs_ipv6
+from .procs import Process, Server, echoplex, needs_ipv6, require_tool
 from .test_contract import recv_exactly
 
 CONCURRENT = ["threads", "pool", "asyncio", "workers"]
@@ -309,3 +311,25 @@ def test_client_sends_a_proxy_header(version: str) -> None:
         assert result.returncode == 0, result.stderr
         assert result.stdout.endswith("Received: b'proxied'\n")
         server.wait_for_stderr(r"open 127\.0\.0\.1:(\d+) via 127\.0\.0\.1:\1\b")
+
+
+@pytest.mark.timeout(60)
+def test_the_readme_certificate_command_makes_one_the_server_and_client_accept(
+    tmp_path: Path,
+) -> None:
+    require_tool("openssl")
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("openssl req ")]
+    made = subprocess.run(
+        shlex.split(command), cwd=tmp_path, capture_output=True, timeout=30, check=False
+    )
+    assert made.returncode == 0, made.stderr
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    with Server("--tls-cert", str(cert), "--tls-key", str(key), mode="asyncio") as server:
+        for host in ("localhost", "127.0.0.1"):
+            said = echoplex(
+                "client", "--tls", "--ca", str(cert), host, str(server.address[1]), "-m", "hi"
+            )
+            assert said.returncode == 0, said.stderr
+            assert "hi" in said.stdout
+        assert server.stop() == 0
