@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from time import perf_counter_ns
 from typing import Any
 
@@ -107,7 +108,7 @@ class Spread:
         self.progress = progress
         self.shutdown = Shutdown()
         self.pipes: list[Connection] = []
-        self.processes: list[Any] = []
+        self.processes: list[BaseProcess] = []
         self.connected = 0
         self.latest: dict[int, Progress] = {}
         self.results: dict[int, ShareResult] = {}
@@ -174,8 +175,8 @@ class Spread:
                 self._start_all()
         elif kind == "progress":
             self.latest[index] = value
-            if self.progress is not None:
-                self.progress(self._merged_progress())
+            if self.progress is not None and len(self.latest) == len(self.shares):
+                self.progress(self._merged_progress())  # once every share has a figure
         elif kind == "result":
             self.results[index] = value
         elif kind == "failed":
