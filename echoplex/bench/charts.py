@@ -1,32 +1,128 @@
 """PNG charts of a bench report, drawn with matplotlib (imported only here, and only
-when charts are written: `pip install 'echoplex[bench]'`).
+when charts are drawn: `pip install 'echoplex[bench]'`).
 
-Per scenario: its headline figure against the load point's varying field, one line
-per server (throughput vs connections for `concurrency`), and for the others than
-`hold` server CPU per request the same way and the latency percentiles of every
-server at every point.
+Per scenario, under the names results.md links to:
+
+- `NAME-throughput.png` (`NAME-memory.png` for `hold`): the scenario's headline figure;
+- `NAME-cpu.png`: server CPU per request (not for `hold`);
+- `NAME-latency.png`: p50, p90 and p99 latency (not for `hold`).
+
+Every chart has one panel per load point and one horizontal bar (or row) per server,
+in the order the servers ran, its name beside it. Bars, not lines: a scenario has at
+most four load points, steps (1, 10, 100, 1000 connections) rather than a continuous
+variable, so a line between two of them draws values nobody measured, and with eight
+servers the lines cross and hide each other exactly where the servers are closest.
+A labelled bar says each value. Value axes start at zero, so bar lengths compare;
+panels share their axis unless their largest values are more than `SHARED_SCALE_LIMIT`
+apart (`sizes`: MB/s from 64 B to 64 KiB messages), then each panel gets its own.
+
+Latency is a dot per percentile on a log axis, p50 to p99 joined: at 1000 connections
+the percentiles of one server span three decades, and a bar on a log axis has no
+meaningful length.
+
+The key (above the panels) tells echoplex models (solid) from reference servers
+(hatched, dashed on the latency chart) and from any other kind of server. Errors
+(timeouts, resets, failed runs, over all repeats) are written in red beside the
+server's value on every chart; a server that echoed wrong bytes gets no bar or dots,
+only "not ranked" and its count of wrong echoes. A server that ran on the load
+generator's CPU has a dagger after its name and a note under the panels.
+
+Redraw the charts from a results.json without rerunning the bench:
+
+    python -m echoplex.bench.charts bench/results bench/results/targets
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .results import Row
+from .._cli_util import Parser, fail
+from .results import MEDIAN_FIELDS, WRONG_ECHO_ERRORS, Row, RunResult
 from .runner import BenchReport, ScenarioResult
-from .scenarios import format_size
+from .scenarios import LoadPoint, Scenario, format_size
+from .servers import SERVERS
 
 INSTALL_HINT = "matplotlib is needed for the charts: pip install 'echoplex[bench]'"
-# Small files: the committed results are read on GitHub, not printed.
-DPI = 72
+PROG = "python -m echoplex.bench.charts"
+# 150 dpi and 12 pt text: a 1,800 px wide chart that GitHub shows at half size keeps
+# its text about 12 px high.
+DPI = 150
+STYLE = {
+    "font.size": 12,
+    "axes.titlesize": 12,
+    "axes.labelsize": 12,
+    "xtick.labelsize": 11,
+    "ytick.labelsize": 12,
+    "legend.fontsize": 11,
+    "figure.titlesize": 15,
+    "hatch.linewidth": 1.5,
+}
+PANEL_WIDTH_IN = 6.0
+ROW_HEIGHT_IN = 0.4
+PANEL_MARGIN_IN = 1.1  # title, tick labels and axis label of one panel
+KEY_HEIGHT_IN = 1.3  # suptitle and the key
+MIN_WIDTH_IN = 9.0
+LABEL_MARGIN = 0.02  # of a panel's width, between a label and the panel's edge
+MIN_LOG_SPAN = 1.0  # decades: a latency axis narrower than that has too few ticks
+MIB = 1024 * 1024
+SHARED_SCALE_LIMIT = 5.0
+OWN_SCALES_NOTE = "each panel has its own scale: their values are too far apart to share one"
+ERROR_COLOR = "tab:red"
 METRIC_LABELS = {
     "requests_per_s": "requests/s",
     "mb_per_s": "MB/s",
     "peak_rss_bytes": "peak RSS (MiB)",
     "cpu_us_per_request": "server CPU µs per request",
 }
-PERCENTILES = (("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))
+PERCENTILES = (
+    ("p50_us", "p50", "o", "tab:blue"),
+    ("p90_us", "p90", "s", "tab:purple"),
+    ("p99_us", "p99", "D", "black"),
+)
+
+
+LineStyle = Literal["-", "--", ":"]
+LINE_NAMES: dict[LineStyle, str] = {"-": "solid", "--": "dashed", ":": "dotted"}
+
+
+@dataclass(frozen=True)
+class KindStyle:
+    """How one kind of server is drawn: its bars (colour and hatch) and, on the latency
+    chart, the line from its p50 to its p99."""
+
+    name: str
+    color: str
+    hatch: str
+    bar_look: str
+    """The bars' look in words, for the key."""
+    linestyle: LineStyle
+
+    @property
+    def bar_label(self) -> str:
+        return f"{self.name} ({self.bar_look})"
+
+    @property
+    def line_label(self) -> str:
+        return f"{self.name} ({LINE_NAMES[self.linestyle]})"
+
+
+KIND_STYLES = {
+    "model": KindStyle("echoplex model", "tab:blue", "", "solid", "-"),
+    "baseline": KindStyle("reference server", "#d0d0d0", "//", "hatched", "--"),
+}
+
+
+def kind_style(kind: str) -> KindStyle:
+    """Models and reference servers as above; any other kind (a server given to the
+    bench on its command line) orange and dotted, named by its kind."""
+    return KIND_STYLES.get(kind) or KindStyle(f"{kind} server", "tab:orange", "..", "dotted", ":")
 
 
 class MissingDependency(Exception):
@@ -50,107 +146,526 @@ def _pyplot() -> Any:
 
 def write_charts(report: BenchReport, out_dir: Path) -> dict[str, list[Path]]:
     """Draw every scenario that ran; returns the PNG paths by scenario name."""
+    return draw_scenarios(report.scenarios, report.machine, out_dir)
+
+
+def draw_scenarios(
+    results: Iterable[ScenarioResult], machine: dict[str, Any], out_dir: Path
+) -> dict[str, list[Path]]:
+    """The charts of each scenario that ran, into `out_dir`; `machine` is the report's
+    (its `pinning` says which CPU the load generator had)."""
     plt = _pyplot()
     written: dict[str, list[Path]] = {}
-    for result in report.scenarios:
+    for result in results:
         if result.skipped or not result.rows:
             continue
-        metric = result.scenario.metric
-        name = "memory" if metric == "peak_rss_bytes" else "throughput"
-        paths = [_figure_chart(plt, result, metric, out_dir / f"{result.scenario.name}-{name}.png")]
-        if metric != "peak_rss_bytes":
-            cpu_path = out_dir / f"{result.scenario.name}-cpu.png"
-            paths.append(_figure_chart(plt, result, "cpu_us_per_request", cpu_path))
-            paths.append(_latency_chart(plt, result, out_dir))
-        written[result.scenario.name] = paths
+        paths = written[result.scenario.name] = []
+        for file_name, fig in figures(result, machine).items():
+            with plt.rc_context(STYLE):
+                fig.savefig(out_dir / file_name, dpi=DPI)
+            plt.close(fig)
+            paths.append(out_dir / file_name)
     return written
 
 
-def _x_value(row: Row, x_axis: str) -> int:
-    value: int = getattr(row, x_axis)
-    return value
+def figures(result: ScenarioResult, machine: dict[str, Any]) -> dict[str, Any]:
+    """A scenario's matplotlib figures by file name (`concurrency-throughput.png`, ...);
+    the caller saves and closes them."""
+    plt = _pyplot()
+    view = ScenarioView(result, machine)
+    name, metric = result.scenario.name, result.scenario.metric
+    with plt.rc_context(STYLE):
+        if metric == "peak_rss_bytes":
+            return {f"{name}-memory.png": _bar_chart(plt, view, metric)}
+        return {
+            f"{name}-throughput.png": _bar_chart(plt, view, metric),
+            f"{name}-cpu.png": _bar_chart(plt, view, "cpu_us_per_request"),
+            f"{name}-latency.png": _latency_chart(plt, view),
+        }
 
 
-def _figure_chart(plt: Any, result: ScenarioResult, metric: str, path: Path) -> Path:
-    """One figure of every server: a line per server over the load points, or a bar
-    per server if the scenario has one point."""
-    scenario = result.scenario
-    scale = 1024 * 1024 if metric == "peak_rss_bytes" else 1
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = sorted({_x_value(row, scenario.x_axis) for row in result.rows})
-    if len(xs) == 1:
-        # One load point: a bar per server says more than a column of dots.
-        rows = [row for row in result.rows if row.figure(metric) is not None]
-        ax.bar(
-            [row.server for row in rows],
-            [(row.figure(metric) or 0.0) / scale for row in rows],
-            color=["tab:gray" if row.kind == "baseline" else "tab:blue" for row in rows],
-        )
-        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-        ax.set_xlabel(rows[0].point if rows else "")
-    else:
-        for server in result.servers:
-            points = [
-                (_x_value(row, scenario.x_axis), row.figure(metric))
-                for row in result.rows
-                if row.server == server
-            ]
-            points = [(x, y / scale) for x, y in points if y is not None]
-            if points:
-                style = "--" if server.startswith("ref-") else "-"
-                ax.plot(*zip(*points, strict=True), style, marker="o", label=server)
-        ax.set_xscale("log")
-        values = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
-        if values and max(values) / min(values) > 50:
-            ax.set_yscale("log")  # e.g. MB/s from 64 B to 64 KiB messages
-        ax.set_xticks(xs)
-        labels = [format_size(x) if scenario.x_axis == "size_bytes" else str(x) for x in xs]
-        ax.set_xticklabels(labels)
-        ax.minorticks_off()
-        ax.set_xlabel("message size" if scenario.x_axis == "size_bytes" else "connections")
-        if ax.get_lines():
-            ax.legend(fontsize="small")
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_title(f"{scenario.name}: {METRIC_LABELS.get(metric, metric)} per server")
-    ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+class ScenarioView:
+    """One scenario's rows arranged for charts: load points, servers, their kinds,
+    what went wrong, and which servers shared the load generator's CPU."""
 
+    def __init__(self, result: ScenarioResult, machine: dict[str, Any]) -> None:
+        self.result = result
+        self.points = list(dict.fromkeys(row.point for row in result.rows))
+        self.servers = list(dict.fromkeys([*result.servers, *(r.server for r in result.rows)]))
+        self._rows = {(row.point, row.server): row for row in result.rows}
+        self.runs = max(row.runs for row in result.rows)
+        self.shared_cpu, self.cpu_notes = _cpu_sharing(result.rows, machine)
 
-def _latency_chart(plt: Any, result: ScenarioResult, out_dir: Path) -> Path:
-    points = list(dict.fromkeys(row.point for row in result.rows))
-    fig, axes = plt.subplots(
-        1, len(points), figsize=(3.2 * len(points) + 1, 4), squeeze=False, sharey=True
-    )
-    width = 0.8 / len(PERCENTILES)
-    for ax, point in zip(axes[0], points, strict=True):
-        rows = [row for row in result.rows if row.point == point]
-        for index, (field, label) in enumerate(PERCENTILES):
-            values = [row.figure(field) or 0.0 for row in rows]
-            ax.bar(
-                [i + (index - 1) * width for i in range(len(rows))],
-                values,
-                width=width,
-                label=label,
-            )
-        ax.set_xticks(range(len(rows)))
-        # A server that timed out most connections shows the latency of the few it served:
-        # say so under its name.
-        labels = [
-            f"{row.server} ({row.errors_total:,} err)" if row.errors_total else row.server
-            for row in rows
+    def row(self, point: str, server: str) -> Row | None:
+        return self._rows.get((point, server))
+
+    def kind(self, server: str) -> str:
+        """The kind the results record; else the bench's own servers' kind; else a
+        reference server by its `ref-` name, or a server from the command line."""
+        for row in self.result.rows:
+            if row.server == server and row.kind:
+                return row.kind
+        if server in SERVERS:
+            return SERVERS[server].kind
+        return "baseline" if server.startswith("ref-") else "custom"
+
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(self.kind(server) for server in self.servers))
+
+    def server_label(self, server: str) -> str:
+        return f"{server} †" if server in self.shared_cpu else server
+
+    def trouble(self, row: Row) -> str:
+        """What went wrong for a server at a point, over all repeats; empty if nothing."""
+        wrong = _wrong_echoes(row)
+        failed = len(row.failures)
+        errors = max(row.errors_total - row.mismatches_total - failed, 0)
+        errors -= sum(row.errors_by_kind.get(kind, 0) for kind in WRONG_ECHO_ERRORS)
+        # One kind of error is named (`2,997 timeout errors`); several are just counted.
+        kinds = [kind for kind in row.errors_by_kind if kind not in WRONG_ECHO_ERRORS]
+        noun = f"{kinds[0]} error" if len(kinds) == 1 else "error"
+        parts = [
+            _count(errors, noun),
+            _count(wrong, "wrong echo", "wrong echoes"),
+            _count(failed, "failed run"),
         ]
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
-        ax.set_yscale("log")
-        ax.set_title(point, fontsize=9)
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("latency (µs, log scale)")
-    axes[0][0].legend(fontsize="small")
-    fig.suptitle(f"{result.scenario.name}: latency percentiles per server")
-    fig.tight_layout()
-    path = out_dir / f"{result.scenario.name}-latency.png"
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+        return ", ".join(part for part in parts if part)
+
+    def not_ranked(self, row: Row) -> str:
+        """Why the server's figures are not drawn, if it echoed wrong bytes (here or at
+        another load point): speed bought with wrong answers is no competitor."""
+        if row.verified:
+            return ""
+        wrong = _count(_wrong_echoes(row), "wrong echo", "wrong echoes")
+        return f"not ranked: {wrong or 'wrong echoes at another load point'}"
+
+    def has_trouble(self) -> bool:
+        return any(self.trouble(row) for row in self.result.rows)
+
+    def point_title(self, point: str) -> str:
+        row = next(row for row in self.result.rows if row.point == point)
+        connections = _count(row.connections, "connection") or "0 connections"
+        noun = "writes" if row.pattern == "stream" else "messages"
+        return f"{row.pattern}: {connections}, {format_size(row.size_bytes)} {noun}"
+
+
+def _wrong_echoes(row: Row) -> int:
+    """Bytes echoed that were not sent, or not as sent, counted as the results do."""
+    return row.mismatches_total + sum(row.errors_by_kind.get(k, 0) for k in WRONG_ECHO_ERRORS)
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    if not number:
+        return ""
+    return f"{number:,} {singular if number == 1 else plural or singular + 's'}"
+
+
+def _cpu_sharing(rows: Sequence[Row], machine: dict[str, Any]) -> tuple[set[str], list[str]]:
+    """The servers that ran on the load generator's CPU, and the notes that say so.
+    Results without a `pinning` entry say nothing of it: no note."""
+    if "pinning" not in machine:
+        return set(), []
+    pinning = machine["pinning"]
+    if not pinning:
+        return set(), ["not pinned: every server shared the CPUs with the load generator"]
+    load_cpu = pinning["load_cpu"]
+    shared: dict[str, list[int]] = {}
+    for row in rows:
+        if row.server_cpus and load_cpu in row.server_cpus:
+            shared.setdefault(row.server, row.server_cpus)
+    notes = [
+        f"† {server} ran on CPUs {', '.join(map(str, cpus))}: it shared CPU {load_cpu} "
+        "with the load generator"
+        for server, cpus in shared.items()
+    ]
+    return set(shared), notes
+
+
+def _format_value(value: float) -> str:
+    """Three significant figures or more: 104,875 / 56.7 / 1.43 / 0.0641."""
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _format_latency(value_us: float) -> str:
+    """Microseconds in the unit a reader thinks in: 42 µs, 1.46 ms, 268 ms, 1.2 s."""
+    for unit, scale in (("s", 1e6), ("ms", 1e3)):
+        if value_us >= scale:
+            return f"{value_us / scale:.3g} {unit}"
+    return f"{value_us:.3g} µs"
+
+
+def _grid(count: int) -> tuple[int, int]:
+    """Rows and columns of panels: two columns once there are two points or more."""
+    columns = min(count, 2)
+    return math.ceil(count / columns), columns
+
+
+def _figure(plt: Any, view: ScenarioView, **share: Any) -> tuple[Any, list[Any]]:
+    """A figure with one panel per load point (surplus grid cells removed)."""
+    rows, columns = _grid(len(view.points))
+    height = rows * (len(view.servers) * ROW_HEIGHT_IN + PANEL_MARGIN_IN) + KEY_HEIGHT_IN
+    fig, grid = plt.subplots(
+        rows,
+        columns,
+        # One panel gets more than a panel's width: the title and key must fit above it.
+        figsize=(max(columns * PANEL_WIDTH_IN, MIN_WIDTH_IN), height),
+        squeeze=False,
+        layout="constrained",
+        **share,
+    )
+    axes = [ax for line in grid for ax in line]
+    for ax in axes[len(view.points) :]:
+        fig.delaxes(ax)
+    return fig, axes[: len(view.points)]
+
+
+def _server_axis(ax: Any, view: ScenarioView) -> None:
+    """Servers down the vertical axis, the first at the top, named on every panel."""
+    ax.set_yticks(range(len(view.servers)))
+    ax.set_yticklabels([view.server_label(server) for server in view.servers])
+    ax.tick_params(axis="y", labelleft=True, length=0)
+    ax.set_ylim(len(view.servers) - 0.5, -0.5)
+
+
+def _bar_chart(plt: Any, view: ScenarioView, metric: str) -> Any:
+    """One horizontal bar per server in each load point's panel, labelled with its value
+    (and in red with its errors), on a value axis from zero."""
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+
+    scale = MIB if metric == "peak_rss_bytes" else 1
+    maxima = [
+        max(row.figure(metric) or 0.0 for row in view.result.rows if row.point == point)
+        for point in view.points
+    ]
+    shared = min(maxima) > 0 and max(maxima) / min(maxima) <= SHARED_SCALE_LIMIT
+    fig, axes = _figure(plt, view, sharey=True, sharex=shared)
+    panels = []
+    for ax, point in zip(axes, view.points, strict=True):
+        rows = [view.row(point, server) for server in view.servers]
+        values = [
+            (row.figure(metric) or 0.0) / scale if row and row.verified else 0.0 for row in rows
+        ]
+        bars = ax.barh(range(len(rows)), values, height=0.7, edgecolor="dimgray", linewidth=0.8)
+        for bar, server in zip(bars, view.servers, strict=True):
+            style = kind_style(view.kind(server))
+            bar.set_facecolor(style.color)
+            bar.set_hatch(style.hatch)
+        labels = [_bar_label(view, row, metric, scale) for row in rows]
+        texts = ax.bar_label(bars, labels=[text for text, _ in labels], padding=4)
+        for text, (_, troubled) in zip(texts, labels, strict=True):
+            if troubled:
+                text.set_color(ERROR_COLOR)
+                text.set_fontweight("bold")
+        _server_axis(ax, view)
+        ax.set_title(view.point_title(point))
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+        if max(values, default=0.0) >= 1000:
+            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        ax.grid(True, axis="x", alpha=0.35)
+        ax.set_axisbelow(True)
+        panels.append((ax, texts))
+    for ax, most in zip(axes, maxima, strict=True):
+        ax.set_xlim(0, (max(maxima) if shared else most) / scale or 1.0)
+    better = "higher is better" if _higher_is_better(view, metric) else "lower is better"
+    label = f"{METRIC_LABELS.get(metric, metric)} ({better})"
+    for ax in _bottom_panels(axes, shared):
+        ax.set_xlabel(label)
+    handles = [_kind_patch(view.kind(server)) for server in view.servers]
+    apart = [] if shared or len(axes) == 1 else [OWN_SCALES_NOTE]
+    _finish(fig, view, METRIC_LABELS.get(metric, metric), _unique(handles), apart)
+    _fit_texts(fig, panels, shared)
+    return fig
+
+
+def _higher_is_better(view: ScenarioView, metric: str) -> bool:
+    if metric == view.result.scenario.metric:
+        return view.result.scenario.higher_is_better
+    return metric not in ("cpu_us_per_request", "peak_rss_bytes")
+
+
+def _bar_label(view: ScenarioView, row: Row | None, metric: str, scale: float) -> tuple[str, bool]:
+    """The text beside a bar, and whether it reports trouble."""
+    if row is None:
+        return "did not run", False
+    value, trouble = row.figure(metric), view.trouble(row)
+    if not_ranked := view.not_ranked(row):
+        return not_ranked, True
+    text = "no result" if value is None else _format_value(value / scale)
+    return (f"{text}  ({trouble})", True) if trouble else (text, False)
+
+
+def _bottom_panels(axes: list[Any], shared: bool) -> list[Any]:
+    """The panels that carry the value axis label: the lowest of each column if the axis
+    is shared, else every one."""
+    if not shared:
+        return axes
+    columns = axes[0].get_gridspec().ncols
+    return axes[-columns:]
+
+
+def _kind_patch(kind: str) -> Any:
+    from matplotlib.patches import Patch
+
+    style = kind_style(kind)
+    return Patch(
+        facecolor=style.color, hatch=style.hatch, edgecolor="dimgray", label=style.bar_label
+    )
+
+
+def _unique(handles: Iterable[Any]) -> list[Any]:
+    return list({handle.get_label(): handle for handle in handles}.values())
+
+
+def _finish(
+    fig: Any, view: ScenarioView, what: str, handles: list[Any], notes: Sequence[str] = ()
+) -> None:
+    """Title, the key above the panels and the notes below them, both outside the data."""
+    from matplotlib.patches import Patch
+
+    runs = "1 run each" if view.runs == 1 else f"median of {view.runs} runs each"
+    # The title heads the key: constrained layout stacks a suptitle and an outside
+    # legend on top of each other.
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncols=len(handles),
+        frameon=False,
+        title=f"{view.result.scenario.name}: {what} per server ({runs})",
+        title_fontsize=STYLE["figure.titlesize"],
+    )
+    notes = [*view.cpu_notes, *notes]
+    if view.has_trouble():
+        notes.insert(0, "red: errors over all runs (timeouts, resets, wrong echoes, failed runs)")
+    if notes:
+        blank = [Patch(visible=False, label=note) for note in notes]
+        legend = fig.legend(
+            handles=blank,
+            loc="outside lower center",
+            frameon=False,
+            handlelength=0,
+            handletextpad=0,
+        )
+        if view.has_trouble():
+            legend.get_texts()[0].set_color(ERROR_COLOR)
+
+
+def _fit_texts(fig: Any, panels: Sequence[tuple[Any, Sequence[Any]]], shared: bool) -> None:
+    """Set each panel's value axis so that the labels beside its bars and dots fit in
+    it. A label sits a fixed number of points from its value, so the room it needs in
+    data units depends on the axis' own scale: solved from one measurement."""
+    for _, texts in panels:
+        for text in texts:
+            # Laid out with the labels sticking out, constrained layout would narrow
+            # the panels to make room for them, and the measure would be wrong.
+            text.set_in_layout(False)
+    fig.canvas.draw()  # lays the figure out: panel widths and text sizes in pixels
+    for group in [panels] if shared else [[panel] for panel in panels]:
+        ax = group[0][0]
+        log = ax.get_xscale() == "log"
+        width = ax.get_window_extent().width
+        needs = [_room(each, text, width, log) for each, texts in group for text in texts]
+        if needs:
+            low, high = _limits(needs, log)
+            ax.set_xlim(10**low, 10**high) if log else ax.set_xlim(0, high)
+
+
+def _room(ax: Any, text: Any, width: float, log: bool) -> tuple[float, float, float]:
+    """A label's anchor on the axis (log10 of it on a log axis) and the shares of the
+    panel's width it needs left and right of its anchor, margin included."""
+    anchor = text.xy[0]
+    anchor_px = ax.transData.transform((anchor, 0))[0]
+    extent = text.get_window_extent()
+    left = (anchor_px - extent.x0) / width + LABEL_MARGIN
+    right = (extent.x1 - anchor_px) / width + LABEL_MARGIN
+    return (math.log10(anchor) if log else anchor), left, right
+
+
+def _limits(needs: Sequence[tuple[float, float, float]], log: bool) -> tuple[float, float]:
+    """The narrowest axis (low, high) on which every label fits: with span S, a label
+    at u needing shares a and b of the width on its left and right fits if
+    low <= u - a*S and low >= u - (1 - b)*S. A linear axis keeps zero as its low end."""
+    if not log:
+        return 0.0, max((u / (1 - right) for u, _, right in needs if right < 1), default=0) or 1.0
+    span = max(
+        [MIN_LOG_SPAN]
+        + [
+            (u_right - u_left) / (1 - b - a)
+            for u_left, a, _ in needs
+            for u_right, _, b in needs
+            if a + b < 1
+        ]
+    )
+    highest_low = min(u - a * span for u, a, _ in needs)
+    lowest_low = max(u - (1 - b) * span for u, _, b in needs)
+    low = (highest_low + lowest_low) / 2
+    return low, low + span
+
+
+def _latency_chart(plt: Any, view: ScenarioView) -> Any:
+    """p50, p90 and p99 of every server as dots on a log axis, p50 and p99 written out."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.transforms import blended_transform_factory
+
+    fig, axes = _figure(plt, view, sharey=True, sharex=True)
+    panels = []
+    for ax, point in zip(axes, view.points, strict=True):
+        texts = []
+        # x in the panel's share of its width, y in data: the left edge of a server's row.
+        edge = blended_transform_factory(ax.transAxes, ax.transData)
+        for index, server in enumerate(view.servers):
+            row = view.row(point, server)
+            values = [row.figure(field) if row else None for field, *_ in PERCENTILES]
+            present = [value for value in values if value]
+            if row and not row.verified:
+                ax.text(
+                    0.01,
+                    index,
+                    view.not_ranked(row),
+                    va="center",
+                    color=ERROR_COLOR,
+                    fontweight="bold",
+                    transform=edge,
+                )
+                continue
+            if not present:
+                ax.text(0.01, index, "no result", va="center", color="dimgray", transform=edge)
+                continue
+            style = kind_style(view.kind(server))
+            ax.plot([min(present), max(present)], [index, index], style.linestyle, color="gray")
+            for value, (_, _, marker, color) in zip(values, PERCENTILES, strict=True):
+                if value:
+                    ax.plot(value, index, marker, color=color, markersize=7)
+            texts.append(_point_label(ax, min(present), index, _format_latency(min(present)), -8))
+            trouble = view.trouble(row) if row else ""
+            right = _format_latency(max(present)) + (f"  ({trouble})" if trouble else "")
+            label = _point_label(ax, max(present), index, right, 8)
+            if trouble:
+                label.set_color(ERROR_COLOR)
+                label.set_fontweight("bold")
+            texts.append(label)
+        _server_axis(ax, view)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _format_latency(value)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(view.point_title(point))
+        ax.grid(True, axis="x", which="major", alpha=0.35)
+        panels.append((ax, texts))
+    for ax in _bottom_panels(axes, shared=True):
+        ax.set_xlabel("latency (log scale; lower is better)")
+    handles = [
+        Line2D([], [], linestyle="none", marker=marker, color=color, markersize=7, label=label)
+        for _, label, marker, color in PERCENTILES
+    ]
+    for kind in view.kinds():
+        style = kind_style(kind)
+        handles.append(
+            Line2D([], [], linestyle=style.linestyle, color="gray", label=style.line_label)
+        )
+    _finish(fig, view, "latency percentiles", handles)
+    _fit_texts(fig, panels, shared=True)
+    low, high = axes[0].get_xlim()
+    if high / low < 100:
+        # Less than two decades would show one or two ticks: add 2x and 5x ones.
+        axes[0].xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    return fig
+
+
+def _point_label(ax: Any, value: float, index: int, text: str, offset_pt: float) -> Any:
+    return ax.annotate(
+        text,
+        (value, index),
+        xytext=(offset_pt, 0),
+        textcoords="offset points",
+        va="center",
+        ha="left" if offset_pt > 0 else "right",
+        fontsize=11,
+    )
+
+
+# --- redrawing from results.json -------------------------------------------------------
+
+
+def load_results(path: Path) -> tuple[list[ScenarioResult], dict[str, Any]]:
+    """The scenarios and machine of a bench results.json (as `report.to_json` wrote it)."""
+    data = json.loads(path.read_text())
+    try:
+        return [_scenario_from_json(item) for item in data["scenarios"]], dict(data["machine"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a bench results.json: {type(exc).__name__} {exc}") from exc
+
+
+def _scenario_from_json(data: dict[str, Any]) -> ScenarioResult:
+    rows = [_row_from_json(row) for row in data["rows"]]
+    points = dict.fromkeys(LoadPoint(r.pattern, r.connections, r.size_bytes) for r in rows)
+    scenario = Scenario(
+        data["name"],
+        data["description"],
+        tuple(points),
+        metric=data["metric"],
+        higher_is_better=data["higher_is_better"],
+    )
+    return ScenarioResult(
+        scenario,
+        servers=list(data["servers"]),
+        reference=data.get("reference"),
+        duration_s=data["duration_s"],
+        warmup_s=data["warmup_s"],
+        runs=[RunResult(**_known(RunResult, run)) for run in data.get("runs", [])],
+        rows=rows,
+        skipped=data.get("skipped"),
+    )
+
+
+def _row_from_json(data: dict[str, Any]) -> Row:
+    medians = {name: data.get(name) for name in MEDIAN_FIELDS}
+    # No kind recorded: the charts infer it from the server's name.
+    return Row(**{"kind": "", **_known(Row, data)}, medians=medians)
+
+
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The items of `data` that are fields of the dataclass `cls` (results.json also
+    holds derived figures, and may hold fields a newer bench added)."""
+    names = {field.name for field in fields(cls)} - {"medians"}
+    return {key: value for key, value in data.items() if key in names}
+
+
+def redraw(path: Path) -> dict[str, list[Path]]:
+    """Redraw the charts of a results.json (or of the one in directory `path`) beside it."""
+    json_path = path / "results.json" if path.is_dir() else path
+    results, machine = load_results(json_path)
+    return draw_scenarios(results, machine, json_path.parent)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = Parser(
+        prog=PROG,
+        description="Redraw the PNG charts of bench results from their results.json, "
+        "beside it, without rerunning the bench.",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="a results.json, or a directory holding one",
+    )
+    args = parser.parse_args(argv)
+    try:
+        check_available()
+    except MissingDependency as exc:
+        return fail(PROG, str(exc), 1)
+    for path in args.paths:
+        try:
+            written = redraw(path)
+        except (OSError, ValueError) as exc:
+            return fail(PROG, f"{path}: {exc}")
+        for paths in written.values():
+            print(*paths, sep="\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
