@@ -38,7 +38,7 @@ MAX_SIZE_BYTES = 1 << 30
 MAX_DATAGRAM_BYTES = 65_507  # the most one UDP datagram carries over IPv4
 PROXY_VERSIONS = ("v1", "v2")
 DEFAULT_TIMEOUT_S = 10.0
-# The options `echoplex client` shares (`echoplex._cli_util.add_stream_transport_arguments`).
+# The options `echoplex client` shares (added by `echoplex.commands.client`).
 STREAM_TRANSPORT = ("unix_path", "tls", "ca_file", "tls_insecure", "send_proxy")
 TRANSPORT = "transport (as `echoplex client`; default TCP to --host:--port)"
 
@@ -120,7 +120,7 @@ class LoadConfig:
         "--duration",
         "measured time; for hold, how long connections stay idle (default {default})",
         parse=positive_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
         short="-d",
     )
     """Measured time after the warmup; for `hold`, how long connections stay idle."""
@@ -130,7 +130,7 @@ class LoadConfig:
         "--warmup",
         "traffic before the measured time, left out of every figure (default {default})",
         parse=non_negative_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
     )
     """Traffic before the measured time, left out of every figure (not used by `hold`)."""
 
@@ -170,7 +170,7 @@ class LoadConfig:
         f"end waits for echoes in flight (default {DEFAULT_TIMEOUT_S:g}); with --udp, a "
         f"datagram not echoed this long after it was sent is lost (default {UDP_TIMEOUT_S:g})",
         parse=positive_seconds,
-        metavar="SECONDS",
+        metavar="DURATION",
     )
     """A connect, or an echo that makes no progress, fails after this long; also how long
     the end of a run waits for echoes still in flight. With `udp`, a datagram whose echo
