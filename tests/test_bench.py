@@ -374,14 +374,11 @@ def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
     assert rows["simple"]["reference"] == "simple"
     for row in rows.values():
         assert row["errors_total"] == 0, row
-        for figure in (
-            "requests_per_s",
-            "p50_us",
-            "p99_us",
-            "cpu_us_per_request",
-            "peak_rss_bytes",
-        ):
+        for figure in ("requests_per_s", "p50_us", "p99_us", "peak_rss_bytes"):
             assert isinstance(row[figure], int | float) and row[figure] > 0, (figure, row)
+        # The bench leaves a run's CPU out when a busy machine made it late for the
+        # load's half-second: present or not, never a wrong figure.
+        assert row["cpu_us_per_request"] is None or row["cpu_us_per_request"] > 0, row
     assert rows["simple"]["vs_baseline"] == 1.0
     assert sum(rows["workers"]["connections_opened"][0].values()) == 1
     text = (out / "results.md").read_text()

@@ -1,5 +1,5 @@
 """`echoplex bench` as an installed package: it names the extra it lacks before starting
-anything, and its reference servers come with the wheel.
+anything, and its reference servers and the cross-check's C source come with the wheel.
 
 Each test runs the real command under an interpreter of its own: a virtual environment
 without pip whose site-packages hold only what the test puts there (echoplex from this
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .procs import ROOT
+from .procs import ROOT, require_tool
 
 
 def _origin(module: str) -> Path:
@@ -54,9 +54,10 @@ def _environment(path: Path, *, modules: tuple[str, ...], checkout: bool) -> Pat
 
 
 def _run(
-    python: Path, *args: str, cwd: Path, timeout_s: float = 30
+    python: Path, *args: str, cwd: Path, timeout_s: float = 30, **env_extra: str
 ) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env.update(env_extra)
     return subprocess.run(
         [python, "-m", "echoplex", *args],
         cwd=cwd,
@@ -137,11 +138,13 @@ def _wheel(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(120)
-def test_the_reference_servers_run_from_a_wheel(tmp_path: Path) -> None:
+def test_the_reference_servers_and_the_cross_check_run_from_a_wheel(tmp_path: Path) -> None:
+    require_tool("cc")
     wheel = _wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     for script in ("socketserver_echo.py", "protocol_echo.py"):
         assert f"echoplex/bench/baselines/{script}" in names
+    assert "echoplex/bench/crosscheck.c" in names  # built on first use, not shipped built
     python = _environment(tmp_path / "venv", modules=("hdrh", "pyhdrh", "uvloop"), checkout=False)
     site = python.parent.parent / "lib"
     # Installing a pure wheel is unpacking it into site-packages.
@@ -153,12 +156,15 @@ def test_the_reference_servers_run_from_a_wheel(tmp_path: Path) -> None:
     result = _run(
         python,
         *("bench", "--scenario", "smoke", "--models", "ref-socketserver", "--baselines"),
-        *("--duration", "0.2", "--warmup", "0.1", "--quiet"),
+        *("--cross-check", "--duration", "0.2", "--warmup", "0.1", "--quiet"),
         cwd=elsewhere,
-        timeout_s=60,
+        timeout_s=80,
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
     )
     assert result.returncode == 0, result.stderr
     assert "| pingpong c=1 s=64B | ref-uvloop |" in result.stdout
+    assert "| pingpong c=1 s=64B | ref-uvloop |" in result.stdout.split("### Cross-check")[1]
+    assert len(list((tmp_path / "cache" / "echoplex").glob("echoplex-crosscheck-*"))) == 1
     where = subprocess.run(
         [
             python,

@@ -7,14 +7,22 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from echoplex.bench import servers
 from echoplex.bench.proctree import tree_affinity, tree_pids
-from echoplex.bench.runner import _unpinned
-from echoplex.bench.servers import RunningServer, ServerStartError, custom_server
+from echoplex.bench.runner import unpinned_threads
+from echoplex.bench.servers import (
+    RunningServer,
+    ServerStartError,
+    WarmUpError,
+    custom_server,
+    warm_up,
+)
 
 from .procs import echoplex
 
@@ -81,8 +89,10 @@ def test_bench_runs_a_user_server_and_names_the_ones_that_echo_wrong_bytes(
     mine = rows["mine"]
     assert mine["kind"] == "custom" and mine["verified"] is True
     assert mine["errors_total"] == 0, mine
-    assert isinstance(mine["vs_baseline"], float) and isinstance(mine["cpu_vs_baseline"], float)
-    for figure in ("requests_per_s", "cpu_us_per_request", "peak_rss_bytes"):
+    # (CPU figures are left out of a run the bench could not time on a busy machine:
+    # they are not asserted here.)
+    assert isinstance(mine["vs_baseline"], float)
+    for figure in ("requests_per_s", "peak_rss_bytes"):
         assert mine[figure] > 0, (figure, mine)
     assert mine["server_processes"] >= 2  # its shell and the server: the whole tree
     for liar in ("corrupter", "dropper"):
@@ -116,7 +126,7 @@ def test_a_user_server_is_pinned_with_every_process_and_thread_it_starts(
         assert seen.read_text() == repr([cpu])  # as the server itself sees it
         threads = tree_affinity(server.pid)
         assert len(threads) >= 2 and all(cpus == {cpu} for cpus in threads.values())
-        assert _unpinned(server.pid, [cpu]) is None
+        assert unpinned_threads(server.pid, [cpu]) is None
     assert tree_pids(server.pid) == []  # the whole group is gone
 
 
@@ -125,7 +135,7 @@ def test_a_server_that_leaves_its_cpus_is_caught(script: str) -> None:
         pytest.skip("pinning needs taskset and 2 CPUs")
     cpu = min(os.sched_getaffinity(0))
     with RunningServer(custom_server(f"mine={script} {{port}} repin"), cpus=[cpu]) as server:
-        escaped = _unpinned(server.pid, [cpu])
+        escaped = unpinned_threads(server.pid, [cpu])
     assert escaped is not None and f"not pinned to CPUs [{cpu}]" in escaped
 
 
@@ -134,7 +144,7 @@ def test_a_user_server_that_fails_to_start_says_why_with_its_last_words() -> Non
     with pytest.raises(ServerStartError) as caught:
         RunningServer(spec)
     message = str(caught.value)
-    assert message.startswith("broken exited before accepting connections on port ")
+    assert message.startswith("broken exited before listening on port ")
     assert "(exit status 3): no such thing" in message
 
 
@@ -157,3 +167,27 @@ def test_bad_server_values_get_one_line(values: list[str], error: str) -> None:
     assert error in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
+
+
+def test_the_warm_up_checks_its_echo_and_catches_a_liar_early(script: str) -> None:
+    with RunningServer(custom_server(f"mine={script} {{port}}")) as server:
+        warm_up(server.host, server.port, 3)  # an honest server: no complaint
+    early_liar = ECHO_SERVER.replace("LIE_AT = 100", "LIE_AT = 5")
+    with RunningServer(
+        custom_server(f"liar={sys.executable} -c {shlex.quote(early_liar)} {{port}} corrupt")
+    ) as server:
+        with pytest.raises(WarmUpError) as caught:
+            warm_up(server.host, server.port, 1)
+    assert caught.value.wrong_echo
+    assert str(caught.value).endswith(f"offset 5: expected byte 0x05, received 0x{5 ^ 0xFF:02x}")
+
+
+def test_a_port_someone_else_listens_on_is_not_mistaken_for_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        port = squatter.getsockname()[1]
+        monkeypatch.setattr(servers, "free_port", lambda: port)
+        with pytest.raises(ServerStartError) as caught:
+            RunningServer(custom_server("slow=sleep 30; echo {port}"))
+    assert str(caught.value).startswith(f"slow lost port {port} to another program")

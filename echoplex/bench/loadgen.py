@@ -2,7 +2,8 @@
 
 The bench has no load generator of its own: every server gets exactly the same
 `python -m echoplex load ... --json` command, and the bench reads back the JSON
-object it prints. `load_argv` is the whole interface to it.
+object it prints. `load_argv` is the whole interface to it. `LoadRun` runs any
+generator that prints such an object (the cross-check's C client too: crosscheck.py).
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ def parse_report(stdout: str) -> dict[str, Any]:
 
 
 class LoadRun:
-    """One `echoplex load` subprocess: start it, `wait()` for it, read its `report`."""
+    """One `echoplex load` subprocess: start it, `wait()` for it, read its `report`.
+    Subclasses run another generator by giving its `command`."""
 
     def __init__(self, host: str, port: int, spec: LoadSpec, *, cpu: int | None = None) -> None:
         self.spec = spec
-        self.argv = load_argv(host, port, spec, cpu=cpu)
+        self.argv = self.command(host, port, spec, cpu)
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -101,6 +103,9 @@ class LoadRun:
         for reader in self._readers:
             reader.start()
         self.timed_out = False
+
+    def command(self, host: str, port: int, spec: LoadSpec, cpu: int | None) -> list[str]:
+        return load_argv(host, port, spec, cpu=cpu)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait up to `timeout_s` (None: until the run's own deadline); True once it exited."""

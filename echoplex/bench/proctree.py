@@ -118,6 +118,55 @@ def tree_affinity(root_pid: int) -> dict[int, set[int]]:
     return cpus
 
 
+# TCP states in /proc/net/tcp (include/net/tcp_states.h).
+ESTABLISHED, LISTEN = "01", "0A"
+
+
+def _tcp_sockets(port: int, state: str) -> list[list[str]]:
+    """The /proc/net/tcp and tcp6 lines, split, of sockets in `state` whose local port
+    is `port`: `sl local_address rem_address st ... inode`, addresses `0100007F:1F90`."""
+    port_hex = f":{port:04X}"
+    sockets = []
+    for table in ("tcp", "tcp6"):
+        try:
+            text = (PROC / "net" / table).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == state and fields[1].endswith(port_hex):
+                sockets.append(fields)
+    return sockets
+
+
+def listening_sockets(port: int) -> set[int]:
+    """The inodes of the TCP sockets listening on `port`, IPv4 or IPv6, any address."""
+    return {int(fields[9]) for fields in _tcp_sockets(port, LISTEN)}
+
+
+def established_connections(port: int) -> int:
+    """TCP connections to local port `port` that have completed their handshake, on the
+    accepting side (those still waiting in a listen backlog included)."""
+    return len(_tcp_sockets(port, ESTABLISHED))
+
+
+def tree_sockets(root_pid: int) -> set[int]:
+    """The inodes of the sockets the tree's processes hold open."""
+    inodes = set()
+    for pid in tree_pids(root_pid):
+        fd_dir = PROC / str(pid) / "fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd_dir / fd)
+                if target.startswith("socket:["):
+                    inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def tree_cpu_s(root_pid: int) -> float | None:
     """User + system CPU seconds used so far by the tree (threads included)."""
     tree = tree_stats(root_pid)

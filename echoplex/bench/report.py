@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .results import Row
+from .crosscheck import GENERATOR, SOURCE
+from .results import CROSS_CHECK_TOLERANCE, CrossCheckRow, Row, RunResult
 from .runner import BenchReport, ScenarioResult
 from .servers import SERVERS
 
@@ -53,10 +54,21 @@ def _scenario_json(result: ScenarioResult) -> dict[str, Any]:
         "warmup_s": result.warmup_s,
         "skipped": result.skipped,
         "rows": [row.as_json() for row in result.rows],
-        "runs": [
-            {**asdict(run), "connections_accepted": run.connections_accepted} for run in result.runs
-        ],
+        "runs": _runs_json(result.runs),
+        "cross_check": {
+            "generator": GENERATOR,
+            "tolerance": CROSS_CHECK_TOLERANCE,
+            "comparison": [row.as_json() for row in result.cross_check],
+            "rows": [row.as_json() for row in result.cross_rows],
+            "runs": _runs_json(result.cross_runs),
+        }
+        if result.cross_runs
+        else None,
     }
+
+
+def _runs_json(runs: list[RunResult]) -> list[dict[str, Any]]:
+    return [{**asdict(run), "connections_accepted": run.connections_accepted} for run in runs]
 
 
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
@@ -151,6 +163,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
         f"Started {report.started_at}, finished {report.finished_at}; "
         f"load average {_loadavg(machine.get('load_average_start'))} at the start, "
         f"{_loadavg(machine.get('load_average_end'))} at the end.",
+        "",
+        readiness(report.settings.warmup_connections),
     ]
     for result in report.scenarios:
         scenario = result.scenario
@@ -191,9 +205,27 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
             ]
         if errors := _error_lines(result):
             parts += ["", "Errors over all repeats, by kind, and runs that failed:", "", *errors]
+        if result.cross_check:
+            parts += ["", *_cross_check_lines(result)]
         for chart in (charts or {}).get(scenario.name, []):
             parts += ["", f"![{scenario.name}]({chart})"]
     return "\n".join(parts) + "\n"
+
+
+def readiness(warmup_connections: int) -> str:
+    """How every server was readied for its load, as results.md says it."""
+    steps = (
+        f"then {warmup_connections} warm-up connection(s), one after another, each echoing "
+        "64 bytes (checked) and closed by both ends"
+        if warmup_connections
+        else "then nothing more: the load's connections were the first it accepted"
+    )
+    return (
+        "Every run starts a fresh server, readied the same way: the bench waits for its "
+        "listening socket (its `listening on` log line, or for a `--server`, the socket in "
+        f"/proc held by its process tree), {steps}; then the load starts. See "
+        'bench/README.md, "Readying a server".'
+    )
 
 
 def _loadavg(values: Any) -> str:
@@ -263,6 +295,64 @@ def _wrong_echo_lines(result: ScenarioResult) -> list[str]:
             f"The reference `{result.reference}` is among them: no server is ranked in this table.",
         ]
     return lines
+
+
+def _cross_check_lines(result: ScenarioResult) -> list[str]:
+    """The cross-check's table and its verdict: do the two generators rank alike?"""
+    metric = result.scenario.metric
+    unit = "req/s" if metric == "requests_per_s" else "MB/s"
+    tolerance = f"{CROSS_CHECK_TOLERANCE:.0%}"
+    lines = [
+        f"### Cross-check: the {GENERATOR}",
+        "",
+        f"Every server again, a fresh one each time, driven by an independent load generator "
+        f"that shares no code with `echoplex load`: a one-thread C epoll ping-pong client "
+        f"that checks every echoed byte ({SOURCE.name}). `C / echoplex` is the {GENERATOR}'s "
+        f"{unit} over `echoplex load`'s for the same server (median over repeats); each `vs "
+        f"ref` is that generator's ratio to `{result.reference}`; `agreement` is the second "
+        f"over the first, 1.00 when both generators rank the server alike.",
+        "",
+        f"| load | server | echoplex load {unit} | {GENERATOR} {unit} | C / echoplex | "
+        f"vs ref (echoplex load) | vs ref ({GENERATOR}) | agreement |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    verified = {row.server: row.verified for row in result.rows}
+    for row in result.cross_check:
+        shown = verified.get(row.server, True)
+        cells = [
+            row.point,
+            row.server,
+            _fmt(row.echoplex, ",.0f" if unit == "req/s" else ",.2f"),
+            _fmt(row.crosscheck, ",.0f" if unit == "req/s" else ",.2f"),
+            _ratio(row.generators),
+            _ratio(row.vs_ref_echoplex) if shown else NOT_RANKED,
+            _ratio(row.vs_ref_crosscheck) if shown else NOT_RANKED,
+            _ratio(row.agreement) if shown else NOT_RANKED,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    apart = [row for row in result.cross_check if row.within_tolerance is False]
+    lines.append("")
+    if apart:
+        lines.append(
+            f"**The generators disagree by more than {tolerance}** on "
+            + "; ".join(_disagreement(row) for row in apart)
+            + "."
+        )
+    elif any(row.within_tolerance for row in result.cross_check):
+        lines.append(
+            f"The two generators' ratios to the reference agree within {tolerance} for every "
+            "server compared."
+        )
+    else:
+        lines.append("No ratio to compare (no reference figure under both generators).")
+    return lines
+
+
+def _disagreement(row: CrossCheckRow) -> str:
+    return (
+        f"{row.server} at {row.point} ({_ratio(row.vs_ref_echoplex)} under echoplex load, "
+        f"{_ratio(row.vs_ref_crosscheck)} under the {GENERATOR}: agreement {_ratio(row.agreement)})"
+    )
 
 
 def _per_worker_lines(result: ScenarioResult) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # The per-run figures a row reports as the median over its repeats.
@@ -38,6 +38,9 @@ MEDIAN_FIELDS = (
 # `echoplex load` error kinds that mean the server echoed what it was not sent.
 WRONG_ECHO_ERRORS = ("extra bytes",)
 MISMATCH_SAMPLES_KEPT = 5
+# How far the two load generators' between-server ratios may differ before the bench
+# names the server (--cross-check).
+CROSS_CHECK_TOLERANCE = 0.15
 
 
 @dataclass
@@ -52,6 +55,8 @@ class RunResult:
     pattern: str
     connections: int
     size_bytes: int
+    generator: str = "echoplex load"
+    """What drove the server: `echoplex load`, or the cross-check's C client."""
     requests: float | None = None
     requests_per_s: float | None = None
     mb_per_s: float | None = None
@@ -191,11 +196,17 @@ def wrong_echoes(runs: Iterable[RunResult]) -> set[str]:
     return {run.server for run in runs if run.echoed_wrong}
 
 
-def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> list[Row]:
+def summarize(
+    runs: Sequence[RunResult],
+    metric: str,
+    reference: str | None,
+    liars: set[str] | None = None,
+) -> list[Row]:
     """One row per (point, server), in the order first run; `vs_baseline` against
     `reference` at the same point when it ran there, for servers whose every echo was
-    right, and only if the reference's was too."""
-    liars = wrong_echoes(runs)
+    right, and only if the reference's was too. `liars`: the servers that echoed wrong
+    bytes (default: in `runs`)."""
+    liars = wrong_echoes(runs) if liars is None else liars
     groups: dict[tuple[str, str], list[RunResult]] = {}
     for run in runs:
         groups.setdefault((run.point, run.server), []).append(run)
@@ -230,6 +241,74 @@ def summarize(runs: Sequence[RunResult], metric: str, reference: str | None) -> 
             row.cpu_vs_baseline = paired_ratio(group, reference_runs, "cpu_us_per_request")
         rows.append(row)
     return rows
+
+
+@dataclass
+class CrossCheckRow:
+    """One server at one load point under both load generators (--cross-check)."""
+
+    point: str
+    server: str
+    echoplex: float | None
+    """The headline figure's median under `echoplex load`..."""
+    crosscheck: float | None
+    """... and under the C client."""
+    generators: float | None
+    """Median over repeats of C client / echoplex load for this server."""
+    vs_ref_echoplex: float | None
+    vs_ref_crosscheck: float | None
+    agreement: float | None
+    """vs_ref_crosscheck / vs_ref_echoplex: 1.0 when both generators rank alike."""
+
+    @property
+    def within_tolerance(self) -> bool | None:
+        if self.agreement is None:
+            return None
+        return abs(self.agreement - 1) <= CROSS_CHECK_TOLERANCE
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "within_tolerance": self.within_tolerance}
+
+
+def compare_generators(
+    runs: Sequence[RunResult],
+    cross_runs: Sequence[RunResult],
+    rows: Sequence[Row],
+    cross_rows: Sequence[Row],
+    metric: str,
+) -> list[CrossCheckRow]:
+    """For every server and point both generators measured: each one's figure and
+    ratio to the reference, and how far apart the two ratios are."""
+    by_key = {(row.point, row.server): row for row in rows}
+
+    def runs_of(which: Sequence[RunResult], point: str, server: str) -> list[RunResult]:
+        return [run for run in which if run.point == point and run.server == server]
+
+    compared = []
+    for cross in cross_rows:
+        row = by_key.get((cross.point, cross.server))
+        if row is None:
+            continue
+        agreement = None
+        if row.vs_baseline and cross.vs_baseline is not None:
+            agreement = cross.vs_baseline / row.vs_baseline
+        compared.append(
+            CrossCheckRow(
+                point=cross.point,
+                server=cross.server,
+                echoplex=row.figure(metric),
+                crosscheck=cross.figure(metric),
+                generators=paired_ratio(
+                    runs_of(cross_runs, cross.point, cross.server),
+                    runs_of(runs, cross.point, cross.server),
+                    metric,
+                ),
+                vs_ref_echoplex=row.vs_baseline,
+                vs_ref_crosscheck=cross.vs_baseline,
+                agreement=agreement,
+            )
+        )
+    return compared
 
 
 def _add_up(counts: Iterable[dict[str, int]]) -> dict[str, int]:

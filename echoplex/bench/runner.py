@@ -7,14 +7,18 @@ to the first one, so they do not compete for a core; a server of N processes
 (`workers-2`) gets the first N CPUs, which may include the load generator's: the
 report says so under its table.
 
-Server CPU is read from `/proc` (whole process tree) over a window inside the load's
-measured phase and divided by that window's length, giving a CPU rate; dividing the
-rate by the load's requests/s gives CPU per request. Only rates are compared, so the
-window need not line up exactly with the load generator's own measurement.
+Before its load, every server is readied the same way (`servers.warm_up`). Server CPU
+is read from `/proc` (whole process tree) over a window inside the load's measured
+phase, which starts once the server's side has all the load's connections and the
+load's warmup has passed, and is divided by that window's length, giving a CPU rate;
+dividing the rate by the load's requests/s gives CPU per request. Only rates are
+compared, so the window need not line up exactly with the load generator's own
+measurement.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -22,7 +26,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +34,10 @@ from typing import Any
 
 from ..models import MODELS
 from ..payload import Mismatch
+from . import crosscheck
 from .loadgen import LoadRun, LoadSpec
 from .proctree import (
+    established_connections,
     raise_nofile_limit,
     tree_affinity,
     tree_cpu_s,
@@ -39,17 +45,28 @@ from .proctree import (
     tree_pids,
     tree_rss_bytes,
 )
-from .results import Row, RunResult, choose_reference, summarize
+from .results import (
+    CrossCheckRow,
+    Row,
+    RunResult,
+    choose_reference,
+    compare_generators,
+    summarize,
+    wrong_echoes,
+)
 from .scenarios import ALL, SCENARIOS, LoadPoint, Scenario
-from .servers import SERVERS, RunningServer, ServerSpec, ServerStartError
+from .servers import SERVERS, RunningServer, ServerSpec, ServerStartError, WarmUpError, warm_up
 
 log = logging.getLogger("echoplex.bench")
 
 DEFAULT_DURATION_S = 2.0
 DEFAULT_WARMUP_S = 0.5
-# The load generator is a fresh Python process: give it this long to start before
-# its warmup is assumed to be running.
-LOAD_STARTUP_S = 0.3
+# The load generator's warmup starts once its connections are open: the bench waits
+# until the server's side has them all (or this long, plus a little per connection,
+# for a server that cannot take them all), polling every so often.
+CONNECT_WAIT_S = 10.0
+CONNECT_WAIT_PER_CONNECTION_S = 0.003
+CONNECT_POLL_S = 0.01
 # The CPU window covers this share of the measured duration, so it ends before the
 # load does even if the load generator started quickly.
 CPU_WINDOW_SHARE = 0.9
@@ -91,6 +108,11 @@ class BenchSettings:
     repeat: int = 1
     pin: bool = True
     reference: str | None = None
+    warmup_connections: int = 1
+    """Connections that each echo 64 bytes and close, one after another, between a
+    server's listening and its load (see `servers.warm_up`)."""
+    cross_check: bool = False
+    """Also drive every server with the C client (crosscheck.py), at ping-pong points."""
 
     def specs(self) -> dict[str, ServerSpec]:
         """Every server this run may start, by name: the built-in ones and `--server`s."""
@@ -106,6 +128,10 @@ class ScenarioResult:
     warmup_s: float = DEFAULT_WARMUP_S
     runs: list[RunResult] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
+    cross_runs: list[RunResult] = field(default_factory=list)
+    """The same servers under the cross-check's C client, when asked for."""
+    cross_rows: list[Row] = field(default_factory=list)
+    cross_check: list[CrossCheckRow] = field(default_factory=list)
     skipped: str | None = None
     """Why the scenario did not run, if it did not."""
 
@@ -224,15 +250,20 @@ def run_bench(settings: BenchSettings, command: str) -> BenchReport:
         machine=machine_info(pinning, nofile),
         settings=settings,
     )
+    binary = crosscheck.build() if settings.cross_check else None
     for name in settings.scenarios:
-        report.scenarios.append(run_scenario(SCENARIOS[name], settings, pinning, nofile[0]))
+        report.scenarios.append(run_scenario(SCENARIOS[name], settings, pinning, nofile[0], binary))
     report.finished_at = _now()
     report.machine["load_average_end"] = _load_average()
     return report
 
 
 def run_scenario(
-    scenario: Scenario, settings: BenchSettings, pinning: Pinning | None, nofile_soft: int
+    scenario: Scenario,
+    settings: BenchSettings,
+    pinning: Pinning | None,
+    nofile_soft: int,
+    cross_check_binary: Path | None = None,
 ) -> ScenarioResult:
     result = ScenarioResult(
         scenario,
@@ -269,20 +300,47 @@ def run_scenario(
         load = LoadSpec(
             point.pattern, point.connections, point.size_bytes, result.duration_s, result.warmup_s
         )
+        generators: list[tuple[str, Callable[..., LoadRun], list[RunResult]]] = [
+            ("echoplex load", LoadRun, result.runs)
+        ]
+        if cross_check_binary is not None and point.pattern in crosscheck.PATTERNS:
+            start = functools.partial(crosscheck.CrossCheckRun, cross_check_binary)
+            generators.append((crosscheck.GENERATOR, start, result.cross_runs))
         for repeat in range(settings.repeat):
+            # Each server under each generator, a fresh server every time, the two
+            # generators' runs of a server next to each other.
             for spec in specs:
-                run = measure(scenario, point, spec, repeat, load, pinning)
-                log.info(
-                    "%s %s %s [%d/%d]: %s",
-                    scenario.name,
-                    point.label,
-                    spec.name,
-                    repeat + 1,
-                    settings.repeat,
-                    _progress(run),
-                )
-                result.runs.append(run)
-    result.rows = summarize(result.runs, scenario.metric, result.reference)
+                for generator, start_load, runs in generators:
+                    run = measure(
+                        scenario,
+                        point,
+                        spec,
+                        repeat,
+                        load,
+                        pinning,
+                        warmup_connections=settings.warmup_connections,
+                        start_load=start_load,
+                    )
+                    run.generator = generator
+                    log.info(
+                        "%s %s %s, %s [%d/%d]: %s",
+                        scenario.name,
+                        point.label,
+                        spec.name,
+                        generator,
+                        repeat + 1,
+                        settings.repeat,
+                        _progress(run),
+                    )
+                    runs.append(run)
+    # Wrong bytes under either generator: not ranked under either.
+    liars = wrong_echoes([*result.runs, *result.cross_runs])
+    result.rows = summarize(result.runs, scenario.metric, result.reference, liars)
+    if result.cross_runs:
+        result.cross_rows = summarize(result.cross_runs, scenario.metric, result.reference, liars)
+        result.cross_check = compare_generators(
+            result.runs, result.cross_runs, result.rows, result.cross_rows, scenario.metric
+        )
     return result
 
 
@@ -293,8 +351,12 @@ def measure(
     repeat: int,
     load: LoadSpec,
     pinning: Pinning | None,
+    *,
+    warmup_connections: int = 1,
+    start_load: Callable[..., LoadRun] = LoadRun,
 ) -> RunResult:
-    """Start `spec` on a free port, drive it with `load`, measure it, stop it."""
+    """Start `spec` on a free port, ready it with `warmup_connections`, drive it with
+    `load` (from `start_load(host, port, load, cpu=...)`), measure it, stop it."""
     server_cpus = pinning.server_cpus(spec) if pinning else None
     result = RunResult(
         scenario=scenario.name,
@@ -312,33 +374,50 @@ def measure(
     except ServerStartError as exc:
         result.failure = str(exc)
         return result
+    warm_up_failed = wrong_warm_up = exited = None
     try:
         result.idle_rss_bytes = tree_rss_bytes(server.pid)
-        unpinned = _unpinned(server.pid, server_cpus)
-        run = LoadRun(server.host, server.port, load, cpu=pinning.load_cpu if pinning else None)
+        unpinned = unpinned_threads(server.pid, server_cpus)
         try:
-            run.wait(load.warmup_s + LOAD_STARTUP_S)
+            warm_up(server.host, server.port, warmup_connections)
+        except WarmUpError as exc:
+            if exc.wrong_echo:
+                wrong_warm_up = str(exc)
+            else:
+                warm_up_failed = str(exc)
+        server.forget_connections(warmup_connections)
+        run = start_load(server.host, server.port, load, cpu=pinning.load_cpu if pinning else None)
+        try:
+            _wait_connected(server.port, load, run)
+            run.wait(load.warmup_s)
             cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
-            run.wait(load.duration_s * CPU_WINDOW_SHARE)
+            overran = run.wait(load.duration_s * CPU_WINDOW_SHARE)
             cpu_after, window_s = tree_cpu_s(server.pid), time.monotonic() - started
+            if overran:
+                # The load ended inside the window (the bench was late on a busy
+                # machine): the window's CPU rate would mix load and idle. No figure.
+                log.warning("%s: the CPU window outlasted the load: no CPU figure", spec.name)
+                cpu_before = None
             # Again under load: a server may start processes or threads lazily.
-            unpinned = unpinned or _unpinned(server.pid, server_cpus)
+            unpinned = unpinned or unpinned_threads(server.pid, server_cpus)
             result.server_processes = len(tree_pids(server.pid))
             report, failure = run.finish()
         finally:
             run.stop()
-        if unpinned:
-            failure = "; ".join(filter(None, (failure, unpinned)))
         result.peak_rss_bytes = tree_peak_rss_bytes(server.pid)
         result.connections_opened = server.connections_opened()
-        if not server.alive():
-            failure = failure or f"server exited with status {server.proc.returncode}"
-            failure += f"; its log ends: {server.stderr_tail()[-300:]}"
+        if (status := server.exit_status()) is not None:
+            exited = (
+                f"server exited with status {status}; its log ends: {server.stderr_tail()[-300:]}"
+            )
     finally:
         server.stop()
-    result.failure = failure
+    result.failure = "; ".join(filter(None, (failure, warm_up_failed, unpinned, exited))) or None
     if report is not None:
         apply_load_report(result, report)
+    if wrong_warm_up:
+        result.mismatches += 1
+        result.mismatch_samples.insert(0, wrong_warm_up)
     if cpu_before is not None and cpu_after is not None and window_s > 0:
         result.server_cpu_s = cpu_after - cpu_before
         result.cpu_window_s = window_s
@@ -349,7 +428,18 @@ def measure(
     return result
 
 
-def _unpinned(root_pid: int, cpus: Sequence[int] | None) -> str | None:
+def _wait_connected(port: int, load: LoadSpec, run: LoadRun) -> None:
+    """Until the load's connections to `port` are established, so that its warmup, then
+    its measured time, are under way (or until it gives up, or exits)."""
+    deadline = time.monotonic() + CONNECT_WAIT_S + load.connections * CONNECT_WAIT_PER_CONNECTION_S
+    # Polling a table of tens of thousands of sockets costs: less often when it is large.
+    poll_s = CONNECT_POLL_S * max(1, load.connections // 1000)
+    while established_connections(port) < load.connections and time.monotonic() < deadline:
+        if run.wait(poll_s):
+            return
+
+
+def unpinned_threads(root_pid: int, cpus: Sequence[int] | None) -> str | None:
     """Which of the server's threads may run outside `cpus` (one that pinned itself
     elsewhere), said in one line; None when all stay on them, or nothing was pinned."""
     if not cpus:

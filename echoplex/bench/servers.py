@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, NoReturn, Self
 
 from ..models import MODELS
-from .proctree import group_pids
+from .proctree import group_pids, listening_sockets, tree_sockets
 
 # In the package, so a wheel has them too; run by path, so they import nothing of ours.
 BASELINE_DIR = Path(__file__).resolve().parent / "baselines"
@@ -44,8 +44,15 @@ PORT_PLACEHOLDER = "{port}"
 # A custom server's name goes into tables and file names: keep it plain.
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
 STARTUP_TIMEOUT_S = 20.0
-# How often a custom server's port is tried while it starts.
-CONNECT_POLL_S = 0.02
+# How often a custom server's port is looked at while it starts.
+LISTEN_POLL_S = 0.02
+# Every server is readied the same way before its load: see `warm_up`.
+WARM_UP_MESSAGE = bytes(range(64))
+WARM_UP_TIMEOUT_S = 5.0
+# How long a warm-up connection waits for the server to close after its own half-close.
+WARM_UP_CLOSE_S = 1.0
+# How long the warm-up's connections may take to show in an echoplex server's log.
+FORGET_WAIT_S = 2.0
 # Servers drain for this long on SIGTERM; the load has ended by then, so it is short.
 DRAIN_TIMEOUT_S = 1.0
 STOP_TIMEOUT_S = 8.0
@@ -198,6 +205,55 @@ class ServerStartError(Exception):
     pass
 
 
+class WarmUpError(Exception):
+    """A warm-up connection failed; `wrong_echo` if the server sent back other bytes."""
+
+    def __init__(self, detail: str, *, wrong_echo: bool = False) -> None:
+        super().__init__(detail)
+        self.wrong_echo = wrong_echo
+
+
+def warm_up(host: str, port: int, connections: int) -> None:
+    """Ready a listening server for its load, the same way for every server: open
+    `connections` connections one after another, and on each send 64 bytes, check
+    that exactly those come back, half-close, and give the server a moment to close
+    too. So every server has accepted, echoed and closed a connection before the load:
+    the stdlib asyncio server needs that to reach its steady state (bench/README.md,
+    "Readying a server")."""
+    for index in range(connections):
+        what = f"warm-up connection {index + 1} to {host}:{port}"
+        try:
+            with socket.create_connection((host, port), timeout=WARM_UP_TIMEOUT_S) as conn:
+                conn.sendall(WARM_UP_MESSAGE)
+                echoed = _receive(conn, len(WARM_UP_MESSAGE))
+                if echoed != WARM_UP_MESSAGE[: len(echoed)]:
+                    offset = next(i for i, b in enumerate(echoed) if b != WARM_UP_MESSAGE[i])
+                    raise WarmUpError(
+                        f"{what} offset {offset}: expected byte "
+                        f"0x{WARM_UP_MESSAGE[offset]:02x}, received 0x{echoed[offset]:02x}",
+                        wrong_echo=True,
+                    )
+                if len(echoed) < len(WARM_UP_MESSAGE):
+                    raise WarmUpError(
+                        f"{what}: {len(echoed)} of {len(WARM_UP_MESSAGE)} bytes echoed"
+                    )
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(WARM_UP_CLOSE_S)
+                if _receive(conn, 1):
+                    raise WarmUpError(f"{what}: more bytes echoed than sent", wrong_echo=True)
+        except OSError as exc:
+            raise WarmUpError(f"{what}: {exc.strerror or exc}") from None
+
+
+def _receive(conn: socket.socket, size: int) -> bytes:
+    """Up to `size` bytes: fewer only if the peer closed (or the timeout struck first)."""
+    received = b""
+    with contextlib.suppress(TimeoutError):
+        while len(received) < size and (chunk := conn.recv(size - len(received))):
+            received += chunk
+    return received
+
+
 class RunningServer:
     """A started server: `host`, `port`, `pid`, connection counts; `stop()` it when done."""
 
@@ -241,15 +297,18 @@ class RunningServer:
             if not self._ready.wait(STARTUP_TIMEOUT_S) or not self.port:
                 self._not_ready(f"did not report `listening on` {within}")
             return
+        # Its listening socket, seen in /proc without connecting to it (a connection
+        # would be one more than other servers get), and held by one of its processes.
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.exit_status() is not None:
-                self._not_ready(f"exited before accepting connections on port {self.port}")
-            with contextlib.suppress(OSError):
-                socket.create_connection((self.host, self.port), timeout=1).close()
-                return
-            time.sleep(CONNECT_POLL_S)
-        self._not_ready(f"did not accept connections on {self.host}:{self.port} {within}")
+                self._not_ready(f"exited before listening on port {self.port}")
+            if listening := listening_sockets(self.port):
+                if listening & tree_sockets(self.pid):
+                    return
+                self._not_ready(f"lost port {self.port} to another program that listens on it")
+            time.sleep(LISTEN_POLL_S)
+        self._not_ready(f"did not listen on port {self.port} {within}")
 
     def _not_ready(self, what: str) -> NoReturn:
         self._reader.join(timeout=0.5)  # the server's last words, if it has exited
@@ -281,6 +340,18 @@ class RunningServer:
             return None
         with self._lock:
             return dict(sorted(self._opened.items()))
+
+    def forget_connections(self, count: int) -> None:
+        """Count accepted connections from zero once the `count` made so far (the
+        warm-up's) are logged: the table's `accepted` is the load's."""
+        deadline = time.monotonic() + FORGET_WAIT_S
+        while self.spec.kind == "model" and time.monotonic() < deadline:
+            with self._lock:
+                if sum(self._opened.values()) >= count:
+                    break
+            time.sleep(LISTEN_POLL_S)
+        with self._lock:
+            self._opened.clear()
 
     def stderr_tail(self) -> str:
         return "\n".join(self._tail)

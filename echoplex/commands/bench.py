@@ -9,8 +9,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from .._cli_util import fail, non_negative_seconds, positive_int, positive_seconds
+from .._cli_util import fail, non_negative_int, non_negative_seconds, positive_int, positive_seconds
 from ..bench import SCENARIOS, SERVERS, BenchSettings, run_bench
+from ..bench.crosscheck import CrossCheckUnavailable
+from ..bench.crosscheck import build as build_cross_check
 from ..bench.report import markdown, write_results
 from ..bench.runner import INSTALL_HINT, missing_packages, selected, servers_for
 from ..bench.scenarios import ALL
@@ -65,6 +67,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_seconds,
         metavar="SECONDS",
         help="unmeasured seconds of load before each run (default 0.5; smoke 0.2)",
+    )
+    parser.add_argument(
+        "--warmup-connections",
+        type=non_negative_int,
+        default=1,
+        metavar="N",
+        help="how every server is readied once it listens, before its load: N connections "
+        "one after another, each echoing 64 bytes (checked) and closed (default 1; 0: "
+        "the load's connections are the first the server ever accepts)",
+    )
+    parser.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="also drive every server, at ping-pong load points, with an independent C "
+        "epoll client (built with the system's cc on first use, cached in "
+        "~/.cache/echoplex) and report where the two load generators' ratios differ by "
+        "more than 15%%",
     )
     parser.add_argument(
         "--repeat",
@@ -155,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         repeat=args.repeat,
         pin=not args.no_pin,
         reference=args.reference,
+        warmup_connections=args.warmup_connections,
+        cross_check=args.cross_check,
     )
     if args.reference and args.reference not in settings.specs():
         known = ", ".join(settings.specs())
@@ -168,6 +189,11 @@ def run(args: argparse.Namespace) -> int:
     for name in settings.scenarios:
         if args.reference and args.reference not in servers_for(SCENARIOS[name], settings):
             return fail(PROG, f"--reference {args.reference} is not among the servers {name} runs")
+    if args.cross_check:
+        try:
+            build_cross_check()  # now, so that a missing compiler stops nothing half-way
+        except CrossCheckUnavailable as exc:
+            return fail(PROG, str(exc), 1)
     try:
         report = run_bench(settings, command_line(args))
     except KeyboardInterrupt:
@@ -202,6 +228,10 @@ def command_line(args: argparse.Namespace) -> str:
             argv += [flag, f"{value:g}"]
     if args.repeat != 1:
         argv += ["--repeat", str(args.repeat)]
+    if args.warmup_connections != 1:
+        argv += ["--warmup-connections", str(args.warmup_connections)]
+    if args.cross_check:
+        argv.append("--cross-check")
     if args.reference:
         argv += ["--reference", args.reference]
     if args.no_pin:
