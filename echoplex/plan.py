@@ -101,21 +101,18 @@ def resolve(config: ServerConfig, model: Model) -> ServerPlan:
     loop = loop_factory(config.loop) if runs_loop or config.udp else None
     context = tls.server_context(config) if config.tcp else None
     per_process = bool(getattr(model, "LISTENER_PER_PROCESS", False))
-    # With port 0, the port TCP picks may be taken for UDP: then pick again.
-    retry = config.tcp and config.udp and not config.port
-    for attempt in range(1, SHARED_PORT_ATTEMPTS + 1):
-        listeners, reserved, hosts = _bind_tcp(config, per_process)
-        port = _port_of([*reserved, *listeners], config.port)
+    if config.port or not config.tcp:
+        # A port given: UDP first (its error comes first, as when serving it alone).
+        udp_sockets = open_udp_sockets(config.hosts, config.port) if config.udp else []
         try:
-            udp_sockets = open_udp_sockets(config.hosts, port) if config.udp else []
-            break
-        except StartupError as exc:
-            listeners.close()
-            for sock in reserved:
+            listeners, reserved, hosts = _bind_tcp(config, per_process)
+        except BaseException:
+            for sock in udp_sockets:
                 sock.close()
-            in_use = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EADDRINUSE
-            if not (retry and in_use and attempt < SHARED_PORT_ATTEMPTS):
-                raise
+            raise
+    else:
+        listeners, reserved, hosts, udp_sockets = _bind_tcp_then_udp(config, per_process)
+    port = _port_of([*reserved, *listeners, *udp_sockets], config.port)
     return ServerPlan(
         config=config,
         loop=loop,
@@ -129,6 +126,28 @@ def resolve(config: ServerConfig, model: Model) -> ServerPlan:
         udp_sockets=udp_sockets,
         reserved=reserved,
     )
+
+
+def _bind_tcp_then_udp(
+    config: ServerConfig, per_process: bool
+) -> tuple[Listeners, list[socket.socket], tuple[str, ...], list[socket.socket]]:
+    """Port 0: TCP picks the port, UDP binds the same number; if UDP finds it taken, TCP
+    picks again."""
+    for attempt in range(1, SHARED_PORT_ATTEMPTS + 1):
+        listeners, reserved, hosts = _bind_tcp(config, per_process)
+        port = _port_of([*reserved, *listeners], config.port)
+        try:
+            udp_sockets = open_udp_sockets(config.hosts, port) if config.udp else []
+        except StartupError as exc:
+            listeners.close()
+            for sock in reserved:
+                sock.close()
+            in_use = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EADDRINUSE
+            if not (in_use and attempt < SHARED_PORT_ATTEMPTS):
+                raise
+        else:
+            return listeners, reserved, hosts, udp_sockets
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _bind_tcp(
@@ -157,7 +176,7 @@ def _bind_tcp(
 
 
 def _port_of(sockets: Iterable[socket.socket], default: int) -> int:
-    """The port of the first TCP socket (they all share it), else `default`."""
+    """The port of the first IP socket (they all share it), else `default`."""
     for sock in sockets:
         if sock.family in (AF_INET, AF_INET6):
             port: int = sock.getsockname()[1]
