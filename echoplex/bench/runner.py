@@ -68,8 +68,9 @@ CONNECT_WAIT_S = 10.0
 CONNECT_WAIT_PER_CONNECTION_S = 0.003
 CONNECT_POLL_S = 0.01
 # The CPU window covers this share of the measured duration, so it ends before the
-# load does even if the load generator started quickly.
-CPU_WINDOW_SHARE = 0.9
+# load does even when the bench itself runs late: on this 2-CPU machine shared with
+# other work (load average 10), 0.9 left 14 of 36 runs of 3 s without a CPU figure.
+CPU_WINDOW_SHARE = 0.75
 # Descriptors the bench, a server or the load generator need beyond one per connection.
 NOFILE_MARGIN = 200
 # What the bench needs beyond the standard library, by module, with the package that
