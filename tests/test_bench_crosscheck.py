@@ -147,17 +147,32 @@ def test_bench_cross_check_end_to_end(client: Path, tmp_path: Path) -> None:
     assert "| pingpong c=1 s=64B | ref-asyncio |" in text.split("### Cross-check")[1]
 
 
-def _runs(server: str, echoplex_rps: float, c_rps: float) -> tuple[RunResult, RunResult]:
+def _runs(
+    server: str, rps: tuple[float, float], cpu_us: tuple[float, float]
+) -> tuple[RunResult, RunResult]:
+    """One run of `server` under echoplex load and one under the C client: requests/s
+    and server CPU µs per request under each."""
     common = dict(scenario="s", point="p", server=server, kind="baseline", repeat=0)
     shape = dict(pattern="pingpong", connections=1, size_bytes=64)
     return (
-        RunResult(**common, **shape, requests_per_s=echoplex_rps),  # type: ignore[arg-type]
-        RunResult(**common, **shape, generator="C client", requests_per_s=c_rps),  # type: ignore[arg-type]
+        RunResult(**common, **shape, requests_per_s=rps[0], cpu_us_per_request=cpu_us[0]),  # type: ignore[arg-type]
+        RunResult(
+            **common,  # type: ignore[arg-type]
+            **shape,  # type: ignore[arg-type]
+            generator="C client",
+            requests_per_s=rps[1],
+            cpu_us_per_request=cpu_us[1],
+        ),
     )
 
 
 def test_the_report_names_servers_the_two_generators_rank_apart() -> None:
-    pairs = [_runs("ref", 100.0, 200.0), _runs("close", 50.0, 110.0), _runs("apart", 50.0, 150.0)]
+    pairs = [
+        _runs("ref", (100.0, 200.0), (10.0, 10.0)),
+        _runs("close", (50.0, 110.0), (15.0, 16.0)),
+        _runs("apart", (50.0, 150.0), (10.0, 13.0)),
+        _runs("cpu-apart", (50.0, 100.0), (10.0, 20.0)),
+    ]
     runs, cross_runs = [p[0] for p in pairs], [p[1] for p in pairs]
     rows, cross_rows = (
         summarize(runs, "requests_per_s", "ref"),
@@ -167,12 +182,15 @@ def test_the_report_names_servers_the_two_generators_rank_apart() -> None:
     by_server = {row.server: row for row in compared}
     assert by_server["ref"].generators == 2.0 and by_server["ref"].agreement == 1.0
     assert by_server["close"].agreement == pytest.approx(1.1)
+    assert by_server["close"].cpu_agreement == pytest.approx(16 / 15)
     assert by_server["close"].within_tolerance is True
     assert by_server["apart"].agreement == pytest.approx(1.5)
     assert by_server["apart"].within_tolerance is False
+    assert by_server["cpu-apart"].agreement == 1.0 and by_server["cpu-apart"].cpu_agreement == 2.0
+    assert by_server["cpu-apart"].within_tolerance is False
     result = ScenarioResult(
         SCENARIOS["smoke"],
-        servers=["ref", "close", "apart"],
+        servers=["ref", "close", "apart", "cpu-apart"],
         reference="ref",
         runs=runs,
         rows=rows,
@@ -181,8 +199,12 @@ def test_the_report_names_servers_the_two_generators_rank_apart() -> None:
         cross_check=compared,
     )
     text = markdown(BenchReport("echoplex bench", "now", {}, BenchSettings(("smoke",)), [result]))
-    assert "| p | apart | 50 | 150 | 3.00x | 0.50x | 0.75x | 1.50x |" in text
     assert (
-        "**The generators disagree by more than 15%** on apart at p (0.50x under echoplex "
-        "load, 0.75x under the C client: agreement 1.50x)." in text
+        "| p | apart | 50 | 150 | 3.00x | 0.50x | 0.75x | 1.50x | 1.00x | 1.30x | 1.30x |" in text
+    )
+    assert (
+        "**The generators disagree by more than 15%** on apart at p (req/s 0.50x under "
+        "echoplex load, 0.75x under the C client; CPU/req 1.00x under echoplex load, 1.30x "
+        "under the C client); cpu-apart at p (CPU/req 1.00x under echoplex load, 2.00x "
+        "under the C client)." in text
     )

@@ -308,26 +308,38 @@ def _cross_check_lines(result: ScenarioResult) -> list[str]:
         f"Every server again, a fresh one each time, driven by an independent load generator "
         f"that shares no code with `echoplex load`: a one-thread C epoll ping-pong client "
         f"that checks every echoed byte ({SOURCE.name}). `C / echoplex` is the {GENERATOR}'s "
-        f"{unit} over `echoplex load`'s for the same server (median over repeats); each `vs "
-        f"ref` is that generator's ratio to `{result.reference}`; `agreement` is the second "
-        f"over the first, 1.00 when both generators rank the server alike.",
+        f"{unit} over `echoplex load`'s for the same server (median over repeats). Then, "
+        f"under each generator (`e`: echoplex load, `C`: the {GENERATOR}), the server's "
+        f"ratio to `{result.reference}` in {unit} and in server CPU per request, and "
+        f"`agree`, the C ratio over the echoplex one: 1.00 when both generators rank the "
+        f"server alike.",
         "",
         f"| load | server | echoplex load {unit} | {GENERATOR} {unit} | C / echoplex | "
-        f"vs ref (echoplex load) | vs ref ({GENERATOR}) | agreement |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"vs ref e | vs ref C | agree | CPU/req vs ref e | CPU/req vs ref C | agree |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     verified = {row.server: row.verified for row in result.rows}
+    figure = ",.0f" if unit == "req/s" else ",.2f"
     for row in result.cross_check:
-        shown = verified.get(row.server, True)
+        ranked = (
+            [
+                _ratio(row.vs_ref_echoplex),
+                _ratio(row.vs_ref_crosscheck),
+                _ratio(row.agreement),
+                _ratio(row.cpu_vs_ref_echoplex),
+                _ratio(row.cpu_vs_ref_crosscheck),
+                _ratio(row.cpu_agreement),
+            ]
+            if verified.get(row.server, True)
+            else [NOT_RANKED] * 6
+        )
         cells = [
             row.point,
             row.server,
-            _fmt(row.echoplex, ",.0f" if unit == "req/s" else ",.2f"),
-            _fmt(row.crosscheck, ",.0f" if unit == "req/s" else ",.2f"),
+            _fmt(row.echoplex, figure),
+            _fmt(row.crosscheck, figure),
             _ratio(row.generators),
-            _ratio(row.vs_ref_echoplex) if shown else NOT_RANKED,
-            _ratio(row.vs_ref_crosscheck) if shown else NOT_RANKED,
-            _ratio(row.agreement) if shown else NOT_RANKED,
+            *ranked,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     apart = [row for row in result.cross_check if row.within_tolerance is False]
@@ -335,24 +347,31 @@ def _cross_check_lines(result: ScenarioResult) -> list[str]:
     if apart:
         lines.append(
             f"**The generators disagree by more than {tolerance}** on "
-            + "; ".join(_disagreement(row) for row in apart)
+            + "; ".join(_disagreement(row, unit) for row in apart)
             + "."
         )
     elif any(row.within_tolerance for row in result.cross_check):
         lines.append(
-            f"The two generators' ratios to the reference agree within {tolerance} for every "
-            "server compared."
+            f"The two generators' ratios to the reference agree within {tolerance}, in {unit} "
+            "and in server CPU per request, for every server compared."
         )
     else:
         lines.append("No ratio to compare (no reference figure under both generators).")
     return lines
 
 
-def _disagreement(row: CrossCheckRow) -> str:
-    return (
-        f"{row.server} at {row.point} ({_ratio(row.vs_ref_echoplex)} under echoplex load, "
-        f"{_ratio(row.vs_ref_crosscheck)} under the {GENERATOR}: agreement {_ratio(row.agreement)})"
-    )
+def _disagreement(row: CrossCheckRow, unit: str) -> str:
+    parts = []
+    for what, echoplex, cross, agreement in (
+        (unit, row.vs_ref_echoplex, row.vs_ref_crosscheck, row.agreement),
+        ("CPU/req", row.cpu_vs_ref_echoplex, row.cpu_vs_ref_crosscheck, row.cpu_agreement),
+    ):
+        if agreement is not None and abs(agreement - 1) > CROSS_CHECK_TOLERANCE:
+            parts.append(
+                f"{what} {_ratio(echoplex)} under echoplex load, {_ratio(cross)} under the "
+                f"{GENERATOR}"
+            )
+    return f"{row.server} at {row.point} ({'; '.join(parts)})"
 
 
 def _per_worker_lines(result: ScenarioResult) -> list[str]:

@@ -245,7 +245,9 @@ def summarize(
 
 @dataclass
 class CrossCheckRow:
-    """One server at one load point under both load generators (--cross-check)."""
+    """One server at one load point under both load generators (--cross-check): its
+    ratios to the reference under each, for the headline figure and for server CPU
+    per request, and each pair's quotient (1.0 when both generators rank it alike)."""
 
     point: str
     server: str
@@ -258,16 +260,25 @@ class CrossCheckRow:
     vs_ref_echoplex: float | None
     vs_ref_crosscheck: float | None
     agreement: float | None
-    """vs_ref_crosscheck / vs_ref_echoplex: 1.0 when both generators rank alike."""
+    cpu_vs_ref_echoplex: float | None
+    cpu_vs_ref_crosscheck: float | None
+    cpu_agreement: float | None
 
     @property
     def within_tolerance(self) -> bool | None:
-        if self.agreement is None:
+        """False if either pair of ratios is more than the tolerance apart; None if
+        there is no pair to compare."""
+        present = [a for a in (self.agreement, self.cpu_agreement) if a is not None]
+        if not present:
             return None
-        return abs(self.agreement - 1) <= CROSS_CHECK_TOLERANCE
+        return all(abs(a - 1) <= CROSS_CHECK_TOLERANCE for a in present)
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "within_tolerance": self.within_tolerance}
+
+
+def _quotient(value: float | None, by: float | None) -> float | None:
+    return value / by if value is not None and by else None
 
 
 def compare_generators(
@@ -278,7 +289,7 @@ def compare_generators(
     metric: str,
 ) -> list[CrossCheckRow]:
     """For every server and point both generators measured: each one's figure and
-    ratio to the reference, and how far apart the two ratios are."""
+    ratios to the reference, and how far apart the two generators' ratios are."""
     by_key = {(row.point, row.server): row for row in rows}
 
     def runs_of(which: Sequence[RunResult], point: str, server: str) -> list[RunResult]:
@@ -289,9 +300,6 @@ def compare_generators(
         row = by_key.get((cross.point, cross.server))
         if row is None:
             continue
-        agreement = None
-        if row.vs_baseline and cross.vs_baseline is not None:
-            agreement = cross.vs_baseline / row.vs_baseline
         compared.append(
             CrossCheckRow(
                 point=cross.point,
@@ -305,7 +313,10 @@ def compare_generators(
                 ),
                 vs_ref_echoplex=row.vs_baseline,
                 vs_ref_crosscheck=cross.vs_baseline,
-                agreement=agreement,
+                agreement=_quotient(cross.vs_baseline, row.vs_baseline),
+                cpu_vs_ref_echoplex=row.cpu_vs_baseline,
+                cpu_vs_ref_crosscheck=cross.cpu_vs_baseline,
+                cpu_agreement=_quotient(cross.cpu_vs_baseline, row.cpu_vs_baseline),
             )
         )
     return compared
