@@ -379,10 +379,13 @@ def test_bench_smoke_end_to_end(tmp_path: Path) -> None:
         # The bench leaves a run's CPU out when a busy machine made it late for the
         # load's half-second: present or not, never a wrong figure.
         assert row["cpu_us_per_request"] is None or row["cpu_us_per_request"] > 0, row
+        # What other work took of the pinned CPUs: measured where the bench pinned.
+        assert row["foreign_cpu_pct"] is None or row["foreign_cpu_pct"] >= 0, row
     assert rows["simple"]["vs_baseline"] == 1.0
     assert sum(rows["workers"]["connections_opened"][0].values()) == 1
     text = (out / "results.md").read_text()
     assert "| load | server | req/s |" in text
+    assert "| other load % |" in text
     assert text in stdout + "\n" or "| pingpong c=1 s=64B | simple |" in stdout
     for chart in ("smoke-throughput.png", "smoke-cpu.png", "smoke-latency.png"):
         assert (out / chart).read_bytes().startswith(PNG_MAGIC)
@@ -466,3 +469,15 @@ def test_bench_multicore_spreads_workers_2_over_two_processes(tmp_path: Path) ->
         assert "- workers-2: server on CPU" in text
     else:
         assert rows["workers-2"]["server_cpus"] is None
+
+
+def test_busy_ticks_count_the_cpus_asked_for_only() -> None:
+    from echoplex.bench.proctree import busy_ticks_of
+
+    cpus = sorted(os.sched_getaffinity(0))
+    everything = busy_ticks_of(cpus)
+    assert everything is not None and everything > 0  # this machine has run something
+    assert busy_ticks_of([]) == 0
+    assert busy_ticks_of([10_000]) == 0  # no such CPU: nothing counted
+    first = busy_ticks_of(cpus[:1])
+    assert first is not None and first <= everything

@@ -131,6 +131,8 @@ class LoadRun:
                 return None, f"load did not finish within {self.spec.timeout_s:.0f}s"
             detail = stderr.splitlines()[-1] if stderr else str(exc)
             return None, f"load exited with status {self.proc.returncode}: {detail}"
+        if isinstance(report.get("error"), str):  # a failed run still prints its JSON
+            return None, f"load failed: {report['error']}"
         failure = f"load stopped after {self.spec.timeout_s:.0f}s" if self.timed_out else None
         return report, failure
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,3 +223,20 @@ def raise_nofile_limit() -> tuple[int, int]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft, hard
+
+
+def busy_ticks_of(cpus: Iterable[int]) -> int | None:
+    """Clock ticks `cpus` spent on anything but idle and iowait (the hypervisor's steal
+    included), summed, from `/proc/stat`; None off Linux."""
+    wanted = {f"cpu{cpu}" for cpu in cpus}
+    busy = 0
+    try:
+        with open(PROC / "stat") as stat:
+            for line in stat:
+                fields = line.split()
+                if fields and fields[0] in wanted:
+                    ticks = [int(value) for value in fields[1:9]]
+                    busy += sum(ticks) - ticks[3] - ticks[4]
+    except OSError:
+        return None
+    return busy

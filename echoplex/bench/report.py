@@ -111,6 +111,7 @@ THROUGHPUT_COLUMNS: list[Column] = [
     ("p99 µs", lambda row: _fmt(row.figure("p99_us"), ",.0f")),
     ("CPU µs/req", lambda row: _fmt(row.figure("cpu_us_per_request"), ",.1f")),
     ("load CPU µs/req", lambda row: _fmt(row.figure("client_cpu_us_per_request"), ",.1f")),
+    ("other load %", lambda row: _fmt(row.figure("foreign_cpu_pct"), ",.0f")),
     ("peak RSS MiB", lambda row: _fmt(row.figure("peak_rss_bytes"), ",.1f", MIB)),
     ("accepted", lambda row: _fmt(row.figure("connections_accepted"), ",.0f")),
     ("errors", lambda row: f"{row.errors_total:,}"),

@@ -28,6 +28,7 @@ MEDIAN_FIELDS = (
     "connections_alive",
     "server_cpu_pct",
     "cpu_us_per_request",
+    "foreign_cpu_pct",
     "peak_rss_bytes",
     "idle_rss_bytes",
     "connections_accepted",
@@ -88,6 +89,11 @@ class RunResult:
     """Connections the server accepted, by process (`worker-N` for workers)."""
     server_cpus: list[int] | None = None
     """The CPUs the server was pinned to; None when the bench did not pin."""
+    foreign_cpu_pct: float | None = None
+    """Share of the pinned CPUs (the server's and the load generator's) that went to
+    anything else during the CPU window: other processes, the hypervisor's steal.
+    Request/response throughput scales with what is left, so such a run measured the
+    machine as much as the server."""
     server_processes: int | None = None
     """Processes in the server's tree under load (a shell and its server count two)."""
     failure: str | None = None
