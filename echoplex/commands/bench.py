@@ -59,14 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--duration",
         type=positive_seconds,
-        metavar="SECONDS",
-        help="measured seconds per run (default 2; smoke 0.5)",
+        metavar="DURATION",
+        help="measured time per run (default 2s; smoke 500ms)",
     )
     parser.add_argument(
         "--warmup",
         type=non_negative_seconds,
-        metavar="SECONDS",
-        help="unmeasured seconds of load before each run (default 0.5; smoke 0.2)",
+        metavar="DURATION",
+        help="unmeasured load before each run (default 500ms; smoke 200ms)",
     )
     parser.add_argument(
         "--warmup-connections",
