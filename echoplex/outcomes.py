@@ -30,7 +30,7 @@ class Outcome(StrEnum):
     TLS_HANDSHAKE_TIMEOUT = "tls-handshake-timeout"
     """No TLS handshake within `--tls-handshake-timeout`."""
     TLS_HANDSHAKE_FAILED = "tls-handshake-failed"
-    """The TLS handshake failed; the detail says why (OpenSSL's reason, `reset`, `closed`)."""
+    """The TLS handshake failed; the detail says why (OpenSSL's reason, or `closed`)."""
     PROXY_HEADER_TIMEOUT = "proxy-header-timeout"
     """A trusted proxy sent no complete PROXY header within `--proxy-header-timeout`."""
     PROXY_ERROR = "proxy-error"
@@ -64,14 +64,15 @@ def outcome_of(exc: BaseException | None) -> tuple[Outcome, str | None]:
 
 
 def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
-    """How a failed TLS handshake ended, and why (OpenSSL's reason, or what the socket
-    said): `tls-handshake-failed:WRONG_VERSION_NUMBER`, `tls-handshake-timeout`."""
-    if isinstance(exc, TimeoutError | ConnectionAbortedError):  # asyncio's timeout: aborted
+    """How a failed TLS handshake ended, and why, the same in every model: OpenSSL's
+    reason (`tls-handshake-failed:WRONG_VERSION_NUMBER`), or `closed` when the client
+    went away during it (closed or reset: an event loop cannot tell which)."""
+    if isinstance(exc, TimeoutError):
         return Outcome.TLS_HANDSHAKE_TIMEOUT, None
-    if isinstance(exc, ssl.SSLError):
-        return Outcome.TLS_HANDSHAKE_FAILED, exc.reason or type(exc).__name__
-    if isinstance(exc, ConnectionResetError | BrokenPipeError):
-        return Outcome.TLS_HANDSHAKE_FAILED, "reset"
-    if isinstance(exc, EOFError):
+    gone = (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError, EOFError)
+    # CPython's own SSLErrors (no OpenSSL library) say in a sentence that the peer left.
+    if isinstance(exc, gone) or (isinstance(exc, ssl.SSLError) and exc.library is None):
         return Outcome.TLS_HANDSHAKE_FAILED, "closed"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return Outcome.TLS_HANDSHAKE_FAILED, exc.reason
     return Outcome.TLS_HANDSHAKE_FAILED, type(exc).__name__

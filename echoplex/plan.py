@@ -143,7 +143,8 @@ def _bind_tcp_then_udp(
             for sock in reserved:
                 sock.close()
             in_use = isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EADDRINUSE
-            if not (in_use and attempt < SHARED_PORT_ATTEMPTS):
+            # systemd's sockets are read once and cannot be had again: no second try.
+            if not (in_use and attempt < SHARED_PORT_ATTEMPTS) or listeners.from_systemd:
                 raise
         else:
             return listeners, reserved, hosts, udp_sockets

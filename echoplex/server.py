@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from ._version import __version__
 from .config import ServerConfig
 from .events import BuildInfo, LogEvents, ServerEvents
+from .models import MODELS
 from .plan import Model, ServerPlan, load_model, resolve
 from .shutdown import Shutdown, stop_on_signals
 
@@ -34,6 +35,7 @@ def run(
 
     Raises `StartupError` when the server cannot start (busy port, missing uvloop).
     """
+    name = config.mode if model is None else model_name(model)
     model = model or load_model(config.mode)
     raise_descriptor_limit()
     own_shutdown = shutdown is None
@@ -45,7 +47,11 @@ def run(
 
         events, stop_metrics = metrics_events(config, events)
     try:
-        with stop_on_signals(shutdown), resolve(config, model) as plan, announced(plan, events):
+        with (
+            stop_on_signals(shutdown),
+            resolve(config, model) as plan,
+            announced(plan, name, events),
+        ):
             if not config.udp:
                 model.serve(plan, events, shutdown)
                 return
@@ -64,15 +70,23 @@ def run(
             shutdown.close()
 
 
+def model_name(model: Model) -> str:
+    """A model's name: its registry name, or for a model of one's own its own name
+    (never the config's mode, which did not choose it)."""
+    module = getattr(model, "__name__", None)
+    registered = [name for name, entry in MODELS.items() if entry.module == module]
+    return registered[0] if registered else module or type(model).__name__
+
+
 @contextlib.contextmanager
-def announced(plan: ServerPlan, events: ServerEvents) -> Iterator[None]:
+def announced(plan: ServerPlan, model: str, events: ServerEvents) -> Iterator[None]:
     """Report `starting` now and, if the block ends without an exception, `stopped`, to
     events that have these hooks (`echoplex.events.RunEvents`)."""
     starting: Callable[[BuildInfo], None] | None = getattr(events, "starting", None)
     if starting is not None:
         # A loop factory is `uvloop.new_event_loop` or `asyncio.new_event_loop`.
         loop = "none" if plan.loop is None else plan.loop.__module__.partition(".")[0]
-        starting(BuildInfo(__version__, plan.config.mode, loop))
+        starting(BuildInfo(__version__, model, loop))
     yield
     stopped: Callable[[], None] | None = getattr(events, "stopped", None)
     if stopped is not None:

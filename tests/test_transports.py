@@ -11,6 +11,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import warnings
@@ -333,3 +334,41 @@ def test_the_readme_certificate_command_makes_one_the_server_and_client_accept(
             assert said.returncode == 0, said.stderr
             assert "hi" in said.stdout
         assert server.stop() == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_a_client_gone_during_the_handshake_is_told_alike_in_every_model(
+    mode: str, certificate: tuple[str, str, str]
+) -> None:
+    cert_file, key_file, _ = certificate
+    with Server("--tls-cert", cert_file, "--tls-key", key_file, mode=mode) as server:
+        with socket.create_connection(server.address, timeout=10):
+            pass  # connects, closes: no ClientHello
+        server.wait_for_stderr("outcome=tls-handshake-failed:closed")
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"\x16\x03\x01")  # the start of a TLS record, then a reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert server.stop() == 0
+    # Both the same way, whichever model: the client went away.
+    assert server.stderr.count("outcome=tls-handshake-failed:closed") == 2, server.stderr
+    assert "Traceback" not in server.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_the_drain_ends_a_stalled_handshake_in_every_model(
+    mode: str, certificate: tuple[str, str, str]
+) -> None:
+    # A handshake deadline far beyond the drain's: the drain must end it, as `drained`.
+    cert_file, key_file, _ = certificate
+    args = ("--tls-cert", cert_file, "--tls-key", key_file, "--tls-handshake-timeout", "1h")
+    with Server(*args, "--drain-timeout", "0.3", "--workers", "1", mode=mode) as server:
+        with socket.create_connection(server.address, timeout=10) as stalled:
+            # Let the server take it off the queue before the stop (nothing comes back).
+            with contextlib.suppress(TimeoutError):
+                stalled.settimeout(0.3)
+                stalled.recv(1)
+            server.signal(signal.SIGTERM)
+            assert server.wait() == 0
+    assert "outcome=drained" in server.stderr, server.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import select
 import selectors
 import socket
 import ssl
@@ -27,7 +28,7 @@ from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
 from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import Connections, Step
-from ..limits import Deadlines
+from ..limits import Deadlines, TimeLimits
 from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown, wait_until
@@ -85,7 +86,7 @@ class BlockingServer:
                 if step is Step.PROXY_HEADER:
                     connections.proxy.read_blocking(conn, record)
                 elif step is Step.TLS_HANDSHAKE:
-                    over_tls = self._handshake(conn, record)
+                    over_tls = self._handshake(conn, record, read_gate)
                 else:
                     connections.opened(record)
                     echo_until_closed(over_tls or conn, record, self.plan, self.events, read_gate)
@@ -96,16 +97,28 @@ class BlockingServer:
                 over_tls.close()
             connections.closed(record, conn.close)
 
-    def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> ssl.SSLSocket | None:
+    def _handshake(
+        self, conn: socket.socket, record: ConnectionRecord, read_gate: ReadGate | None
+    ) -> ssl.SSLSocket | None:
         """The TLS session over `conn`, or None with the record saying why there is none.
 
         A duplicate of the socket is wrapped: a wrap that fails part-way (a client that
         resets at once) has already taken the descriptor of the socket it was given, and
-        `conn` must keep its own until it is closed."""
+        `conn` must keep its own until it is closed. With a `read_gate` (`simple`, whose
+        one thread must also notice a stop), each wait for the client goes through it."""
         assert self.plan.tls is not None
-        conn.settimeout(self.plan.config.tls_handshake_timeout_s)
+        timeout_s = self.plan.config.tls_handshake_timeout_s
+        conn.settimeout(timeout_s)
         try:
-            wrapped = self.plan.tls.wrap_socket(conn.dup(), server_side=True)
+            wrapped = self.plan.tls.wrap_socket(
+                conn.dup(), server_side=True, do_handshake_on_connect=read_gate is None
+            )
+            if read_gate is not None:
+                stop = _handshake_through(wrapped, conn, read_gate, timeout_s, record)
+                if stop is not None:
+                    wrapped.close()
+                    record.finish(stop)
+                    return None
         except (ssl.SSLError, OSError) as exc:
             record.finish(*handshake_outcome(exc))
             return None
@@ -135,6 +148,32 @@ class BlockingServer:
         # Give the cut-off threads a moment to close and report their connections.
         grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
         wait_until(lambda: not connections.count, lambda: grace_ends)
+
+
+def _handshake_through(
+    wrapped: ssl.SSLSocket,
+    conn: socket.socket,
+    read_gate: ReadGate,
+    timeout_s: float,
+    record: ConnectionRecord,
+) -> Outcome | None:
+    """Do the handshake in steps, waiting for the client through `read_gate` (with the
+    handshake's deadline as its idle limit): None once done, or why to stop."""
+    deadlines = Deadlines(TimeLimits(timeout_s, None, None), record.opened_at)
+    wrapped.setblocking(False)
+    while True:
+        try:
+            wrapped.do_handshake()
+            wrapped.setblocking(True)
+            return None
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:  # a full send buffer, mid-handshake: rare
+            select.select([], [conn], [], timeout_s)
+            continue
+        stop = read_gate(conn, deadlines)
+        if stop is not None:
+            return Outcome.TLS_HANDSHAKE_TIMEOUT if stop is Outcome.IDLE_TIMEOUT else stop
 
 
 def _shut_down(conn: socket.socket) -> None:
@@ -171,7 +210,7 @@ def echo_until_closed(
     zero_copy = config.zero_copy and not log_data and _splice.can_splice(conn)
     try:
         while True:
-            if read_gate is not None and (stop := read_gate(conn)) is not None:
+            if read_gate is not None and (stop := read_gate(conn, deadlines)) is not None:
                 record.finish(stop)
                 return
             wait = read_wait

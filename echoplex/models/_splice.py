@@ -21,9 +21,9 @@ from ..events import ConnectionRecord
 from ..limits import Deadlines, Wait
 from ..outcomes import Outcome
 
-ReadGate = Callable[[socket.socket], Outcome | None]
-"""Called with the connection before each read by the `simple` model: None to read, or
-an outcome to stop with."""
+ReadGate = Callable[[socket.socket, Deadlines], Outcome | None]
+"""Called with the connection and its deadlines before each read by the `simple` model:
+None to read, or an outcome to stop with."""
 
 AVAILABLE = hasattr(os, "splice")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -63,7 +63,7 @@ def splice_echo(
     poller.register(fd, select.POLLIN)
     try:
         while True:
-            if read_gate is not None and (stop := read_gate(conn)) is not None:
+            if read_gate is not None and (stop := read_gate(conn, deadlines)) is not None:
                 record.finish(stop)
                 return
             # Optimistic: a streaming client usually has bytes waiting, so try first

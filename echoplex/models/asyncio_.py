@@ -51,12 +51,13 @@ class _Server:
 
 
 class EchoProtocol(asyncio.Protocol):
-    __slots__ = ("received", "record", "server", "transport", "watch")
+    __slots__ = ("adopting", "received", "record", "server", "transport", "watch")
 
     def __init__(self, server: _Server, peer: Any) -> None:
         self.server = server
         self.received = 0  # here, not on the record: one attribute less per chunk
         self.transport: asyncio.Transport | None = None
+        self.adopting: asyncio.Task[None] | None = None  # while in its PROXY or TLS step
         self.record = server.connections.admitted(peer, self)
         self.watch = ProgressWatch(self.record.opened_at)
 
@@ -95,8 +96,10 @@ class EchoProtocol(asyncio.Protocol):
 
     def cut_off(self) -> None:
         """End it for a limit or a drain: gracefully if nothing is waiting to be sent.
-        (Not made yet, it is still in its PROXY or TLS step, which has its own deadline.)"""
+        Not made yet, it is in its PROXY or TLS step: that step is cancelled."""
         if self.transport is None:
+            if self.adopting is not None:
+                self.adopting.cancel()
             return
         if self.record.outcome == Outcome.IDLE_TIMEOUT:
             self.transport.close()
@@ -150,16 +153,23 @@ async def _serve(
 
     async def adopt(conn: socket.socket, peer: Any) -> None:
         protocol = protocol_class(server, peer)
+        protocol.adopting = asyncio.current_task()
         record = protocol.record
         conn.setblocking(False)
         context = None
-        for step in connections.steps(record):
-            if step is Step.PROXY_HEADER:
-                await connections.proxy.read(conn, record)
-            elif step is Step.TLS_HANDSHAKE:
-                context = plan.tls  # the loop does the handshake as it takes the socket
-            else:
-                await _connect(loop, protocol, conn, context, plan.config.tls_handshake_timeout_s)
+        try:
+            for step in connections.steps(record):
+                if step is Step.PROXY_HEADER:
+                    await connections.proxy.read(conn, record)
+                elif step is Step.TLS_HANDSHAKE:
+                    context = plan.tls  # the loop does the handshake as it takes the socket
+                else:
+                    timeout_s = plan.config.tls_handshake_timeout_s
+                    await _connect(loop, protocol, conn, context, timeout_s)
+        except asyncio.CancelledError:
+            pass  # cut off in its PROXY or TLS step (the drain): the record says so
+        finally:
+            protocol.adopting = None
         if record.outcome is not None and protocol.transport is None:
             conn.close()
             protocol.connection_lost(None)
@@ -197,8 +207,8 @@ async def _serve(
             loop.remove_reader(listener.fileno())
         listeners.close()  # stop listening: new connects are refused
         events.stopping()
-        if adopting:
-            await asyncio.wait(adopting)
+        # Connections still in their PROXY or TLS step drain like the others: the
+        # drain's end cancels their step (`EchoProtocol.cut_off`).
         await _drain(server, stop_wakeup, plan.drain_timeout_s, shutdown)
     finally:
         if sweeper is not None:
@@ -227,8 +237,14 @@ async def _connect(
             ssl_handshake_timeout=handshake_timeout_s if context else None,
         )
     except (OSError, ssl.SSLError) as exc:
-        # Gone before the loop took it, or a handshake that failed or timed out.
-        protocol.record.finish(*(handshake_outcome(exc) if context else outcome_of(exc)))
+        # Gone before the loop took it, or a handshake that failed or timed out (the
+        # loop aborts a handshake past its timeout: ConnectionAbortedError).
+        if context is None:
+            protocol.record.finish(*outcome_of(exc))
+        elif isinstance(exc, ConnectionAbortedError):
+            protocol.record.finish(Outcome.TLS_HANDSHAKE_TIMEOUT)
+        else:
+            protocol.record.finish(*handshake_outcome(exc))
 
 
 async def _sweep_limits(server: _Server, interval_s: float) -> None:

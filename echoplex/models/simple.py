@@ -13,7 +13,6 @@ import select
 import socket
 import ssl
 import time
-from functools import partial
 
 from ..events import ServerEvents
 from ..limits import Deadlines
@@ -35,7 +34,7 @@ def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
             listeners.close()  # new connects are refused from now on
             events.stopping()
 
-    def read_gate(deadlines: Deadlines, conn: socket.socket) -> Outcome | None:
+    def read_gate(conn: socket.socket, deadlines: Deadlines) -> Outcome | None:
         """Wait until the client sends something: None, or why to stop instead."""
         if isinstance(conn, ssl.SSLSocket) and conn.pending():
             return None  # already decrypted, waiting in the TLS layer
@@ -66,6 +65,6 @@ def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
     try:
         events.listening(listeners.addresses)
         for conn, record in server.accept(listeners):
-            server.serve(conn, record, partial(read_gate, Deadlines(plan.limits, record.opened_at)))
+            server.serve(conn, record, read_gate)
     finally:
         stop_listening()

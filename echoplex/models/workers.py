@@ -80,6 +80,9 @@ def _worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     multiprocessing.current_process().name = f"worker-{index}"
     admission = table.admission_for(index) if table is not None else plan.admission
+    # The supervisor's own: the UDP echo (it serves UDP alone) and the port it holds.
+    for sock in (*plan.udp_sockets, *plan.reserved):
+        sock.close()
     shutdown = Shutdown()
     _stop_when_orphaned(shutdown)
     try:
