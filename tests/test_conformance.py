@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from echoplex import MODELS
-from echoplex.events import ServerEvents
-from echoplex.plan import ServerPlan
+from echoplex import MODELS, ServerConfig, run
+from echoplex.events import BuildInfo, QuietEvents, ServerEvents
+from echoplex.plan import ServerPlan, load_model
 from echoplex.shutdown import Shutdown
 from echoplex.testing import check_model
 
@@ -90,3 +90,35 @@ def drop_the_last_byte_of_each_chunk(chunk: bytes, first: bool) -> bytes:
 def test_the_kit_catches_a_broken_echo(damage: Callable[[bytes, bool], bytes]) -> None:
     with pytest.raises(AssertionError, match=r"^broken: streams: client \d+ "):
         check_model(BrokenModel("broken", damage))
+
+
+class Announced(QuietEvents):
+    def __init__(self) -> None:
+        self.builds: list[BuildInfo] = []
+
+    def starting(self, build: BuildInfo) -> None:
+        self.builds.append(build)
+
+
+class ServesNothing:
+    """A model of one's own that stops as soon as it listens."""
+
+    __name__ = "mine"
+
+    def serve(self, plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+        with plan.listeners as listeners:
+            events.listening(listeners.addresses)
+
+
+@pytest.mark.timeout(30)
+def test_a_model_of_ones_own_is_announced_under_its_own_name() -> None:
+    config = ServerConfig(mode="threads", hosts=("127.0.0.1",), port=0)
+    events = Announced()
+    run(config, events, model=ServesNothing())
+    stopped = Shutdown()
+    stopped.request()  # it starts, announces itself, and stops at once
+    try:
+        run(config, events, stopped, model=load_model("pool"))  # registered, given as itself
+    finally:
+        stopped.close()
+    assert [build.model for build in events.builds] == ["mine", "pool"]
