@@ -15,17 +15,16 @@ import time
 
 from ._accept import client_ip
 from ._net import plain_peer
-from .config import ServerConfig
 from .events import ConnectionRecord, ServerEvents
 from .limits import Admission
 from .outcomes import Outcome
 from .proxy_protocol import (
     MAX_HEADER_BYTES,
+    Network,
     ProxyHeaderReader,
     ProxyProtocolError,
     ProxyResult,
     is_trusted,
-    parse_networks,
 )
 
 
@@ -92,9 +91,15 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket, deadli
 class ProxyGate:
     """Which connections must start with a PROXY header, and what the header changes."""
 
-    def __init__(self, config: ServerConfig, admission: Admission, events: ServerEvents) -> None:
-        self.networks = parse_networks(config.trusted_proxies) if config.proxy_protocol else []
-        self.timeout_s = config.proxy_header_timeout_s
+    def __init__(
+        self,
+        networks: list[Network],
+        timeout_s: float | None,
+        admission: Admission,
+        events: ServerEvents,
+    ) -> None:
+        self.networks = networks
+        self.timeout_s = timeout_s or 0.0  # only read when there are networks
         self.admission = admission
         self.events = events
 

@@ -53,13 +53,13 @@ class Connections(Generic[Handle]):
         plan: ServerPlan,
         events: ServerEvents,
         cut_off: Callable[[Handle], None],
-        admission: Admission | None = None,
+        admission: Admission,
     ) -> None:
         self.events = events
         self._cut_off = cut_off
-        self.admission = admission or plan.admission
+        self.admission = admission
         self.tls = plan.tls
-        self.proxy = ProxyGate(plan.config, self.admission, events)
+        self.proxy = ProxyGate(plan.trusted_proxies, plan.proxy_header_s, admission, events)
         self.on_change: Callable[[], None] = lambda: None
         """Called (on the closing thread) whenever a connection has been closed."""
         self._open: dict[ConnectionRecord, Handle] = {}

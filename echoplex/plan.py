@@ -28,6 +28,7 @@ from .errors import StartupError
 from .limits import Admission, TimeLimits
 from .loops import LoopFactory, loop_factory
 from .models import MODELS
+from .proxy_protocol import Network, parse_networks
 
 if TYPE_CHECKING:
     import socket
@@ -67,12 +68,21 @@ class ServerPlan:
     loop: LoopFactory | None
     """Event loops (models that run one, and the UDP echo); None when nothing does."""
     tls: ssl.SSLContext | None
+    tls_handshake_s: float | None
+    """How long a TLS handshake may take (None: no TLS)."""
+    trusted_proxies: list[Network]
+    """The proxies whose connections start with a PROXY header (none: no PROXY protocol)."""
+    proxy_header_s: float | None
+    """How long a trusted proxy's header may take (None: no PROXY protocol)."""
     limits: TimeLimits
     admission: Admission
     """This process's admission counts (the `workers` model shares its own table)."""
     drain_timeout_s: float
-    hosts: tuple[str, ...]
-    """The TCP hosts this server binds itself: none when systemd passed its sockets."""
+    chunk_bytes: int
+    """The most one read takes in (`recv_bytes`, within `max_buffer_bytes`)."""
+    per_process_hosts: tuple[str, ...]
+    """The hosts each process of a `LISTENER_PER_PROCESS` model binds for itself, on
+    `port`; empty for other models (their listeners are bound) and under systemd."""
     port: int
     """The port number: the one asked for, or the one picked for port 0."""
     listeners: Listeners
@@ -100,6 +110,7 @@ def resolve(config: ServerConfig, model: Model) -> ServerPlan:
     runs_loop = bool(getattr(model, "RUNS_EVENT_LOOP", False)) and config.tcp
     loop = loop_factory(config.loop) if runs_loop or config.udp else None
     context = tls.server_context(config) if config.tcp else None
+    proxies = parse_networks(config.trusted_proxies) if config.proxy_protocol else []
     per_process = bool(getattr(model, "LISTENER_PER_PROCESS", False))
     if config.port or not config.tcp:
         # A port given: UDP first (its error comes first, as when serving it alone).
@@ -117,10 +128,14 @@ def resolve(config: ServerConfig, model: Model) -> ServerPlan:
         config=config,
         loop=loop,
         tls=context,
+        tls_handshake_s=config.tls_handshake_timeout_s if context else None,
+        trusted_proxies=proxies,
+        proxy_header_s=config.proxy_header_timeout_s if proxies else None,
         limits=TimeLimits.from_config(config),
         admission=Admission.from_config(config),
         drain_timeout_s=config.drain_timeout_s,
-        hosts=hosts,
+        chunk_bytes=min(config.recv_bytes, config.max_buffer_bytes),
+        per_process_hosts=hosts if per_process else (),
         port=port,
         listeners=listeners,
         udp_sockets=udp_sockets,

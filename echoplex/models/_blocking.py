@@ -50,7 +50,9 @@ class BlockingServer:
         self.plan = plan
         self.events = events
         self.shutdown = shutdown
-        self.connections: Connections[socket.socket] = Connections(plan, events, _shut_down)
+        self.connections: Connections[socket.socket] = Connections(
+            plan, events, _shut_down, plan.admission
+        )
 
     def accept(self, listeners: Listeners) -> Iterator[tuple[socket.socket, ConnectionRecord]]:
         """Yield admitted, tuned, blocking connections until a stop is requested."""
@@ -106,8 +108,8 @@ class BlockingServer:
         resets at once) has already taken the descriptor of the socket it was given, and
         `conn` must keep its own until it is closed. With a `read_gate` (`simple`, whose
         one thread must also notice a stop), each wait for the client goes through it."""
-        assert self.plan.tls is not None
-        timeout_s = self.plan.config.tls_handshake_timeout_s
+        assert self.plan.tls is not None and self.plan.tls_handshake_s is not None
+        timeout_s = self.plan.tls_handshake_s
         conn.settimeout(timeout_s)
         try:
             wrapped = self.plan.tls.wrap_socket(
@@ -194,7 +196,7 @@ def echo_until_closed(
     config = plan.config
     # Anonymous mmap, not bytearray: its pages cost memory only once written, so an idle
     # connection (or one sending small messages) holds a page or two, not 64 KiB.
-    buffer = mmap.mmap(-1, min(config.recv_bytes, config.max_buffer_bytes))
+    buffer = mmap.mmap(-1, plan.chunk_bytes)
     view = memoryview(buffer)
     log_data = config.log_data
     deadlines = Deadlines(plan.limits, record.opened_at)

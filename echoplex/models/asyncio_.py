@@ -164,8 +164,7 @@ async def _serve(
                 elif step is Step.TLS_HANDSHAKE:
                     context = plan.tls  # the loop does the handshake as it takes the socket
                 else:
-                    timeout_s = plan.config.tls_handshake_timeout_s
-                    await _connect(loop, protocol, conn, context, timeout_s)
+                    await _connect(loop, protocol, conn, context, plan.tls_handshake_s)
         except asyncio.CancelledError:
             pass  # cut off in its PROXY or TLS step (the drain): the record says so
         finally:
@@ -225,7 +224,7 @@ async def _connect(
     protocol: EchoProtocol,
     conn: socket.socket,
     context: ssl.SSLContext | None,
-    handshake_timeout_s: float,
+    handshake_timeout_s: float | None,
 ) -> None:
     """Hand the socket to the loop (through a TLS handshake with `context`); the record
     says why if that failed."""
@@ -234,7 +233,7 @@ async def _connect(
             lambda: protocol,
             conn,
             ssl=context,
-            ssl_handshake_timeout=handshake_timeout_s if context else None,
+            ssl_handshake_timeout=handshake_timeout_s,
         )
     except (OSError, ssl.SSLError) as exc:
         # Gone before the loop took it, or a handshake that failed or timed out (the

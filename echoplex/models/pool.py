@@ -121,10 +121,9 @@ class ConnectionPool:
         self._stop_reader, self._stop_writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.epoll.register(self._stop_reader, READABLE)
         self._stopped = threading.Event()
-        self._chunk_bytes = min(self.config.recv_bytes, self.config.max_buffer_bytes)
+        self._chunk_bytes = self.plan.chunk_bytes
         self._sweep_interval_s = self.limits.sweep_interval_s(
-            *([self.config.proxy_header_timeout_s] if server.connections.proxy.networks else []),
-            *([self.config.tls_handshake_timeout_s] if self.plan.tls else []),
+            *(step_s for step_s in (self.plan.proxy_header_s, self.plan.tls_handshake_s) if step_s)
         )
         self._threads = [
             threading.Thread(target=self._work, name=f"echo-pool-{index}", daemon=True)
@@ -384,10 +383,10 @@ class ConnectionPool:
         record = connection.record
         age_s = now - record.opened_at
         if connection.step is Step.PROXY_HEADER:
-            timed_out = age_s >= self.config.proxy_header_timeout_s
+            timed_out = age_s >= (self.plan.proxy_header_s or 0.0)
             return Outcome.PROXY_HEADER_TIMEOUT if timed_out else None
         if connection.step is Step.TLS_HANDSHAKE:
-            timed_out = age_s >= self.config.tls_handshake_timeout_s
+            timed_out = age_s >= (self.plan.tls_handshake_s or 0.0)
             return Outcome.TLS_HANDSHAKE_TIMEOUT if timed_out else None
         return connection.watch.check(self.limits, record.bytes_in, len(connection.owed), now)
 

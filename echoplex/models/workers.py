@@ -90,7 +90,9 @@ def _worker_main(
             # Its own TCP listeners on the plan's port, beside those the supervisor shares
             # (systemd's, the Unix socket: the supervisor alone removes the socket file).
             config = plan.config
-            own = open_tcp_listeners(plan.hosts, plan.port, config.backlog, reuse_port=True)
+            own = open_tcp_listeners(
+                plan.per_process_hosts, plan.port, config.backlog, reuse_port=True
+            )
             listeners = Listeners([*plan.listeners.sockets, *own])
             reporter = _ReadyReporter(events, ready)
             asyncio_.serve_on(listeners, plan, reporter, shutdown, admission)
