@@ -143,7 +143,7 @@ def _custom_server(text: str) -> ServerSpec:
     try:
         return custom_server(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--server: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
