@@ -182,11 +182,15 @@ def echoplex(
     *args: str,
     timeout_s: float = 60.0,
     input: bytes | None = None,
+    python: str | Path = sys.executable,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m echoplex ARGS` to completion and return its result (text)."""
     return subprocess.run(
-        [sys.executable, "-m", "echoplex", *args],
-        cwd=ROOT,
+        [python, "-m", "echoplex", *args],
+        cwd=cwd,
+        env=env,
         capture_output=True,
         input=input.decode() if input is not None else None,
         text=True,

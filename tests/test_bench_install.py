@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .procs import ROOT, require_tool
+from .procs import ROOT, echoplex, require_tool
 
 
 def _origin(module: str) -> Path:
@@ -30,6 +30,17 @@ def _origin(module: str) -> Path:
     return origin.parent if origin.name == "__init__.py" else origin
 
 
+def _output(python: Path, code: str, cwd: Path | None = None) -> str:
+    """What `python -c code` prints (stripped); it must succeed."""
+    return subprocess.run(
+        [python, "-c", code], cwd=cwd, capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+
+
+def _purelib(python: Path) -> Path:
+    return Path(_output(python, "import sysconfig; print(sysconfig.get_paths()['purelib'])"))
+
+
 def _environment(path: Path, *, modules: tuple[str, ...], checkout: bool) -> Path:
     """A venv at `path` whose site-packages holds links to `modules` and, with
     `checkout`, this checkout's echoplex; its python."""
@@ -37,15 +48,7 @@ def _environment(path: Path, *, modules: tuple[str, ...], checkout: bool) -> Pat
         [sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, timeout=30
     )
     python = path / "bin" / "python"
-    site = Path(
-        subprocess.run(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        ).stdout.strip()
-    )
+    site = _purelib(python)
     for module in modules:
         (site / _origin(module).name).symlink_to(_origin(module))
     if checkout:
@@ -57,16 +60,7 @@ def _run(
     python: Path, *args: str, cwd: Path, timeout_s: float = 30, **env_extra: str
 ) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(env_extra)
-    return subprocess.run(
-        [python, "-m", "echoplex", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    return echoplex(*args, python=python, cwd=cwd, env={**env, **env_extra}, timeout_s=timeout_s)
 
 
 def _importable(python: Path, module: str) -> bool:
@@ -146,9 +140,8 @@ def test_the_reference_servers_and_the_cross_check_run_from_a_wheel(tmp_path: Pa
         assert f"echoplex/bench/baselines/{script}" in names
     assert "echoplex/bench/crosscheck.c" in names  # built on first use, not shipped built
     python = _environment(tmp_path / "venv", modules=("hdrh", "pyhdrh", "uvloop"), checkout=False)
-    site = python.parent.parent / "lib"
     # Installing a pure wheel is unpacking it into site-packages.
-    (purelib,) = site.glob("python3*/site-packages")
+    purelib = _purelib(python)
     zipfile.ZipFile(wheel).extractall(purelib)
     # From elsewhere than the checkout, so only the wheel's echoplex can be imported.
     elsewhere = tmp_path / "elsewhere"
@@ -165,16 +158,6 @@ def test_the_reference_servers_and_the_cross_check_run_from_a_wheel(tmp_path: Pa
     assert "| pingpong c=1 s=64B | ref-uvloop |" in result.stdout
     assert "| pingpong c=1 s=64B | ref-uvloop |" in result.stdout.split("### Cross-check")[1]
     assert len(list((tmp_path / "cache" / "echoplex").glob("echoplex-crosscheck-*"))) == 1
-    where = subprocess.run(
-        [
-            python,
-            "-c",
-            "from echoplex.bench.servers import SERVERS; print(SERVERS['ref-asyncio'].argv[1])",
-        ],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout.strip()
+    code = "from echoplex.bench.servers import SERVERS; print(SERVERS['ref-asyncio'].argv[1])"
+    where = _output(python, code, cwd=elsewhere)
     assert Path(where).is_relative_to(purelib) and Path(where).is_file()
