@@ -33,6 +33,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import echoplex
+from echoplex.client import round_trip
 
 from .procs import ROOT, Server, needs_ipv6, require_tool
 from .test_deploy import serve_options
@@ -104,12 +105,7 @@ def scrape_until(server: Server, done: Any, what: str, timeout_s: float = 15.0) 
 def echo(address: tuple[str, int], data: bytes = b"kit") -> socket.socket:
     """A connection that has had `data` echoed."""
     sock = socket.create_connection(address, timeout=10)
-    sock.sendall(data)
-    received = b""
-    while len(received) < len(data):
-        chunk = sock.recv(len(data) - len(received))
-        assert chunk, "closed before the echo"
-        received += chunk
+    round_trip(sock, data)
     return sock
 
 
