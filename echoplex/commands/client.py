@@ -37,12 +37,11 @@ from ..client import (
     open_udp,
     round_trip,
 )
-from ..config import DEFAULT_PORT
+from ..config import DEFAULT_HOST, DEFAULT_PORT
 from ..load.config import STREAM_TRANSPORT, LoadConfig
 from ..tls import client_context
 
 PROG = "echoplex client"
-DEFAULT_HOST = "127.0.0.1"
 
 Value = TypeVar("Value", str, int)
 
