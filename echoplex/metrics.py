@@ -46,6 +46,8 @@ from .events import BuildInfo, ConnectionRecord, ServerEvents
 log = logging.getLogger("echoplex.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Every echoplex series says which model and which process (`Metrics.where`).
+LABELS = ("model", "worker")
 
 
 def _require_client() -> Any:
@@ -88,18 +90,17 @@ class Metrics:
             # Metrics live in per-process files; the collector sums them at scrape time.
             multiprocess.MultiProcessCollector(self.registry)
         target = None if self.multiprocess else self.registry
-        labels = ["model", "worker"]
         self.mode = config.mode
         self.max_connections = config.max_connections
         self.build: BuildInfo | None = None  # once the server has resolved its loop
 
         def counter(name: str, text: str, extra: tuple[str, ...] = ()) -> Any:
-            return prom.Counter(name, text, [*labels, *extra], registry=target)
+            return prom.Counter(name, text, [*LABELS, *extra], registry=target)
 
         self.open = prom.Gauge(
             "echoplex_connections_open",
             "Connections being served.",
-            labels,
+            LABELS,
             registry=target,
             multiprocess_mode="livesum",
         )
@@ -124,7 +125,7 @@ class Metrics:
             self.worker_up = prom.Gauge(
                 "echoplex_worker_up",
                 "1 for each live worker process (workers mode).",
-                labels,
+                LABELS,
                 registry=None,
                 multiprocess_mode="liveall",
             )
@@ -154,6 +155,10 @@ class Metrics:
     def worker(self) -> str:
         # "MainProcess" for single-process models, "worker-N" in the workers model.
         return multiprocessing.current_process().name
+
+    def where(self) -> list[str]:
+        """The values of LABELS for this process."""
+        return [self.mode, self.worker()]
 
     def label(self, metric: Any, **extra: str) -> Any:
         return metric.labels(model=self.mode, worker=self.worker(), **extra)
@@ -226,16 +231,15 @@ class _UdpCollector:
     def collect(self) -> Iterable[Any]:
         from prometheus_client.core import CounterMetricFamily
 
-        labels = ["model", "worker"]
         answered = CounterMetricFamily(
-            "echoplex_udp_datagrams_answered", "UDP datagrams echoed.", labels=labels
+            "echoplex_udp_datagrams_answered", "UDP datagrams echoed.", labels=LABELS
         )
         dropped = CounterMetricFamily(
             "echoplex_udp_datagrams_dropped",
             "UDP datagrams not answered, by reason.",
-            labels=[*labels, "reason"],
+            labels=[*LABELS, "reason"],
         )
-        where = [self.metrics.mode, self.metrics.worker()]
+        where = self.metrics.where()
         if self.metrics.udp_tallies:
             answered.add_metric(where, sum(t.answered for t in self.metrics.udp_tallies))
             reasons: dict[str, int] = {}
@@ -258,7 +262,7 @@ class _ServerCollector:
         from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
         m = self.metrics
-        where = [m.mode, m.worker()]
+        where = m.where()
         families: list[Any] = []
         if m.build is not None:
             build = InfoMetricFamily(
@@ -271,14 +275,14 @@ class _ServerCollector:
             "echoplex_accepting",
             "1 while the server accepts connections (/healthz answers 200); 0 before it "
             "listens and while it drains (503).",
-            labels=["model", "worker"],
+            labels=LABELS,
         )
         accepting.add_metric(where, 0 if m.draining else 1)
         limit = GaugeMetricFamily(
             "echoplex_connections_max",
             "Connections served at once at most (--max-connections, the whole server); "
             "0: no limit.",
-            labels=["model", "worker"],
+            labels=LABELS,
         )
         limit.add_metric(where, m.max_connections)
         return [*families, accepting, limit]
