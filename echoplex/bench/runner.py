@@ -410,10 +410,10 @@ def measure(
             _wait_connected(server.port, load, run)
             run.wait(load.warmup_s)
             cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
-            ours_before = _own_cpu_s(server.pid, run.proc.pid, pinned_cpus)
+            ours_before = _own_cpu_s(cpu_before, run.proc.pid, pinned_cpus)
             overran = run.wait(load.duration_s * CPU_WINDOW_SHARE)
             cpu_after, window_s = tree_cpu_s(server.pid), time.monotonic() - started
-            ours_after = _own_cpu_s(server.pid, run.proc.pid, pinned_cpus)
+            ours_after = _own_cpu_s(cpu_after, run.proc.pid, pinned_cpus)
             if overran:
                 # The load ended inside the window (the bench was late on a busy
                 # machine): the window's CPU rate would mix load and idle. No figure.
@@ -453,13 +453,16 @@ def measure(
     return result
 
 
-def _own_cpu_s(server_pid: int, load_pid: int, cpus: Sequence[int]) -> tuple[float, float] | None:
-    """Seconds `cpus` were busy, and seconds the server and the load generator ran: the
-    difference is what other processes (and the hypervisor's steal) took from them."""
+def _own_cpu_s(
+    server_s: float | None, load_pid: int, cpus: Sequence[int]
+) -> tuple[float, float] | None:
+    """Seconds `cpus` were busy, and seconds the server (`server_s`, just read) and the
+    load generator ran: the difference is what other processes (and the hypervisor's
+    steal) took from them."""
     if not cpus:
         return None
     busy = busy_ticks_of(cpus)
-    server_s, load_s = tree_cpu_s(server_pid), tree_cpu_s(load_pid)
+    load_s = tree_cpu_s(load_pid)
     if busy is None or server_s is None or load_s is None:
         return None
     return busy / CLOCK_TICKS_PER_S, server_s + load_s
