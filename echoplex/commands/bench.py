@@ -177,14 +177,15 @@ def run(args: argparse.Namespace) -> int:
         warmup_connections=args.warmup_connections,
         cross_check=args.cross_check,
     )
-    if args.reference and args.reference not in settings.specs():
-        known = ", ".join(settings.specs())
-        return fail(PROG, f"--reference {args.reference}: no such server (choose from {known})")
+    known = settings.specs()
+    if args.reference and args.reference not in known:
+        choices = ", ".join(known)
+        return fail(PROG, f"--reference {args.reference}: no such server (choose from {choices})")
     # A server asked for by name must run; `--baselines` runs the ones it can, and says so.
     for name in dict.fromkeys(
         [*(args.models or ()), *([args.reference] if args.reference else [])]
     ):
-        if reason := settings.specs()[name].unavailable_reason():
+        if reason := known[name].unavailable_reason():
             return fail(PROG, reason, 1)
     for name in settings.scenarios:
         if args.reference and args.reference not in servers_for(SCENARIOS[name], settings):
