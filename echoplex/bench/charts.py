@@ -217,10 +217,10 @@ class ScenarioView:
 
     def trouble(self, row: Row) -> str:
         """What went wrong for a server at a point, over all repeats; empty if nothing."""
-        wrong = _wrong_echoes(row)
+        wrong = row.wrong_echoes
         failed = len(row.failures)
         errors = max(row.errors_total - row.mismatches_total - failed, 0)
-        errors -= sum(row.errors_by_kind.get(kind, 0) for kind in WRONG_ECHO_ERRORS)
+        errors -= row.wrong_echo_errors
         # One kind of error is named (`2,997 timeout errors`); several are just counted.
         kinds = [kind for kind in row.errors_by_kind if kind not in WRONG_ECHO_ERRORS]
         noun = f"{kinds[0]} error" if len(kinds) == 1 else "error"
@@ -236,7 +236,7 @@ class ScenarioView:
         another load point): speed bought with wrong answers is no competitor."""
         if row.verified:
             return ""
-        wrong = _count(_wrong_echoes(row), "wrong echo", "wrong echoes")
+        wrong = _count(row.wrong_echoes, "wrong echo", "wrong echoes")
         return f"not ranked: {wrong or 'wrong echoes at another load point'}"
 
     def has_trouble(self) -> bool:
@@ -247,11 +247,6 @@ class ScenarioView:
         connections = _count(row.connections, "connection") or "0 connections"
         noun = "writes" if row.pattern == "stream" else "messages"
         return f"{row.pattern}: {connections}, {format_size(row.size_bytes)} {noun}"
-
-
-def _wrong_echoes(row: Row) -> int:
-    """Bytes echoed that were not sent, or not as sent, counted as the results do."""
-    return row.mismatches_total + sum(row.errors_by_kind.get(k, 0) for k in WRONG_ECHO_ERRORS)
 
 
 def _count(number: int, singular: str, plural: str | None = None) -> str:

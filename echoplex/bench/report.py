@@ -284,7 +284,7 @@ def _wrong_echo_lines(result: ScenarioResult) -> list[str]:
         rows = [row for row in result.rows if row.server == server]
         mismatches = sum(row.mismatches_total for row in rows)
         samples = [sample for row in rows for sample in row.mismatch_samples][:3]
-        extra = sum(row.errors_by_kind.get("extra bytes", 0) for row in rows)
+        extra = sum(row.wrong_echo_errors for row in rows)
         what = [f"{mismatches:,} mismatched connection(s)"] if mismatches else []
         what += [f"{extra:,} connection(s) echoed extra bytes"] if extra else []
         lines.append(

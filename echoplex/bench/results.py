@@ -149,6 +149,16 @@ class Row:
     """The same for server CPU per request (lower is better). CPU time is only counted
     while the server runs, so on a busy machine this is steadier than throughput."""
 
+    @property
+    def wrong_echo_errors(self) -> int:
+        """Errors of the kinds that mean bytes were echoed that were never sent."""
+        return sum(self.errors_by_kind.get(kind, 0) for kind in WRONG_ECHO_ERRORS)
+
+    @property
+    def wrong_echoes(self) -> int:
+        """Bytes echoed that were not sent, or not as sent: mismatches and such errors."""
+        return self.mismatches_total + self.wrong_echo_errors
+
     def figure(self, name: str) -> float | None:
         return self.medians.get(name)
 
