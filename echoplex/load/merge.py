@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ..stats import LatencyHistogram, require_hdrh
+from ..stats import LatencyHistogram, LatencySummary, require_hdrh
 from .config import LoadConfig
 from .result import MAX_SAMPLES, LoadResult
 
@@ -64,17 +64,11 @@ def merged(config: LoadConfig, shares: Sequence[ShareResult]) -> LoadResult:
     """The result of the run `config` describes, from the results of its shares."""
     parts = [share.result for share in shares]
     total = LoadResult(config, loop=parts[0].loop, shares=parts)
-    latency = MergeableHistogram()
-    for share in shares:
-        latency.add(share.latency)
     total.requests = sum(part.requests for part in parts)
-    total.latency = latency.summary()
+    total.latency = _merged_summary(share.latency for share in shares)
     lags = [share.send_lag for share in shares if share.send_lag is not None]
     if lags:
-        send_lag = MergeableHistogram()
-        for lag in lags:
-            send_lag.add(lag)
-        total.send_lag = send_lag.summary()
+        total.send_lag = _merged_summary(lags)
     # The shares start together (at one start time) and run for the same duration: the
     # longest of their windows is the run's, which errs on the side of fewer requests/s.
     total.measured_s = max(part.measured_s for part in parts)
@@ -95,6 +89,13 @@ def merged(config: LoadConfig, shares: Sequence[ShareResult]) -> LoadResult:
     total.echoed_total = sum(part.echoed_total for part in parts)
     total.sending_s = max(part.sending_s for part in parts)
     return total
+
+
+def _merged_summary(histograms: Iterable[EncodedHistogram]) -> LatencySummary:
+    merged = MergeableHistogram()
+    for histogram in histograms:
+        merged.add(histogram)
+    return merged.summary()
 
 
 class _Sample(Protocol):
