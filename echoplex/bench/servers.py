@@ -187,7 +187,8 @@ SERVERS: dict[str, ServerSpec] = {
     "ref-uvloop": _baseline_spec(
         "ref-uvloop",
         "asyncio Protocol echo on uvloop",
-        *("protocol_echo.py", "uvloop"),
+        "protocol_echo.py",
+        "uvloop",
         requires=("uvloop",),
     ),
 }
