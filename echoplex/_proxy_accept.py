@@ -4,14 +4,13 @@ event-loop models alike, before anything else (TLS included) reads from it.
 The header is looked at with MSG_PEEK and only its own bytes are taken, so not a
 byte of what follows is taken out of the stream: the echo, or the TLS handshake
 that HAProxy may start right after the header, finds the stream untouched. Only
-trusted proxies get here, and only until the header deadline.
+trusted proxies get here, and only until the header deadline (kept by the lifecycle).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import time
 
 from ._accept import client_ip
 from ._net import plain_peer
@@ -43,37 +42,32 @@ def take_header(conn: socket.socket, reader: ProxyHeaderReader) -> ProxyResult |
     return result
 
 
-def read_header_blocking(conn: socket.socket, deadline: float) -> ProxyResult:
-    """Read the header off a blocking socket; TimeoutError past the monotonic deadline,
-    ProxyProtocolError if it is not a valid header."""
+def read_header_blocking(conn: socket.socket) -> ProxyResult:
+    """Read the header off a blocking socket; ProxyProtocolError if it is not a valid
+    header. No deadline here: the lifecycle's sweep cuts the socket off at the header
+    deadline (`echoplex.deadlines`), and the read then finds the stream ended."""
     reader = ProxyHeaderReader()
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        conn.settimeout(left)
-        if (result := take_header(conn, reader)) is not None:
-            conn.settimeout(None)
-            return result
+    while (result := take_header(conn, reader)) is None:
+        pass
+    return result
 
 
-async def read_header(conn: socket.socket, deadline: float) -> ProxyResult:
-    """The same, on a non-blocking socket, without blocking the event loop."""
+async def read_header(conn: socket.socket) -> ProxyResult:
+    """The same, on a non-blocking socket, without blocking the event loop (the sweep
+    cancels it at the header deadline)."""
     loop = asyncio.get_running_loop()
     reader = ProxyHeaderReader()
     while True:
-        if time.monotonic() >= deadline:
-            raise TimeoutError
         try:
             result = take_header(conn, reader)
         except BlockingIOError:
-            await _readable(loop, conn, deadline)
+            await _readable(loop, conn)
             continue
         if result is not None:
             return result
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket, deadline: float) -> None:
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
     ready: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:
@@ -82,8 +76,7 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket, deadli
 
     loop.add_reader(conn.fileno(), wake)
     try:
-        async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
-            await ready
+        await ready
     finally:
         loop.remove_reader(conn.fileno())
 
@@ -94,12 +87,10 @@ class ProxyGate:
     def __init__(
         self,
         networks: list[Network],
-        timeout_s: float | None,
         admission: Admission,
         events: ServerEvents,
     ) -> None:
         self.networks = networks
-        self.timeout_s = timeout_s or 0.0  # only read when there are networks
         self.admission = admission
         self.events = events
 
@@ -112,16 +103,16 @@ class ProxyGate:
     def read_blocking(self, conn: socket.socket, record: ConnectionRecord) -> bool:
         """Take the header off `conn`; False (with `record.outcome` saying why) to drop it."""
         try:
-            result = read_header_blocking(conn, record.opened_at + self.timeout_s)
-        except (TimeoutError, ProxyProtocolError, OSError) as exc:
+            result = read_header_blocking(conn)
+        except (ProxyProtocolError, OSError) as exc:
             record.finish(*_failure(exc))
             return False
         return self._apply(record, result)
 
     async def read(self, conn: socket.socket, record: ConnectionRecord) -> bool:
         try:
-            result = await read_header(conn, record.opened_at + self.timeout_s)
-        except (TimeoutError, ProxyProtocolError, OSError) as exc:
+            result = await read_header(conn)
+        except (ProxyProtocolError, OSError) as exc:
             record.finish(*_failure(exc))
             return False
         return self._apply(record, result)
@@ -154,8 +145,7 @@ class ProxyGate:
 
 
 def _failure(exc: BaseException) -> tuple[Outcome, str | None]:
+    # A header deadline has been recorded before the cut-off that ended the read.
     if isinstance(exc, ProxyProtocolError):
         return Outcome.PROXY_ERROR, str(exc.reason)
-    if isinstance(exc, TimeoutError):
-        return Outcome.PROXY_HEADER_TIMEOUT, None
     return Outcome.RESET, None

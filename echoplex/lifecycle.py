@@ -4,48 +4,91 @@
              → ended (an `Outcome`) → closed → released (its slot given back) → reported
 
 `Connections` is that sequence for one server process, without I/O (as h11 keeps its
-state machine apart from the sockets). The models are I/O drivers of the same shape:
-each asks `steps(record)` what comes next, does that step's reading and writing its own
-way (blocking sockets in `models/_blocking.py`, ready-driven turns in `models/pool.py`,
-an event loop in `models/asyncio_.py`), and calls back here when the connection opens
-and when it is over. How each step can end is an `Outcome`, and how an exception becomes
+state machine apart from the sockets), and the owner of its time: it keeps every open
+connection's deadlines (`echoplex.deadlines`) on one clock, and the stop sequence. The
+models are I/O drivers of the same shape: each asks `steps(record)` what comes next,
+does that step's reading and writing its own way (blocking sockets in
+`models/_blocking.py`, ready-driven turns in `models/pool.py`, an event loop in
+`models/asyncio_.py`), calls back here when the connection opens and when it is over,
+runs `sweep()` from its own thread or loop at the times it says, and runs `stopping()`
+when asked to stop. How each step can end is an `Outcome`, and how an exception becomes
 one, is said in `echoplex.outcomes`, below this module (the records and the reporters
 need it too).
+
+A driver gives `Connections` two things about its handles (its sockets, or its asyncio
+protocols): how to cut one off from outside (`cut_off`: make whoever serves it find it
+ended) and, for the idle and send limits, how much it has received and has still to send
+(`progress`; by default the record's own counts).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
-from enum import Enum
 from typing import Any, Generic, TypeVar
 
 from ._accept import Acceptor, client_ip
 from ._proxy_accept import ProxyGate
+from .deadlines import Step, Timeouts, Watch
 from .events import ConnectionRecord, ServerEvents
 from .limits import Admission
 from .outcomes import Outcome
 from .plan import ServerPlan
+from .shutdown import Shutdown
+
+__all__ = ["CUT_OFF_GRACE_S", "Connections", "Step", "drain"]
 
 log = logging.getLogger("echoplex.server")
 
 Handle = TypeVar("Handle")
 """What a driver keeps of an open connection: its socket, or its asyncio protocol."""
 
+Clock = Callable[[], float]
 
-class Step(Enum):
-    PROXY_HEADER = "a trusted proxy's PROXY header"
-    TLS_HANDSHAKE = "the TLS handshake"
-    ECHO = "echo until the connection ends"
+CUT_OFF_GRACE_S = 1.0
+"""After the drain cuts off what is left, how long those connections get to close and
+report before the server returns without them."""
+
+
+def record_progress(_handle: object, record: ConnectionRecord) -> tuple[int, int]:
+    """Bytes received, and bytes received but not yet sent back, by the record's counts."""
+    return record.bytes_in, record.bytes_in - record.bytes_out
+
+
+def drain(
+    open_count: Callable[[], int],
+    cut_off_rest: Callable[[], object],
+    deadline: Callable[[], float],
+    clock: Clock,
+    grace_s: float = CUT_OFF_GRACE_S,
+) -> Iterator[float]:
+    """The drain, for anything that holds open things and can cut them off: wait while
+    any are open until `deadline()` (which a second stop request brings forward), then
+    `cut_off_rest()` and wait up to `grace_s` more for them to be gone.
+
+    Yields how long to wait for a change (one closing, a second request): the driver
+    waits that long or until woken, however it waits, and the drain looks again."""
+    while open_count():
+        left_s = deadline() - clock()
+        if left_s <= 0:
+            break
+        yield left_s
+    if not open_count():
+        return
+    cut_off_rest()
+    grace_ends = clock() + grace_s
+    while open_count() and (left_s := grace_ends - clock()) > 0:
+        yield left_s
 
 
 class Connections(Generic[Handle]):
-    """The open connections of one server process: their admission, their steps, how
-    they end and how they are reported. Thread-safe.
+    """The open connections of one server process: their admission, their steps and
+    deadlines, how they end and how they are reported, and the drain. Thread-safe.
 
     `cut_off(handle)` ends an open connection from outside its own thread or turn (a
-    time limit, the drain's end), after its record has been given the outcome: the
+    deadline, the drain's end), after its record has been given the outcome: the
     driver then finds it ended, and closes it."""
 
     def __init__(
@@ -54,15 +97,21 @@ class Connections(Generic[Handle]):
         events: ServerEvents,
         cut_off: Callable[[Handle], None],
         admission: Admission,
+        progress: Callable[[Handle, ConnectionRecord], tuple[int, int]] = record_progress,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.events = events
         self._cut_off = cut_off
+        self._progress = progress
+        self.clock = clock
         self.admission = admission
         self.tls = plan.tls
-        self.proxy = ProxyGate(plan.trusted_proxies, plan.proxy_header_s, admission, events)
+        self.proxy = ProxyGate(plan.trusted_proxies, admission, events)
+        self.timeouts = Timeouts(plan.proxy_header_s, plan.tls_handshake_s, plan.limits)
+        self.drain_timeout_s = plan.drain_timeout_s
         self.on_change: Callable[[], None] = lambda: None
         """Called (on the closing thread) whenever a connection has been closed."""
-        self._open: dict[ConnectionRecord, Handle] = {}
+        self._open: dict[ConnectionRecord, Watch] = {}
         self._unreported = 0  # admitted, and not yet reported closed
         self._lock = threading.Lock()
 
@@ -72,22 +121,28 @@ class Connections(Generic[Handle]):
 
     def admitted(self, peer: Any, handle: Handle) -> ConnectionRecord:
         """An admitted connection is open from now on, until `closed`."""
-        record = ConnectionRecord(peer)
+        now = self.clock()
+        record = ConnectionRecord(peer, opened_at=now)
         with self._lock:
-            self._open[record] = handle
+            self._open[record] = Watch(handle, now)
             self._unreported += 1
         return record
 
     def steps(self, record: ConnectionRecord) -> Iterator[Step]:
-        """The steps of a connection's life, in order; none after one ends it."""
+        """The steps of a connection's life, in order; none after one ends it. Each
+        step's deadline counts from when the driver asks for it."""
+        watch = self._open[record]
         if self.proxy.expects_header(record):
+            watch.enter(Step.PROXY_HEADER, self.clock())
             yield Step.PROXY_HEADER
             if record.outcome is not None:
                 return
         if self.tls is not None:
+            watch.enter(Step.TLS_HANDSHAKE, self.clock())
             yield Step.TLS_HANDSHAKE
             if record.outcome is not None:
                 return
+        watch.enter(Step.ECHO, self.clock())
         yield Step.ECHO
 
     def opened(self, record: ConnectionRecord) -> None:
@@ -95,10 +150,16 @@ class Connections(Generic[Handle]):
         self.events.connection_opened(record)
 
     @staticmethod
-    def failed(record: ConnectionRecord) -> None:
-        """A bug: it ends this connection alone, and is logged once with its traceback."""
+    def failed(record: ConnectionRecord, exc: BaseException | None = None) -> None:
+        """A bug (`exc`, or the one being handled): it ends this connection alone, as
+        `error:handler`, and is logged once with its traceback. Every driver calls this
+        wherever its own code for one connection could raise."""
         record.finish(Outcome.ERROR, "handler")
-        log.exception("unexpected error serving %s; closing that connection", record.peer)
+        log.error(
+            "unexpected error serving %s; closing that connection",
+            record.peer,
+            exc_info=exc or True,
+        )
 
     def closed(self, record: ConnectionRecord, close: Callable[[], None]) -> None:
         """It is over: `close()` its socket, give back its slot, report it; once, last."""
@@ -116,10 +177,11 @@ class Connections(Generic[Handle]):
     def cut_off(self, record: ConnectionRecord, outcome: Outcome) -> None:
         """End an open connection as `outcome` from outside its driver."""
         with self._lock:
-            if record not in self._open:
+            watch = self._open.get(record)
+            if watch is None:
                 return  # closed already
             record.finish(outcome)
-            self._cut_off(self._open[record])
+            self._cut_off(watch.handle)
 
     def cut_off_all(self, outcome: Outcome) -> int:
         """Cut off every open connection (a drain's end); how many there were."""
@@ -129,12 +191,52 @@ class Connections(Generic[Handle]):
             self.cut_off(record, outcome)
         return len(records)
 
+    def sweep(self) -> float | None:
+        """Cut off every connection whose deadline has passed; how long until the next
+        look is due (None: this server has no deadlines, and needs no sweep at all)."""
+        timeouts = self.timeouts
+        look_every_s = timeouts.look_every_s
+        if look_every_s is None:
+            return None
+        now = self.clock()
+        next_look = now + look_every_s
+        with self._lock:
+            watched = list(self._open.items())
+        for record, watch in watched:
+            if record.outcome is not None:
+                continue  # ending already: its driver is closing it
+            bytes_in, pending = (
+                self._progress(watch.handle, record) if watch.step is Step.ECHO else (0, 0)
+            )
+            outcome = watch.check(timeouts, bytes_in, pending, now)
+            if outcome is not None:
+                self.cut_off(record, outcome)
+            else:
+                next_look = min(next_look, watch.next_deadline(timeouts))
+        return max(0.0, next_look - now)
+
+    def stopping(self, shutdown: Shutdown, stop_listening: Callable[[], None]) -> Iterator[float]:
+        """The stop sequence, the same in every model: stop listening, let the open
+        connections finish until the drain deadline (or a second stop request), cut
+        off the rest as `drained`, and give them `CUT_OFF_GRACE_S` to report.
+
+        Yields how long to wait for a change: the driver waits that long, or until a
+        connection closes (`on_change`) or another stop request arrives."""
+        stop_listening()  # new connects are refused from now on
+        self.events.stopping()
+
+        def cut_off_rest() -> None:
+            left = self.cut_off_all(Outcome.DRAINED)
+            log.info("drain timeout: closing %d open connection(s)", left)
+
+        yield from drain(
+            lambda: self._unreported,
+            cut_off_rest,
+            lambda: shutdown.drain_deadline(self.drain_timeout_s),
+            self.clock,
+        )
+
     @property
     def count(self) -> int:
         """Connections admitted and not yet reported closed: a drain waits for none."""
         return self._unreported
-
-    def handles(self) -> list[Handle]:
-        """The open connections' handles, as they are now."""
-        with self._lock:
-            return list(self._open.values())

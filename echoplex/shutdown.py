@@ -5,6 +5,10 @@ socketpair (uvicorn's `handle_exit` does as little). Models wait on `fileno()` b
 their listeners, so a blocked `select` wakes at once. A second request means
 "stop now": the drain is cut short.
 
+Its wakeup socket is also how a stopping server waits for anything to change: a
+connection that closes during the drain `nudge()`s it, and the stop sequence
+(`echoplex.lifecycle`) looks again each time it wakes.
+
 `stop_on_signals` is the one place that routes SIGINT and SIGTERM to a `Shutdown`.
 """
 
@@ -23,10 +27,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Shutdown:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        self._clock = clock
         self.requested_at: float | None = None
         self.forced = False
 
@@ -37,9 +42,13 @@ class Shutdown:
     def request(self, *_signal_args: object) -> None:
         """Ask the server to stop; a second call asks it to stop without draining."""
         if self.requested_at is None:
-            self.requested_at = time.monotonic()
+            self.requested_at = self._clock()
         else:
             self.forced = True
+        self.nudge()
+
+    def nudge(self) -> None:
+        """Wake whoever waits on `fileno()` (from any thread), without asking for a stop."""
         with contextlib.suppress(OSError):  # full buffer or closed: a wakeup is pending anyway
             self._wake_writer.send(b"!")
 
@@ -61,6 +70,12 @@ class Shutdown:
             select.select([self._wake_reader], [], [], timeout_s)
         return self.requested
 
+    def sleep(self, timeout_s: float | None) -> None:
+        """Wait until woken (a stop request, a `nudge()`) or `timeout_s` passes (None: no
+        limit), and take the wakeup: the caller looks at what changed, then sleeps again."""
+        select.select([self._wake_reader], [], [], timeout_s)
+        self.clear_wakeup()
+
     def drain_deadline(self, drain_timeout_s: float) -> float:
         """Monotonic time by which open connections must be closed (inf while running)."""
         if self.requested_at is None:
@@ -69,29 +84,9 @@ class Shutdown:
             return self.requested_at
         return self.requested_at + drain_timeout_s
 
-    def wait_drained(self, drain_timeout_s: float, is_drained: Callable[[], bool]) -> bool:
-        """Wait until `is_drained()`, the drain deadline or a forced stop; True if drained."""
-        return wait_until(is_drained, lambda: self.drain_deadline(drain_timeout_s))
-
     def close(self) -> None:
         self._wake_reader.close()
         self._wake_writer.close()
-
-
-def wait_until(
-    done: Callable[[], bool], deadline: Callable[[], float], poll_s: float = 0.05
-) -> bool:
-    """Poll `done()` until it holds (True) or the monotonic `deadline()` passes (False).
-
-    Polling, because what we wait for (threads finishing, a second signal moving the
-    deadline) has no single thing to block on; it only runs while stopping.
-    """
-    while not done():
-        remaining = deadline() - time.monotonic()
-        if remaining <= 0:
-            return False
-        time.sleep(min(poll_s, remaining))
-    return True
 
 
 @contextlib.contextmanager

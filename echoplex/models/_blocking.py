@@ -1,13 +1,15 @@
 """What the thread-based models (`simple`, `threads`, `pool`) share: accepting, the
-record of open connections, closing and cutting off, the drain; and the blocking echo
-loop of `simple` and `threads`.
+thread that keeps the lifecycle's time, cutting off, the stop sequence; and the
+blocking echo loop of `simple` and `threads`.
 
 The accept loop waits on the listeners *and* the shutdown wakeup, so a stop request
 interrupts it at once. The echo loop reads into one preallocated buffer per
 connection (no allocation per chunk) and writes each chunk back in full before
 reading again: a client that does not read its echo stops being read, so it can
 never make the server hold more than one buffer (`max_buffer_bytes`) of its bytes.
-Its time limits are socket timeouts, set only when a limit is configured.
+Its reads and writes block with no timeout: a deadline that passes (the lifecycle's
+sweep, run by the `timekeeper` thread) or the drain's end cuts the socket off with
+shutdown(2), and the blocked call returns at once.
 """
 
 from __future__ import annotations
@@ -15,29 +17,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
-import select
 import selectors
 import socket
 import ssl
-import struct
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
 from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import Connections, Step
-from ..limits import Deadlines, TimeLimits
 from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
-from ..shutdown import Shutdown, wait_until
+from ..shutdown import Shutdown
 from . import _splice
-from ._splice import ReadGate
 
 log = logging.getLogger("echoplex.server")
 
-_CUT_OFF_GRACE_S = 1.0
 # Stacks of the threads that serve connections: they only run the echo loop (and a
 # TLS handshake), so thousands of them cost little memory.
 THREAD_STACK_BYTES = 256 * 1024
@@ -77,9 +73,7 @@ class BlockingServer:
         finally:
             acceptor.close()
 
-    def serve(
-        self, conn: socket.socket, record: ConnectionRecord, read_gate: ReadGate | None = None
-    ) -> None:
+    def serve(self, conn: socket.socket, record: ConnectionRecord) -> None:
         """Serve one admitted connection to the end, report it, close it whatever happens."""
         connections = self.connections
         over_tls: ssl.SSLSocket | None = None
@@ -88,10 +82,10 @@ class BlockingServer:
                 if step is Step.PROXY_HEADER:
                     connections.proxy.read_blocking(conn, record)
                 elif step is Step.TLS_HANDSHAKE:
-                    over_tls = self._handshake(conn, record, read_gate)
+                    over_tls = self._handshake(conn, record)
                 else:
                     connections.opened(record)
-                    echo_until_closed(over_tls or conn, record, self.plan, self.events, read_gate)
+                    echo_until_closed(over_tls or conn, record, self.plan, self.events)
         except Exception:
             connections.failed(record)
         finally:
@@ -99,83 +93,59 @@ class BlockingServer:
                 over_tls.close()
             connections.closed(record, conn.close)
 
-    def _handshake(
-        self, conn: socket.socket, record: ConnectionRecord, read_gate: ReadGate | None
-    ) -> ssl.SSLSocket | None:
+    def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> ssl.SSLSocket | None:
         """The TLS session over `conn`, or None with the record saying why there is none.
 
         A duplicate of the socket is wrapped: a wrap that fails part-way (a client that
         resets at once) has already taken the descriptor of the socket it was given, and
-        `conn` must keep its own until it is closed. With a `read_gate` (`simple`, whose
-        one thread must also notice a stop), each wait for the client goes through it."""
-        assert self.plan.tls is not None and self.plan.tls_handshake_s is not None
-        timeout_s = self.plan.tls_handshake_s
-        conn.settimeout(timeout_s)
+        `conn` must keep its own until it is closed. (A handshake past its deadline is
+        cut off by the sweep, which has recorded why before the handshake fails.)"""
+        assert self.plan.tls is not None
         try:
-            wrapped = self.plan.tls.wrap_socket(
-                conn.dup(), server_side=True, do_handshake_on_connect=read_gate is None
-            )
-            if read_gate is not None:
-                stop = _handshake_through(wrapped, conn, read_gate, timeout_s, record)
-                if stop is not None:
-                    wrapped.close()
-                    record.finish(stop)
-                    return None
+            return self.plan.tls.wrap_socket(conn.dup(), server_side=True)
         except (ssl.SSLError, OSError) as exc:
             record.finish(*handshake_outcome(exc))
             return None
-        wrapped.settimeout(None)
-        return wrapped
 
     def serve_handing_off(
         self, hand_off: Callable[[socket.socket, ConnectionRecord], object]
     ) -> None:
         """Accept on this thread and `hand_off` each connection (to a new thread, to a
-        pool); on a stop, close the listeners and drain."""
-        with self.plan.listeners as listeners:
+        pool); on a stop, run the stop sequence."""
+        with self.plan.listeners as listeners, self.timekeeper():
             self.events.listening(listeners.addresses)
             for conn, record in self.accept(listeners):
                 hand_off(conn, record)
-        self.events.stopping()
-        self.drain()
+            self.stop(listeners)
 
-    def drain(self) -> None:
-        """Let open connections finish until the drain deadline, then cut off the rest."""
-        connections = self.connections
-        if self.shutdown.wait_drained(self.plan.drain_timeout_s, lambda: not connections.count):
-            return
-        left = connections.cut_off_all(Outcome.DRAINED)
-        if left:
-            log.info("drain timeout: closing %d open connection(s)", left)
-        # Give the cut-off threads a moment to close and report their connections.
-        grace_ends = time.monotonic() + _CUT_OFF_GRACE_S
-        wait_until(lambda: not connections.count, lambda: grace_ends)
+    def stop(self, listeners: Listeners) -> None:
+        """The lifecycle's stop sequence, waiting on the shutdown's wakeup socket: a
+        closing connection nudges it (`on_change`), and so does a second stop signal,
+        whichever thread it lands on."""
+        self.connections.on_change = self.shutdown.nudge
+        for wait_s in self.connections.stopping(self.shutdown, listeners.close):
+            self.shutdown.sleep(wait_s)
 
+    @contextlib.contextmanager
+    def timekeeper(self) -> Iterator[None]:
+        """While the block runs, a thread sweeps the connections' deadlines at the times
+        the lifecycle asks for (none if the server has no deadline to keep)."""
+        stopped = threading.Event()
 
-def _handshake_through(
-    wrapped: ssl.SSLSocket,
-    conn: socket.socket,
-    read_gate: ReadGate,
-    timeout_s: float,
-    record: ConnectionRecord,
-) -> Outcome | None:
-    """Do the handshake in steps, waiting for the client through `read_gate` (with the
-    handshake's deadline as its idle limit): None once done, or why to stop."""
-    deadlines = Deadlines(TimeLimits(timeout_s, None, None), record.opened_at)
-    wrapped.setblocking(False)
-    while True:
+        def keep_time() -> None:
+            wait_s = self.connections.sweep()
+            while wait_s is not None and not stopped.wait(wait_s):
+                wait_s = self.connections.sweep()
+
+        thread = threading.Thread(target=keep_time, name="echo-timekeeper", daemon=True)
+        if self.connections.timeouts.look_every_s is not None:
+            thread.start()
         try:
-            wrapped.do_handshake()
-            wrapped.setblocking(True)
-            return None
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLWantWriteError:  # a full send buffer, mid-handshake: rare
-            select.select([], [conn], [], timeout_s)
-            continue
-        stop = read_gate(conn, deadlines)
-        if stop is not None:
-            return Outcome.TLS_HANDSHAKE_TIMEOUT if stop is Outcome.IDLE_TIMEOUT else stop
+            yield
+        finally:
+            stopped.set()
+            if thread.ident is not None:
+                thread.join()
 
 
 def _shut_down(conn: socket.socket) -> None:
@@ -186,39 +156,19 @@ def _shut_down(conn: socket.socket) -> None:
 
 
 def echo_until_closed(
-    conn: socket.socket,
-    record: ConnectionRecord,
-    plan: ServerPlan,
-    events: ServerEvents,
-    read_gate: ReadGate | None = None,
+    conn: socket.socket, record: ConnectionRecord, plan: ServerPlan, events: ServerEvents
 ) -> None:
-    """Echo every byte back until the client closes; `record.finish()` says how it ended."""
+    """Echo every byte back until the client closes; `record.finish()` says how it ended.
+    The record's counts are kept as bytes come and go: the idle and send limits read them."""
     config = plan.config
     # Anonymous mmap, not bytearray: its pages cost memory only once written, so an idle
     # connection (or one sending small messages) holds a page or two, not 64 KiB.
     buffer = mmap.mmap(-1, plan.chunk_bytes)
     view = memoryview(buffer)
     log_data = config.log_data
-    deadlines = Deadlines(plan.limits, record.opened_at)
-    # Idle and send timeouts are the same for every call: the kernel enforces them
-    # (SO_RCVTIMEO, SO_SNDTIMEO), so a chunk costs one recv and one send, with no poll
-    # before each. Only a lifetime limit, which shrinks as the connection ages, needs
-    # a timeout worked out before every call.
-    timed = deadlines.lifetime_ends is not None
-    if not timed:
-        _kernel_timeouts(conn, deadlines.idle_s, deadlines.send_s)
-    read_wait, send_wait = deadlines.for_read(), deadlines.for_send()
-    wait = read_wait
     zero_copy = config.zero_copy and not log_data and _splice.can_splice(conn)
     try:
         while True:
-            if read_gate is not None and (stop := read_gate(conn, deadlines)) is not None:
-                record.finish(stop)
-                return
-            wait = read_wait
-            if timed:
-                wait = deadlines.for_read()
-                conn.settimeout(wait.timeout_s)
             received = conn.recv_into(buffer)
             if not received:
                 # The client shut down its write side and every byte it sent has
@@ -228,20 +178,17 @@ def echo_until_closed(
             record.bytes_in += received
             if log_data:
                 events.data_received(record, bytes(view[:received]))
-            wait = send_wait
-            if timed:
-                wait = deadlines.for_send()
-                conn.settimeout(wait.timeout_s)
-            conn.sendall(view[:received])
-            record.bytes_out += received
+            sent = conn.send(view[:received])
+            record.bytes_out += sent
+            while sent < received:  # a client slow to read: count each part it takes
+                part = conn.send(view[sent:received])
+                sent += part
+                record.bytes_out += part
             if zero_copy and received == len(buffer):
                 # A full buffer: the client is streaming. The rest goes kernel to kernel.
-                _splice.splice_echo(conn, record, deadlines, read_gate)
+                _splice.splice_echo(conn, record)
                 return
-    except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        # Python's timeout, or the kernel's (a blocking call failing with EAGAIN).
-        record.finish(wait.outcome)
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError included
         record.finish(*outcome_of(exc))
     finally:
         view.release()
@@ -256,12 +203,3 @@ def small_thread_stacks() -> Iterator[None]:
         yield
     finally:
         threading.stack_size(previous_stack_bytes)
-
-
-def _kernel_timeouts(conn: socket.socket, receive_s: float | None, send_s: float | None) -> None:
-    for option, seconds in ((socket.SO_RCVTIMEO, receive_s), (socket.SO_SNDTIMEO, send_s)):
-        if seconds:
-            whole = int(seconds)
-            timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-            with contextlib.suppress(OSError):  # gone already: the next call says so
-                conn.setsockopt(socket.SOL_SOCKET, option, timeval)

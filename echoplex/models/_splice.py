@@ -15,15 +15,9 @@ import fcntl
 import os
 import select
 import socket
-from collections.abc import Callable
 
 from ..events import ConnectionRecord
-from ..limits import Deadlines, Wait
 from ..outcomes import Outcome
-
-ReadGate = Callable[[socket.socket, Deadlines], Outcome | None]
-"""Called with the connection and its deadlines before each read by the `simple` model:
-None to read, or an outcome to stop with."""
 
 AVAILABLE = hasattr(os, "splice")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -44,14 +38,10 @@ def can_splice(conn: socket.socket) -> bool:
     )
 
 
-def splice_echo(
-    conn: socket.socket,
-    record: ConnectionRecord,
-    deadlines: Deadlines,
-    read_gate: ReadGate | None = None,
-) -> None:
+def splice_echo(conn: socket.socket, record: ConnectionRecord) -> None:
     """Echo the rest of the stream through a pipe; `record.finish()` says how it ended.
-    Connection errors propagate as OSError, as from recv/send."""
+    Connection errors propagate as OSError, as from recv/send. Its waits have no
+    timeout: a deadline's cut-off (a shutdown of the socket) ends them."""
     record.zero_copy = True
     fd = conn.fileno()
     conn.setblocking(False)
@@ -63,16 +53,12 @@ def splice_echo(
     poller.register(fd, select.POLLIN)
     try:
         while True:
-            if read_gate is not None and (stop := read_gate(conn, deadlines)) is not None:
-                record.finish(stop)
-                return
             # Optimistic: a streaming client usually has bytes waiting, so try first
             # and wait (poll) only when there are none.
             try:
                 moved_in = os.splice(fd, pipe_in, chunk_bytes, flags=_FLAGS)
             except BlockingIOError:
-                if not _waited(poller, fd, select.POLLIN, deadlines.for_read(), record):
-                    return
+                _wait(poller, fd, select.POLLIN)
                 continue
             if not moved_in:
                 record.finish(Outcome.CLOSED)  # the client is done and all of it was echoed
@@ -83,8 +69,7 @@ def splice_echo(
                 try:
                     moved_out = os.splice(pipe_out, fd, left, flags=_FLAGS)
                 except BlockingIOError:
-                    if not _waited(poller, fd, select.POLLOUT, deadlines.for_send(), record):
-                        return
+                    _wait(poller, fd, select.POLLOUT)
                     continue
                 left -= moved_out
                 record.bytes_out += moved_out
@@ -93,11 +78,7 @@ def splice_echo(
         os.close(pipe_in)
 
 
-def _waited(poller: select.poll, fd: int, event: int, wait: Wait, record: ConnectionRecord) -> bool:
-    """Wait for `event` on fd (or an error or hang-up, which the next splice reports);
-    False, with the record finished as the wait's outcome, if its time ran out."""
+def _wait(poller: select.poll, fd: int, event: int) -> None:
+    """Wait for `event` on fd, or an error or hang-up (which the next splice reports)."""
     poller.modify(fd, event)
-    if poller.poll(None if wait.timeout_s is None else wait.timeout_s * 1000):
-        return True
-    record.finish(wait.outcome)
-    return False
+    poller.poll()

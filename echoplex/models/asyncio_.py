@@ -18,15 +18,14 @@ import contextlib
 import logging
 import socket
 import ssl
-import time
 from typing import Any, cast
 
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
-from ..events import ServerEvents
+from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import Connections, Step
-from ..limits import Admission, ProgressWatch
-from ..outcomes import Outcome, handshake_outcome, outcome_of
+from ..limits import Admission
+from ..outcomes import handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
 
@@ -35,23 +34,39 @@ log = logging.getLogger("echoplex.server")
 
 RUNS_EVENT_LOOP = True
 
+# The loop's own handshake timer, kept out of the way: the lifecycle's sweep owns the
+# handshake deadline and cancels the step when it passes.
+_LOOP_HANDSHAKE_BACKSTOP_S = 24 * 3600.0
+
+
+def _progress(protocol: EchoProtocol, _record: ConnectionRecord) -> tuple[int, int]:
+    """What the idle and send limits read: bytes received, and echo the transport holds."""
+    transport = protocol.transport
+    return protocol.received, 0 if transport is None else transport.get_write_buffer_size()
+
 
 class _Server:
-    """What every connection's protocol shares: reporting, limits, the open connections."""
+    """What every connection's protocol shares: the plan, reporting, the open connections,
+    and one wakeup for the stop sequence (a connection closed, a stop request)."""
 
     def __init__(self, plan: ServerPlan, events: ServerEvents, admission: Admission) -> None:
         self.plan = plan
         self.events = events
-        self.limits = plan.limits
         self.connections: Connections[EchoProtocol] = Connections(
-            plan, events, EchoProtocol.cut_off, admission
+            plan, events, EchoProtocol.cut_off, admission, _progress
         )
         self.changed = asyncio.Event()
-        self.connections.on_change = self.changed.set
+
+    async def changes(self, timeout_s: float | None) -> None:
+        """Wait for the next change, at most `timeout_s`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.changed.wait()
+        self.changed.clear()
 
 
 class EchoProtocol(asyncio.Protocol):
-    __slots__ = ("adopting", "received", "record", "server", "transport", "watch")
+    __slots__ = ("adopting", "received", "record", "server", "transport")
 
     def __init__(self, server: _Server, peer: Any) -> None:
         self.server = server
@@ -59,14 +74,17 @@ class EchoProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.adopting: asyncio.Task[None] | None = None  # while in its PROXY or TLS step
         self.record = server.connections.admitted(peer, self)
-        self.watch = ProgressWatch(self.record.opened_at)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
         max_buffer = self.server.plan.config.max_buffer_bytes
         self.transport.set_write_buffer_limits(high=max_buffer, low=max_buffer // 4)
-        self.server.connections.opened(self.record)
+        try:
+            self.server.connections.opened(self.record)
+        except Exception:
+            self.server.connections.failed(self.record)
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
@@ -91,20 +109,23 @@ class EchoProtocol(asyncio.Protocol):
         transport = self.transport
         unsent = 0 if exc is None or transport is None else transport.get_write_buffer_size()
         record.bytes_out = max(0, self.received - unsent)
+        connections = self.server.connections
+        if exc is not None and not isinstance(exc, OSError):
+            connections.failed(record, exc)  # raised by our own callbacks: a bug
         record.finish(*outcome_of(exc))
-        self.server.connections.closed(record, lambda: None)  # the transport has closed it
+        connections.closed(record, lambda: None)  # the transport has closed it
 
     def cut_off(self) -> None:
-        """End it for a limit or a drain: gracefully if nothing is waiting to be sent.
+        """End it for a deadline or a drain: gracefully if nothing is waiting to be sent.
         Not made yet, it is in its PROXY or TLS step: that step is cancelled."""
         if self.transport is None:
             if self.adopting is not None:
                 self.adopting.cancel()
             return
-        if self.record.outcome == Outcome.IDLE_TIMEOUT:
-            self.transport.close()
-        else:
+        if self.transport.get_write_buffer_size():
             self.transport.abort()
+        else:
+            self.transport.close()
 
 
 class DataLoggingEchoProtocol(EchoProtocol):
@@ -143,153 +164,113 @@ async def _serve(
     shutdown: Shutdown,
     admission: Admission,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    server = _Server(plan, events, admission)
-    connections = server.connections
-    acceptor = connections.acceptor()
-    protocol_class = DataLoggingEchoProtocol if plan.config.log_data else EchoProtocol
-    stop_wakeup = asyncio.Event()
-    adopting: set[asyncio.Task[None]] = set()
+    await _Serving(listeners, _Server(plan, events, admission), shutdown).run()
 
-    async def adopt(conn: socket.socket, peer: Any) -> None:
-        protocol = protocol_class(server, peer)
+
+class _Serving:
+    """One server run on this loop: accept, adopt each connection, keep the time, stop."""
+
+    def __init__(self, listeners: Listeners, server: _Server, shutdown: Shutdown) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.listeners = listeners
+        self.server = server
+        self.connections = server.connections
+        self.shutdown = shutdown
+        self.acceptor = self.connections.acceptor()
+        self.protocol_class = (
+            DataLoggingEchoProtocol if server.plan.config.log_data else EchoProtocol
+        )
+        self.adopting: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        loop, shutdown, server = self.loop, self.shutdown, self.server
+        # Stop signals reach us through this wakeup too (`shutdown.stop_on_signals`).
+        loop.add_reader(shutdown.fileno(), self._on_wakeup)
+        timekeeper = loop.create_task(self._keep_time())
+        try:
+            for listener in self.listeners:
+                self._watch(listener)
+            server.events.listening(self.listeners.addresses)
+            while not shutdown.requested:
+                await server.changes(None)
+            self.connections.on_change = server.changed.set  # from now on, closes wake us
+            # Connections still in their PROXY or TLS step drain like the others: the
+            # drain's end cancels their step (`EchoProtocol.cut_off`).
+            for wait_s in self.connections.stopping(shutdown, self._stop_listening):
+                await server.changes(wait_s)
+        finally:
+            timekeeper.cancel()
+            self.acceptor.close()
+            self._stop_listening()
+            loop.remove_reader(shutdown.fileno())
+
+    def _on_wakeup(self) -> None:
+        self.shutdown.clear_wakeup()
+        self.server.changed.set()
+
+    async def _keep_time(self) -> None:
+        """Sweep the connections' deadlines at the times the lifecycle asks for."""
+        while (wait_s := self.connections.sweep()) is not None:
+            await asyncio.sleep(wait_s)
+
+    def _stop_listening(self) -> None:
+        for listener in self.listeners:
+            if listener.fileno() != -1:
+                self.loop.remove_reader(listener.fileno())
+        self.listeners.close()  # new connects are refused
+
+    def _watch(self, listener: socket.socket) -> None:
+        listener.setblocking(False)
+        self.loop.add_reader(listener.fileno(), self._on_acceptable, listener)
+
+    def _on_acceptable(self, listener: socket.socket) -> None:
+        admitted, back_off = self.acceptor.accept_ready(listener)
+        for conn, peer in admitted:
+            task = self.loop.create_task(self._adopt(conn, peer))
+            self.adopting.add(task)
+            task.add_done_callback(self.adopting.discard)
+        if back_off:  # out of descriptors: pause accepting instead of spinning
+            self.loop.remove_reader(listener.fileno())
+            self.loop.call_later(ACCEPT_BACKOFF_S, self._watch, listener)
+
+    async def _adopt(self, conn: socket.socket, peer: Any) -> None:
+        """Take a connection through its steps, until the loop has it as a transport."""
+        connections = self.connections
+        protocol = self.protocol_class(self.server, peer)
         protocol.adopting = asyncio.current_task()
         record = protocol.record
         conn.setblocking(False)
-        context = None
         try:
             for step in connections.steps(record):
                 if step is Step.PROXY_HEADER:
                     await connections.proxy.read(conn, record)
                 elif step is Step.TLS_HANDSHAKE:
-                    context = plan.tls  # the loop does the handshake as it takes the socket
-                else:
-                    await _connect(loop, protocol, conn, context, plan.tls_handshake_s)
+                    await self._connect(protocol, conn, self.server.plan.tls)
+                elif protocol.transport is None:
+                    await self._connect(protocol, conn, None)
         except asyncio.CancelledError:
-            pass  # cut off in its PROXY or TLS step (the drain): the record says so
+            pass  # cut off in its PROXY or TLS step: the record says why
+        except Exception:
+            connections.failed(record)
         finally:
             protocol.adopting = None
         if record.outcome is not None and protocol.transport is None:
             conn.close()
             protocol.connection_lost(None)
 
-    def on_acceptable(listener: socket.socket) -> None:
-        admitted, back_off = acceptor.accept_ready(listener)
-        for conn, peer in admitted:
-            task = loop.create_task(adopt(conn, peer))
-            adopting.add(task)
-            task.add_done_callback(adopting.discard)
-        if back_off:  # out of descriptors: pause accepting instead of spinning
-            loop.remove_reader(listener.fileno())
-            loop.call_later(ACCEPT_BACKOFF_S, watch, listener)
-
-    def watch(listener: socket.socket) -> None:
-        listener.setblocking(False)
-        loop.add_reader(listener.fileno(), on_acceptable, listener)
-
-    def on_stop_requested() -> None:
-        shutdown.clear_wakeup()
-        stop_wakeup.set()
-
-    # Stop signals reach us through this wakeup too (`shutdown.stop_on_signals`).
-    loop.add_reader(shutdown.fileno(), on_stop_requested)
-    interval_s = server.limits.sweep_interval_s()
-    sweeper = loop.create_task(_sweep_limits(server, interval_s)) if interval_s else None
-    try:
-        for listener in listeners:
-            watch(listener)
-        events.listening(listeners.addresses)
-        while not shutdown.requested:
-            await stop_wakeup.wait()
-            stop_wakeup.clear()
-        for listener in listeners:
-            loop.remove_reader(listener.fileno())
-        listeners.close()  # stop listening: new connects are refused
-        events.stopping()
-        # Connections still in their PROXY or TLS step drain like the others: the
-        # drain's end cancels their step (`EchoProtocol.cut_off`).
-        await _drain(server, stop_wakeup, plan.drain_timeout_s, shutdown)
-    finally:
-        if sweeper is not None:
-            sweeper.cancel()
-        acceptor.close()
-        for listener in listeners:
-            if listener.fileno() != -1:
-                loop.remove_reader(listener.fileno())
-        loop.remove_reader(shutdown.fileno())
-
-
-async def _connect(
-    loop: asyncio.AbstractEventLoop,
-    protocol: EchoProtocol,
-    conn: socket.socket,
-    context: ssl.SSLContext | None,
-    handshake_timeout_s: float | None,
-) -> None:
-    """Hand the socket to the loop (through a TLS handshake with `context`); the record
-    says why if that failed."""
-    try:
-        await loop.connect_accepted_socket(
-            lambda: protocol,
-            conn,
-            ssl=context,
-            ssl_handshake_timeout=handshake_timeout_s,
-        )
-    except (OSError, ssl.SSLError) as exc:
-        # Gone before the loop took it, or a handshake that failed or timed out (the
-        # loop aborts a handshake past its timeout: ConnectionAbortedError).
-        if context is None:
-            protocol.record.finish(*outcome_of(exc))
-        elif isinstance(exc, ConnectionAbortedError):
-            protocol.record.finish(Outcome.TLS_HANDSHAKE_TIMEOUT)
-        else:
-            protocol.record.finish(*handshake_outcome(exc))
-
-
-async def _sweep_limits(server: _Server, interval_s: float) -> None:
-    """End connections whose idle, send or lifetime limit has run out."""
-    limits = server.limits
-    while True:
-        await asyncio.sleep(interval_s)
-        now = time.monotonic()
-        for protocol in server.connections.handles():
-            if protocol.transport is None:
-                continue  # not made yet: its PROXY or TLS step has a deadline of its own
-            pending = protocol.transport.get_write_buffer_size()
-            outcome = protocol.watch.check(limits, protocol.received, pending, now)
-            if outcome is not None:
-                server.connections.cut_off(protocol.record, outcome)
-
-
-async def _drain(
-    server: _Server, stop_wakeup: asyncio.Event, drain_timeout_s: float, shutdown: Shutdown
-) -> None:
-    """Wait for open connections to end until the deadline, then abort the rest."""
-
-    async def next_change(timeout_s: float) -> None:
-        # Whichever comes first: a connection ends, or a second stop request.
-        server.changed.clear()
-        waiters = [
-            asyncio.ensure_future(server.changed.wait()),
-            asyncio.ensure_future(stop_wakeup.wait()),
-        ]
+    async def _connect(
+        self, protocol: EchoProtocol, conn: socket.socket, context: ssl.SSLContext | None
+    ) -> None:
+        """Hand the socket to the loop (through a TLS handshake with `context`); the
+        record says why if that failed."""
         try:
-            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        stop_wakeup.clear()
-
-    connections = server.connections
-    while connections.count:
-        left_s = shutdown.drain_deadline(drain_timeout_s) - time.monotonic()
-        if left_s <= 0:
-            break
-        await next_change(left_s)
-    connections.cut_off_all(Outcome.DRAINED)
-    # connection_lost runs on a later loop iteration; let the aborted ones report.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(1.0):
-            while connections.count:
-                server.changed.clear()
-                await server.changed.wait()
+            await self.loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=_LOOP_HANDSHAKE_BACKSTOP_S if context else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            # Gone before the loop took it, or a handshake that failed.
+            outcome = handshake_outcome(exc) if context is not None else outcome_of(exc)
+            protocol.record.finish(*outcome)

@@ -16,9 +16,9 @@ until its echo is out. The PROXY header and the TLS handshake are steps of the s
 turns, so a client that stalls them holds no worker either. TLS runs over memory
 buffers (`ssl.MemoryBIO`, as asyncio does): the socket stays a plain non-blocking
 socket from accept to close, and only this module moves ciphertext in and out.
-Time limits, handshake deadlines and the drain's cut-off come from other threads as
-a shutdown(2) of the socket (`BlockingServer.cut_off`), which makes it ready: the
-worker that takes it finds it ended and closes it with the recorded outcome.
+Deadlines and the drain's cut-off come from other threads (the lifecycle's sweep, on
+the `BlockingServer.timekeeper` thread) as a shutdown(2) of the socket, which makes it
+ready: the worker that takes it finds it ended and closes it with the recorded outcome.
 
 No zero-copy here: splice needs a pipe pair per streaming connection, and a turn
 that may not block cannot wait on the pipe; streams are echoed through Python.
@@ -33,14 +33,12 @@ import select
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from typing import cast
 
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import Step
-from ..limits import ProgressWatch
 from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..proxy_protocol import ProxyHeaderReader
@@ -75,18 +73,7 @@ class TlsSession:
 class PooledConnection:
     """One connection's state between turns: where it is in its life, and owed echo."""
 
-    __slots__ = (
-        "cut",
-        "header",
-        "owed",
-        "owed_plain",
-        "record",
-        "sock",
-        "step",
-        "steps",
-        "tls",
-        "watch",
-    )
+    __slots__ = ("header", "owed", "owed_plain", "record", "sock", "step", "steps", "tls")
 
     def __init__(
         self, sock: socket.socket, record: ConnectionRecord, steps: Iterator[Step]
@@ -98,15 +85,14 @@ class PooledConnection:
         self.header: ProxyHeaderReader | None = None  # while the PROXY header is read
         self.tls: TlsSession | None = None  # from the TLS handshake on
         # Bytes for the wire the client has not taken yet (echo, or TLS records); while
-        # any wait, the connection is not read. `owed_plain`: echoed bytes among them.
+        # any wait, the connection is not read. `owed_plain`: the echo behind owed TLS
+        # records, counted sent once all of them are.
         self.owed = b""
         self.owed_plain = 0
-        self.watch = ProgressWatch(record.opened_at)
-        self.cut = False  # cut off by the sweeper already: not again
 
 
 class ConnectionPool:
-    """The epoll set, the worker threads and, if any limit is set, the limit sweeper."""
+    """The epoll set and the worker threads."""
 
     def __init__(self, server: BlockingServer, threads: int) -> None:
         self.server = server
@@ -114,23 +100,16 @@ class ConnectionPool:
         self.plan = server.plan
         self.config = server.plan.config
         self.events = server.events
-        self.limits = server.plan.limits
         self.epoll = select.epoll()
         self.by_fd: dict[int, PooledConnection] = {}
         # Level-triggered and never read: once written, every worker's wait returns.
         self._stop_reader, self._stop_writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.epoll.register(self._stop_reader, READABLE)
-        self._stopped = threading.Event()
         self._chunk_bytes = self.plan.chunk_bytes
-        self._sweep_interval_s = self.limits.sweep_interval_s(
-            *(step_s for step_s in (self.plan.proxy_header_s, self.plan.tls_handshake_s) if step_s)
-        )
         self._threads = [
             threading.Thread(target=self._work, name=f"echo-pool-{index}", daemon=True)
             for index in range(threads)
         ]
-        if self._sweep_interval_s is not None:
-            self._threads.append(threading.Thread(target=self._sweep, name="echo-pool-limits"))
         try:
             with small_thread_stacks():
                 for thread in self._threads:
@@ -150,7 +129,6 @@ class ConnectionPool:
 
     def close(self) -> None:
         """Stop the workers (the server has drained: nothing is left to serve)."""
-        self._stopped.set()
         os.write(self._stop_writer, b"!")
         for thread in self._threads:
             if thread.ident is not None:
@@ -203,12 +181,10 @@ class ConnectionPool:
             log.exception("unexpected error closing %s", connection.record.peer)
 
     def _end(self, connection: PooledConnection) -> None:
-        record = connection.record
-        record.bytes_out = record.bytes_in - connection.owed_plain
         fd = connection.sock.fileno()
         self.epoll.unregister(fd)
         del self.by_fd[fd]  # before close(): its descriptor number may be reused
-        self.connections.closed(record, connection.sock.close)
+        self.connections.closed(connection.record, connection.sock.close)
 
     def _turn(
         self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview
@@ -237,21 +213,22 @@ class ConnectionPool:
             return None
 
     def _flush(self, connection: PooledConnection) -> bool:
-        """Send what is owed; True once nothing is."""
+        """Send what is owed, counting the echo it carries as sent; True once nothing is."""
         try:
             sent = connection.sock.send(connection.owed)
         except BlockingIOError:
             return False
         connection.owed = connection.owed[sent:]
-        if not connection.owed:
+        if connection.tls is None:
+            connection.record.bytes_out += sent
+        elif not connection.owed:
+            connection.record.bytes_out += connection.owed_plain
             connection.owed_plain = 0
-        elif connection.tls is None:
-            connection.owed_plain = len(connection.owed)
         return not connection.owed
 
     def _owe(self, connection: PooledConnection, data: bytes, plain_bytes: int) -> bool:
-        """Send `data` (holding `plain_bytes` of echo), keeping what the socket does not
-        take; True if it took all of it."""
+        """Send TLS records `data` (holding `plain_bytes` of echo), keeping what the
+        socket does not take; True if it took all of it."""
         connection.owed, connection.owed_plain = data, plain_bytes
         return self._flush(connection)
 
@@ -329,9 +306,9 @@ class ConnectionPool:
                         sent = connection.sock.send(view[:received])
                     except BlockingIOError:
                         sent = 0
+                    record.bytes_out += sent
                     if sent < received:
                         connection.owed = bytes(view[sent:received])
-                        connection.owed_plain = len(connection.owed)
                         return WRITABLE
                     if received < len(buffer):
                         # Less than a buffer: the socket had nothing more just now (a
@@ -368,27 +345,6 @@ class ConnectionPool:
             if not ciphertext:
                 return 0  # closed without close_notify: as the other models, a close
             session.incoming.write(ciphertext)
-
-    def _sweep(self) -> None:
-        """Cut off connections whose time limit, or handshake deadline, has run out."""
-        while not self._stopped.wait(self._sweep_interval_s):
-            now = time.monotonic()
-            for connection in list(self.by_fd.values()):
-                outcome = self._expired(connection, now)
-                if outcome is not None and not connection.cut:
-                    connection.cut = True
-                    self.connections.cut_off(connection.record, outcome)
-
-    def _expired(self, connection: PooledConnection, now: float) -> Outcome | None:
-        record = connection.record
-        age_s = now - record.opened_at
-        if connection.step is Step.PROXY_HEADER:
-            timed_out = age_s >= (self.plan.proxy_header_s or 0.0)
-            return Outcome.PROXY_HEADER_TIMEOUT if timed_out else None
-        if connection.step is Step.TLS_HANDSHAKE:
-            timed_out = age_s >= (self.plan.tls_handshake_s or 0.0)
-            return Outcome.TLS_HANDSHAKE_TIMEOUT if timed_out else None
-        return connection.watch.check(self.limits, record.bytes_in, len(connection.owed), now)
 
 
 def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:

@@ -30,6 +30,7 @@ from .._net import Listeners, open_tcp_listeners
 from .._shared_admission import AdmissionTable
 from ..errors import StartupError
 from ..events import ServerEvents
+from ..lifecycle import drain
 from ..plan import ServerPlan
 from ..shutdown import Shutdown, stop_on_signals
 from . import asyncio_
@@ -210,32 +211,40 @@ class _Supervisor:
                 self.start(index)
 
     def stop(self, shutdown: Shutdown) -> None:
-        """Pass the stop on (again, if forced), wait for the drain, kill what is left."""
-        self.signal_all(signal.SIGTERM)
+        """The lifecycle's drain over the workers: pass the stop on (again, if forced),
+        wait for them to exit until their drain deadline and `EXIT_GRACE_S` more, then
+        kill what is left."""
+        self.signal_all(signal.SIGTERM)  # each worker stops listening and drains
         forwarded_force = False
         drain_timeout_s = self.plan.drain_timeout_s
+        # Not requested (a failed start): the workers were told just now.
         latest_drain_end = time.monotonic() + drain_timeout_s
+        alive: list[BaseProcess] = []
 
-        def grace_ends() -> float:
+        def count_alive() -> int:
+            # One look per round at who is alive, and a wait on exactly those: a worker
+            # that exits after the look has a readable sentinel, so the wait returns at
+            # once. (Two looks, one to decide to wait and one to list what to wait on,
+            # lost the workers that exited in between: their drains end together, so the
+            # first exit woke us and the last one could go in that gap.)
+            alive[:] = self.alive()
+            return len(alive)
+
+        def deadline() -> float:
             drain_end = min(shutdown.drain_deadline(drain_timeout_s), latest_drain_end)
             return drain_end + EXIT_GRACE_S
 
-        # One look per round at who is alive, and a wait on exactly those: a worker that
-        # exits after the look has a readable sentinel, so the wait returns at once. (Two
-        # looks, one to decide to wait and one to list what to wait on, lost the workers
-        # that exited in between: their drains end together, so the first exit woke us and
-        # the last one could go in that gap. The wait then had nothing but the shutdown
-        # socket and slept until the grace ran out.)
-        while (alive := self.alive()) and time.monotonic() < grace_ends():
+        def kill_the_rest() -> None:
+            for process in alive:
+                log.warning("worker %s did not exit in time; killing it", process.pid)
+                process.kill()
+
+        for wait_s in drain(count_alive, kill_the_rest, deadline, time.monotonic):
             if shutdown.forced and not forwarded_force:
                 forwarded_force = True
                 self.signal_all(signal.SIGTERM)
-            sentinels = [process.sentinel for process in alive]
-            wait([*sentinels, shutdown.fileno()], timeout=max(0.0, grace_ends() - time.monotonic()))
+            wait([*(process.sentinel for process in alive), shutdown.fileno()], timeout=wait_s)
             shutdown.clear_wakeup()
-        for process in self.alive():
-            log.warning("worker %s did not exit in time; killing it", process.pid)
-            process.kill()
         for process, _ in self.workers.values():
             process.join()
         for conn in self.starting:
