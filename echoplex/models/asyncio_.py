@@ -25,7 +25,7 @@ from .._net import Listeners
 from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import Connections, Step
 from ..limits import Admission
-from ..outcomes import handshake_outcome, outcome_of
+from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
 
@@ -111,7 +111,8 @@ class EchoProtocol(asyncio.Protocol):
         record.bytes_out = max(0, self.received - unsent)
         connections = self.server.connections
         if exc is not None and not isinstance(exc, OSError):
-            connections.failed(record, exc)  # raised by our own callbacks: a bug
+            # Raised by a callback of ours (the loop has logged it): a handler bug.
+            record.finish(Outcome.ERROR, "handler")
         record.finish(*outcome_of(exc))
         connections.closed(record, lambda: None)  # the transport has closed it
 
@@ -135,7 +136,12 @@ class DataLoggingEchoProtocol(EchoProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.record.bytes_in = self.received + len(data)
-        self.server.events.data_received(self.record, data)
+        try:
+            self.server.events.data_received(self.record, data)
+        except Exception:
+            self.server.connections.failed(self.record)
+            self.transport.abort()  # type: ignore[union-attr]
+            return
         super().data_received(data)
 
 
