@@ -79,7 +79,11 @@ def forget_process(pid: int) -> None:
 
 
 class Metrics:
-    def __init__(self, config: ServerConfig) -> None:
+    """The server's series, each labelled with the `model` that runs (its registry name,
+    or a model of one's own under its own name: never just the config's mode, which did
+    not choose a model passed as an object) and the `worker`."""
+
+    def __init__(self, config: ServerConfig, model: str) -> None:
         prom = _require_client()
         self.prom = prom
         self.multiprocess = MULTIPROC_ENV in os.environ
@@ -90,7 +94,7 @@ class Metrics:
             # Metrics live in per-process files; the collector sums them at scrape time.
             multiprocess.MultiProcessCollector(self.registry)
         target = None if self.multiprocess else self.registry
-        self.mode = config.mode
+        self.model = model
         self.max_connections = config.max_connections
         self.build: BuildInfo | None = None  # once the server has resolved its loop
 
@@ -158,10 +162,10 @@ class Metrics:
 
     def where(self) -> list[str]:
         """The values of LABELS for this process."""
-        return [self.mode, self.worker()]
+        return [self.model, self.worker()]
 
     def label(self, metric: Any, **extra: str) -> Any:
-        return metric.labels(model=self.mode, worker=self.worker(), **extra)
+        return metric.labels(model=self.model, worker=self.worker(), **extra)
 
 
 class MetricsEvents:
@@ -304,7 +308,7 @@ class _ProcessCollector:
 
         merged: dict[str, Any] = {}
         for pid, worker in self.metrics.processes().items():
-            labels = {"model": self.metrics.mode, "worker": worker}
+            labels = {"model": self.metrics.model, "worker": worker}
             for family in ProcessCollector(pid=_constant(pid), registry=None).collect():
                 into = merged.setdefault(
                     family.name, Metric(family.name, family.documentation, family.type)
@@ -553,13 +557,15 @@ def serve_http(metrics: Metrics, host: str, port: int) -> tuple[Callable[[], Non
 
 
 def metrics_events(
-    config: ServerConfig, inner: ServerEvents
+    config: ServerConfig, inner: ServerEvents, model: str
 ) -> tuple[ServerEvents, Callable[[], None]]:
-    """Wrap `inner` with metrics and start the endpoint if the config asks for it."""
+    """Wrap `inner` with metrics of `model` (the name of the model that runs, as
+    `echoplex.server.model_name` gives it) and start the endpoint if the config asks
+    for it."""
     if config.metrics_port is None:
         return inner, lambda: None
-    remove_directory = prepare_multiprocess() if config.mode == "workers" else lambda: None
-    metrics = Metrics(config)
+    remove_directory = prepare_multiprocess() if model == "workers" else lambda: None
+    metrics = Metrics(config, model)
     stop_http, _ = serve_http(metrics, config.metrics_host, config.metrics_port)
 
     def stop() -> None:

@@ -45,7 +45,7 @@ def run(
     if config.metrics_port is not None:
         from .metrics import metrics_events  # prometheus-client and http.server: only if asked
 
-        events, stop_metrics = metrics_events(config, events)
+        events, stop_metrics = metrics_events(config, events, name)
     try:
         with (
             stop_on_signals(shutdown),

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import socket
 import sys
+import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from echoplex import ServerConfig, run
+from echoplex.events import ConnectionRecord, QuietEvents
+from echoplex.models import threads
+from echoplex.shutdown import Shutdown
 
 from .procs import Server, echoplex
 from .test_contract import recv_exactly
@@ -210,3 +219,62 @@ def test_udp_datagrams_answered_and_dropped() -> None:
             time.sleep(0.05)
         assert total(samples, "echoplex_udp_datagrams_answered_total") == 5
         assert total(samples, "echoplex_udp_datagrams_dropped_total", reason="reserved-port") == 1
+
+
+class Heard(QuietEvents):
+    """Says when the server listens (and where) and when a connection has been counted
+    and closed: the metrics wrap these events and count first."""
+
+    def __init__(self) -> None:
+        self.address: tuple[str, int] | None = None
+        self.listens = threading.Event()
+        self.closes = threading.Event()
+
+    def listening(self, addresses: list[Any]) -> None:
+        self.address = addresses[0]
+        self.listens.set()
+
+    def connection_closed(self, record: ConnectionRecord) -> None:
+        self.closes.set()
+
+
+@pytest.mark.timeout(60)
+def test_series_are_labelled_with_the_model_that_runs(caplog: pytest.LogCaptureFixture) -> None:
+    # A model of one's own, passed as a module object, while the config's mode names
+    # another: every series says which model served, as echoplex_build_info does.
+    caplog.set_level(logging.INFO, logger="echoplex.metrics")
+    mine = types.ModuleType("my_echo_model")
+    mine.__dict__["serve"] = threads.serve
+    config = ServerConfig(mode="pool", hosts=("127.0.0.1",), port=0, metrics_port=0)
+    events, shutdown = Heard(), Shutdown()
+    server = threading.Thread(target=run, args=(config, events, shutdown), kwargs={"model": mine})
+    server.start()
+    try:
+        assert events.listens.wait(20) and events.address is not None
+        with socket.create_connection(events.address, timeout=10) as sock:
+            sock.sendall(b"labelled")
+            assert recv_exactly(sock, 8) == b"labelled"
+        assert events.closes.wait(20)
+        [where] = [r.args[0] for r in caplog.records if r.name == "echoplex.metrics"]  # type: ignore[index]
+        with urllib.request.urlopen(f"http://{where}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        shutdown.request()
+        server.join(30)
+        shutdown.close()
+    assert not server.is_alive()
+    models: dict[str, set[str]] = defaultdict(set)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "model" in sample.labels:
+                models[sample.name].add(sample.labels["model"])
+    assert models["echoplex_build_info"] == {"my_echo_model"}
+    for name in (
+        "echoplex_connections_accepted_total",
+        "echoplex_connections_closed_total",
+        "echoplex_bytes_received_total",
+        "echoplex_accepting",
+        "process_cpu_seconds_total",
+    ):
+        assert models[name] == {"my_echo_model"}, name
+    assert set().union(*models.values()) == {"my_echo_model"}
