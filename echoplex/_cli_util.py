@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from ._net import check_host, check_unix_path
@@ -128,90 +128,119 @@ def environment_variables(
     return pairs
 
 
-def port_number(text: str) -> int:
-    value = _integer(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535, not {value}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class Bounded:
+    """An argparse type for a number in a range, the range declared once: called with
+    the text, it reads the number and checks it; a config's `__post_init__` checks a
+    number given through the API with the same `check` (see `check_declared`), so both
+    refuse the same values in the same words.
 
+    The words may name `{least}`, `{most}` and `{value}`: the text typed, or for a value
+    given through the API, the value as `show` writes it."""
 
-def target_port(text: str) -> int:
-    """A port to connect to: 1..65535 (0 means "any" only when listening)."""
-    value = _integer(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 1..65535, not {value}")
-    return value
+    read: Callable[[str], Any]
+    """Text to a number; an ArgumentTypeError if it is not one."""
+    least: float
+    most: float
+    too_low: str = "must be at least {least}, not {value}"
+    too_high: str = "must be at most {most}, not {value}"
+    least_excluded: str | None = None
+    """The words for `least` itself, if it is out of the range (None: it is in)."""
+    show: Callable[[Any], str] = lambda value: _shown(value)
 
-
-def positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def at_most(most: int, type_: Callable[[str], int]) -> Callable[[str], int]:
-    """`type_`, also refusing a value above `most` (one a C int or the OS cannot hold)."""
-
-    def bounded(text: str) -> int:
-        value = type_(text)
-        if value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most}, not {value}")
+    def __call__(self, text: str) -> Any:
+        value = self.read(text)
+        self.check(value, text)
         return value
 
-    bounded.__name__ = type_.__name__
-    return bounded
+    def check(self, value: Any, text: str | None = None) -> None:
+        """An ArgumentTypeError if `value` is out of range (NaN is: it is in no range)."""
+        if value == self.least and self.least_excluded is not None:
+            words = self.least_excluded
+        elif value < self.least:
+            words = self.too_low
+        elif not value <= self.most:
+            words = self.too_high
+        else:
+            return
+        shown = self.show(value) if text is None else text
+        raise argparse.ArgumentTypeError(
+            words.format(least=_shown(self.least), most=_shown(self.most), value=shown)
+        )
 
 
-def non_negative_int(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
 
+
+def whole_number(least: int, most: float = math.inf) -> Bounded:
+    """A whole number from `least` to `most`."""
+    too_low = "must be 0 or more, not {value}" if least == 0 else Bounded.too_low
+    return Bounded(_integer, least, most, too_low)
+
+
+positive_int = whole_number(1)
+non_negative_int = whole_number(0)
+
+
+def at_most(most: int, type_: Bounded) -> Bounded:
+    """`type_`, also refusing a value above `most` (one a C int or the OS cannot hold)."""
+    return dataclasses.replace(type_, most=most)
+
+
+_PORT = "port must be {least}..{most}, not {value}"
+port_number = Bounded(_integer, 0, 65535, _PORT, _PORT)
+"""A port to listen on: 0..65535, 0 meaning any free one."""
+target_port = Bounded(_integer, 1, 65535, _PORT, _PORT)
+"""A port to connect to: 1..65535 (0 means "any" only when listening)."""
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
 _SECONDS_PER_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def non_negative_seconds(text: str) -> float:
-    """A duration: seconds (`2.5`), or with a unit as wrk and fortio take them: `500ms`,
-    `10s`, `1m`, `2h`."""
+def _duration(text: str) -> float:
+    """Seconds (`2.5`), or with a unit as wrk and fortio take them: `500ms`, `10s`, `1m`,
+    `2h`."""
     match = _DURATION.fullmatch(text)
     try:
         if match is None:
-            value = float(text)  # a number out of range (-3, inf, nan) is told so below
-        else:
-            number, unit = match.groups()
-            value = float(number) * _SECONDS_PER_UNIT[(unit or "s").lower()]
+            return float(text)  # a number out of range (-3, inf, nan) is told so by the range
+        number, unit = match.groups()
+        return float(number) * _SECONDS_PER_UNIT[(unit or "s").lower()]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"not a duration: {text!r} (seconds, or with a unit: 500ms, 10s, 1m, 2h)"
         ) from None
-    if not 0 <= value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(
-            f"must be 0 or more seconds, at most a year ({MAX_SECONDS:.0f}), not {text}"
-        )
-    return value
 
 
-def octal_mode(text: str) -> int:
-    """File permissions in octal, like chmod: `600`, `0660`."""
+_A_YEAR = f"must be 0 or more seconds, at most a year ({MAX_SECONDS:.0f}), not {{value}}"
+non_negative_seconds = Bounded(_duration, 0, MAX_SECONDS, _A_YEAR, _A_YEAR)
+positive_seconds = Bounded(
+    _duration, 0, MAX_SECONDS, _A_YEAR, _A_YEAR, least_excluded="must be more than 0 seconds"
+)
+
+
+def _octal(text: str) -> int:
     try:
-        value = int(text, 8)
+        return int(text, 8)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an octal file mode: {text!r} (e.g. 600)") from None
-    if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"not a file mode: {text!r} (000 to 777)")
-    return value
+
+
+_FILE_MODE = "not a file mode: {value} (000 to 777)"
+octal_mode = Bounded(_octal, 0, 0o777, _FILE_MODE, _FILE_MODE, show=lambda mode: f"{mode:o}")
+"""File permissions in octal, like chmod: `600`, `0660`."""
 
 
 _SIZE = re.compile(r"\s*([0-9]{1,20})\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3}
 
 
-def size_bytes(text: str, most: int = 1 << 30) -> int:
-    """`1024`, `1K`/`1KiB` (1024), `1KB` (1000), `64KiB`, `2M`, `1MB`... 1 byte to `most`."""
+def _size(text: str) -> int:
+    """`1024`, `1K`/`1KiB` (1024), `1KB` (1000), `64KiB`, `2M`, `1MB`..."""
     match = _SIZE.fullmatch(text)
     if match is None:
         raise argparse.ArgumentTypeError(
@@ -223,52 +252,50 @@ def size_bytes(text: str, most: int = 1 << 30) -> int:
         raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}")
     # K and KiB are binary, as most load tools read them; KB (no i) is decimal.
     base = 1000 if (unit and not binary and prefix) else 1024
-    value = int(digits) * base**power
-    if not 1 <= value <= most:
-        raise argparse.ArgumentTypeError(f"must be 1 byte to {binary_size(most)}, not {text}")
+    return int(digits) * base**power
+
+
+def byte_size(most: int) -> Bounded:
+    """A size in bytes (see `_size`), 1 byte to `most`."""
+    words = f"must be 1 byte to {binary_size(most)}, not {{value}}"
+    return Bounded(_size, 1, most, words, words, show=_size_written)
+
+
+def _size_written(size: int) -> str:
+    """A size as `_size` reads it back: `64KiB`, or a number of bytes."""
+    return binary_size(size) if size > 0 and size % 1024 == 0 else str(size)
+
+
+def size_bytes(text: str, most: int = 1 << 30) -> int:
+    """`text` as a size in bytes, 1 byte to `most` (see `byte_size`)."""
+    value: int = byte_size(most)(text)
     return value
 
 
-def positive_seconds(text: str) -> float:
-    value = non_negative_seconds(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be more than 0 seconds")
-    return value
+def _number(what: str) -> Callable[[str], float]:
+    def read(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number {what}: {text!r}") from None
+
+    return read
 
 
-def positive_rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
-    return value
+# The largest finite float: a rate must be finite (inf and NaN are out of range).
+_FINITE = sys.float_info.max
+_ABOVE_0 = "must be a finite number above 0, not {value}"
+positive_rate = Bounded(_number("per second"), 0, _FINITE, _ABOVE_0, _ABOVE_0, _ABOVE_0)
+_NO_LIMIT = "must be a finite rate, 0 (no limit) or more, not {value}"
+datagram_rate = Bounded(_number("of datagrams a second"), 0, _FINITE, _NO_LIMIT, _NO_LIMIT)
+"""Datagrams per second: a finite number, 0 (no limit) or more."""
 
 
 def binary_size(size: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size % scale == 0:
+        if size and size % scale == 0:
             return f"{size // scale}{unit}"
     return f"{size:,} bytes"
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-
-
-def datagram_rate(text: str) -> float:
-    """Datagrams per second: a finite number, 0 (no limit) or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of datagrams a second: {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite rate, 0 (no limit) or more, not {text}")
-    return value
 
 
 def host_name(text: str) -> str:
@@ -346,15 +373,34 @@ class Option:
 
     flag: str
     help: str
-    """May hold `{default}`: the field's default, as `show` writes it (`:g` for floats)."""
+    """May hold `{default}`: the field's default, as `written` writes it."""
     parse: Callable[[str], Any] | None = None
+    """Text to value; a `Bounded` one also checks a value given through the API."""
     group: str | None = None
     """Title of the help section; None: the command's own options."""
     metavar: str | None = None
     choices: Sequence[str] | None = None
     short: str | None = None
     show: Callable[[Any], str] | None = None
+    """How a value is written as the flag takes it, for `parse` to read back (default:
+    the `Bounded` parse's own `show`, else `str`, floats as short as they read back)."""
     negatable: bool = False
+
+    def written(self, value: Any) -> str:
+        """`value` as this option takes it on the command line."""
+        show = self.show or (self.parse.show if isinstance(self.parse, Bounded) else _shown)
+        return show(value)
+
+
+class FromOtherSettings:
+    """The default of a field that follows from other fields; `__post_init__` replaces
+    it with the value (a frozen dataclass cannot say "unless" in a plain default)."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+
+    def __repr__(self) -> str:
+        return f"<{self.rule}>"
 
 
 def option(default: Any, flag: str, help: str, **declaration: Any) -> Any:
@@ -380,13 +426,11 @@ def add_options(
     config_class: type,
     *,
     only: Sequence[str] | None = None,
-    dest_from_flag: bool = False,
 ) -> None:
     """An argparse option for each field of `config_class` with an `option()`, its dest
     the field's name and its default the field's, in help sections by `group`.
 
-    With `only`, just those fields, all in `parser` (the caller's section); with
-    `dest_from_flag`, each value is stored under its flag's name, as argparse would."""
+    With `only`, just those fields, all in `parser` (the caller's section)."""
     hints = typing.get_type_hints(config_class)
     groups: dict[str | None, Any] = {None: parser}
     for config_field, declared in options_of(config_class):
@@ -396,12 +440,10 @@ def add_options(
         elif declared.group not in groups:
             groups[declared.group] = parser.add_argument_group(declared.group)
         default = config_field.default
-        shown = (declared.show or _shown)(default)
-        kwargs: dict[str, Any] = {
-            "dest": declared.flag[2:].replace("-", "_") if dest_from_flag else config_field.name,
-            "default": default,
-            "help": declared.help.format(default=shown),
-        }
+        help_text = declared.help
+        if "{default}" in help_text:  # (a default of None or a tuple is not written)
+            help_text = help_text.format(default=declared.written(default))
+        kwargs: dict[str, Any] = {"dest": config_field.name, "default": default, "help": help_text}
         hint = hints[config_field.name]
         if hint is bool:
             kwargs["action"] = (
@@ -440,5 +482,72 @@ def flags_for_settings(message: str, config_class: type) -> str:
     return re.sub(r"`(\w+)`", lambda match: flags.get(match[1], match[0]), message)
 
 
-def _shown(default: object) -> str:
-    return f"{default:g}" if isinstance(default, float) else str(default)
+def check_declared(config: object) -> None:
+    """Check each value of `config` against its option's declaration, as the parser does
+    (its `choices`; a `Bounded` parse's range), for a config built through the API: a
+    ValueError naming the setting as `field_name`, in the parser's words."""
+    for config_field, declared in options_of(type(config)):
+        value = getattr(config, config_field.name)
+        if value is None:
+            continue  # not set (where None is the default)
+        if declared.choices is not None and value not in declared.choices:
+            choices = ", ".join(declared.choices)
+            raise ValueError(f"`{config_field.name}` must be one of {choices}, not {value!r}")
+        if isinstance(declared.parse, Bounded):
+            try:
+                declared.parse.check(value)
+            except argparse.ArgumentTypeError as exc:
+                raise ValueError(f"`{config_field.name}`: {exc}") from None
+
+
+def argv_of(
+    config: object, *, leave_out: Collection[str] = (), keep_defaults: Collection[str] = ()
+) -> list[str]:
+    """The flags that give `config` again when parsed: one for each option whose value is
+    not what it would be without its flag (a repeatable option's flag once per item),
+    in declaration order; none for the fields in `leave_out`, and a flag even at its
+    default for those in `keep_defaults`. A ValueError for a value no flag can give."""
+    argv: list[str] = []
+    for config_field, declared in options_of(type(config)):
+        name = config_field.name
+        value = getattr(config, name)
+        if name in leave_out or (name not in keep_defaults and value == _unflagged(config, name)):
+            continue
+        if isinstance(value, bool):
+            if not (value or declared.negatable):
+                raise ValueError(f"{declared.flag} cannot be turned off by a flag")
+            argv.append(declared.flag if value else f"--no-{declared.flag[2:]}")
+        elif isinstance(value, tuple) and typing.get_origin(_hint(config, name)) is tuple:
+            if not value:
+                raise ValueError(f"no {declared.flag} flags give an empty list")
+            for item in value:
+                argv += [declared.flag, declared.written(item)]
+        elif value is None:
+            raise ValueError(f"no {declared.flag} flag gives None")
+        else:
+            argv += [declared.flag, declared.written(value)]
+    return argv
+
+
+def _unflagged(config: object, name: str) -> Any:
+    """The value of `config`'s field `name` had its flag not been given: its default, or
+    for a default that follows from other settings (`__post_init__` replaces it), what
+    it follows to in this config."""
+    default = next(
+        f.default for f in dataclasses.fields(typing.cast(Any, config)) if f.name == name
+    )
+    if not isinstance(default, FromOtherSettings):
+        return default
+    return getattr(dataclasses.replace(typing.cast(Any, config), **{name: default}), name)
+
+
+def _hint(config: object, name: str) -> Any:
+    return typing.get_type_hints(type(config))[name]
+
+
+def _shown(value: object) -> str:
+    """`value` as text; a float as short as reads back the same (`10`, `0.25`, `1e-05`)."""
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)

@@ -1,5 +1,9 @@
 """Client side of an echo conversation: one round trip, or an interactive session like nc;
-over TCP, or over UDP a datagram at a time."""
+over TCP, or over UDP a datagram at a time.
+
+One-shot use (`one_shot`, `one_shot_udp`) prints each echo as `echoplex client -m` and
+the tutorial's `ClientPython.py` show it, and returns their exit status: both front
+ends call it from here, so the tutorial does not depend on the command above it."""
 
 from __future__ import annotations
 
@@ -8,12 +12,17 @@ import errno
 import os
 import select
 import selectors
+import signal
 import socket
 import ssl
+import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any, BinaryIO
 
+from ._cli_util import fail
 from .config import DEFAULT_PORT
 from .proxy_protocol import encode_v1, encode_v2
 
@@ -245,3 +254,101 @@ def _datagrams(data: bytes, *, final: bool) -> tuple[list[bytes], bytes]:
         datagrams.append(data[:cut])
         data = data[cut:]
     return datagrams, data
+
+
+# ---------------------------------------------------------------- one-shot use
+
+
+def one_shot(
+    prog: str,
+    target: Target,
+    messages: Iterable[bytes],
+    *,
+    raw: bool,
+    timeout_s: float | None = None,
+) -> int:
+    """Send each message in turn on one connection, printing each echo; the exit status."""
+    try:
+        sock = connect(target, timeout_s)
+    except OSError as exc:
+        return fail(prog, describe_connection_error(target, exc), status=1)
+
+    def failed(exc: OSError) -> str:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
+        return f"connection to {target} failed: {reason}"
+
+    return _print_echoes(prog, sock, messages, round_trip, failed, raw=raw)
+
+
+def one_shot_udp(
+    prog: str,
+    host: str,
+    port: int,
+    messages: Iterable[bytes],
+    *,
+    raw: bool,
+    timeout_s: float = UDP_TIMEOUT_S,
+) -> int:
+    """Send each message as a datagram in turn, printing each echo; the exit status."""
+    try:
+        sock = open_udp(host, port)
+    except OSError as exc:
+        return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
+    sock.settimeout(timeout_s)
+    return _print_echoes(
+        prog,
+        sock,
+        messages,
+        datagram_round_trip,
+        lambda exc: describe_udp_error(host, port, exc, timeout_s),
+        raw=raw,
+    )
+
+
+def _print_echoes(
+    prog: str,
+    sock: socket.socket,
+    messages: Iterable[bytes],
+    exchange: Callable[[socket.socket, bytes], bytes],
+    failed: Callable[[OSError], str],
+    *,
+    raw: bool,
+) -> int:
+    """One-shot use over TCP or UDP: `exchange` each message, print each echo as it comes
+    back (the tutorial's `Received: b'...'`, or the bytes with `raw`), close; the exit
+    status. A wrong echo or a failure (worded by `failed`) ends it with status 1."""
+    with sock:
+        for message in messages:
+            try:
+                echoed = exchange(sock, message)
+            except EchoMismatch as exc:
+                return fail(prog, str(exc), status=1)
+            except OSError as exc:
+                return fail(prog, failed(exc), status=1)
+            if raw:
+                sys.stdout.buffer.write(echoed)
+                sys.stdout.buffer.flush()
+            else:
+                print("Received:", echoed, flush=True)
+    return 0
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
+
+
+@contextlib.contextmanager
+def stopped_quietly() -> Iterator[None]:
+    """SIGINT/SIGTERM end the block at once, with no traceback: a requested stop."""
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -12,14 +12,15 @@ name the settings as `field_name`; the command shows them as the flags.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._cli_util import (
+    FromOtherSettings,
     at_most,
-    binary_size,
+    byte_size,
+    check_declared,
     datagram_rate,
     described,
     file_path,
@@ -31,11 +32,11 @@ from ._cli_util import (
     port_number,
     positive_int,
     positive_seconds,
-    size_bytes,
     unix_socket_path,
 )
 from ._net import check_host, check_unix_path
 from .models import MODELS
+from .proxy_protocol import Network, parse_networks
 
 DEFAULT_PORT = 12345
 # The kernel caps this at net.core.somaxconn; asking for more costs nothing and
@@ -47,18 +48,8 @@ LOOPS = ("auto", "asyncio", "uvloop")
 MAX_WORKERS = 1024
 # The pool starts every thread at once; each takes a stack and a slot in the scheduler.
 MAX_THREADS = 4096
+MAX_BUFFER_BYTES = 1 << 30
 DEFAULT_HOST = "127.0.0.1"
-
-
-class FromOtherSettings:
-    """The default of a field that follows from other fields; `__post_init__` replaces
-    it with the value (a frozen dataclass cannot say "unless" in a plain default)."""
-
-    def __init__(self, rule: str) -> None:
-        self.rule = rule
-
-    def __repr__(self) -> str:
-        return f"<{self.rule}>"
 
 
 # Typed Any: the field keeps its own type, and never holds these once built.
@@ -119,7 +110,6 @@ class ServerConfig:
         "permissions of the --unix socket file, in octal (default {default})",
         parse=octal_mode,
         metavar="MODE",
-        show=lambda mode: f"{mode:o}",
     )
     """Permissions of the Unix socket file: who may connect."""
 
@@ -289,10 +279,9 @@ class ServerConfig:
         65536,
         "--max-buffer",
         "echo bytes held per connection before it stops being read (default {default})",
-        parse=size_bytes,
+        parse=byte_size(MAX_BUFFER_BYTES),
         metavar="BYTES",
         group=LIMITS,
-        show=binary_size,
     )
     """Echo bytes held per connection at most: past it, the server stops reading that client
     until its echo is written, so a client that never reads cannot grow server memory."""
@@ -369,74 +358,38 @@ class ServerConfig:
     """Source addresses whose UDP rate is tracked at once: bounded memory, however many
     addresses a flood forges (a source's bucket is forgotten once it has refilled)."""
 
+    trusted_networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
+    """`trusted_proxies` parsed, once, as the config is made: `echoplex.plan` hands them
+    on (they are checked by being parsed, so they are parsed where they are checked)."""
+
     def __post_init__(self) -> None:
         if self.hosts is HOSTS_UNLESS_UNIX:
             hosts = () if self.unix_path is not None else (DEFAULT_HOST,)
             object.__setattr__(self, "hosts", hosts)
         if self.tcp is TCP_UNLESS_UDP_ALONE:
             object.__setattr__(self, "tcp", not self.udp)
+        check_declared(self)  # each option's choices and range, as `echoplex serve` checks them
         for host in (*self.hosts, self.metrics_host):
             check_host(host)  # a ValueError naming it, not a UnicodeError at bind
         if self.unix_path is not None:
             check_unix_path(self.unix_path)
-        if self.mode not in MODELS:
-            raise ValueError(f"`mode` must be one of {', '.join(MODELS)}, not {self.mode!r}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"`port` must be 0..65535, not {self.port}")
-        if not 1 <= self.backlog <= MAX_BACKLOG:
-            raise ValueError(f"`backlog` must be 1 to {MAX_BACKLOG}, not {self.backlog}")
-        if not 1 <= self.threads <= MAX_THREADS:
-            raise ValueError(f"`threads` must be 1 to {MAX_THREADS}, not {self.threads}")
-        if not 0 <= self.workers <= MAX_WORKERS:
-            raise ValueError(
-                f"`workers` must be 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}"
-            )
-        if self.loop not in LOOPS:
-            raise ValueError(f"`loop` must be one of {', '.join(LOOPS)}, not {self.loop!r}")
-        if not self.drain_timeout_s >= 0:
-            raise ValueError(f"`drain_timeout_s` must be 0 or more, not {self.drain_timeout_s}")
         if self.proxy_protocol and not self.trusted_proxies:
             raise ValueError(
                 "`proxy_protocol` needs `trusted_proxies` (the networks of the proxies that "
                 "send the header)"
             )
-        if self.trusted_proxies:
-            from .proxy_protocol import parse_networks
-
-            parse_networks(self.trusted_proxies)  # a ValueError naming the bad entry
-        if not self.proxy_header_timeout_s > 0:
-            raise ValueError("`proxy_header_timeout_s` must be more than 0 seconds")
+        # A ValueError naming the bad entry.
+        object.__setattr__(self, "trusted_networks", tuple(parse_networks(self.trusted_proxies)))
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 "TLS needs both a certificate and a key file (`tls_cert_file` and `tls_key_file`)"
             )
-        if not self.tls_handshake_timeout_s > 0:
-            raise ValueError("`tls_handshake_timeout_s` must be more than 0 seconds")
-        if not 0 <= self.unix_mode <= 0o777:
-            raise ValueError(
-                f"`unix_mode` must be an octal permission like 600, not {self.unix_mode:o}"
-            )
         if self.recv_bytes < 1:
             raise ValueError(f"`recv_bytes` must be at least 1, not {self.recv_bytes}")
-        if self.max_buffer_bytes < 1:
-            raise ValueError(
-                f"`max_buffer_bytes` must be at least 1 byte, not {self.max_buffer_bytes}"
-            )
-        for name in ("max_connections", "max_per_ip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"`{name}` must be 0 (no limit) or more")
-        for name in ("idle_timeout_s", "max_lifetime_s", "send_timeout_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"`{name}` must be 0 (none) or more seconds")
         if not (self.tcp or self.udp):
             raise ValueError("serve TCP, UDP or both: `tcp` and `udp` are both off")
         if self.udp and not self.hosts:
             raise ValueError("`udp` needs a host to listen on (`hosts`)")
-        for name in ("udp_rate_per_source", "udp_rate_total"):
-            if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"`{name}` must be 0 (no limit) or a finite rate")
-        if self.udp_max_sources < 1:
-            raise ValueError(f"`udp_max_sources` must be at least 1, not {self.udp_max_sources}")
 
     @property
     def worker_count(self) -> int:

@@ -28,7 +28,7 @@ from .errors import StartupError
 from .limits import Admission, TimeLimits
 from .loops import LoopFactory, loop_factory
 from .models import MODELS
-from .proxy_protocol import Network, parse_networks
+from .proxy_protocol import Network
 
 if TYPE_CHECKING:
     import socket
@@ -110,7 +110,7 @@ def resolve(config: ServerConfig, model: Model) -> ServerPlan:
     runs_loop = bool(getattr(model, "RUNS_EVENT_LOOP", False)) and config.tcp
     loop = loop_factory(config.loop) if runs_loop or config.udp else None
     context = tls.server_context(config) if config.tcp else None
-    proxies = parse_networks(config.trusted_proxies) if config.proxy_protocol else []
+    proxies = list(config.trusted_networks) if config.proxy_protocol else []
     per_process = bool(getattr(model, "LISTENER_PER_PROCESS", False))
     if config.port or not config.tcp:
         # A port given: UDP first (its error comes first, as when serving it alone).

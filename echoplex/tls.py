@@ -1,4 +1,4 @@
-"""TLS for the server: one `ssl.SSLContext` built from the config, TLS 1.2 or newer."""
+"""TLS contexts, TLS 1.2 or newer: the server's, built from its config, and a client's."""
 
 from __future__ import annotations
 
@@ -36,3 +36,15 @@ def client_context(ca_file: str | None = None, *, insecure: bool = False) -> ssl
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def checked_client_context(ca_file: str | None, *, insecure: bool = False) -> ssl.SSLContext:
+    """`client_context`, built once, with a CA file that is missing or not PEM
+    certificates as one ValueError naming it: a bad argument of the command given it."""
+    if ca_file is not None and not os.path.isfile(ca_file):
+        raise ValueError(f"no such CA file: {ca_file}")
+    try:
+        return client_context(ca_file, insecure=insecure)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise ValueError(f"cannot load CA file {ca_file}: {reason}") from None

@@ -13,8 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from ._cli_util import Parser, fail, host_name, port_number
-from .client import Target
-from .commands.client import one_shot, stopped_quietly
+from .client import Target, one_shot, stopped_quietly
 from .config import DEFAULT_PORT, ServerConfig
 from .errors import StartupError
 from .events import ConnectionRecord, QuietEvents

@@ -6,138 +6,84 @@ The server is named as nc names it, `echoplex client HOST PORT`, or with `--host
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import socket
-import ssl
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from types import FrameType
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 from .._cli_util import (
     add_options,
+    config_from_args,
     fail,
     host_name,
     non_negative_seconds,
-    port_number,
+    option,
     positive_int,
+    target_port,
 )
 from ..client import (
     UDP_TIMEOUT_S,
-    EchoMismatch,
     Target,
     connect,
-    datagram_round_trip,
     describe_connection_error,
     describe_udp_error,
     interact,
     interact_udp,
+    one_shot,
+    one_shot_udp,
     open_udp,
-    round_trip,
+    stopped_quietly,
 )
 from ..config import DEFAULT_HOST, DEFAULT_PORT
 from ..load.config import STREAM_TRANSPORT, LoadConfig
-from ..tls import client_context
+from ..tls import checked_client_context
 
 PROG = "echoplex client"
 
 Value = TypeVar("Value", str, int)
 
 
-def one_shot(
-    prog: str,
-    target: Target,
-    messages: Iterable[bytes],
-    *,
-    raw: bool,
-    timeout_s: float | None = None,
-) -> int:
-    """Send each message in turn on one connection, printing each echo; the exit status."""
-    try:
-        sock = connect(target, timeout_s)
-    except OSError as exc:
-        return fail(prog, describe_connection_error(target, exc), status=1)
+@dataclass(frozen=True)
+class ClientOptions:
+    """The command's own options, each declared once (`echoplex._cli_util.option`); the
+    stream transport options are `LoadConfig`'s, shared with `echoplex load`.
 
-    def failed(exc: OSError) -> str:
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
-        return f"connection to {target} failed: {reason}"
+    `host` and `port` are None when not given as flags, so that HOST PORT, as nc takes
+    them, can be told apart from them (see `address_from`)."""
 
-    return _print_echoes(prog, sock, messages, round_trip, failed, raw=raw)
-
-
-def _print_echoes(
-    prog: str,
-    sock: socket.socket,
-    messages: Iterable[bytes],
-    exchange: Callable[[socket.socket, bytes], bytes],
-    failed: Callable[[OSError], str],
-    *,
-    raw: bool,
-) -> int:
-    """One-shot use over TCP or UDP: `exchange` each message, print each echo as it comes
-    back (the tutorial's `Received: b'...'`, or the bytes with `raw`), close; the exit
-    status. A wrong echo or a failure (worded by `failed`) ends it with status 1."""
-    with sock:
-        for message in messages:
-            try:
-                echoed = exchange(sock, message)
-            except EchoMismatch as exc:
-                return fail(prog, str(exc), status=1)
-            except OSError as exc:
-                return fail(prog, failed(exc), status=1)
-            if raw:
-                sys.stdout.buffer.write(echoed)
-                sys.stdout.buffer.flush()
-            else:
-                print("Received:", echoed, flush=True)
-    return 0
-
-
-class _Stopped(Exception):
-    pass
-
-
-def _raise_stopped(signum: int, frame: FrameType | None) -> None:
-    raise _Stopped
-
-
-@contextlib.contextmanager
-def stopped_quietly() -> Iterator[None]:
-    """SIGINT/SIGTERM end the block at once, with no traceback: a requested stop."""
-    previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except _Stopped:
-        pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def one_shot_udp(
-    prog: str,
-    host: str,
-    port: int,
-    messages: Iterable[bytes],
-    *,
-    raw: bool,
-    timeout_s: float = UDP_TIMEOUT_S,
-) -> int:
-    """Send each message as a datagram in turn, printing each echo; the exit status."""
-    try:
-        sock = open_udp(host, port)
-    except OSError as exc:
-        return fail(prog, describe_udp_error(host, port, exc, timeout_s), status=1)
-    sock.settimeout(timeout_s)
-    return _print_echoes(
-        prog,
-        sock,
-        messages,
-        datagram_round_trip,
-        lambda exc: describe_udp_error(host, port, exc, timeout_s),
-        raw=raw,
+    host: str | None = option(
+        None, "--host", f"server address (default {DEFAULT_HOST})", parse=host_name
+    )
+    port: int | None = option(
+        None, "--port", f"server port (default {DEFAULT_PORT})", parse=target_port
+    )
+    messages: tuple[str, ...] = option(
+        (),
+        "--message",
+        "send TEXT, print the echo as the tutorial does, exit; repeatable. "
+        "Without it, stdin is sent and the echo printed, like nc",
+        metavar="TEXT",
+        short="-m",
+    )
+    count: int = option(
+        1, "--count", "send each --message this many times (default {default})", parse=positive_int
+    )
+    raw: bool = option(
+        False, "--raw", "with --message, print the echoed bytes instead of their repr"
+    )
+    timeout_s: float | None = option(
+        None,
+        "--timeout",
+        "give up on a connect or a read after this long (default: wait; with --udp, "
+        f"{UDP_TIMEOUT_S:g})",
+        parse=non_negative_seconds,
+        metavar="SECONDS",
+    )
+    udp: bool = option(
+        False,
+        "--udp",
+        "use UDP: each message (each stdin line) is one datagram, each echo one back",
     )
 
 
@@ -152,7 +98,7 @@ def positional_host(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Positionals and flags default to None, so that run() can tell what was given.
+    # The positionals default to None, so that run() can tell what was given.
     parser.add_argument(
         "host_positional",
         nargs="?",
@@ -163,64 +109,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "port_positional",
         nargs="?",
-        type=port_number,
+        type=target_port,
         metavar="PORT",
         help=f"server port, as nc takes it (default {DEFAULT_PORT}); or --port",
     )
-    parser.add_argument(
-        "--host", type=host_name, default=None, help=f"server address (default {DEFAULT_HOST})"
-    )
-    parser.add_argument(
-        "--port",
-        type=port_number,
-        default=None,
-        help=f"server port (default {DEFAULT_PORT})",
-    )
-    parser.add_argument(
-        "-m",
-        "--message",
-        action="append",
-        metavar="TEXT",
-        help="send TEXT, print the echo as the tutorial does, exit; repeatable. "
-        "Without it, stdin is sent and the echo printed, like nc",
-    )
-    parser.add_argument(
-        "--count",
-        type=positive_int,
-        default=1,
-        help="send each --message this many times (default 1)",
-    )
-    parser.add_argument(
-        "--raw",
-        action="store_true",
-        help="with --message, print the echoed bytes instead of their repr",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=non_negative_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="give up on a connect or a read after this long (default: wait; with --udp, "
-        f"{UDP_TIMEOUT_S:g})",
-    )
-    parser.add_argument(
-        "--udp",
-        action="store_true",
-        help="use UDP: each message (each stdin line) is one datagram, each echo one back",
-    )
-    # The stream transport options as `echoplex load` declares them, under the flags'
-    # own names (`args.unix`, `args.ca`).
+    add_options(parser, ClientOptions)
+    # The stream transport options as `echoplex load` declares them.
     transport = parser.add_argument_group("transport (default TCP)")
-    add_options(transport, LoadConfig, only=STREAM_TRANSPORT, dest_from_flag=True)
+    add_options(transport, LoadConfig, only=STREAM_TRANSPORT)
 
 
-def address_from(args: argparse.Namespace) -> tuple[str, int]:
+def address_from(options: ClientOptions, args: argparse.Namespace) -> tuple[str, int]:
     """(host, port) from HOST PORT or --host and --port, else the defaults; ValueError
     if a positional and its flag disagree, or if they would be ignored (--unix)."""
-    if args.unix and (args.host_positional is not None or args.port_positional is not None):
+    if args.unix_path and (args.host_positional is not None or args.port_positional is not None):
         raise ValueError("HOST and PORT do not go with --unix")
-    host = _given_once("HOST", args.host_positional, "--host", args.host)
-    port = _given_once("PORT", args.port_positional, "--port", args.port)
+    host = _given_once("HOST", args.host_positional, "--host", options.host)
+    port = _given_once("PORT", args.port_positional, "--port", options.port)
     return (
         DEFAULT_HOST if host is None else host,
         DEFAULT_PORT if port is None else port,
@@ -235,45 +140,46 @@ def _given_once(
     return by_flag if by_position is None else by_position
 
 
-def target_from(args: argparse.Namespace) -> Target:
-    """The connection the options describe; ValueError/OSError for bad TLS options."""
-    if (args.ca or args.insecure) and not args.tls:
+def target_from(args: argparse.Namespace, host: str, port: int) -> Target:
+    """The connection the transport options describe; ValueError for bad TLS options."""
+    if (args.ca_file or args.tls_insecure) and not args.tls:
         raise ValueError("--ca and --insecure go with --tls")
-    if args.ca and not os.path.isfile(args.ca):
-        raise ValueError(f"no such CA file: {args.ca}")
-    context = client_context(args.ca, insecure=args.insecure) if args.tls else None
-    return Target(args.host, args.port, args.unix, context, args.send_proxy)
+    context = checked_client_context(args.ca_file, insecure=args.tls_insecure) if args.tls else None
+    return Target(host, port, args.unix_path, context, args.send_proxy)
 
 
-def messages(args: argparse.Namespace) -> Iterator[bytes]:
+def messages(options: ClientOptions) -> Iterator[bytes]:
     """Each --message, --count times over, made as they are sent (a huge count costs no
     memory), as the bytes typed: argv holds bytes that are not UTF-8 as surrogates, which
     os.fsencode turns back into those bytes (`-m $'\\xff'` sends 0xff)."""
-    encoded = [os.fsencode(text) for text in args.message]
-    for _ in range(args.count):
+    encoded = [os.fsencode(text) for text in options.messages]
+    for _ in range(options.count):
         yield from encoded
 
 
 def run(args: argparse.Namespace) -> int:
+    options = config_from_args(ClientOptions, args)
     try:
-        args.host, args.port = address_from(args)
+        host, port = address_from(options, args)
     except ValueError as exc:
         return fail(PROG, str(exc))
-    if args.udp:
-        if args.tls or args.unix or args.send_proxy:
+    if options.udp:
+        if args.tls or args.unix_path or args.send_proxy:
             return fail(PROG, "--udp does not go with --tls, --unix or --send-proxy")
-        return run_udp(args)
+        return run_udp(options, host, port)
     try:
-        target = target_from(args)
-    except (ValueError, ssl.SSLError) as exc:
+        target = target_from(args, host, port)
+    except ValueError as exc:
         return fail(PROG, str(exc))
     with stopped_quietly():
-        if args.message:
-            if not args.raw:
+        if options.messages:
+            if not options.raw:
                 print("Starting client...", flush=True)
-            return one_shot(PROG, target, messages(args), raw=args.raw, timeout_s=args.timeout)
+            return one_shot(
+                PROG, target, messages(options), raw=options.raw, timeout_s=options.timeout_s
+            )
         try:
-            sock = connect(target, args.timeout)
+            sock = connect(target, options.timeout_s)
         except OSError as exc:
             return fail(PROG, describe_connection_error(target, exc), status=1)
         with sock:
@@ -285,31 +191,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_udp(args: argparse.Namespace) -> int:
-    timeout_s = UDP_TIMEOUT_S if args.timeout is None else args.timeout
+def run_udp(options: ClientOptions, host: str, port: int) -> int:
+    timeout_s = UDP_TIMEOUT_S if options.timeout_s is None else options.timeout_s
     if not timeout_s > 0:
         return fail(PROG, "--timeout must be more than 0 with --udp")
     with stopped_quietly():
-        if args.message:
-            if not args.raw:
+        if options.messages:
+            if not options.raw:
                 print("Starting client...", flush=True)
             return one_shot_udp(
-                PROG, args.host, args.port, messages(args), raw=args.raw, timeout_s=timeout_s
+                PROG, host, port, messages(options), raw=options.raw, timeout_s=timeout_s
             )
         try:
-            sock = open_udp(args.host, args.port)
+            sock = open_udp(host, port)
         except OSError as exc:
-            return fail(PROG, describe_udp_error(args.host, args.port, exc, timeout_s), status=1)
+            return fail(PROG, describe_udp_error(host, port, exc, timeout_s), status=1)
         with sock:
             try:
                 unanswered = interact_udp(sock, sys.stdin.fileno(), sys.stdout.buffer, timeout_s)
             except OSError as exc:
-                return fail(PROG, describe_udp_error(args.host, args.port, exc, timeout_s), 1)
+                return fail(PROG, describe_udp_error(host, port, exc, timeout_s), 1)
         if unanswered:
             return fail(
                 PROG,
-                f"no echo of {unanswered} datagram(s) from udp {args.host}:{args.port} "
-                f"within {timeout_s:g}s",
+                f"no echo of {unanswered} datagram(s) from udp {host}:{port} within {timeout_s:g}s",
                 status=1,
             )
     return 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._cli_util import (
+    FromOtherSettings,
     at_most,
     binary_size,
     described,
@@ -29,7 +30,7 @@ from .._cli_util import (
 )
 from .._net import check_host, check_unix_path
 from ..client import UDP_TIMEOUT_S
-from ..config import DEFAULT_HOST, DEFAULT_PORT, LOOPS, FromOtherSettings
+from ..config import DEFAULT_HOST, DEFAULT_PORT, LOOPS
 from .patterns import DEFAULT_WINDOW_BYTES, PATTERNS, UDP_PATTERNS, Pattern
 
 MAX_CONNECTIONS = 100_000
