@@ -216,6 +216,10 @@ class MetricsEvents:
         self.metrics.draining = True
         self.inner.stopping()
 
+    def worker_exited(self, pid: int) -> None:
+        """A `workers` process is gone (told by its supervisor): forget its live gauges."""
+        forget_process(pid)
+
     def udp_watch(self, tally: Any) -> None:
         """The UDP echo's live counts (`echoplex.udp.Tally`), read at each scrape."""
         self.metrics.udp_tallies.append(tally)

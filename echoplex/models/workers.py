@@ -104,13 +104,6 @@ def _worker_main(
         shutdown.close()  # the orphan watch may still request(): that is harmless now
 
 
-def _forget_metrics_of(pid: int) -> None:
-    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # metrics are on (echoplex.metrics)
-        from ..metrics import forget_process
-
-        forget_process(pid)
-
-
 def _stop_when_orphaned(shutdown: Shutdown) -> None:
     """Drain and exit if the supervisor dies without stopping us (SIGKILL, a crash):
     a worker left behind would hold the port and serve on, unsupervised."""
@@ -195,7 +188,10 @@ class _Supervisor:
                 if process.is_alive() or shutdown.requested:
                     continue
                 process.join()
-                _forget_metrics_of(process.pid or 0)
+                # An optional event, as `starting` is: the metrics reporter forgets its gauges.
+                worker_exited = getattr(self.events, "worker_exited", None)
+                if worker_exited is not None:
+                    worker_exited(process.pid or 0)
                 if self.table is not None:
                     self.table.forget(index)  # before its replacement counts in that column
                 log.warning(
