@@ -2,61 +2,109 @@
 
     from echoplex.testing import check_model
     check_model("pool")                    # a name in echoplex.models.MODELS
-    check_model(my_module, threads=4)      # anything with serve(config, events, shutdown),
+    check_model(my_module, threads=4)      # anything with serve(plan, events, shutdown),
                                            # with ServerConfig fields overridden
+    check_model("pool", checks=["max-lifetime", "drain"])   # only these (`CHECKS`)
 
-`check_model` starts the server in the calling thread, drives it from client threads
+`check_model` starts the server in the calling thread, drives it from a client thread
 over real sockets on 127.0.0.1 (port 0, read back from `events.listening`), and returns
-normally or raises `AssertionError` naming the check that failed and why. Like trio's
-`testing/_check_streams.py`, it is public so that a model someone adds (or writes
-elsewhere) can prove it keeps the contract every model here keeps. The whole kit takes a
-few seconds per model: every timeout it configures is short and every wait it makes has
-a deadline and waits for a condition (an event, a byte, an EOF), never a fixed sleep.
+normally or raises `AssertionError` naming the check that failed and why
+(`"pool: max-lifetime: ..."`). Like trio's `testing/_check_streams.py`, it is public so
+that a model someone adds (or writes elsewhere) can prove it keeps the contract every
+model here keeps; `tests/test_conformance.py` runs it against every registered model.
+The whole kit takes a few seconds per model: every limit it configures is short
+(`SHORT_LIMIT_S`) and every wait it makes has a deadline (`timeout_s`, 10 s unless
+given) and waits for a condition (an event, a byte, an EOF), never a fixed sleep.
 
-The server runs three times. The first run (`drain_timeout_s=1`, `max_connections=20`) checks:
+The server runs six times, once per group of settings that can share a server; a run
+is skipped when none of its checks is selected (`checks=`, names from `CHECKS`).
 
-- streams: 20 concurrent clients send seeded random binary (`seed`) in random chunk
-  sizes while reading, then half-close: each gets exactly its bytes back, then EOF;
-- 1 MiB sent and read at once on one connection;
-- half-close: a client that shuts down its write side gets every byte back, then EOF;
-- max-connections: with 20 clients held open a 21st is closed at once (and reported
-  rejected as `max-connections`); once a holder's close is reported, a newcomer is
-  served (a model gives a slot back before it reports the close);
-- reset: clients that reset (SO_LINGER 0) with echo unread end only their own
-  connections (outcome `reset`): a client open throughout, and one that comes after,
-  are still served;
-- drain and a stop signal: with clients open, SIGTERM is sent with
-  `signal.pthread_kill` to the kit's own client thread (not the main thread); the
-  server reports `stopping`, a connection in flight still echoes and finishes (`closed`),
-  one left idle is cut off when the drain timeout passes (`drained`), and the server
-  returns. A stop signal may land on any thread, and the server must still wake, so
-  `echoplex.server.run` routes SIGTERM into the `Shutdown` with `signal.set_wakeup_fd`
-  (a model of your own runs through `run` too, so it gets the same routing).
-  Called from a thread other than the main one, where Python cannot install signal
-  handlers, the kit stops the server with `Shutdown.request()` instead and logs so.
+1. `drain_timeout_s=1`, `max_connections=20`:
+   - `streams`: 20 concurrent clients send seeded random binary (`seed`) in random chunk
+     sizes while reading, then half-close: each gets exactly its bytes back, then EOF;
+   - `1-mib`: 1 MiB sent and read at once on one connection;
+   - `half-close`: a client that shuts down its write side gets every byte back, then EOF;
+   - `max-connections`: with 20 clients held open a 21st is closed at once (and reported
+     rejected as `max-connections`); once a holder's close is reported, a newcomer is
+     served (a model gives a slot back before it reports the close);
+   - `reset`: clients that reset (SO_LINGER 0) with echo unread end only their own
+     connections (outcome `reset`): a client open throughout, and one that comes after,
+     are still served;
+   - `drain`: with clients open, SIGTERM is sent with `signal.pthread_kill` to the kit's
+     own client thread (not the main thread); the server reports `stopping`, a
+     connection in flight still echoes and finishes (`closed`), one left idle is cut off
+     when the drain timeout passes (`drained`), and the server returns. A stop signal
+     may land on any thread, and the server must still wake, so `echoplex.server.run`
+     routes SIGTERM into the `Shutdown` with `signal.set_wakeup_fd` (a model of your own
+     runs through `run` too, so it gets the same routing). Called from a thread other
+     than the main one, where Python cannot install signal handlers, the kit stops the
+     server with `Shutdown.request()` instead and logs so.
+2. `idle_timeout_s=0.3`: `idle-timeout`: a silent client is closed (EOF) with outcome
+   `idle-timeout`.
+3. `send_timeout_s=0.3` (no idle timeout), `max_connections=3`, `drain_timeout_s=60`:
+   - `send-timeout`: a client that sends without ever reading is cut off with outcome
+     `send-timeout`;
+   - `handler-error`: the kit's events raise from `connection_opened` for the client
+     from `DOOMED_HOST` (a bug in the handler path of every model). With 2 clients held
+     open, that connection is closed and reported `error:handler`; its slot is given
+     back (a third client is served within `max_connections=3`); the held clients still
+     echo; and once they have closed, a stop is prompt: the server returns within
+     `timeout_s`, not after the 60 s drain that a connection left open would cost.
+4. TLS (a certificate made by `trustme`), `tls_handshake_timeout_s=0.3`:
+   - `tls-echo`: random chunks echoed through TLS, then a close (`closed`);
+   - `tls-handshake-timeout`: a client that connects and sends nothing is cut off at
+     the handshake deadline (`tls-handshake-timeout`);
+   - `tls-handshake-failed`: garbage instead of a ClientHello ends the connection with
+     `tls-handshake-failed:WHY`, WHY being OpenSSL's reason (not `closed`: the client
+     is still there).
+5. PROXY protocol from `127.0.0.1/32` (`proxy_protocol`, `trusted_proxies`),
+   `proxy_header_timeout_s=0.3`, `max_per_ip=1`, `max_buffer_bytes=16 KiB`. The kit's
+   clients from 127.0.0.1 are the trusted proxy; clients it binds to other loopback
+   addresses (127.0.0.2 and up: Linux's loopback answers all of 127.0.0.0/8) are not:
+   - `proxy-v1`, `proxy-v2`: a header (built by `echoplex.proxy_protocol.encode_v1`
+     and `encode_v2`) naming a client, then an echo: the close is reported with `peer`
+     the named client and `via` the proxy;
+   - `proxy-limits`: `max_per_ip` counts the named client, not the proxy: two headers
+     naming one address, the second is rejected (`connection_rejected` for the named
+     client, outcome `rejected:max-per-ip`), while a header naming another is served;
+   - `proxy-header-timeout`: a trusted peer that sends nothing is cut off
+     (`proxy-header-timeout`);
+   - `proxy-untrusted`: an untrusted peer's v1 and v2 headers are echoed back as data;
+   - `max-per-ip`: a second connection from one address is rejected (`max-per-ip`)
+     while another address is served;
+   - `max-buffer`: a client with a small SO_RCVBUF that sends and never reads is soon
+     unable to send: the server stopped reading it. What it could send is bounded by
+     `max_buffer_bytes` plus the socket buffers on the way (its own, as set and read
+     back, and the server's, at most the kernel's `tcp_rmem` and `tcp_wmem` maxima,
+     which on Linux autotune to several MiB and so dominate the bound) plus one read;
+     a server that buffers without bound passes that bound within a fraction of a
+     second. Once the client reads, every byte comes back in order and it still echoes.
+6. `max_lifetime_s=0.3`: `max-lifetime`: a busy client (echoing without pause) is cut
+   off with outcome `max-lifetime`.
 
-Two short runs, each stopped with `Shutdown.request()`, check the time limits: with
-`idle_timeout_s=0.3` a silent client is closed (EOF) with outcome `idle-timeout`; with
-`send_timeout_s=0.3` (and no idle timeout) a client that sends without ever reading is
-cut off with outcome `send-timeout`. One limit per run, so that a stall of a busy
-machine cannot end a connection by the other limit.
+One time limit per run, so that a stall of a busy machine cannot end a connection by
+another limit. Every connection the kit makes must be reported closed once with the
+outcome named above (compared as strings, so an enum of outcomes whose values are
+these works too). The kit's events object (a `QuietEvents`) writes each event as one
+line to a pipe that a thread of the kit reads: a write of a few bytes to a pipe is
+atomic, takes no lock, and works from any thread and from processes forked from the
+caller. So `workers`, whose connections are served in forked worker processes that
+hold a copy of the events object, is checked exactly like the in-process models: its
+workers' outcomes and rejections reach the kit through the inherited pipe. (A server
+that runs its connections in processes that are not forked from the caller, and so
+cannot report to that pipe, fails the kit's first wait for an outcome.) For `workers`
+the kit configures `workers=2`.
 
-Every connection the kit makes must be reported closed once with the outcome named
-above (compared as strings, so an enum of outcomes whose values are these works too).
-The kit's events object (a `QuietEvents`) writes each event as one line to a pipe that
-a thread of the kit reads: a write of a few bytes to a pipe is atomic, takes no lock,
-and works from any thread and from processes forked from the caller. So `workers`,
-whose connections are served in forked worker processes that hold a copy of the
-events object, is checked exactly like the in-process models: its workers' outcomes
-and rejections reach the kit through the inherited pipe. (A server that runs its
-connections in processes that are not forked from the caller, and so cannot report to
-that pipe, fails the kit's first wait for an outcome.) For `workers` the kit configures
-`workers=2`.
+The TLS checks need `trustme` (a dev dependency of echoplex) for their certificate. If
+it cannot be imported and a TLS check is selected, `check_model` raises one
+`RuntimeError` saying to install it, before it starts anything: a missing tool must not
+pass for a model that keeps the contract, nor be skipped in silence.
 
 `simple` serves one client at a time by design: its clients wait in the listen backlog,
 so no limit on open connections can turn one away. For it (and for any model passed
-with `concurrent=False`) the max-connections check is skipped and the drain check uses
-one connection, which echoes during the drain and is then cut off.
+with `concurrent=False`) the checks in `CONCURRENT_ONLY` are skipped, the drain check
+uses one connection, which echoes during the drain and is then cut off, and the
+handler check runs with `max_connections=1` and no clients held.
 """
 
 from __future__ import annotations
@@ -68,42 +116,65 @@ import random
 import selectors
 import signal
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .config import ServerConfig
 from .events import ConnectionRecord, QuietEvents
 from .plan import Model, load_model
+from .proxy_protocol import encode_v1, encode_v2
 from .server import run
 from .shutdown import Shutdown
 
-__all__ = ["check_model", "recv_exactly", "recv_until_eof"]
+__all__ = ["CHECKS", "CONCURRENT_ONLY", "check_model", "recv_exactly", "recv_until_eof"]
 
 log = logging.getLogger("echoplex.testing")
 
 _Start = Callable[[ServerConfig, "_Events", Shutdown], None]
+Key = tuple[str, int]
+"""A client as the server's events name it: (host, port)."""
 
 ONE_AT_A_TIME = frozenset({"simple"})
 """Models that serve one client at a time (see the module docstring)."""
 
 CLIENTS = 20  # concurrent clients of the streams check, and the max-connections limit
-IO_TIMEOUT_S = 10.0  # every blocking socket call of the kit's clients
+TIMEOUT_S = 10.0  # default `timeout_s`: any one thing the server owes the kit
 STARTUP_TIMEOUT_S = 30.0  # `workers` forks; a busy machine is slow to start them
-REPORT_TIMEOUT_S = 10.0  # from a connection's end (or the stop) to its event
 DRAIN_TIMEOUT_S = 1.0
-SHORT_LIMIT_S = 0.3  # the idle and the send timeout, each in a run of its own
+LONG_DRAIN_S = 60.0  # the handler check's run: a stop that waits for it is not prompt
+SHORT_LIMIT_S = 0.3  # every time limit the kit sets, each in a run of its own
+HANDLER_SLOTS = 3  # max_connections of the handler check: 2 held, 1 doomed, then 1 more
+BUFFER_BYTES = 16_384  # max_buffer_bytes of the backpressure check
+CLIENT_RECEIVE_BUFFER = 4096  # SO_RCVBUF of the clients that never read
+QUIET_S = 0.25  # a client unable to send this long: the server has stopped reading it
+READ_ALLOWANCE = 1 << 20  # one read in flight in the server (uvloop reads 256 KiB)
+KERNEL_FALLBACK_BYTES = 64 << 20  # the server's socket buffers where /proc cannot say
 
-STREAMS_AND_STOP = {"drain_timeout_s": DRAIN_TIMEOUT_S, "max_connections": CLIENTS, "workers": 2}
-IDLE_LIMIT = {"idle_timeout_s": SHORT_LIMIT_S, "workers": 2}
-SEND_LIMIT = {"idle_timeout_s": 0, "send_timeout_s": SHORT_LIMIT_S, "workers": 2}
+TRUSTED_PROXY = "127.0.0.1"  # the kit's plain clients: in the PROXY run, the proxy
+DOOMED_HOST = "127.0.0.66"  # the kit's events raise from connection_opened for it
+NAMED_V1, NAMED_V2 = "192.0.2.1", "198.51.100.2"  # clients the PROXY headers name
+NAMED_SHARED, NAMED_OTHER = "203.0.113.3", "203.0.113.4"  # the proxy-limits check's
+UNTRUSTED, PER_IP, PER_IP_OTHER, NEVER_READS = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+
+CONCURRENT_ONLY = frozenset({"max-connections", "proxy-limits", "max-per-ip"})
+"""Checks that need two clients served at once: skipped for one-at-a-time models."""
 
 
 def check_model(
-    model: str | Model, *, concurrent: bool | None = None, seed: int = 0, **config_overrides: Any
+    model: str | Model,
+    *,
+    concurrent: bool | None = None,
+    seed: int = 0,
+    checks: Collection[str] | None = None,
+    timeout_s: float = TIMEOUT_S,
+    **config_overrides: Any,
 ) -> None:
     """Run the echo contract against `model` in this process; raise AssertionError if it
     is broken.
@@ -112,6 +183,9 @@ def check_model(
     shutdown)` (`echoplex.plan.Model`); either runs through `echoplex.server.run`.
     `concurrent`: whether it serves clients at once (default: all but `simple`).
     `seed`: of the random payloads.
+    `checks`: names from `CHECKS` to run (default: all); a ValueError for another name.
+    `timeout_s`: the longest the kit waits for any one thing the server owes it (an
+    echo, a close, a report) past the limit that causes it.
     `config_overrides`: `ServerConfig` fields, applied over the kit's own settings (a
     machine too busy to finish a client within the drain may pass `drain_timeout_s=5`).
     """
@@ -121,28 +195,25 @@ def check_model(
     else:
         label, chosen = getattr(model, "__name__", type(model).__name__), model
         concurrent = True if concurrent is None else concurrent
-    start = _runner(chosen)
+    selected = _selected(checks, concurrent)
     by_signal = threading.current_thread() is threading.main_thread()
     if not by_signal:
         log.info("not in the main thread: stopping %s with Shutdown.request(), not SIGTERM", label)
-    base = ServerConfig(hosts=("127.0.0.1",), port=0)
-
-    def config(settings: dict[str, Any]) -> ServerConfig:
-        return replace(replace(base, **settings), **config_overrides)
-
-    streams_checks = [
-        ("streams", lambda client: _check_streams(client, seed)),
-        ("1 MiB both ways", lambda client: _check_mebibyte(client, seed)),
-        ("half-close", lambda client: _check_half_close(client, seed)),
-        *([("max-connections", _check_max_connections)] if concurrent else []),
-        ("reset", _check_reset),
-        ("drain", lambda client: _check_drain_and_stop(client, concurrent, by_signal)),
-    ]
-    _serve_and_drive(label, start, config(STREAMS_AND_STOP), streams_checks)
-    idle_checks = [("idle timeout", _check_idle_timeout), ("stop", _stop_by_request)]
-    _serve_and_drive(label, start, config(IDLE_LIMIT), idle_checks)
-    send_checks = [("send timeout", _check_send_timeout), ("stop", _stop_by_request)]
-    _serve_and_drive(label, start, config(SEND_LIMIT), send_checks)
+    settings = _Settings(seed, concurrent, by_signal, timeout_s)
+    base = ServerConfig(hosts=("127.0.0.1",), port=0, workers=2)
+    with contextlib.ExitStack() as stack:
+        for run_ in _runs(concurrent):
+            chosen_checks = [(name, check) for name, check in run_.checks if name in selected]
+            if not chosen_checks:
+                continue
+            tls: dict[str, Any] = {}
+            if run_.tls:
+                tls = stack.enter_context(_certificate())
+            config = replace(
+                replace(base, **run_.settings, **tls.get("files", {})), **config_overrides
+            )
+            driven = _Driven(label, _runner(chosen), config, settings, tls.get("client"))
+            _serve_and_drive(driven, chosen_checks)
 
 
 def _runner(model: Model) -> _Start:
@@ -152,21 +223,62 @@ def _runner(model: Model) -> _Start:
     return start
 
 
+def _selected(checks: Collection[str] | None, concurrent: bool) -> set[str]:
+    """The names of the checks to run; a ValueError for a name the kit does not know,
+    a RuntimeError for a TLS check without trustme."""
+    if isinstance(checks, str):
+        raise ValueError("`checks` is a collection of names, not one name")
+    selected = set(CHECKS if checks is None else checks)
+    unknown = selected - set(CHECKS)
+    if unknown:
+        raise ValueError(f"unknown checks {sorted(unknown)} (choose from {', '.join(CHECKS)})")
+    if selected & TLS_CHECKS:
+        try:
+            import trustme  # noqa: F401  (a dev dependency: only its presence is checked here)
+        except ImportError:
+            raise RuntimeError(
+                "the conformance kit's TLS checks need trustme for their certificate: "
+                "pip install trustme (or leave them out with checks=)"
+            ) from None
+    return selected if concurrent else selected - CONCURRENT_ONLY
+
+
+@contextlib.contextmanager
+def _certificate() -> Iterator[dict[str, Any]]:
+    """A certificate for 127.0.0.1 from a new trustme CA: the server's files, and a
+    client context that trusts that CA."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    with tempfile.TemporaryDirectory(prefix="echoplex-kit-") as folder:
+        cert_file, key_file = Path(folder, "cert.pem"), Path(folder, "key.pem")
+        issued.cert_chain_pems[0].write_to_path(str(cert_file))
+        issued.private_key_pem.write_to_path(str(key_file))
+        files = {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
+        yield {"files": files, "client": client}
+
+
 class _Events(QuietEvents):
     """The server's events as the kit sees them, from any thread or forked process.
 
     Each event is one short line written to a pipe (atomic, lock-free); a reader thread
-    in the kit's process files them under the client's port and wakes whoever waits.
+    in the kit's process files them under the client's address and wakes whoever waits.
+    `connection_opened` raises for a client from `DOOMED_HOST`: the handler check's bug.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
         self._read_fd, self._write_fd = os.pipe()
         self._changed = threading.Condition()
         self.port: int | None = None
         self.stopping_seen = False
         self.returned = False  # the server's start function returned (or raised)
-        self.outcomes: dict[int, list[str]] = {}  # client port -> outcomes reported
-        self.rejected: dict[int, str] = {}  # client port -> reason
+        self.outcomes: dict[Key, list[str]] = {}  # client -> outcomes reported
+        self.vias: dict[Key, str] = {}  # client -> the proxy it came through, or "-"
+        self.rejected: dict[Key, str] = {}  # client -> reason
         self._reader = threading.Thread(target=self._read, name="echoplex-kit-events")
         self._reader.start()
 
@@ -174,50 +286,61 @@ class _Events(QuietEvents):
 
     def listening(self, addresses: list[Any]) -> None:
         ports = [a[1] for a in addresses if isinstance(a, tuple) and a[0] == "127.0.0.1"]
-        self._post("listening", ports[0] if ports else 0)
+        self._post("listening", ("127.0.0.1", ports[0] if ports else 0))
+
+    def connection_opened(self, record: ConnectionRecord) -> None:
+        if isinstance(record.peer, tuple) and record.peer[0] == DOOMED_HOST:
+            raise RuntimeError("the conformance kit's deliberate bug in connection_opened")
 
     def connection_closed(self, record: ConnectionRecord) -> None:
-        self._post("closed", _port(record.peer), str(record.outcome))
+        self._post("closed", record.peer, str(record.outcome_label), record.via)
 
     def connection_rejected(self, peer: Any, reason: str) -> None:
-        self._post("rejected", _port(peer), str(reason))
+        self._post("rejected", peer, str(reason))
 
     def stopping(self) -> None:
-        self._post("stopping", 0)
+        self._post("stopping")
 
-    def _post(self, kind: str, port: int, detail: str = "-") -> None:
+    def _post(self, kind: str, peer: Any = None, detail: str = "-", via: Any = None) -> None:
+        line = f"{kind} {_name(peer)} {_name(via)} {detail}\n"
         with contextlib.suppress(OSError):  # the kit has finished: nobody listens
-            os.write(self._write_fd, f"{kind} {port} {detail}\n".encode())
+            os.write(self._write_fd, line.encode())
 
     # The kit's side.
 
     def _read(self) -> None:
         with open(self._read_fd, "rb") as pipe:
             for line in pipe:
-                kind, port_text, detail = line.decode().split(" ", 2)
-                port, detail = int(port_text), detail.rstrip("\n")
+                kind, peer, via, detail = line.decode().rstrip("\n").split(" ", 3)
                 if kind == "end":
                     return
                 with self._changed:
-                    if kind == "listening":
-                        self.port = port
-                    elif kind == "closed":
-                        self.outcomes.setdefault(port, []).append(detail)
-                    elif kind == "rejected":
-                        self.rejected[port] = detail
-                    elif kind == "stopping":
-                        self.stopping_seen = True
-                    elif kind == "returned":
-                        self.returned = True
+                    self._file(kind, _key(peer), via, detail)
                     self._changed.notify_all()
+
+    def _file(self, kind: str, key: Key, via: str, detail: str) -> None:
+        if kind == "listening":
+            self.port = key[1]
+        elif kind == "closed":
+            self.outcomes.setdefault(key, []).append(detail)
+            self.vias[key] = via
+        elif kind == "rejected":
+            self.rejected[key] = detail
+        elif kind == "stopping":
+            self.stopping_seen = True
+        elif kind == "returned":
+            self.returned = True
 
     def server_returned(self) -> None:
         # Through the pipe, behind every event the server posted before it returned.
-        self._post("returned", 0)
+        self._post("returned")
 
-    def wait(self, condition: Callable[[], bool], what: str, timeout_s: float) -> None:
+    def wait(
+        self, condition: Callable[[], bool], what: str, timeout_s: float | None = None
+    ) -> None:
         """Wait until `condition()` holds; AssertionError if the time passes first or the
         server returns without it."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         with self._changed:
             if self._changed.wait_for(lambda: condition() or self.returned, timeout_s):
                 if condition():
@@ -225,25 +348,52 @@ class _Events(QuietEvents):
                 raise AssertionError(f"the server returned before {what}")
         raise AssertionError(f"no {what} within {timeout_s:g} s")
 
-    def outcome_of(self, port: int, what: str = "connection") -> str:
-        """The one outcome reported for the connection of the client on this port."""
-        self.wait(lambda: port in self.outcomes, f"report of the {what}'s close", REPORT_TIMEOUT_S)
+    def outcome_of(self, key: Key, what: str = "connection") -> str:
+        """The one outcome reported for the connection of this client."""
+        self.wait(lambda: key in self.outcomes, f"report of the {what}'s close")
         with self._changed:
-            outcomes = self.outcomes[port]
+            outcomes = self.outcomes[key]
             assert len(outcomes) == 1, f"the {what} was reported closed {len(outcomes)} times"
             return outcomes[0]
 
     def close(self) -> None:
-        self._post("end", 0)
-        self._reader.join(REPORT_TIMEOUT_S)
+        self._post("end")
+        self._reader.join(self.timeout_s)
         os.close(self._write_fd)
 
 
-def _port(peer: Any) -> int:
-    return peer[1] if isinstance(peer, tuple) else 0
+def _name(peer: Any) -> str:
+    """A peer in one word for the pipe: `host:port`, or `-`."""
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
+
+
+def _key(name: str) -> Key:
+    host, _, port = name.rpartition(":")
+    return (host, int(port)) if host else ("-", 0)
 
 
 _Check = Callable[["_Client"], None]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What every check of one `check_model` call knows besides the server."""
+
+    seed: int
+    concurrent: bool
+    by_signal: bool
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class _Driven:
+    """One server run: what to start, and how."""
+
+    label: str
+    start: _Start
+    config: ServerConfig
+    settings: _Settings
+    tls: ssl.SSLContext | None
 
 
 @dataclass
@@ -252,52 +402,98 @@ class _Client:
 
     address: tuple[str, int]
     config: ServerConfig
+    settings: _Settings
     events: _Events
     shutdown: Shutdown
+    tls: ssl.SSLContext | None
     sockets: list[socket.socket] = field(default_factory=list)
-    ports: dict[socket.socket, int] = field(default_factory=dict)  # kept past the close
+    keys: dict[socket.socket, Key] = field(default_factory=dict)  # kept past the close
 
-    def connect(self, receive_buffer_bytes: int | None = None) -> socket.socket:
+    @property
+    def timeout_s(self) -> float:
+        return self.settings.timeout_s
+
+    def connect(
+        self, source: str = TRUSTED_PROXY, receive_buffer_bytes: int | None = None
+    ) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sockets.append(sock)
         if receive_buffer_bytes is not None:  # before connect: it sets the TCP window
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
-        sock.settimeout(IO_TIMEOUT_S)
+        sock.bind((source, 0))
+        sock.settimeout(self.timeout_s)
         sock.connect(self.address)
-        self.ports[sock] = sock.getsockname()[1]
+        self.keys[sock] = sock.getsockname()
         return sock
 
-    def echo(self, sock: socket.socket, data: bytes) -> None:
-        sock.sendall(data)
-        _expect_echo(data, recv_exactly(sock, len(data)))
+    def connect_tls(self) -> ssl.SSLSocket:
+        assert self.tls is not None, "a TLS check in a run without TLS"
+        sock = self.connect()
+        wrapped = self.tls.wrap_socket(sock, server_hostname="127.0.0.1")  # the handshake
+        self.sockets.append(wrapped)
+        self.keys[wrapped] = self.keys[sock]
+        return wrapped
 
-    def expect_outcome(self, sock: socket.socket, expected: str, what: str) -> None:
-        outcome = self.events.outcome_of(self.ports[sock], what)
+    def echo(self, sock: socket.socket, data: bytes, who: str = "the client") -> None:
+        sock.sendall(data)
+        got = bytearray()
+        with contextlib.suppress(TimeoutError):  # what came back in time is compared below
+            while len(got) < len(data) and (chunk := sock.recv(len(data) - len(got))):
+                got += chunk
+        _expect_echo(data, bytes(got), who)
+
+    def expect_outcome(self, sock: socket.socket | Key, expected: str, what: str) -> None:
+        key = sock if isinstance(sock, tuple) else self.keys[sock]
+        outcome = self.events.outcome_of(key, what)
         assert outcome == expected, f"the {what} ended with outcome {outcome!r}, not {expected!r}"
+
+    def expect_cut_off(self, sock: socket.socket, limit_s: float, outcome: str, what: str) -> None:
+        """`sock`, which sends nothing more, is closed by the server once `limit_s` has
+        passed, and reported as `outcome`."""
+        sock.settimeout(limit_s + self.timeout_s)
+        try:
+            _recv_until_closed(sock)
+        except TimeoutError:
+            raise AssertionError(
+                f"the {what} was not cut off within {limit_s:g} s + {self.timeout_s:g} s"
+            ) from None
+        self.expect_outcome(sock, outcome, what)
+
+    def expect_rejected(self, sock: socket.socket, key: Key, reason: str, what: str) -> None:
+        """`sock` (the connection of the client `key`) is closed at once, unserved, and
+        the client reported rejected for `reason`."""
+        sock.sendall(b"x")
+        with contextlib.suppress(ConnectionResetError):  # a close with our byte unread
+            assert not sock.recv(1), f"the {what} was served, over the limit"
+        events = self.events
+        events.wait(lambda: key in events.rejected, f"report of the {what}'s rejection")
+        got = events.rejected[key]
+        assert got == reason, f"the {what} was rejected as {got!r}, not {reason!r}"
 
     def close_all(self) -> None:
         for sock in self.sockets:
             sock.close()
         self.sockets.clear()
-        self.ports.clear()
+        self.keys.clear()
 
 
-def _serve_and_drive(
-    label: str, start: _Start, config: ServerConfig, checks: Sequence[tuple[str, _Check]]
-) -> None:
-    """Serve in this thread; run `checks` in order from a client thread; the last check
-    stops the server. The first failure stops it at once (a forced stop) and is raised."""
-    events = _Events()
+def _serve_and_drive(driven: _Driven, checks: Sequence[tuple[str, _Check]]) -> None:
+    """Serve in this thread; run `checks` in order from a client thread, then stop the
+    server unless a check did. The first failure stops it at once (a forced stop) and
+    is raised."""
+    events = _Events(driven.settings.timeout_s)
     shutdown = Shutdown()
     failures: list[BaseException] = []
+    name = "start"  # the check running
 
     def drive() -> None:
-        name = "start"
+        nonlocal name
         try:
             events.wait(lambda: events.port is not None, "listening", STARTUP_TIMEOUT_S)
             assert events.port, "the server listens on no 127.0.0.1 address"
-            client = _Client(("127.0.0.1", events.port), config, events, shutdown)
-            for check_name, check in checks:
+            address = ("127.0.0.1", events.port)
+            client = _Client(address, driven.config, driven.settings, events, shutdown, driven.tls)
+            for check_name, check in [*checks, ("stop", _stop_unless_stopped)]:
                 name = check_name
                 try:
                     check(client)
@@ -305,7 +501,8 @@ def _serve_and_drive(
                     client.close_all()
         except BaseException as exc:
             if isinstance(exc, AssertionError | OSError):  # the contract, broken
-                failures.append(AssertionError(f"{label}: {name}: {exc or type(exc).__name__}"))
+                message = f"{driven.label}: {name}: {exc or type(exc).__name__}"
+                failures.append(AssertionError(message))
                 failures[-1].__cause__ = exc
             else:
                 failures.append(exc)  # the kit's own bug: as it is
@@ -315,32 +512,43 @@ def _serve_and_drive(
     driver = threading.Thread(target=drive, name="echoplex-kit-client")
     driver.start()
     try:
-        start(config, events, shutdown)
+        driven.start(driven.config, events, shutdown)
+    except Exception as exc:  # the server died of it: that, not what its clients saw
+        failures.insert(0, AssertionError(f"{driven.label}: {name}: the server raised {exc!r}"))
+        failures[0].__cause__ = exc
     finally:
         events.server_returned()
-        driver.join(STARTUP_TIMEOUT_S + REPORT_TIMEOUT_S)
+        driver.join(STARTUP_TIMEOUT_S + driven.settings.timeout_s)
         events.close()
         shutdown.close()
     if driver.is_alive():
-        raise AssertionError(f"{label}: the kit's client thread did not finish")
+        raise AssertionError(f"{driven.label}: the kit's client thread did not finish")
     if failures:
         raise failures[0]
     if not shutdown.requested:
-        raise AssertionError(f"{label}: the server returned before it was asked to stop")
+        raise AssertionError(f"{driven.label}: the server returned before it was asked to stop")
 
 
-# The checks, in the order they run.
+def _stop_unless_stopped(client: _Client) -> None:
+    if not client.shutdown.requested:
+        client.shutdown.request()
+    events = client.events
+    events.wait(lambda: events.returned, "the server's return after a stop")
 
 
-def _check_streams(client: _Client, seed: int) -> None:
+# The checks, run by run.
+
+
+def _check_streams(client: _Client) -> None:
     """CLIENTS at once, each sending random chunks while reading, then half-closing:
     one thread and a selector, so every client is sending and receiving together."""
+    seed = client.settings.seed
     rng = random.Random(seed)
     payloads = [b""] + [rng.randbytes(rng.randint(1, 48_000)) for _ in range(CLIENTS - 1)]
     socks = [client.connect() for _ in payloads]
     offsets = [0] * len(payloads)
     received = [bytearray() for _ in payloads]
-    deadline = time.monotonic() + REPORT_TIMEOUT_S * 3
+    deadline = time.monotonic() + client.timeout_s * 3
     with selectors.DefaultSelector() as selector:
         for index, sock in enumerate(socks):
             sock.setblocking(False)
@@ -378,24 +586,25 @@ def _check_streams(client: _Client, seed: int) -> None:
 CHUNK_SIZES = (1, 2, 7, 100, 1000, 1460, 4096, 20_000, 65_536)
 
 
-def _check_mebibyte(client: _Client, seed: int) -> None:
-    data = random.Random(seed + 1).randbytes(1 << 20)
+def _check_mebibyte(client: _Client) -> None:
+    data = random.Random(client.settings.seed + 1).randbytes(1 << 20)
     sock = client.connect()
-    with _in_thread(lambda: sock.sendall(data), "sending 1 MiB"):
+    with _in_thread(lambda: sock.sendall(data), "sending 1 MiB", client.timeout_s):
         _expect_echo(data, recv_exactly(sock, len(data)))
     sock.close()
     client.expect_outcome(sock, "closed", "1 MiB client")
 
 
-def _check_half_close(client: _Client, seed: int) -> None:
-    data = random.Random(seed + 2).randbytes(300_000)
+def _check_half_close(client: _Client) -> None:
+    data = random.Random(client.settings.seed + 2).randbytes(300_000)
     sock = client.connect()
 
     def send_then_half_close() -> None:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
 
-    with _in_thread(send_then_half_close, "sending, then shutting down the write side"):
+    what = "sending, then shutting down the write side"
+    with _in_thread(send_then_half_close, what, client.timeout_s):
         _expect_echo(data, recv_until_eof(sock))
     client.expect_outcome(sock, "closed", "half-closed client")
 
@@ -405,15 +614,7 @@ def _check_max_connections(client: _Client) -> None:
     for index, holder in enumerate(holders):
         client.echo(holder, b"%d" % index)
     extra = client.connect()
-    extra.sendall(b"x")
-    with contextlib.suppress(ConnectionResetError):  # a close with our byte unread
-        answer = extra.recv(1)
-        assert not answer, f"client {CLIENTS + 1} was served, over max_connections={CLIENTS}"
-    port = extra.getsockname()[1]
-    events = client.events
-    events.wait(lambda: port in events.rejected, "report of the rejection", REPORT_TIMEOUT_S)
-    reason = events.rejected[port]
-    assert reason == "max-connections", f"rejected as {reason!r}, not 'max-connections'"
+    client.expect_rejected(extra, client.keys[extra], "max-connections", f"client {CLIENTS + 1}")
     holders[0].close()  # a slot frees once its close is reported (released, then reported)
     client.expect_outcome(holders[0], "closed", "holder")
     newcomer = client.connect()
@@ -446,10 +647,11 @@ def _check_reset(client: _Client) -> None:
         client.expect_outcome(victim, "reset", "client that reset")
 
 
-def _check_drain_and_stop(client: _Client, concurrent: bool, by_signal: bool) -> None:
+def _check_drain_and_stop(client: _Client) -> None:
+    by_signal = client.settings.by_signal
     idler = client.connect()
     client.echo(idler, b"one")
-    finisher = client.connect() if concurrent else None
+    finisher = client.connect() if client.settings.concurrent else None
     if finisher is not None:
         client.echo(finisher, b"one")
     if by_signal:
@@ -461,9 +663,8 @@ def _check_drain_and_stop(client: _Client, concurrent: bool, by_signal: bool) ->
     else:
         client.shutdown.request()
     how = "SIGTERM" if by_signal else "Shutdown.request()"
-    drain_s = client.config.drain_timeout_s
     events = client.events
-    events.wait(lambda: events.stopping_seen, f"stopping after {how}", REPORT_TIMEOUT_S)
+    events.wait(lambda: events.stopping_seen, f"stopping after {how}")
     # Both must be done within the drain timeout: a machine too busy for that (it would
     # say `drained` below) needs a longer `drain_timeout_s` passed to `check_model`.
     client.echo(idler, b"echoed while draining")
@@ -472,31 +673,28 @@ def _check_drain_and_stop(client: _Client, concurrent: bool, by_signal: bool) ->
         finisher.shutdown(socket.SHUT_WR)
         assert not recv_until_eof(finisher), "bytes after the echo"
         client.expect_outcome(finisher, "closed", "client finishing during the drain")
-    idler.settimeout(drain_s + IO_TIMEOUT_S)
-    _recv_until_closed(idler)
-    client.expect_outcome(idler, "drained", "client idle past the drain timeout")
-    events.wait(lambda: events.returned, f"the server's return after {how}", REPORT_TIMEOUT_S)
+    drain_s = client.config.drain_timeout_s
+    client.expect_cut_off(idler, drain_s, "drained", "client idle past the drain timeout")
+    events.wait(lambda: events.returned, f"the server's return after {how}")
 
 
 def _check_idle_timeout(client: _Client) -> None:
     sock = client.connect()
-    sock.settimeout(client.config.idle_timeout_s + IO_TIMEOUT_S)
-    assert not recv_until_eof(sock), "bytes from a silent client's connection"
-    client.expect_outcome(sock, "idle-timeout", "silent client")
+    client.expect_cut_off(sock, client.config.idle_timeout_s, "idle-timeout", "silent client")
 
 
 def _check_send_timeout(client: _Client) -> None:
     """Send without reading until the server gives up on us: the bytes in flight are
     bounded by the socket buffers, since the server stops reading a client that does
     not take its echo."""
-    sock = client.connect(receive_buffer_bytes=4096)
+    sock = client.connect(receive_buffer_bytes=CLIENT_RECEIVE_BUFFER)
     sock.setblocking(False)
-    port = sock.getsockname()[1]
+    key = client.keys[sock]
     chunk = b"n" * 65_536
-    deadline = time.monotonic() + client.config.send_timeout_s + REPORT_TIMEOUT_S
+    deadline = time.monotonic() + client.config.send_timeout_s + client.timeout_s
     with selectors.DefaultSelector() as selector:
         selector.register(sock, selectors.EVENT_WRITE)
-        while port not in client.events.outcomes:
+        while key not in client.events.outcomes:
             assert time.monotonic() < deadline, "a client that never reads was not cut off"
             if selector.select(timeout=0.05):
                 try:
@@ -506,14 +704,272 @@ def _check_send_timeout(client: _Client) -> None:
                 except (BrokenPipeError, ConnectionResetError):
                     break  # cut off: the report follows
     client.expect_outcome(sock, "send-timeout", "client that never reads")
-    sock.settimeout(IO_TIMEOUT_S)
+    sock.settimeout(client.timeout_s)
     _recv_until_closed(sock)
 
 
-def _stop_by_request(client: _Client) -> None:
-    client.shutdown.request()
+def _check_handler_error(client: _Client) -> None:
+    """A bug in the handler path (the kit's `connection_opened` raises for the client
+    from DOOMED_HOST) ends that connection alone, gives its slot back, and leaves
+    nothing for a stop to wait on."""
+    holders = [client.connect() for _ in range(client.config.max_connections - 1)]
+    for index, holder in enumerate(holders):
+        client.echo(holder, b"held %d" % index)
+    doomed = client.connect(DOOMED_HOST)
+    doomed.sendall(b"never echoed")
+    _recv_until_closed(doomed)
+    client.expect_outcome(doomed, "error:handler", "connection whose handler raised")
+    newcomer = client.connect()  # in the slot the failed connection held
+    client.echo(newcomer, b"served after the failure", "a client after the handler's failure")
+    for index, holder in enumerate(holders):
+        client.echo(holder, b"still served", f"client {index} held through the failure")
+    for sock in [*holders, newcomer]:
+        sock.close()
+        client.expect_outcome(sock, "closed", "client served beside the failure")
+    client.shutdown.request()  # nothing is open: the drain has nothing to wait for
     events = client.events
-    events.wait(lambda: events.returned, "the server's return after a stop", REPORT_TIMEOUT_S)
+    drain_s = client.config.drain_timeout_s
+    what = f"prompt return after a stop with nothing open (the drain is {drain_s:g} s)"
+    events.wait(lambda: events.returned, what)
+
+
+def _check_tls_echo(client: _Client) -> None:
+    rng = random.Random(client.settings.seed + 3)
+    sock = client.connect_tls()
+    for _ in range(8):
+        client.echo(sock, rng.randbytes(rng.choice(CHUNK_SIZES[:-1])), "the TLS client")
+    sock.close()
+    client.expect_outcome(sock, "closed", "TLS client")
+
+
+def _check_tls_handshake_timeout(client: _Client) -> None:
+    sock = client.connect()  # and no ClientHello
+    limit_s = client.config.tls_handshake_timeout_s
+    client.expect_cut_off(sock, limit_s, "tls-handshake-timeout", "silent TLS client")
+
+
+def _check_tls_handshake_failed(client: _Client) -> None:
+    sock = client.connect()
+    sock.sendall(b"this is not a ClientHello\r\n" * 4)
+    _recv_until_closed(sock)  # an alert, maybe, then the close
+    outcome = client.events.outcome_of(client.keys[sock], "client that sent garbage")
+    why = outcome.removeprefix("tls-handshake-failed:")
+    assert why != outcome and why not in ("", "closed"), (
+        f"garbage instead of a ClientHello ended with outcome {outcome!r}, "
+        "not 'tls-handshake-failed:' with OpenSSL's reason"
+    )
+
+
+def _check_proxy_v1(client: _Client) -> None:
+    _check_proxied(client, lambda named, server: encode_v1(named, server), NAMED_V1, "v1")
+
+
+def _check_proxy_v2(client: _Client) -> None:
+    _check_proxied(client, lambda named, server: encode_v2(named, server), NAMED_V2, "v2")
+
+
+def _check_proxied(
+    client: _Client, encode: Callable[[Key, Key], bytes], named_host: str, version: str
+) -> None:
+    """A trusted proxy's header names a client: the server reports that client, via the
+    proxy. The named port is the proxy's own, so the kit can tell connections apart."""
+    sock = client.connect()
+    proxy = client.keys[sock]
+    named = (named_host, proxy[1])
+    sock.sendall(encode(named, client.address))
+    client.echo(sock, b"after a PROXY %s header" % version.encode(), f"the {version} client")
+    sock.close()
+    what = f"client a PROXY {version} header named"
+    client.expect_outcome(named, "closed", what)
+    via = client.events.vias[named]
+    assert via == _name(proxy), f"the {what} was reported via {via!r}, not {_name(proxy)!r}"
+
+
+def _named(client: _Client, named_host: str) -> tuple[socket.socket, Key]:
+    """A connection from the trusted proxy whose v2 header names a client of `named_host`."""
+    sock = client.connect()
+    named = (named_host, client.keys[sock][1])
+    sock.sendall(encode_v2(named, client.address))
+    return sock, named
+
+
+def _check_proxy_limits(client: _Client) -> None:
+    """max_per_ip=1 counts the client a header names, never the proxy itself."""
+    first, first_named = _named(client, NAMED_SHARED)
+    client.echo(first, b"first of its address", "the first client a header named")
+    second, second_named = _named(client, NAMED_SHARED)
+    what = "second connection a header names from one address"
+    client.expect_rejected(second, second_named, "max-per-ip", what)
+    client.expect_outcome(second, "rejected:max-per-ip", what)  # the record is the proxy's
+    other, other_named = _named(client, NAMED_OTHER)
+    client.echo(other, b"another address", "a client of another address, via the same proxy")
+    client.echo(first, b"still served", "the first client a header named")
+    for sock, named in ((first, first_named), (other, other_named)):
+        sock.close()
+        client.expect_outcome(named, "closed", "client a header named")
+
+
+def _check_proxy_header_timeout(client: _Client) -> None:
+    sock = client.connect()  # from the trusted proxy, and no header
+    limit_s = client.config.proxy_header_timeout_s
+    client.expect_cut_off(sock, limit_s, "proxy-header-timeout", "silent trusted proxy")
+
+
+def _check_proxy_untrusted(client: _Client) -> None:
+    sock = client.connect(UNTRUSTED)
+    pretended = (NAMED_V1, 1234), client.address
+    data = encode_v1(*pretended) + encode_v2(*pretended) + b"and then some data"
+    client.echo(sock, data, "an untrusted client sending PROXY headers")
+    sock.close()
+    client.expect_outcome(sock, "closed", "untrusted client")
+
+
+def _check_max_per_ip(client: _Client) -> None:
+    first = client.connect(PER_IP)
+    client.echo(first, b"first")
+    second = client.connect(PER_IP)
+    client.expect_rejected(
+        second, client.keys[second], "max-per-ip", "second client of one address"
+    )
+    other = client.connect(PER_IP_OTHER)
+    client.echo(other, b"another address", "a client of another address")
+    client.echo(first, b"still served")
+    for sock in (first, other):
+        sock.close()
+        client.expect_outcome(sock, "closed", "client within max-per-ip")
+
+
+def _check_max_buffer(client: _Client) -> None:
+    """A client that sends and never reads can send only so much before the server stops
+    reading it; once it reads, everything comes back in order, and it still echoes."""
+    sock = client.connect(NEVER_READS, receive_buffer_bytes=CLIENT_RECEIVE_BUFFER)
+    block = random.Random(client.settings.seed + 4).randbytes(65_536)
+    stream = memoryview(block * 2)  # stream byte i is block[i % len(block)]
+    own = sum(sock.getsockopt(socket.SOL_SOCKET, o) for o in (socket.SO_SNDBUF, socket.SO_RCVBUF))
+    bound = client.config.max_buffer_bytes + READ_ALLOWANCE + own + _kernel_buffer_bytes()
+    sock.setblocking(False)
+    sent = 0
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_WRITE)
+        while selector.select(QUIET_S):  # until sending stays blocked for QUIET_S
+            assert sent <= bound, (
+                f"the server took {sent} bytes from a client that reads nothing: more than "
+                f"max_buffer_bytes plus the socket buffers ({bound} in all)"
+            )
+            start = sent % len(block)
+            with contextlib.suppress(BlockingIOError):
+                sent += sock.send(stream[start : start + len(block)])
+    sock.settimeout(client.timeout_s)
+    received = 0
+    while received < sent:
+        chunk = sock.recv(min(sent - received, len(block)))
+        assert chunk, f"EOF after {received} of the {sent} bytes held"
+        start = received % len(block)
+        if chunk != stream[start : start + len(chunk)]:
+            raise AssertionError(f"the bytes held came back wrong, from byte {received}")
+        received += len(chunk)
+    client.echo(sock, b"still echoing", "the client once it reads")
+    sock.close()
+    client.expect_outcome(sock, "closed", "client that read at last")
+
+
+def _kernel_buffer_bytes() -> int:
+    """The most the server's own socket buffers can hold of one connection: its receive
+    buffer autotunes up to tcp_rmem's maximum, its send buffer up to tcp_wmem's (Linux);
+    elsewhere a generous KERNEL_FALLBACK_BYTES."""
+    total = 0
+    for name in ("tcp_rmem", "tcp_wmem"):
+        try:
+            total += int(Path("/proc/sys/net/ipv4", name).read_text().split()[2])
+        except (OSError, ValueError, IndexError):
+            return KERNEL_FALLBACK_BYTES
+    return total
+
+
+def _check_max_lifetime(client: _Client) -> None:
+    """A client that echoes without pause is still cut off once it is max_lifetime_s old."""
+    sock = client.connect()
+    limit_s = client.config.max_lifetime_s
+    deadline = time.monotonic() + limit_s + client.timeout_s
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        while recv_exactly(sock, sock.send(b"busy")):  # until the server closes
+            assert time.monotonic() < deadline, (
+                f"a busy client was not cut off within {limit_s:g} s + {client.timeout_s:g} s"
+            )
+    client.expect_outcome(sock, "max-lifetime", "busy client")
+
+
+# The runs: one per group of settings that can share a server (the module docstring).
+
+
+@dataclass(frozen=True)
+class _Run:
+    settings: dict[str, Any]
+    checks: tuple[tuple[str, _Check], ...]
+    tls: bool = False  # give the server a certificate, the checks a client context
+
+
+def _runs(concurrent: bool) -> tuple[_Run, ...]:
+    streams = {"drain_timeout_s": DRAIN_TIMEOUT_S, "max_connections": CLIENTS}
+    handler_slots = HANDLER_SLOTS if concurrent else 1
+    proxy = {
+        "proxy_protocol": True,
+        "trusted_proxies": (f"{TRUSTED_PROXY}/32",),
+        "proxy_header_timeout_s": SHORT_LIMIT_S,
+        "max_per_ip": 1,
+        "max_buffer_bytes": BUFFER_BYTES,
+    }
+    return (
+        _Run(
+            streams,
+            (
+                ("streams", _check_streams),
+                ("1-mib", _check_mebibyte),
+                ("half-close", _check_half_close),
+                ("max-connections", _check_max_connections),
+                ("reset", _check_reset),
+                ("drain", _check_drain_and_stop),
+            ),
+        ),
+        _Run({"idle_timeout_s": SHORT_LIMIT_S}, (("idle-timeout", _check_idle_timeout),)),
+        _Run(
+            {
+                "idle_timeout_s": 0,
+                "send_timeout_s": SHORT_LIMIT_S,
+                "max_connections": handler_slots,
+                "drain_timeout_s": LONG_DRAIN_S,
+            },
+            (("send-timeout", _check_send_timeout), ("handler-error", _check_handler_error)),
+        ),
+        _Run(
+            {"tls_handshake_timeout_s": SHORT_LIMIT_S},
+            (
+                ("tls-echo", _check_tls_echo),
+                ("tls-handshake-timeout", _check_tls_handshake_timeout),
+                ("tls-handshake-failed", _check_tls_handshake_failed),
+            ),
+            tls=True,
+        ),
+        _Run(
+            proxy,
+            (
+                ("proxy-v1", _check_proxy_v1),
+                ("proxy-v2", _check_proxy_v2),
+                ("proxy-limits", _check_proxy_limits),
+                ("proxy-header-timeout", _check_proxy_header_timeout),
+                ("proxy-untrusted", _check_proxy_untrusted),
+                ("max-per-ip", _check_max_per_ip),
+                ("max-buffer", _check_max_buffer),
+            ),
+        ),
+        _Run({"max_lifetime_s": SHORT_LIMIT_S}, (("max-lifetime", _check_max_lifetime),)),
+    )
+
+
+CHECKS: tuple[str, ...] = tuple(name for run_ in _runs(True) for name, _ in run_.checks)
+"""Every check's name, in the order they run: what `check_model(checks=...)` takes."""
+
+TLS_CHECKS = frozenset(name for run_ in _runs(True) if run_.tls for name, _ in run_.checks)
 
 
 # Helpers.
@@ -559,7 +1015,7 @@ def _expect_echo(sent: bytes, got: bytes, who: str = "the client") -> None:
 
 
 @contextlib.contextmanager
-def _in_thread(work: Callable[[], None], what: str) -> Iterator[None]:
+def _in_thread(work: Callable[[], None], what: str, timeout_s: float) -> Iterator[None]:
     """Run `work` in a thread while the block runs (the other direction); re-raise its error."""
     errors: list[BaseException] = []
 
@@ -574,7 +1030,7 @@ def _in_thread(work: Callable[[], None], what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        thread.join(IO_TIMEOUT_S * 2)
+        thread.join(timeout_s * 2)
     assert not thread.is_alive(), f"{what} did not finish"
     if errors:
         raise AssertionError(f"{what} failed: {errors[0]!r}")

@@ -1,13 +1,10 @@
-"""The conformance kit (`echoplex.testing`) against every model, and against broken ones."""
+"""The conformance kit (`echoplex.testing`) against every model; against broken models in
+`tests/test_kit_catches.py`."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import select
-import socket
 import threading
-from collections.abc import Callable
 
 import pytest
 
@@ -32,7 +29,7 @@ def test_off_the_main_thread_the_kit_stops_the_server_by_request(
 
     def check() -> None:
         try:
-            check_model("threads")
+            check_model("threads", checks=["streams", "drain"])
         except BaseException as exc:
             errors.append(exc)
 
@@ -43,53 +40,6 @@ def test_off_the_main_thread_the_kit_stops_the_server_by_request(
     assert not thread.is_alive()
     assert not errors, errors
     assert "stopping threads with Shutdown.request(), not SIGTERM" in caplog.text
-
-
-class BrokenModel:
-    """A thread per connection whose echo `damage` spoils: the kit must notice."""
-
-    def __init__(self, name: str, damage: Callable[[bytes, bool], bytes]) -> None:
-        self.__name__ = name
-        self.damage = damage  # (chunk, first chunk?) -> what is sent back
-
-    def serve(self, plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
-        threads: list[threading.Thread] = []
-        with plan.listeners as listeners:
-            (listener,) = listeners
-            events.listening(listeners.addresses)
-            while not shutdown.requested:
-                ready, _, _ = select.select([listener.fileno(), shutdown.fileno()], [], [])
-                if listener.fileno() in ready:
-                    conn, _ = listener.accept()
-                    thread = threading.Thread(target=self.echo, args=(conn,))
-                    thread.start()
-                    threads.append(thread)
-            events.stopping()
-        for thread in threads:
-            thread.join(10)
-
-    def echo(self, conn: socket.socket) -> None:
-        # Reports no connection: the kit's first check, of the echoed bytes, fails first.
-        first = True
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(10)
-            while chunk := conn.recv(65536):
-                conn.sendall(self.damage(chunk, first))
-                first = False
-
-
-def corrupt_first_byte(chunk: bytes, first: bool) -> bytes:
-    return bytes([chunk[0] ^ 1]) + chunk[1:] if first else chunk
-
-
-def drop_the_last_byte_of_each_chunk(chunk: bytes, first: bool) -> bytes:
-    return chunk[:-1]
-
-
-@pytest.mark.parametrize("damage", [corrupt_first_byte, drop_the_last_byte_of_each_chunk])
-def test_the_kit_catches_a_broken_echo(damage: Callable[[bytes, bool], bytes]) -> None:
-    with pytest.raises(AssertionError, match=r"^broken: streams: client \d+ "):
-        check_model(BrokenModel("broken", damage))
 
 
 class Announced(QuietEvents):
