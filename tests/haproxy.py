@@ -23,11 +23,12 @@ roundrobin`, servers named `s1`, `s2`, ... in the order given; `timeout connect 
 - `proxy_v2_options`: HAProxy's `proxy-v2-options` (TLVs such as `crc32c`,
   `unique-id`, `authority`) on every server line.
 
+The frontend socket is bound and listening before HAProxy starts: the test binds
+port 0 and HAProxy inherits the socket (`bind fd@N`). HAProxy cannot bind port 0 and
+report the port, and a port picked and closed for it to bind could be taken first.
 Readiness comes from HAProxy's runtime API (a stats socket in the temporary
-directory): the frontend reports `OPEN` once it listens. Probing the frontend with a
-connection instead would be forwarded to a backend and show up in its logs. HAProxy
-cannot bind port 0 and report the port, so a free port is picked by binding port 0
-and closing it; if HAProxy then loses the race for it, it is started again on another.
+directory): the frontend reports `OPEN` once HAProxy serves it. Probing the frontend
+with a connection instead would be forwarded to a backend and show up in its logs.
 
 Connection logs (`option tcplog`) go to HAProxy's stdout, warnings such as
 "Server backend/s2 is DOWN" to its stderr; `output` has both.
@@ -43,22 +44,20 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from .procs import Process, require_tool
+from .waiting import wait_for
 
 HOST = "127.0.0.1"
 FRONTEND = "echo_in"
 BACKEND = "echo_servers"
 STARTUP_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
-START_ATTEMPTS = 3
-_PORT_TAKEN = re.compile(r"cannot bind socket|Address already in use", re.IGNORECASE)
 
 
 @dataclass
@@ -103,14 +102,16 @@ class HAProxy:
         """The first match of `pattern` in a line of stdout or stderr; fails the test
         if none appears in time."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for line in [*self.process.stdout_seen, *self.process.stderr_seen]:
-                if match := regex.search(line):
-                    return match
-            if time.monotonic() >= deadline:
-                pytest.fail(f"{regex.pattern!r} not in HAProxy's output: {self.output[-3000:]}")
-            time.sleep(0.02)
+
+        def found() -> re.Match[str] | None:
+            lines = [*self.process.stdout_seen, *self.process.stderr_seen]
+            return next((match for line in lines if (match := regex.search(line))), None)
+
+        return wait_for(
+            found,
+            timeout_s,
+            lambda: f"{regex.pattern!r} in HAProxy's output: {self.output[-3000:]}",
+        )
 
     def command(self, line: str, timeout_s: float = 5.0) -> str:
         """One runtime API command (`show stat`, `disable server echo_servers/s1`...)."""
@@ -151,17 +152,19 @@ class HAProxy:
             if isinstance(expected, str)
             else dict(expected)
         )
-        deadline = time.monotonic() + timeout_s
-        while True:
+        status: dict[str, str] = {}
+
+        def reached() -> bool:
+            nonlocal status
             status = self.server_status()
-            if all(status.get(name) == state for name, state in wanted.items()):
-                return status
-            if time.monotonic() >= deadline:
-                pytest.fail(
-                    f"servers {status} did not reach {wanted} within {timeout_s}s; "
-                    f"HAProxy output: {self.output[-2000:]}"
-                )
-            time.sleep(0.05)
+            return all(status.get(name) == state for name, state in wanted.items())
+
+        wait_for(
+            reached,
+            timeout_s,
+            lambda: f"servers {status}, not {wanted}; HAProxy output: {self.output[-2000:]}",
+        )
+        return status
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM (HAProxy's immediate stop), a bounded wait, then SIGKILL. Returns the
@@ -177,17 +180,14 @@ class HAProxy:
         return code
 
 
-def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (another process may take it before us)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def frontend_socket(host: str = HOST) -> socket.socket:
+    """A socket listening on a free port, for HAProxy to inherit (`bind fd@N`)."""
+    return socket.create_server((host, 0))
 
 
 def render_config(
     *,
-    port: int,
+    frontend_fd: int,
     backends: Sequence[tuple[str, int]],
     stats_socket: Path,
     send_proxy: bool = False,
@@ -244,7 +244,7 @@ def render_config(
             "    timeout check 2s",
             "",
             f"frontend {FRONTEND}",
-            f"    bind {HOST}:{port}",
+            f"    bind fd@{frontend_fd}",
             f"    default_backend {BACKEND}",
             "",
             f"backend {BACKEND}",
@@ -276,11 +276,11 @@ def haproxy(
     # A short directory: the stats socket's path must fit in sun_path (108 bytes).
     directory = Path(tempfile.mkdtemp(prefix="echoplex-haproxy-", dir="/tmp"))
     try:
-        proxy = _start(
-            binary,
-            directory,
-            lambda port, stats_socket: render_config(
-                port=port,
+        with frontend_socket() as frontend:
+            config_path = directory / "haproxy.cfg"
+            stats_socket = directory / "admin.sock"
+            config = render_config(
+                frontend_fd=frontend.fileno(),
                 backends=backends,
                 stats_socket=stats_socket,
                 send_proxy=send_proxy,
@@ -289,11 +289,12 @@ def haproxy(
                 check_payload=check_payload,
                 check_interval_ms=check_interval_ms,
                 proxy_v2_options=proxy_v2_options,
-            ),
-            [f"s{index}" for index in range(1, len(backends) + 1)],
-            startup_timeout_s,
-        )
+            )
+            config_path.write_text(config)
+            server_names = [f"s{index}" for index in range(1, len(backends) + 1)]
+            proxy = start(binary, config_path, frontend, stats_socket, server_names)
         try:
+            wait_until_open(proxy, startup_timeout_s)
             yield proxy
         finally:
             proxy.stop()
@@ -301,49 +302,48 @@ def haproxy(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _start(
+def start(
     binary: str,
-    directory: Path,
-    render: Callable[[int, Path], str],
+    config_path: Path,
+    frontend: socket.socket,
+    stats_socket: Path,
     server_names: list[str],
-    startup_timeout_s: float,
+    *,
+    backend: str = BACKEND,
+    frontend_name: str = FRONTEND,
 ) -> HAProxy:
-    config_path = directory / "haproxy.cfg"
-    stats_socket = directory / "admin.sock"
-    failures = []
-    for _attempt in range(START_ATTEMPTS):
-        port = free_port()
-        config_path.write_text(render(port, stats_socket))
-        process = Process([binary, "-f", str(config_path), "-db"], cwd=directory)
-        proxy = HAProxy(
-            process=process,
-            port=port,
-            config_path=config_path,
-            stats_socket=stats_socket,
-            server_names=server_names,
-        )
-        try:
-            if _wait_until_listening(proxy, startup_timeout_s):
-                return proxy
-        except BaseException:
-            proxy.stop()
-            raise
-        proxy.stop()
-        failures.append(proxy.output)
-        if not _PORT_TAKEN.search(proxy.output):
-            break
-    pytest.fail(f"HAProxy did not start; config:\n{config_path.read_text()}\noutput: {failures}")
+    """`haproxy -f CONFIG -db` in the foreground, inheriting `frontend` (its config binds
+    `fd@N`, N being `frontend.fileno()`). The caller may close its copy once this returns."""
+    process = Process(
+        [binary, "-f", str(config_path), "-db"],
+        cwd=config_path.parent,
+        pass_fds=[frontend.fileno()],
+    )
+    host, port = frontend.getsockname()[:2]
+    return HAProxy(
+        process=process,
+        port=port,
+        config_path=config_path,
+        stats_socket=stats_socket,
+        server_names=server_names,
+        host=host,
+        backend=backend,
+        frontend=frontend_name,
+    )
 
 
-def _wait_until_listening(proxy: HAProxy, timeout_s: float) -> bool:
-    """True once the frontend is OPEN; False if HAProxy exited (the caller reads why)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def wait_until_open(proxy: HAProxy, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Wait until the runtime API reports the frontend `OPEN`; fails the test at once if
+    HAProxy exits (a bad config, say), with its output."""
+
+    def frontend_open() -> bool:
         if proxy.process.proc.poll() is not None:
+            pytest.fail(f"HAProxy exited; config:\n{proxy.config}\noutput: {proxy.output}")
+        try:
+            rows = proxy.stats()
+        except OSError:  # the stats socket is not there or not answering yet
             return False
-        with contextlib.suppress(OSError):  # the socket is not there or not answering yet
-            frontend = (proxy.frontend, "FRONTEND", "OPEN")
-            if any((r["pxname"], r["svname"], r["status"]) == frontend for r in proxy.stats()):
-                return True
-        time.sleep(0.02)
-    pytest.fail(f"HAProxy not listening within {timeout_s}s: {proxy.output[-2000:]}")
+        frontend = (proxy.frontend, "FRONTEND", "OPEN")
+        return any((row["pxname"], row["svname"], row["status"]) == frontend for row in rows)
+
+    wait_for(frontend_open, timeout_s, lambda: f"HAProxy listening: {proxy.output[-2000:]}")

@@ -13,12 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Self
 
 import pytest
+
+from .waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -97,18 +98,23 @@ class Process:
     def wait_for_stderr(
         self, pattern: re.Pattern[str] | str, timeout_s: float = STARTUP_TIMEOUT_S, start: int = 0
     ) -> re.Match[str]:
+        """The first match of `pattern` in a stderr line from line `start` on; fails the
+        test if none comes in time, or at once if the process ended without one."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+
+        def seen() -> re.Match[str] | None:
+            ended = self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)
             for line in self.stderr_seen[start:]:
                 if match := regex.search(line):
                     return match
-            if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
-                break
-            time.sleep(0.01)
-        pytest.fail(
-            f"{regex.pattern!r} not seen on stderr of {self.argv}: "
-            f"{''.join(self.stderr_seen)[-3000:]}"
+            if ended:  # every line it wrote has been read: none will match now
+                pytest.fail(f"{self.argv} exited without {regex.pattern!r}: {self.stderr[-3000:]}")
+            return None
+
+        return wait_for(
+            seen,
+            timeout_s,
+            lambda: f"{regex.pattern!r} on stderr of {self.argv}: {self.stderr[-3000:]}",
         )
 
     @property

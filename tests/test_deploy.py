@@ -31,7 +31,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -46,8 +45,9 @@ from echoplex.cli import build_parser
 from echoplex.commands.serve import ENVIRONMENT_PREFIX
 from echoplex.models.workers import EXIT_GRACE_S
 
-from .haproxy import HAProxy
+from .haproxy import HAProxy, frontend_socket, start, wait_until_open
 from .procs import LISTENING, ROOT, Process, Server, require_tool
+from .waiting import wait_for
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -765,13 +765,12 @@ def test_haproxy_config_runs_in_front_of_three_instances() -> None:
         tmp_path = Path(tempfile.mkdtemp(prefix="echoplex-deploy-", dir="/tmp"))
         stack.callback(shutil.rmtree, tmp_path, ignore_errors=True)
         servers = [stack.enter_context(Server(*argv, mode="asyncio")) for _ in names]
-        # The same config, on loopback: our frontend port, our instances, our socket.
+        # The same config, on loopback: a frontend socket HAProxy inherits, our
+        # instances, our stats socket.
         stats_socket = tmp_path / "admin.sock"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        frontend = stack.enter_context(frontend_socket())
         text = HAPROXY_CFG.read_text()
-        text = re.sub(r"^(\s*bind )\S+", rf"\g<1>127.0.0.1:{port}", text, flags=re.MULTILINE)
+        text = re.sub(r"^(\s*bind )\S+", rf"\g<1>fd@{frontend.fileno()}", text, flags=re.M)
         text = re.sub(r"^(\s*stats socket )\S+", rf"\g<1>{stats_socket}", text, flags=re.M)
         for name, server in zip(names, servers, strict=True):
             text = re.sub(
@@ -782,17 +781,17 @@ def test_haproxy_config_runs_in_front_of_three_instances() -> None:
             )
         config = tmp_path / "haproxy.cfg"
         config.write_text(text)
-        process = stack.enter_context(Process([binary, "-f", str(config), "-db"], cwd=tmp_path))
-        proxy = HAProxy(
-            process=process,
-            port=port,
-            config_path=config,
-            stats_socket=stats_socket,
-            server_names=names,
+        proxy = start(
+            binary,
+            config,
+            frontend,
+            stats_socket,
+            names,
             backend=backend_name,
-            frontend=frontend_name,
+            frontend_name=frontend_name,
         )
         stack.callback(proxy.stop)
+        wait_until_open(proxy)
         # Checks passed: the echo check (send, expect) came back from every instance.
         wait_for_checks(proxy, "L7OK")
         held = [
@@ -813,15 +812,16 @@ def test_haproxy_config_runs_in_front_of_three_instances() -> None:
 
 
 def wait_for_checks(proxy: HAProxy, status: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(OSError):
-            checks = {name: row["check_status"] for name, row in proxy.server_stats().items()}
-            if len(checks) == len(proxy.server_names) and set(checks.values()) == {status}:
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"checks did not all reach {status}: {proxy.output[-2000:]}")
-        time.sleep(0.05)
+    checks: dict[str, str] = {}
+
+    def all_reached() -> bool:
+        nonlocal checks
+        checks = {name: row["check_status"] for name, row in proxy.server_stats().items()}
+        return len(checks) == len(proxy.server_names) and set(checks.values()) == {status}
+
+    wait_for(
+        all_reached, timeout_s, lambda: f"checks {checks}, not all {status}: {proxy.output[-2000:]}"
+    )
 
 
 # ---------------------------------------------------------------- docs/operations.md

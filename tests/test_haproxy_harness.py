@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
+import shutil
 import socket
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from .haproxy import haproxy, render_config
-from .procs import Server
+from .haproxy import frontend_socket, haproxy, render_config, start, wait_until_open
+from .procs import Server, require_tool
+from .waiting import wait_for
 
 OPEN = re.compile(r"\bopen 127\.0\.0\.1:\d+")
 
 
 def echo_through(address: tuple[str, int], payload: bytes, timeout_s: float = 5.0) -> bytes:
     with socket.create_connection(address, timeout=timeout_s) as sock:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+        return echoed(sock, payload)
+
+
+def echoed(sock: socket.socket, payload: bytes) -> bytes:
+    """What comes back for `payload` sent and half-closed, up to the proxy's EOF."""
+    sock.sendall(payload)
+    sock.shutdown(socket.SHUT_WR)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -32,12 +40,14 @@ def opens(server: Server) -> int:
 
 def wait_for_opens(servers: list[Server], total: int, timeout_s: float = 5.0) -> list[int]:
     """Each server's count of `open` log lines, once they add up to `total`."""
-    deadline = time.monotonic() + timeout_s
-    while (counts := [opens(s) for s in servers]) and sum(counts) < total:
-        if time.monotonic() >= deadline:
-            pytest.fail(f"{counts} open lines, expected {total} in all")
-        time.sleep(0.02)
-    return counts
+    counts: list[int] = []
+
+    def added_up() -> list[int] | None:
+        nonlocal counts
+        counts = [opens(s) for s in servers]
+        return counts if sum(counts) >= total else None
+
+    return wait_for(added_up, timeout_s, lambda: f"{counts} open lines, expected {total} in all")
 
 
 def test_echoes_through_haproxy_reach_both_servers() -> None:
@@ -74,20 +84,20 @@ def test_health_checks_take_a_stopped_server_out() -> None:
 
 def test_config_options() -> None:
     config = render_config(
-        port=5000,
+        frontend_fd=5,
         backends=[("127.0.0.1", 1), ("127.0.0.1", 2)],
         stats_socket=Path("/tmp/x.sock"),
         send_proxy_v2=True,
         health_check=True,
         check_payload=b"hi",
     )
-    assert "    bind 127.0.0.1:5000\n" in config
+    assert "    bind fd@5\n" in config
     assert "    server s2 127.0.0.1:2 check inter 200ms fall 1 rise 1 send-proxy-v2\n" in config
     assert "tcp-check send-binary 6869\n" in config
     assert "balance roundrobin" in config
     with pytest.raises(ValueError, match="exclusive"):
         render_config(
-            port=1,
+            frontend_fd=5,
             backends=[("127.0.0.1", 1)],
             stats_socket=Path("/tmp/x.sock"),
             send_proxy=True,
@@ -95,15 +105,27 @@ def test_config_options() -> None:
         )
 
 
-def test_a_port_taken_before_haproxy_binds_it_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    from . import haproxy as harness
-
-    with socket.create_server(("127.0.0.1", 0)) as squatter, Server(mode="asyncio") as server:
-        taken = squatter.getsockname()[1]
-        ports = iter([taken])
-        real_free_port = harness.free_port
-        monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or real_free_port())
-        with haproxy([server.address]) as proxy:
-            assert proxy.port != taken
-            assert echo_through(proxy.address, b"x") == b"x"
+def test_the_frontend_listens_before_haproxy_starts() -> None:
+    # HAProxy inherits a socket bound and listening already: nothing can take its port,
+    # and a client that connects before HAProxy is up waits in the backlog, then is served.
+    binary = require_tool("haproxy")
+    with contextlib.ExitStack() as stack:
+        directory = Path(tempfile.mkdtemp(prefix="echoplex-haproxy-", dir="/tmp"))
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        server = stack.enter_context(Server(mode="asyncio"))
+        with frontend_socket() as frontend:
+            early = stack.enter_context(socket.create_connection(frontend.getsockname(), 10))
+            config_path, stats_socket = directory / "haproxy.cfg", directory / "admin.sock"
+            config_path.write_text(
+                render_config(
+                    frontend_fd=frontend.fileno(),
+                    backends=[server.address],
+                    stats_socket=stats_socket,
+                )
+            )
+            proxy = start(binary, config_path, frontend, stats_socket, ["s1"])
+            stack.callback(proxy.stop)
+        assert echoed(early, b"early") == b"early"
+        wait_until_open(proxy)
+        assert echo_through(proxy.address, b"later") == b"later"
         assert server.stop() == 0
