@@ -9,7 +9,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ import echoplex
 from .procs import LISTENING, ROOT, Process, Server
 from .test_cli_hostile import LONG_LABEL, LONG_UNIX_PATH, NOT_UTF8
 from .test_contract import recv_exactly
+from .waiting import wait_for
 
 
 @pytest.mark.parametrize("mode", ["threads", "asyncio", "workers"])
@@ -165,11 +165,11 @@ def test_json_start_and_stop_lines_carry_their_fields() -> None:
 
 def wait_for_lines(server: Server, pattern: str, count: int, timeout_s: float = 10.0) -> None:
     """Wait until `count` stderr lines match `pattern`."""
-    deadline = time.monotonic() + timeout_s
-    while len(re.findall(pattern, server.stderr)) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {count} lines like {pattern!r}: {server.stderr[-2000:]}")
-        time.sleep(0.01)
+    wait_for(
+        lambda: len(re.findall(pattern, server.stderr)) >= count,
+        timeout_s,
+        lambda: f"{count} lines like {pattern!r}: {server.stderr[-2000:]}",
+    )
 
 
 def unix_client(path: str, data: bytes) -> socket.socket:

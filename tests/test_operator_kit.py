@@ -21,7 +21,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -39,6 +38,7 @@ from .procs import ROOT, Server, needs_ipv6, require_tool
 from .test_deploy import serve_options
 from .test_metrics import METRICS_LINE, health, metrics_url
 from .test_metrics_hostile import reset
+from .waiting import wait_for
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "echoplex.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -94,12 +94,12 @@ def scrape(server: Server) -> Scrape:
 
 def scrape_until(server: Server, done: Any, what: str, timeout_s: float = 15.0) -> Scrape:
     """Scrape until `done(scrape)`; fail naming `what` if it never is."""
-    deadline = time.monotonic() + timeout_s
-    while not done(result := scrape(server)):
-        if time.monotonic() > deadline:
-            pytest.fail(f"no scrape showed {what} within {timeout_s}s")
-        time.sleep(0.05)
-    return result
+
+    def showing() -> Scrape | None:
+        result = scrape(server)
+        return result if done(result) else None
+
+    return wait_for(showing, timeout_s, f"a scrape showing {what}")
 
 
 def echo(address: tuple[str, int], data: bytes = b"kit") -> socket.socket:

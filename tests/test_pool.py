@@ -3,12 +3,13 @@ non-reading client never holds a worker, so nobody waits behind it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
 import ssl
 import struct
-import time
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,12 @@ from echoplex.proxy_protocol import encode_v1
 
 from .procs import Server
 from .test_contract import drive_clients, recv_exactly
+from .waiting import wait_for
 
 THREADS = 4
+MAX_BUFFER = 64 << 10
+# Far more than its buffer and both kernels' socket buffers (a few MB on loopback) hold.
+PUSH_LIMIT_BYTES = 256 << 20
 pytestmark = pytest.mark.timeout(90)
 
 
@@ -27,6 +32,22 @@ def held(server: Server, count: int) -> list[socket.socket]:
 
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def unread_by_peer(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that the kernel holds for the program at the other end, not
+    yet read by it (`rx_queue` of the peer's IPv4 line in /proc/net/tcp)."""
+
+    def hex_address(address: tuple[str, int]) -> str:
+        packed = int.from_bytes(socket.inet_aton(address[0]), "little")
+        return f"{packed:08X}:{address[1]:04X}"
+
+    peer = (hex_address(sock.getpeername()), hex_address(sock.getsockname()))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == peer:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no socket for {sock.getpeername()} -> {sock.getsockname()}")
 
 
 def test_forty_idle_clients_do_not_stop_the_forty_first() -> None:
@@ -59,27 +80,32 @@ def test_two_hundred_clients_at_once_on_two_threads_get_exactly_their_bytes() ->
 
 
 def test_a_client_that_never_reads_holds_no_worker_and_is_not_read() -> None:
-    with Server("--threads", "1", "--max-buffer", "64KiB", mode="pool") as server:
+    with Server("--threads", "1", "--max-buffer", str(MAX_BUFFER), mode="pool") as server:
         with socket.create_connection(server.address, timeout=10) as hog:
             hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             hog.setblocking(False)
             sent = 0
-            deadline = time.monotonic() + 20
-            # Send until the server stops taking bytes (it is not reading us any more).
-            while time.monotonic() < deadline:
-                try:
-                    sent += hog.send(b"x" * 65536)
-                except BlockingIOError:
-                    time.sleep(0.2)
-                    try:
+
+            def bytes_left_unread() -> bool:
+                """Push until the kernel takes no more; then true if the server has left
+                bytes unread (while it reads them all, the push goes on)."""
+                nonlocal sent
+                with contextlib.suppress(BlockingIOError):
+                    while sent < PUSH_LIMIT_BYTES:
                         sent += hog.send(b"x" * 65536)
-                    except BlockingIOError:
-                        break
-            assert time.monotonic() < deadline, "the server kept reading a client that never reads"
+                    pytest.fail(f"the server read {sent} bytes from a client that never reads")
+                return unread_by_peer(hog) > 0
+
+            wait_for(bytes_left_unread, 20, lambda: f"bytes left unread ({sent} sent)")
+            hog_port = hog.getsockname()[1]
             # The one worker is free: another client is served at once.
             with socket.create_connection(server.address, timeout=10) as other:
                 other.sendall(b"ping")
                 assert recv_exactly(other, 4) == b"ping"
+        # The server's own count: it read no more than it echoed and one buffer owed.
+        close = server.wait_for_stderr(rf"close 127\.0\.0\.1:{hog_port} in=(\d+) out=(\d+)")
+        bytes_in, bytes_out = int(close.group(1)), int(close.group(2))
+        assert 0 <= bytes_in - bytes_out <= MAX_BUFFER, close.group(0)
         assert server.stop() == 0
 
 
@@ -110,7 +136,8 @@ def test_stalled_proxy_headers_hold_no_worker_and_a_split_header_is_read() -> No
                 sock.sendall(header[:7])  # half a header, then nothing
             with socket.create_connection(server.address, timeout=10) as proxied:
                 proxied.sendall(header[:10])
-                time.sleep(0.05)  # a second segment: the header arrives in two reads
+                # A second segment, sent once the server has the first and waits for more.
+                wait_for(lambda: unread_by_peer(proxied) == 0, 10, "the first part read")
                 proxied.sendall(header[10:] + b"data")
                 assert recv_exactly(proxied, 4) == b"data"
             server.wait_for_stderr(r"close 203\.0\.113\.9:4000 in=4 out=4")
@@ -136,10 +163,11 @@ def test_clients_that_reset_before_the_tls_handshake_cost_only_themselves(
     with Server(*tls_args, "--drain-timeout", "30", mode=mode) as server:
         for _ in range(6):  # three times the pool's workers
             reset_at_once(server)
-        deadline = time.monotonic() + 10
-        while server.stderr.count("outcome=tls-handshake-failed") < 6:
-            assert time.monotonic() < deadline, server.stderr
-            time.sleep(0.02)
+        wait_for(
+            lambda: server.stderr.count("outcome=tls-handshake-failed") >= 6,
+            10,
+            lambda: f"six failed handshakes: {server.stderr[-2000:]}",
+        )
         context = ssl.create_default_context(cafile=ca_file)
         with socket.create_connection(server.address, timeout=10) as raw:
             with context.wrap_socket(raw, server_hostname="localhost") as tls:

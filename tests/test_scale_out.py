@@ -1,10 +1,13 @@
 """Scale-out: real HAProxy in front of three echoplex instances, one stopped mid-load.
 
 HAProxy (PROXY v2 to the servers, a health check every 200 ms) balances a
-`echoplex load` run round robin over three `asyncio` servers. About a second into
-the run one server gets SIGTERM: it stops listening, drains for half a second (the
+`echoplex load` run round robin over three `asyncio` servers. Once every connection
+has echoed, one server gets SIGTERM: it stops listening, drains for half a second (the
 ping-pong load never finishes on its own, so the drain always runs out), then cuts
-its connections. What that must look like, and why the error count is exact:
+its connections. Once every other connection has echoed again, the test stops the
+load (SIGINT: it ends early and still reports). Each step waits for what HAProxy's
+session table shows, not for a time. What that must look like, and why the error
+count is exact:
 
 - `echoplex load` does not reconnect: a connection that fails is counted once (the
   first `connection_lost` or failure moves it out of the `open` state) and never used
@@ -30,19 +33,22 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import sys
-import time
+from collections.abc import Callable
 
 import pytest
 
 from .haproxy import HAProxy, haproxy
 from .procs import Process, Server
+from .waiting import wait_for
 
 CONNECTIONS = 12
 SIZE = 1024
-DURATION_S = 4
-STOP_AFTER_S = 1.0
+# Longer than the test runs: the test stops the load once it has seen what it needs.
+DURATION_S = 120
 DRAIN_S = 0.5
+WAIT_S = 15.0
 SERVER_ARGS = (
     "--proxy-protocol",
     "--trusted-proxy",
@@ -86,11 +92,11 @@ def proxied_connections(server: Server) -> dict[str, tuple[int, int, str] | None
 
 
 def wait_for_connections(servers: list[Server], count: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sum(len(proxied_connections(s)) for s in servers) < count:
-        if time.monotonic() > deadline:
-            pytest.fail(f"the load did not open {count} connections through HAProxy")
-        time.sleep(0.01)
+    wait_for(
+        lambda: sum(len(proxied_connections(s)) for s in servers) >= count,
+        timeout_s,
+        f"the load's {count} connections through HAProxy",
+    )
 
 
 SESSION = re.compile(r"^0x[0-9a-f]+: ", re.MULTILINE)
@@ -116,6 +122,39 @@ def echoed_by_session(proxy: HAProxy) -> dict[str, tuple[str, int]]:
     return sessions
 
 
+Sessions = dict[str, tuple[str, int]]
+
+
+def sessions_once(proxy: HAProxy, load: Process, done: Callable[[Sessions], bool]) -> Sessions:
+    """HAProxy's sessions (`echoed_by_session`) once `done(sessions)`; fails the test if
+    the load ends first."""
+    sessions: Sessions = {}
+
+    def seen() -> bool:
+        nonlocal sessions
+        if load.proc.poll() is not None:
+            pytest.fail(f"the load ended early: {load.stdout[-2000:]} {load.stderr[-2000:]}")
+        sessions = echoed_by_session(proxy)
+        return bool(done(sessions))
+
+    wait_for(seen, WAIT_S, lambda: f"HAProxy's sessions {sessions}")
+    return sessions
+
+
+def every_connection_echoed(sessions: Sessions) -> bool:
+    return len(sessions) == CONNECTIONS and all(echoed >= SIZE for _, echoed in sessions.values())
+
+
+def only_these_echoed_more(before: Sessions) -> Callable[[Sessions], bool]:
+    """True of sessions that are exactly those of `before`, each having echoed more."""
+
+    def echoed_more(sessions: Sessions) -> bool:
+        grown = (echoed > before[client][1] for client, (_, echoed) in sessions.items())
+        return set(sessions) == set(before) and all(grown)
+
+    return echoed_more
+
+
 def test_the_others_take_over_when_one_instance_stops() -> None:
     with contextlib.ExitStack() as stack:
         servers = [stack.enter_context(Server(*SERVER_ARGS, mode="asyncio")) for _ in range(3)]
@@ -125,35 +164,36 @@ def test_the_others_take_over_when_one_instance_stops() -> None:
         proxy.wait_for_status("UP")
         load = stack.enter_context(Process([*LOAD_ARGV, "--port", str(proxy.port)]))
         wait_for_connections(servers, CONNECTIONS)
-        measuring_since = time.monotonic()  # traffic starts once every connection is open
-        time.sleep(STOP_AFTER_S)
+        # Traffic flows on every connection: each has had an echo back through HAProxy.
+        at_stop = sessions_once(proxy, load, every_connection_echoed)
 
         stopped, survivors = servers[1], [servers[0], servers[2]]
         on_stopped = len(proxied_connections(stopped))
-        at_stop = echoed_by_session(proxy)
         assert stopped.stop() == 0
+        # s2's process has exited: what the others had echoed by then.
+        kept = {client: at for client, at in echoed_by_session(proxy).items() if at[0] != "s2"}
         proxy.wait_for_status({"s1": "UP", "s2": "DOWN", "s3": "UP"})
-        time.sleep(max(0.0, measuring_since + DURATION_S - 0.5 - time.monotonic()))
-        near_end = echoed_by_session(proxy)
-
-        assert load.wait(timeout_s=DURATION_S + 15) == 1  # errors make the status 1
+        # The cut sessions are gone, and every other one has echoed more since the stop.
+        after_stop = sessions_once(proxy, load, only_these_echoed_more(kept))
+        load.signal(signal.SIGINT)
+        assert load.wait(timeout_s=WAIT_S) == 1  # errors make the status 1
         result = json.loads(load.stdout)
 
         # HAProxy had as many sessions on s2 as s2 logged, and those were cut by its
-        # drain; every session on the others kept echoing after the stop.
+        # drain; every session on the others stayed on its server and kept echoing.
         assert sorted(server for server, _ in at_stop.values()) == sorted(
             ["s1", "s3", "s2"] * (CONNECTIONS // 3)
         )
         assert on_stopped == sum(server == "s2" for server, _ in at_stop.values()) > 0
-        assert {server for server, _ in near_end.values()} == {"s1", "s3"}
-        assert len(near_end) == CONNECTIONS - on_stopped
-        for client, (server, echoed) in near_end.items():
-            assert echoed > at_stop[client][1], f"{client} on {server} stalled after the stop"
+        assert set(after_stop) == {c for c, (server, _) in at_stop.items() if server != "s2"}
+        for client, (server, _) in after_stop.items():
+            assert server == at_stop[client][0], f"{client} moved from {at_stop[client][0]}"
         cut = proxied_connections(stopped)
         assert len(cut) == on_stopped
         assert [record and record[2] for record in cut.values()] == ["drained"] * on_stopped
 
         # The load: one error per connection cut, nothing else, every echo right.
+        assert result["interrupted"] is True
         assert result["connections_opened"] == CONNECTIONS
         assert result["errors"] == on_stopped, result["error_samples"]
         assert result["connections_alive"] == CONNECTIONS - on_stopped
@@ -171,11 +211,9 @@ def test_the_others_take_over_when_one_instance_stops() -> None:
                 assert outcome == "closed"
 
         before = sum(echoed for _, echoed in at_stop.values()) // SIZE
-        after = sum(echoed - at_stop[client][1] for client, (_, echoed) in near_end.items())
         print(
             f"\nscale-out: {on_stopped} connections on the stopped instance, "
             f"{result['errors']} load errors {result['errors_by_kind']}, "
             f"{result['mismatches']} mismatches, {result['requests']} requests verified; "
-            f"~{before} echoes before SIGTERM, ~{after // SIZE} by the survivors "
-            f"from SIGTERM to 0.5 s before the end"
+            f"~{before} echoes before SIGTERM"
         )

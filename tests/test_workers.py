@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 from .procs import Server
 from .test_contract import recv_exactly
+from .waiting import wait_for
 
 
 def children(pid: int) -> set[int]:
@@ -48,10 +48,11 @@ def test_workers_stop_when_the_supervisor_is_killed() -> None:
     with Server("--workers", "2", mode="workers") as server:
         workers = children(server.proc.pid)
         os.kill(server.proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(alive(pid) for pid in workers):
-            time.sleep(0.05)
-        assert not any(alive(pid) for pid in workers)
+        wait_for(
+            lambda: not any(alive(pid) for pid in workers),
+            15,
+            lambda: f"workers {[pid for pid in workers if alive(pid)]} gone",
+        )
 
 
 def alive(pid: int) -> bool:
