@@ -15,6 +15,8 @@ model here keeps; `tests/test_conformance.py` runs it against every registered m
 The whole kit takes a few seconds per model: every limit it configures is short
 (`SHORT_LIMIT_S`) and every wait it makes has a deadline (`timeout_s`, 10 s unless
 given) and waits for a condition (an event, a byte, an EOF), never a fixed sleep.
+`echo_concurrently`, `recv_exactly` and `recv_until_eof` are the kit's client side,
+public for tests that drive a server of their own.
 
 The server runs six times, once per group of settings that can share a server; a run
 is skipped when none of its checks is selected (`checks=`, names from `CHECKS`).
@@ -133,7 +135,14 @@ from .proxy_protocol import encode_v1, encode_v2
 from .server import run
 from .shutdown import Shutdown
 
-__all__ = ["CHECKS", "CONCURRENT_ONLY", "check_model", "recv_exactly", "recv_until_eof"]
+__all__ = [
+    "CHECKS",
+    "CONCURRENT_ONLY",
+    "check_model",
+    "echo_concurrently",
+    "recv_exactly",
+    "recv_until_eof",
+]
 
 log = logging.getLogger("echoplex.testing")
 
@@ -540,15 +549,31 @@ def _stop_unless_stopped(client: _Client) -> None:
 
 
 def _check_streams(client: _Client) -> None:
-    """CLIENTS at once, each sending random chunks while reading, then half-closing:
-    one thread and a selector, so every client is sending and receiving together."""
     seed = client.settings.seed
     rng = random.Random(seed)
     payloads = [b""] + [rng.randbytes(rng.randint(1, 48_000)) for _ in range(CLIENTS - 1)]
     socks = [client.connect() for _ in payloads]
+    received = echo_concurrently(socks, payloads, seed=seed, timeout_s=client.timeout_s * 3)
+    for index, (sent, got) in enumerate(zip(payloads, received, strict=True)):
+        _expect_echo(sent, got, f"client {index} (seed {seed})")
+    for sock in socks:
+        client.expect_outcome(sock, "closed", "finished client")
+
+
+def echo_concurrently(
+    socks: Sequence[socket.socket],
+    payloads: Sequence[bytes],
+    *,
+    seed: int = 0,
+    timeout_s: float = 3 * TIMEOUT_S,
+) -> list[bytes]:
+    """Send each payload on its connected socket in random chunk sizes (`seed`) while
+    reading, then half-close and read to EOF, all at once (one thread, a selector); what
+    each got back. AssertionError past `timeout_s`, or at an EOF before all sent came back."""
+    rng = random.Random(seed)
     offsets = [0] * len(payloads)
     received = [bytearray() for _ in payloads]
-    deadline = time.monotonic() + client.timeout_s * 3
+    deadline = time.monotonic() + timeout_s
     with selectors.DefaultSelector() as selector:
         for index, sock in enumerate(socks):
             sock.setblocking(False)
@@ -577,10 +602,7 @@ def _check_streams(client: _Client) -> None:
                                 f"client {index} got EOF after {len(received[index])} of "
                                 f"{offsets[index]} bytes sent"
                             )
-    for index, (sent, got) in enumerate(zip(payloads, received, strict=True)):
-        _expect_echo(sent, bytes(got), f"client {index} (seed {seed})")
-    for sock in socks:
-        client.expect_outcome(sock, "closed", "finished client")
+    return [bytes(data) for data in received]
 
 
 CHUNK_SIZES = (1, 2, 7, 100, 1000, 1460, 4096, 20_000, 65_536)
