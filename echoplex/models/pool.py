@@ -122,7 +122,12 @@ class ConnectionPool:
         """Take an admitted connection; the workers serve it from now on."""
         sock.setblocking(False)
         connection = PooledConnection(sock, record, self.connections.steps(record))
-        self._advance(connection)
+        try:
+            self._advance(connection)  # on the accept thread: a bug here ends this one alone
+        except Exception:
+            self.connections.failed(record)
+            self.connections.closed(record, sock.close)
+            return
         fd = sock.fileno()
         self.by_fd[fd] = connection
         self.epoll.register(fd, READABLE | select.EPOLLONESHOT)
