@@ -24,8 +24,9 @@ from echoplex._shared_admission import AdmissionTable, slots_for
 from echoplex.limits import OVER_MAX_CONNECTIONS, OVER_MAX_PER_IP, Admission
 
 from .procs import Server
-from .test_hardening import closed_by_server, connect, echoes, wait_for
+from .test_hardening import closed_by_server, connect, echoes
 from .test_metrics import scrape, total
+from .waiting import wait_for
 
 
 @contextmanager
@@ -352,7 +353,7 @@ def test_metrics_count_each_admission_and_rejection_once() -> None:
                 )
 
             # A rejection is counted just after the client's connection is closed.
-            assert wait_for(lambda: rejected() == 6)
+            wait_for(lambda: rejected() == 6, 10, lambda: f"6 rejections counted, not {rejected()}")
             samples = scrape(server)
             assert total(samples, "echoplex_connections_open") == 4
             assert total(samples, "echoplex_connections_accepted_total") == 4
