@@ -235,7 +235,7 @@ octal_mode = Bounded(_octal, 0, 0o777, _FILE_MODE, _FILE_MODE, show=lambda mode:
 """File permissions in octal, like chmod: `600`, `0660`."""
 
 
-_SIZE = re.compile(r"\s*([0-9]{1,20})\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
+_SIZE = re.compile(r"\s*(-?[0-9]{1,20})\s*([kmg]?)(i?)(b?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3}
 
 
@@ -255,10 +255,16 @@ def _size(text: str) -> int:
     return int(digits) * base**power
 
 
-def byte_size(most: int) -> Bounded:
-    """A size in bytes (see `_size`), 1 byte to `most`."""
-    words = f"must be 1 byte to {binary_size(most)}, not {{value}}"
-    return Bounded(_size, 1, most, words, words, show=_size_written)
+def byte_size(most: int, least: int = 1) -> Bounded:
+    """A size in bytes (see `_size`), `least` (1 byte, or 0) to `most`."""
+    words = f"must be {least} byte{'s' if least != 1 else ''} to {binary_size(most)}, not {{value}}"
+    return Bounded(_size, least, most, words, words, show=_size_written)
+
+
+def fraction(what: str) -> Bounded:
+    """A share from 0 to 1 (`0.25`) of `what`."""
+    words = f"must be a fraction of {what} from 0 to 1, not {{value}}"
+    return Bounded(_number("from 0 to 1"), 0, 1, words, words)
 
 
 def _size_written(size: int) -> str:
@@ -479,6 +485,9 @@ def flags_for_settings(message: str, config_class: type) -> str:
     flags = {
         config_field.name: declared.flag for config_field, declared in options_of(config_class)
     }
+    # A setting named as its flag is written (`close_after` for --close-after), as a
+    # config's sub-settings name theirs (`echoplex.conditions`).
+    flags |= {flag[2:].replace("-", "_"): flag for flag in flags.values() if flag[2:]}
     return re.sub(r"`(\w+)`", lambda match: flags.get(match[1], match[0]), message)
 
 

@@ -31,6 +31,17 @@ MAX_UNIX_PATH_BYTES = 107
 MAX_HOST_CHARS = 253
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address (127.0.0.0/8, ::1) or `localhost`: only this
+    machine can reach it. A name other than localhost is not trusted to be one."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def check_host(host: str) -> str:
     """`host` if it can be looked up, else a ValueError saying why not, in one line.
 

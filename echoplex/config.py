@@ -34,7 +34,8 @@ from ._cli_util import (
     positive_seconds,
     unix_socket_path,
 )
-from ._net import check_host, check_unix_path
+from ._net import check_host, check_unix_path, is_loopback
+from .conditions import ConditionError, Conditions, Work, reader
 from .models import MODELS
 from .proxy_protocol import Network, parse_networks
 
@@ -60,6 +61,8 @@ TLS = "TLS"
 PROXY = "PROXY protocol (behind HAProxy and the like)"
 METRICS = "metrics"
 LIMITS = "limits (0 turns a limit off)"
+CONDITIONS = "conditions on purpose: a slow, broken or busy endpoint, to test clients"
+CONTROL = "control API (change the conditions while serving)"
 UDP = "UDP echo (RFC 862), rate-limited against reflection (0 turns a rate limit off)"
 
 
@@ -132,6 +135,16 @@ class ServerConfig:
         group=TLS,
     )
     """Drop a client that has not completed the TLS handshake in this long."""
+
+    tls_client_ca_file: str | None = option(
+        None,
+        "--tls-client-ca",
+        "require a client certificate signed by this CA (PEM): mutual TLS",
+        parse=file_path,
+        metavar="FILE",
+        group=TLS,
+    )
+    """PEM CA bundle: with it, a client must present a certificate it signed (mutual TLS)."""
 
     metrics_port: int | None = option(
         None,
@@ -306,6 +319,180 @@ class ServerConfig:
     )
     """Close a connection that accepts no byte of its echo for this long; 0: never."""
 
+    latency_s: float = option(
+        0.0,
+        "--latency",
+        "echo each chunk this long after it arrived; reading goes on meanwhile (a delay line)",
+        parse=reader("latency"),
+        metavar="DURATION",
+        group=CONDITIONS,
+    )
+    """Echo each chunk this long after it arrived, in order (TCP and UDP)."""
+
+    jitter_s: float = option(
+        0.0,
+        "--jitter",
+        "add a uniform random -D..+D to each --latency",
+        parse=reader("jitter"),
+        metavar="DURATION",
+        group=CONDITIONS,
+    )
+    """A uniform random -D..+D on each latency (never below 0)."""
+
+    bandwidth_bytes_per_s: int | None = option(
+        None,
+        "--bandwidth",
+        "echo at most RATE bytes a second per connection (64KiB, 1MB)",
+        parse=reader("bandwidth"),
+        metavar="RATE",
+        group=CONDITIONS,
+    )
+    """The most bytes of echo a second per connection; None: no cap."""
+
+    slice_bytes: int | None = option(
+        None,
+        "--slice",
+        "write the echo in pieces of at most BYTES",
+        parse=reader("slice"),
+        metavar="BYTES",
+        group=CONDITIONS,
+    )
+    """Write the echo in pieces of at most this many bytes; None: as it comes."""
+
+    slice_delay_s: float = option(
+        0.0,
+        "--slice-delay",
+        "time between two --slice pieces",
+        parse=reader("slice_delay"),
+        metavar="DURATION",
+        group=CONDITIONS,
+    )
+    """The time between two slices."""
+
+    close_after_bytes: int | None = option(
+        None,
+        "--close-after",
+        "close cleanly (FIN, never RST) after BYTES of echo",
+        parse=reader("close_after"),
+        metavar="BYTES",
+        group=CONDITIONS,
+    )
+    """Close cleanly after exactly this many bytes of echo; None: never."""
+
+    reset_after_bytes: int | None = option(
+        None,
+        "--reset-after",
+        "reset the connection (RST) after BYTES of echo",
+        parse=reader("reset_after"),
+        metavar="BYTES",
+        group=CONDITIONS,
+    )
+    """Reset the connection after exactly this many bytes of echo; None: never."""
+
+    stall_after_bytes: int | None = option(
+        None,
+        "--stall-after",
+        "after BYTES of echo, stop echoing and reading, as a hung peer does",
+        parse=reader("stall_after"),
+        metavar="BYTES",
+        group=CONDITIONS,
+    )
+    """Stall (no echo, no reading) after this many bytes of echo; None: never."""
+
+    stall_for_s: float | None = option(
+        None,
+        "--stall-for",
+        "how long a --stall-after stall lasts (default: until a limit such as "
+        "--idle-timeout ends the connection)",
+        parse=reader("stall_for"),
+        metavar="DURATION",
+        group=CONDITIONS,
+    )
+    """How long a stall lasts; None: until a limit ends the connection."""
+
+    slow_close_s: float = option(
+        0.0,
+        "--slow-close",
+        "after the client half-closes and has every byte back, wait this long to close",
+        parse=reader("slow_close"),
+        metavar="DURATION",
+        group=CONDITIONS,
+    )
+    """After the client's EOF and the last byte of echo, wait this long before closing."""
+
+    toxicity: float = option(
+        1.0,
+        "--toxicity",
+        "share of connections (0 to 1) that get the conditions, drawn per connection "
+        "(default {default})",
+        parse=reader("toxicity"),
+        metavar="FRACTION",
+        group=CONDITIONS,
+    )
+    """The share of connections (UDP: of datagrams) that get the conditions."""
+
+    condition_seed: int | None = option(
+        None,
+        "--condition-seed",
+        "seed of the --toxicity, --jitter and --drop draws, for a repeatable run",
+        parse=reader("seed"),
+        metavar="N",
+        group=CONDITIONS,
+    )
+    """Seed of the conditions' random draws; None: from the OS."""
+
+    work: Work | None = option(  # noqa: RUF009  (a field(), as every option)
+        None,
+        "--work",
+        "handler work before each chunk's echo: io:DURATION waits, cpu:DURATION computes; "
+        "unlike the conditions, it holds the model's concurrency, as real work does",
+        parse=reader("work"),
+        show=str,
+        metavar="KIND:DURATION",
+        group=CONDITIONS,
+    )
+    """Work the handler does before each chunk's echo (`echoplex.conditions.Work`)."""
+
+    drop: float = option(
+        0.0,
+        "--drop",
+        "UDP: the share of datagrams (0 to 1) not answered",
+        parse=reader("drop"),
+        metavar="FRACTION",
+        group=CONDITIONS,
+    )
+    """The share of UDP datagrams left unanswered."""
+
+    control_port: int | None = option(
+        None,
+        "--control-port",
+        "serve the conditions API (GET/PUT/DELETE /conditions) on this port",
+        parse=port_number,
+        metavar="PORT",
+        group=CONTROL,
+    )
+    """Serve the control API on this port (0: any free one); None: no control API."""
+
+    control_host: str = option(
+        DEFAULT_HOST,
+        "--control-host",
+        "address of the control API (default {default}; off loopback it needs --control-token)",
+        parse=host_name,
+        metavar="HOST",
+        group=CONTROL,
+    )
+    """Address of the control API: loopback, unless `control_token` is set."""
+
+    control_token: str | None = option(
+        None,
+        "--control-token",
+        "bearer token the control API requires (better given as ECHOPLEX_CONTROL_TOKEN)",
+        metavar="TOKEN",
+        group=CONTROL,
+    )
+    """The token a control request must carry (`Authorization: Bearer TOKEN`); None: none
+    is asked for, and the API then listens on loopback only."""
+
     tcp: bool = option(
         TCP_UNLESS_UDP_ALONE,
         "--tcp",
@@ -358,6 +545,9 @@ class ServerConfig:
     """Source addresses whose UDP rate is tracked at once: bounded memory, however many
     addresses a flood forges (a source's bucket is forgotten once it has refilled)."""
 
+    conditions: Conditions = field(init=False, repr=False, compare=False)
+    """The conditions and the work above, resolved and checked as one set."""
+
     trusted_networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
     """`trusted_proxies` parsed, once, as the config is made: `echoplex.plan` hands them
     on (they are checked by being parsed, so they are parsed where they are checked)."""
@@ -384,12 +574,43 @@ class ServerConfig:
             raise ValueError(
                 "TLS needs both a certificate and a key file (`tls_cert_file` and `tls_key_file`)"
             )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("`tls_client_ca_file` needs TLS (`tls_cert_file` and `tls_key_file`)")
+        object.__setattr__(self, "conditions", self._resolve_conditions())
+        if self.control_token == "":
+            raise ValueError("`control_token` must not be empty")
+        if self.control_token is None and not is_loopback(self.control_host):
+            raise ValueError(
+                f"`control_host` {self.control_host!r} is not loopback: the control API "
+                "changes how the server answers, so off loopback it needs `control_token`"
+            )
         if self.recv_bytes < 1:
             raise ValueError(f"`recv_bytes` must be at least 1, not {self.recv_bytes}")
         if not (self.tcp or self.udp):
             raise ValueError("serve TCP, UDP or both: `tcp` and `udp` are both off")
         if self.udp and not self.hosts:
             raise ValueError("`udp` needs a host to listen on (`hosts`)")
+
+    def _resolve_conditions(self) -> Conditions:
+        try:
+            return Conditions(
+                latency_s=self.latency_s,
+                jitter_s=self.jitter_s,
+                bandwidth_bytes_per_s=self.bandwidth_bytes_per_s,
+                slice_bytes=self.slice_bytes,
+                slice_delay_s=self.slice_delay_s,
+                close_after_bytes=self.close_after_bytes,
+                reset_after_bytes=self.reset_after_bytes,
+                stall_after_bytes=self.stall_after_bytes,
+                stall_for_s=self.stall_for_s,
+                slow_close_s=self.slow_close_s,
+                toxicity=self.toxicity,
+                seed=self.condition_seed,
+                work=self.work,
+                drop=self.drop,
+            )
+        except ConditionError as exc:
+            raise ValueError(str(exc)) from None
 
     @property
     def worker_count(self) -> int:
