@@ -45,6 +45,9 @@ class ConnectionRecord:
     """How it ended (`echoplex.outcomes`); the first cause recorded wins."""
     detail: str | None = None
     """What the outcome needs said besides (an errno's name, a PROXY error, a limit)."""
+    conditions: str = ""
+    """The conditions on purpose this connection got, as `latency=0.2s close-after=100`
+    (empty: none): its close log line names them, and metrics count them."""
     conn_id: int = field(default_factory=_connection_ids.__next__)
     """This connection's number in its process (1, 2, ...): its open and close log lines
     carry it, so they can be matched where the peer does not tell connections apart

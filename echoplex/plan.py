@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import tls
 from ._net import Listeners, open_tcp_listeners, open_udp_sockets
+from .conditions import Conditions, LiveConditions
 from .config import ServerConfig
 from .errors import StartupError
 from .limits import Admission, TimeLimits
@@ -88,6 +89,9 @@ class ServerPlan:
     listeners: Listeners
     """Listening sockets: every one, or for `LISTENER_PER_PROCESS` models the sockets its
     processes share (systemd's and the Unix socket)."""
+    conditions: LiveConditions = field(default_factory=lambda: LiveConditions(Conditions()))
+    """The conditions on purpose new connections get: `config.conditions` until the
+    control API replaces them (a `workers` process keeps its own, kept in step)."""
     udp_sockets: list[socket.socket] = field(default_factory=list)
     reserved: list[socket.socket] = field(default_factory=list)
     """Bound, not listening: they hold `port` for models that bind it per process."""
@@ -138,6 +142,7 @@ def resolve(config: ServerConfig, model: Model) -> ServerPlan:
         per_process_hosts=hosts if per_process else (),
         port=port,
         listeners=listeners,
+        conditions=LiveConditions(config.conditions),
         udp_sockets=udp_sockets,
         reserved=reserved,
     )
