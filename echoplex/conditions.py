@@ -610,6 +610,8 @@ class ConnectionConditions:
             end = self._pass_marks(now)
             if end is not None:
                 actions.append(end)
+            elif self._stalled_until is not None:
+                break  # a stall begins at this mark
             elif (piece := self._take_piece(now)) is not None:
                 actions.append(Send(piece))
             else:

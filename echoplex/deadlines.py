@@ -71,7 +71,16 @@ class Watch:
     echoes) the progress it had made when last looked at. Its driver's `handle` rides
     along, so the open-connection table needs one object per connection, not two."""
 
-    __slots__ = ("_last_in", "_last_pending", "_sent_at", "_since", "handle", "opened_at", "step")
+    __slots__ = (
+        "_last_in",
+        "_last_pending",
+        "_sent_at",
+        "_since",
+        "handle",
+        "opened_at",
+        "step",
+        "wake_at",
+    )
 
     def __init__(self, handle: Any, opened_at: float) -> None:
         self.handle = handle
@@ -83,6 +92,8 @@ class Watch:
         self._sent_at = opened_at  # echoing: when the client last took some of its echo
         self._last_in = 0
         self._last_pending = 0
+        self.wake_at = math.inf
+        """When its driver asked to be woken for it (its conditions' next action)."""
 
     def enter(self, step: Step, now: float) -> None:
         """The connection begins `step`: that step's deadline counts from `now`."""

@@ -194,13 +194,14 @@ class LogEvents:
         outcome = record.outcome_label
         duration_s = record.duration_s
         self.log.info(
-            "close %s in=%d out=%d duration=%.3fs outcome=%s%s",
+            "close %s in=%d out=%d duration=%.3fs outcome=%s%s%s",
             peer,
             record.bytes_in,
             record.bytes_out,
             duration_s,
             outcome,
             " zero-copy" if record.zero_copy else "",
+            f" conditions: {record.conditions}" if record.conditions else "",
             extra={
                 "event": "close",
                 "peer": peer,
@@ -210,6 +211,7 @@ class LogEvents:
                 "duration_s": round(duration_s, 6),
                 "outcome": outcome,
                 "zero_copy": record.zero_copy,
+                "conditions": record.conditions,
             },
         )
 

@@ -23,14 +23,18 @@ ended) and, for the idle and send limits, how much it has received and has still
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ._accept import Acceptor, client_ip
 from ._proxy_accept import ProxyGate
+from .conditions import ConnectionConditions, Work
 from .deadlines import Step, Timeouts, Watch
 from .events import ConnectionRecord, ServerEvents
 from .limits import Admission
@@ -38,7 +42,7 @@ from .outcomes import Outcome
 from .plan import ServerPlan
 from .shutdown import Shutdown
 
-__all__ = ["CUT_OFF_GRACE_S", "Connections", "Step", "drain"]
+__all__ = ["CUT_OFF_GRACE_S", "Connections", "OnPurpose", "Step", "drain"]
 
 log = logging.getLogger("echoplex.server")
 
@@ -50,6 +54,14 @@ Clock = Callable[[], float]
 CUT_OFF_GRACE_S = 1.0
 """After the drain cuts off what is left, how long those connections get to close and
 report before the server returns without them."""
+
+
+class OnPurpose(NamedTuple):
+    """What a connection gets on purpose (`echoplex.conditions`): conditions on its echo
+    (None: the draw left it out, or none are set) and handler work before each chunk."""
+
+    conditions: ConnectionConditions | None
+    work: Work | None
 
 
 def record_progress(_handle: object, record: ConnectionRecord) -> tuple[int, int]:
@@ -99,9 +111,12 @@ class Connections(Generic[Handle]):
         admission: Admission,
         progress: Callable[[Handle, ConnectionRecord], tuple[int, int]] = record_progress,
         clock: Clock = time.monotonic,
+        wake: Callable[[Handle], None] | None = None,
     ) -> None:
         self.events = events
         self._cut_off = cut_off
+        self.wake = wake
+        """How to wake an open connection's driver at the time it asked (`wake_at`)."""
         self._progress = progress
         self.clock = clock
         self.admission = admission
@@ -109,9 +124,17 @@ class Connections(Generic[Handle]):
         self.proxy = ProxyGate(plan.trusted_proxies, admission, events)
         self.timeouts = Timeouts(plan.proxy_header_s, plan.tls_handshake_s, plan.limits)
         self.drain_timeout_s = plan.drain_timeout_s
+        self.conditions = plan.conditions
+        self._max_buffer_bytes = plan.config.max_buffer_bytes
         self.on_change: Callable[[], None] = lambda: None
         """Called (on the closing thread) whenever a connection has been closed."""
+        self.on_reschedule: Callable[[], None] = lambda: None
+        """Called when a wake is asked for before the sweep's next look: the timekeeper
+        waits for this or for the time `sweep` said, whichever comes first."""
         self._open: dict[ConnectionRecord, Watch] = {}
+        self._wakes: list[tuple[float, int, ConnectionRecord]] = []  # a heap
+        self._wake_order = itertools.count()  # ties: first asked, first woken
+        self._next_look = -math.inf
         self._unreported = 0  # admitted, and not yet reported closed
         self._lock = threading.Lock()
 
@@ -145,9 +168,37 @@ class Connections(Generic[Handle]):
         watch.enter(Step.ECHO, self.clock())
         yield Step.ECHO
 
-    def opened(self, record: ConnectionRecord) -> None:
-        """Its header and handshake are done: the echo begins."""
+    def opened(self, record: ConnectionRecord) -> OnPurpose | None:
+        """Its header and handshake are done: the echo begins, with what it gets on
+        purpose (drawn now, from the conditions set now), or None: a plain echo."""
+        on_purpose = None
+        set_now = self.conditions.current
+        if set_now.active:
+            conditions = self.conditions.for_connection(
+                self.clock(), max_buffer_bytes=self._max_buffer_bytes
+            )
+            if conditions is not None or set_now.work is not None:
+                on_purpose = OnPurpose(conditions, set_now.work)
+                names = [conditions.label] if conditions is not None else []
+                if set_now.work is not None:
+                    names.append(f"work={set_now.work}")
+                record.conditions = " ".join(names)
         self.events.connection_opened(record)
+        return on_purpose
+
+    def wake_at(self, record: ConnectionRecord, when: float) -> None:
+        """Have the driver's `wake(handle)` called at `when` (on the clock), from the
+        timekeeper: for a connection's next timed action (its conditions' `next_at`).
+        An earlier wake already asked for stands; the driver asks again when woken."""
+        with self._lock:
+            watch = self._open.get(record)
+            if watch is None or watch.wake_at <= when:
+                return
+            watch.wake_at = when
+            first = self._wakes[0][0] if self._wakes else math.inf
+            heapq.heappush(self._wakes, (when, next(self._wake_order), record))
+        if when < min(first, self._next_look):
+            self.on_reschedule()
 
     @staticmethod
     def failed(record: ConnectionRecord, exc: BaseException | None = None) -> None:
@@ -192,13 +243,38 @@ class Connections(Generic[Handle]):
         return len(records)
 
     def sweep(self) -> float | None:
-        """Cut off every connection whose deadline has passed; how long until the next
-        look is due (None: this server has no deadlines, and needs no sweep at all)."""
+        """Wake the connections whose time has come (`wake_at`), and cut off every one
+        whose deadline has passed; how long until the next look is due (None: nothing
+        is due until `on_reschedule` says so)."""
+        now = self.clock()
+        for handle in self._due_wakes(now):
+            assert self.wake is not None, "a driver that asks for wakes has set one"
+            self.wake(handle)
+        if now >= self._next_look:
+            self._next_look = self._check_deadlines(now)
+        with self._lock:
+            first_wake = self._wakes[0][0] if self._wakes else math.inf
+        next_at = min(self._next_look, first_wake)
+        return None if math.isinf(next_at) else max(0.0, next_at - now)
+
+    def _due_wakes(self, now: float) -> list[Handle]:
+        due = []
+        with self._lock:
+            wakes = self._wakes
+            while wakes and wakes[0][0] <= now:
+                when, _, record = heapq.heappop(wakes)
+                watch = self._open.get(record)
+                if watch is not None and watch.wake_at == when:  # else closed, or moved
+                    watch.wake_at = math.inf
+                    due.append(watch.handle)
+        return due
+
+    def _check_deadlines(self, now: float) -> float:
+        """Cut off what has run out; when the next deadline look is due (inf: never)."""
         timeouts = self.timeouts
         look_every_s = timeouts.look_every_s
         if look_every_s is None:
-            return None
-        now = self.clock()
+            return math.inf
         next_look = now + look_every_s
         with self._lock:
             watched = list(self._open.items())
@@ -213,7 +289,7 @@ class Connections(Generic[Handle]):
                 self.cut_off(record, outcome)
             else:
                 next_look = min(next_look, watch.next_deadline(timeouts))
-        return max(0.0, next_look - now)
+        return next_look
 
     def stopping(self, shutdown: Shutdown, stop_listening: Callable[[], None]) -> Iterator[float]:
         """The stop sequence, the same in every model: stop listening, let the open

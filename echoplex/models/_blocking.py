@@ -17,16 +17,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import select
 import selectors
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
+from ..conditions import Close, ConnectionConditions, Finish, Reset, Send, Work
 from ..events import ConnectionRecord, ServerEvents
-from ..lifecycle import Connections, Step
+from ..lifecycle import Clock, Connections, OnPurpose, Step
 from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
@@ -84,8 +88,11 @@ class BlockingServer:
                 elif step is Step.TLS_HANDSHAKE:
                     over_tls = self._handshake(conn, record)
                 else:
-                    connections.opened(record)
-                    echo_until_closed(over_tls or conn, record, self.plan, self.events)
+                    on_purpose = connections.opened(record)
+                    if on_purpose is None:
+                        echo_until_closed(over_tls or conn, record, self.plan, self.events)
+                    else:
+                        OnPurposeEcho(conn, over_tls, record, self, on_purpose).run()
         except Exception:
             connections.failed(record)
         finally:
@@ -128,24 +135,25 @@ class BlockingServer:
 
     @contextlib.contextmanager
     def timekeeper(self) -> Iterator[None]:
-        """While the block runs, a thread sweeps the connections' deadlines at the times
-        the lifecycle asks for (none if the server has no deadline to keep)."""
-        stopped = threading.Event()
+        """While the block runs, a thread sweeps the connections' deadlines and wakes at
+        the times the lifecycle asks for (or sooner, when it reschedules)."""
+        stopped = False
+        rescheduled = threading.Event()
 
         def keep_time() -> None:
-            wait_s = self.connections.sweep()
-            while wait_s is not None and not stopped.wait(wait_s):
-                wait_s = self.connections.sweep()
+            while not stopped:
+                rescheduled.clear()  # before the sweep: a wake asked during it is seen
+                rescheduled.wait(self.connections.sweep())
 
+        self.connections.on_reschedule = rescheduled.set
         thread = threading.Thread(target=keep_time, name="echo-timekeeper", daemon=True)
-        if self.connections.timeouts.look_every_s is not None:
-            thread.start()
+        thread.start()
         try:
             yield
         finally:
-            stopped.set()
-            if thread.ident is not None:
-                thread.join()
+            stopped = True
+            rescheduled.set()
+            thread.join()
 
 
 def _shut_down(conn: socket.socket) -> None:
@@ -193,6 +201,146 @@ def echo_until_closed(
     finally:
         view.release()
         buffer.close()
+
+
+def do_work(work: Work, clock: Clock) -> None:
+    """The handler's work before a chunk's echo, on this thread: `io` waits (a blocking
+    call: the GIL is free), `cpu` computes with the GIL held, as Python code does."""
+    if work.kind == "io":
+        time.sleep(work.seconds)
+        return
+    ends_at = clock() + work.seconds
+    while clock() < ends_at:
+        pass
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+def arrange_reset(sock: socket.socket) -> None:
+    """Make the socket's close an RST (a reset on purpose): linger on, for 0 seconds."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+class OnPurposeEcho:
+    """The blocking echo of a connection with conditions or work: the same reads and
+    writes as `echo_until_closed`, timed by its `ConnectionConditions` (which say what
+    to send when, when to read, and when to close or reset). The serving thread waits
+    with poll(2) for the socket or the next action's time, whichever comes first; a
+    cut-off (shutdown(2) from the sweep) ends the wait at once, as it ends a recv."""
+
+    def __init__(
+        self,
+        raw: socket.socket,
+        over_tls: ssl.SSLSocket | None,
+        record: ConnectionRecord,
+        server: BlockingServer,
+        on_purpose: OnPurpose,
+    ) -> None:
+        self.raw = raw
+        self.conn = over_tls or raw
+        self.tls = over_tls
+        self.record = record
+        self.events = server.events
+        self.log_data = server.plan.config.log_data
+        self.clock = server.connections.clock
+        self.conditions: ConnectionConditions | None = on_purpose.conditions
+        self.work = on_purpose.work
+        self.buffer = bytearray(server.plan.chunk_bytes)
+        self.poller = select.poll()
+        self.poller.register(raw, 0)
+
+    def run(self) -> None:
+        try:
+            self._echo()
+        except OSError as exc:  # ssl.SSLError included
+            self.record.finish(*outcome_of(exc))
+
+    def _echo(self) -> None:
+        conditions, record = self.conditions, self.record
+        while record.outcome is None:
+            now = self.clock()
+            if conditions is not None and not self._act(conditions.due(now)):
+                return
+            reading = conditions is None or conditions.may_read(now)
+            next_at = None if conditions is None else conditions.next_at()
+            if reading and self._readable(next_at):
+                self._receive()
+            elif not reading:
+                self._wait(0, next_at)  # only a cut-off or the client's reset ends it early
+
+    def _receive(self) -> None:
+        conditions, record = self.conditions, self.record
+        received = self.conn.recv_into(self.buffer)
+        if not received:
+            if conditions is None:
+                record.finish(Outcome.CLOSED)  # each chunk was echoed before the next read
+            else:
+                conditions.eof(self.clock())
+            return
+        record.bytes_in += received
+        chunk = bytes(self.buffer[:received])
+        if self.log_data:
+            self.events.data_received(record, chunk)
+        if self.work is not None:
+            do_work(self.work, self.clock)
+        if conditions is None:
+            self._send(chunk)
+        else:
+            conditions.received(chunk, self.clock())
+
+    def _act(self, actions: list[Send | Close | Reset | Finish]) -> bool:
+        """Do what the conditions say; False once the connection has ended."""
+        for action in actions:
+            if isinstance(action, Send):
+                self._send(action.data)
+            elif isinstance(action, Close):
+                self.record.finish(Outcome.CLOSE_AFTER)
+                self._close_after(action.discard_until)
+                return False
+            elif isinstance(action, Reset):
+                self.record.finish(Outcome.RESET_AFTER)
+                arrange_reset(self.raw)
+                return False
+            else:
+                self.record.finish(Outcome.CLOSED)
+                return False
+        return True
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            sent = self.conn.send(view)
+            self.record.bytes_out += sent
+            view = view[sent:]
+
+    def _close_after(self, discard_until: float) -> None:
+        """A FIN after what was sent; then read and drop what the client still sends,
+        until its EOF or `discard_until` (closing with unread input would send RST)."""
+        self.raw.shutdown(socket.SHUT_WR)
+        while self._wait(select.POLLIN, discard_until):
+            if not self.raw.recv(len(self.buffer)):
+                return
+
+    def _readable(self, until: float | None) -> bool:
+        """Whether a read will not block: bytes inside the TLS session, or on the socket
+        before `until` (None: wait as long as it takes)."""
+        if self.tls is not None and self.tls.pending():
+            return True
+        return self._wait(select.POLLIN, until)
+
+    def _wait(self, events: int, until: float | None) -> bool:
+        """Wait for `events` (errors and hang-ups always) until `until`; whether any came."""
+        self.poller.modify(self.raw, events)
+        timeout_ms = None if until is None else max(0.0, (until - self.clock()) * 1000)
+        ready = self.poller.poll(timeout_ms)
+        if ready and not events:
+            # An error or hang-up while not reading: a cut-off (the record says so) or
+            # the client gone; a read says which, as it does in the plain echo.
+            self.conn.recv_into(self.buffer)
+            self.record.finish(Outcome.CLOSED)
+        return bool(ready)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ sweep over all connections rather than a timer per connection per chunk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -22,12 +23,14 @@ from typing import Any, cast
 
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
+from ..conditions import Close, Reset, Send
 from ..events import ConnectionRecord, ServerEvents
-from ..lifecycle import Connections, Step
+from ..lifecycle import Connections, OnPurpose, Step
 from ..limits import Admission
 from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
+from ._blocking import arrange_reset, do_work
 
 log = logging.getLogger("echoplex.server")
 
@@ -53,7 +56,7 @@ class _Server:
         self.plan = plan
         self.events = events
         self.connections: Connections[EchoProtocol] = Connections(
-            plan, events, EchoProtocol.cut_off, admission, _progress
+            plan, events, EchoProtocol.cut_off, admission, _progress, wake=EchoProtocol.on_time
         )
         self.changed = asyncio.Event()
 
@@ -66,13 +69,14 @@ class _Server:
 
 
 class EchoProtocol(asyncio.Protocol):
-    __slots__ = ("adopting", "received", "record", "server", "transport")
+    __slots__ = ("adopting", "purpose", "received", "record", "server", "transport")
 
     def __init__(self, server: _Server, peer: Any) -> None:
         self.server = server
         self.received = 0  # here, not on the record: one attribute less per chunk
         self.transport: asyncio.Transport | None = None
         self.adopting: asyncio.Task[None] | None = None  # while in its PROXY or TLS step
+        self.purpose: _OnPurpose | None = None  # conditions or work, once made
         self.record = server.connections.admitted(peer, self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -81,25 +85,44 @@ class EchoProtocol(asyncio.Protocol):
         max_buffer = self.server.plan.config.max_buffer_bytes
         self.transport.set_write_buffer_limits(high=max_buffer, low=max_buffer // 4)
         try:
-            self.server.connections.opened(self.record)
+            on_purpose = self.server.connections.opened(self.record)
+            if on_purpose is not None:
+                self.purpose = _OnPurpose(self, self.transport, on_purpose)
+                self.purpose.act()  # a limit of 0 bytes acts at once
         except Exception:
             self.server.connections.failed(self.record)
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.purpose is not None:
+            self.purpose.received(data)
+            return
         self.transport.write(data)  # type: ignore[union-attr]
         self.received += len(data)
 
     def eof_received(self) -> bool:
+        if self.purpose is not None:
+            return self.purpose.eof()
         # Returning False closes our side once every queued echo is written:
         # a half-closing client still gets all its bytes back.
         return False
 
     def pause_writing(self) -> None:
+        if self.purpose is not None:
+            self.purpose.write_paused = True
         self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
+        if self.purpose is not None:
+            self.purpose.write_paused = False
+            self.purpose.act()
+            return
         self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def on_time(self) -> None:
+        """The time its conditions asked for has come (the timekeeper's wake)."""
+        if self.purpose is not None:
+            self.purpose.act()
 
     def connection_lost(self, exc: Exception | None) -> None:
         record = self.record
@@ -108,7 +131,8 @@ class EchoProtocol(asyncio.Protocol):
         # transport at all: the connection ended before it was made.)
         transport = self.transport
         unsent = 0 if exc is None or transport is None else transport.get_write_buffer_size()
-        record.bytes_out = max(0, self.received - unsent)
+        handed = self.received if self.purpose is None else self.purpose.sent
+        record.bytes_out = max(0, handed - unsent)
         connections = self.server.connections
         if exc is not None and not isinstance(exc, OSError):
             # Raised by a callback of ours (the loop has logged it): a handler bug.
@@ -127,6 +151,155 @@ class EchoProtocol(asyncio.Protocol):
             self.transport.abort()
         else:
             self.transport.close()
+
+
+class _OnPurpose:
+    """A connection's conditions and work on the event loop. Its conditions say what to
+    write when, when to read (reading is paused otherwise), and when to close or reset;
+    the lifecycle's timekeeper wakes it (`EchoProtocol.on_time`) at the times they ask
+    for, so nothing here blocks the loop but `cpu` work, which is meant to. `io` work
+    waits on a timer, one chunk at a time: the connection's next chunk waits behind it,
+    the other connections do not."""
+
+    __slots__ = (
+        "conditions",
+        "discard_until",
+        "protocol",
+        "reading",
+        "sent",
+        "transport",
+        "waiting",
+        "work",
+        "working",
+        "write_paused",
+    )
+
+    def __init__(
+        self, protocol: EchoProtocol, transport: asyncio.Transport, on_purpose: OnPurpose
+    ) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.conditions, self.work = on_purpose
+        self.sent = 0  # bytes of echo handed to the transport
+        self.reading = True
+        self.write_paused = False
+        self.waiting: collections.deque[bytes] = collections.deque()  # for their work
+        self.working = False
+        self.discard_until: float | None = None
+
+    @property
+    def _connections(self) -> Connections[EchoProtocol]:
+        return self.protocol.server.connections
+
+    def received(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.received += len(data)
+        if self.discard_until is not None:
+            return  # closed on purpose: what follows is dropped
+        if self.work is None:
+            self._take(data)
+            return
+        self.waiting.append(data)
+        if not self.working:
+            self._work_next()
+        self.act()
+
+    def _work_next(self) -> None:
+        """Start the work for the next waiting chunk (`cpu`: now, holding the loop)."""
+        assert self.work is not None
+        if not self.waiting:
+            self.working = False
+            return
+        self.working = True
+        if self.work.kind == "cpu":
+            do_work(self.work, self._connections.clock)
+            self._worked()
+        else:
+            asyncio.get_running_loop().call_later(self.work.seconds, self._worked)
+
+    def _worked(self) -> None:
+        if self.transport.is_closing():
+            return
+        self._take(self.waiting.popleft())
+        self._work_next()
+
+    def _take(self, chunk: bytes) -> None:
+        if self.conditions is None:
+            self._write(chunk)
+        else:
+            self.conditions.received(chunk, self._connections.clock())
+        self.act()
+
+    def eof(self) -> bool:
+        if self.discard_until is not None:
+            self.transport.close()
+            return True
+        if self.conditions is None and not self.waiting:
+            return False  # as the plain echo: close once every echo is written
+        if self.conditions is not None:
+            self.conditions.eof(self._connections.clock())
+        self.act()
+        return True  # kept open: the conditions say when to close (TLS closes anyway)
+
+    def act(self) -> None:
+        """Do what is due now, then read or not, and ask to be woken for what is next."""
+        conditions, transport = self.conditions, self.transport
+        if transport.is_closing():
+            return
+        record = self.protocol.record
+        clock = self._connections.clock
+        if self.discard_until is not None:
+            if clock() >= self.discard_until:
+                transport.close()
+            return
+        if conditions is not None and not self.write_paused:
+            for action in conditions.due(clock()):
+                if isinstance(action, Send):
+                    self._write(action.data)
+                elif isinstance(action, Close):
+                    self._close_after(action.discard_until)
+                    return
+                elif isinstance(action, Reset):
+                    record.finish(Outcome.RESET_AFTER)
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:
+                        arrange_reset(sock)
+                    transport.abort()
+                    return
+                else:
+                    transport.close()
+                    return
+        self._read_if(conditions is None or conditions.may_read(clock()))
+        next_at = None if conditions is None else conditions.next_at()
+        if next_at is not None:
+            self._connections.wake_at(record, next_at)
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.sent += len(data)
+
+    def _read_if(self, may_read: bool) -> None:
+        held = sum(map(len, self.waiting))
+        reading = may_read and not self.write_paused
+        reading = reading and held < self.protocol.server.plan.config.max_buffer_bytes
+        if reading != self.reading:
+            self.reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def _close_after(self, discard_until: float) -> None:
+        """A FIN after exactly what was written, then read and drop until the client's
+        EOF or `discard_until` (TLS cannot half-close: it closes, with close_notify)."""
+        self.protocol.record.finish(Outcome.CLOSE_AFTER)
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.discard_until = discard_until
+        self._read_if(True)
+        self._connections.wake_at(self.protocol.record, discard_until)
 
 
 class DataLoggingEchoProtocol(EchoProtocol):
@@ -215,9 +388,16 @@ class _Serving:
         self.server.changed.set()
 
     async def _keep_time(self) -> None:
-        """Sweep the connections' deadlines at the times the lifecycle asks for."""
-        while (wait_s := self.connections.sweep()) is not None:
-            await asyncio.sleep(wait_s)
+        """Sweep the connections' deadlines and wake them at the times the lifecycle
+        asks for (or sooner, when it reschedules)."""
+        rescheduled = asyncio.Event()
+        self.connections.on_reschedule = rescheduled.set
+        while True:
+            rescheduled.clear()  # before the sweep: a wake asked during it is seen
+            wait_s = self.connections.sweep()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await rescheduled.wait()
 
     def _stop_listening(self) -> None:
         for listener in self.listeners:

@@ -26,6 +26,7 @@ that may not block cannot wait on the pipe; streams are echoed through Python.
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
@@ -36,19 +37,21 @@ import threading
 from collections.abc import Iterator
 from typing import cast
 
+from ..conditions import Close, Finish, Reset, Send
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
-from ..lifecycle import Step
+from ..lifecycle import OnPurpose, Step
 from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..proxy_protocol import ProxyHeaderReader
 from ..shutdown import Shutdown
-from ._blocking import BlockingServer, small_thread_stacks
+from ._blocking import BlockingServer, arrange_reset, do_work, small_thread_stacks
 
 log = logging.getLogger("echoplex.server")
 
 READABLE = select.EPOLLIN
 WRITABLE = select.EPOLLOUT
+GONE = select.EPOLLERR | select.EPOLLHUP
 # Reads a worker does for one connection before it lets the next ready one have a turn:
 # a fast stream gets up to this many buffers per turn, and nobody waits behind it long.
 READS_PER_TURN = 16
@@ -73,7 +76,23 @@ class TlsSession:
 class PooledConnection:
     """One connection's state between turns: where it is in its life, and owed echo."""
 
-    __slots__ = ("header", "owed", "owed_plain", "record", "sock", "step", "steps", "tls")
+    __slots__ = (
+        "again",
+        "busy",
+        "discard_until",
+        "ended",
+        "ending",
+        "guard",
+        "header",
+        "on_purpose",
+        "owed",
+        "owed_plain",
+        "record",
+        "sock",
+        "step",
+        "steps",
+        "tls",
+    )
 
     def __init__(
         self, sock: socket.socket, record: ConnectionRecord, steps: Iterator[Step]
@@ -89,6 +108,13 @@ class PooledConnection:
         # records, counted sent once all of them are.
         self.owed = b""
         self.owed_plain = 0
+        self.on_purpose: OnPurpose | None = None  # conditions or work, from the echo on
+        self.ending: Close | Reset | Finish | None = None  # once what is owed is out
+        self.discard_until: float | None = None  # closed after --close-after: discarding
+        # A connection with conditions is also woken by the timekeeper: `guard` keeps
+        # it in one worker's hands, and `again` asks that worker for one more turn.
+        self.guard = threading.Lock()
+        self.busy = self.again = self.ended = False
 
 
 class ConnectionPool:
@@ -105,6 +131,12 @@ class ConnectionPool:
         # Level-triggered and never read: once written, every worker's wait returns.
         self._stop_reader, self._stop_writer = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.epoll.register(self._stop_reader, READABLE)
+        # Connections the timekeeper woke (their conditions' time came), and a counter
+        # of them that one free worker at a time hears of (ONESHOT, re-armed per wake).
+        self._woken: collections.deque[PooledConnection] = collections.deque()
+        self._wake_fd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.epoll.register(self._wake_fd, READABLE | select.EPOLLONESHOT)
+        self.connections.wake = self._wake
         self._chunk_bytes = self.plan.chunk_bytes
         self._threads = [
             threading.Thread(target=self._work, name=f"echo-pool-{index}", daemon=True)
@@ -131,6 +163,8 @@ class ConnectionPool:
         fd = sock.fileno()
         self.by_fd[fd] = connection
         self.epoll.register(fd, READABLE | select.EPOLLONESHOT)
+        if connection.on_purpose is not None:  # its first actions may be due at once
+            self.connections.wake_at(record, self.connections.clock())
 
     def close(self) -> None:
         """Stop the workers (the server has drained: nothing is left to serve)."""
@@ -144,6 +178,7 @@ class ConnectionPool:
         self.epoll.close()
         os.close(self._stop_reader)
         os.close(self._stop_writer)
+        os.close(self._wake_fd)
 
     def __enter__(self) -> ConnectionPool:
         return self
@@ -159,27 +194,65 @@ class ConnectionPool:
             try:
                 while True:
                     # One event per wait: ready connections spread over the free workers.
-                    for fd, _ in self.epoll.poll(-1, 1):
+                    for fd, events in self.epoll.poll(-1, 1):
                         if fd == self._stop_reader:
                             return
-                        self._take_turn(self.by_fd[fd], buffer, view)
+                        if fd == self._wake_fd:
+                            connection = self._take_woken()
+                            if connection is not None:
+                                self._take_turn(connection, buffer, view, 0)
+                        else:
+                            self._take_turn(self.by_fd[fd], buffer, view, events)
             finally:
                 view.release()
 
-    def _take_turn(self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview) -> None:
-        """One turn, then arm the connection again or end it; whatever goes wrong ends
-        this connection alone, never the worker."""
+    def _wake(self, sock: socket.socket) -> None:
+        """The timekeeper's wake for a connection: a free worker gives it a turn."""
+        connection = self.by_fd.get(sock.fileno())  # (-1 once closed: none)
+        if connection is not None:
+            self._woken.append(connection)  # before the count: a worker finds it there
+            os.eventfd_write(self._wake_fd, 1)
+
+    def _take_woken(self) -> PooledConnection | None:
         try:
-            wait_for = self._turn(connection, buffer, view)
-        except Exception:
-            self.connections.failed(connection.record)
-            wait_for = None
-        try:
-            if wait_for is not None:
-                self.epoll.modify(connection.sock.fileno(), wait_for | select.EPOLLONESHOT)
+            os.eventfd_read(self._wake_fd)  # one of the count
+        except BlockingIOError:
+            return None
+        self.epoll.modify(self._wake_fd, READABLE | select.EPOLLONESHOT)  # the next one
+        return self._woken.popleft()
+
+    def _take_turn(
+        self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview, events: int
+    ) -> None:
+        """Turns until nothing is ready, then arm the connection again or end it;
+        whatever goes wrong ends this connection alone, never the worker."""
+        with connection.guard:
+            if connection.ended:
                 return
-        except OSError:  # not expected: end this connection, not the worker
-            self.connections.failed(connection.record)
+            if connection.busy:  # another worker has it: it takes one more turn
+                connection.again = True
+                return
+            connection.busy = True
+        while True:
+            try:
+                wait_for = self._turn(connection, buffer, view, events)
+            except Exception:
+                self.connections.failed(connection.record)
+                wait_for = None
+            events = 0
+            with connection.guard:
+                if wait_for is not None and connection.again:
+                    connection.again = False
+                    continue
+                connection.busy = False
+                try:
+                    if wait_for is not None:
+                        self.epoll.modify(connection.sock.fileno(), wait_for | select.EPOLLONESHOT)
+                        return
+                except OSError:  # not expected: end this connection, not the worker
+                    self.connections.failed(connection.record)
+                connection.ended = True
+            break
         try:
             self._end(connection)
         except Exception:
@@ -192,12 +265,13 @@ class ConnectionPool:
         self.connections.closed(connection.record, connection.sock.close)
 
     def _turn(
-        self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview
+        self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview, events: int
     ) -> int | None:
         """Do what is ready: the event to wait for next, or None when the connection ended."""
         record = connection.record
         if record.outcome is not None:
-            return None  # cut off (a limit, the drain)
+            # Cut off (a limit, the drain); or closed on purpose, and discarding.
+            return None if connection.discard_until is None else self._discard(connection, buffer)
         try:
             if connection.owed and not self._flush(connection):
                 return WRITABLE
@@ -210,6 +284,8 @@ class ConnectionPool:
                     return wait_for
                 if not self._advance(connection):
                     return None
+            if connection.on_purpose is not None:
+                return self._echo_on_purpose(connection, buffer, view, events)
             return self._echo(connection, buffer, view)
         except BlockingIOError:
             return READABLE  # only reads get this far: a send that would block is owed
@@ -248,7 +324,7 @@ class ConnectionPool:
             connection.tls = TlsSession(self.plan.tls)
         elif step is Step.ECHO:
             connection.header = None
-            self.connections.opened(connection.record)
+            connection.on_purpose = self.connections.opened(connection.record)
         return step is not None
 
     def _read_header(self, connection: PooledConnection) -> int | None:
@@ -325,6 +401,101 @@ class ConnectionPool:
                         return WRITABLE
             if session is None or not session.buffered():
                 return READABLE  # budget spent: behind the other ready connections
+
+    def _echo_on_purpose(
+        self, connection: PooledConnection, buffer: mmap.mmap, view: memoryview, events: int
+    ) -> int | None:
+        """The echo of a connection with conditions or work, in turns as `_echo`: what its
+        conditions say is due goes out, then one read, a budget of times; then it waits
+        to be readable (if its conditions let it read) and for its next action's time."""
+        assert connection.on_purpose is not None
+        conditions, work = connection.on_purpose
+        record, clock = connection.record, self.connections.clock
+        for _ in range(READS_PER_TURN):
+            if conditions is not None:
+                for action in conditions.due(clock()):
+                    if isinstance(action, Send):
+                        self._owe_more(connection, action.data)
+                    else:
+                        connection.ending = action
+            if connection.owed and not self._flush(connection):
+                return WRITABLE
+            if connection.ending is not None:
+                return self._end_on_purpose(connection, connection.ending)
+            if conditions is not None and not conditions.may_read(clock()):
+                break
+            received = self._receive(connection, buffer)
+            if received is None:
+                break
+            if not received:
+                if conditions is None:
+                    record.finish(Outcome.CLOSED)
+                    return None
+                conditions.eof(clock())
+                continue
+            record.bytes_in += received
+            chunk = bytes(view[:received])
+            if self.config.log_data:
+                self.events.data_received(record, chunk)
+            if work is not None:
+                do_work(work, clock)  # on this worker: work holds it, as real work does
+            if conditions is None:
+                self._owe_more(connection, chunk)
+            else:
+                conditions.received(chunk, clock())
+        reading = conditions is None or conditions.may_read(clock())
+        if events & GONE and not reading:
+            # Reset or hung up while not being read: ending now stops its events.
+            error = connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            record.finish(*outcome_of(OSError(error, os.strerror(error)) if error else None))
+            return None
+        next_at = None if conditions is None else conditions.next_at()
+        if reading and connection.tls is not None and connection.tls.buffered():
+            next_at = clock()  # bytes inside the TLS session: epoll cannot see them
+        if next_at is not None:
+            self.connections.wake_at(record, next_at)
+        return READABLE if reading else 0
+
+    def _owe_more(self, connection: PooledConnection, plain: bytes) -> None:
+        """Add echo to what is owed (as TLS records, over TLS); `_flush` sends it."""
+        session = connection.tls
+        if session is None:
+            connection.owed += plain
+        else:
+            session.session.write(plain)
+            connection.owed += session.outgoing.read()
+            connection.owed_plain += len(plain)
+
+    def _end_on_purpose(
+        self, connection: PooledConnection, end: Close | Reset | Finish
+    ) -> int | None:
+        """End as the conditions say, now that every byte of echo is out."""
+        record = connection.record
+        if isinstance(end, Finish):
+            record.finish(Outcome.CLOSED)
+            return None
+        if isinstance(end, Reset):
+            record.finish(Outcome.RESET_AFTER)
+            arrange_reset(connection.sock)
+            return None
+        record.finish(Outcome.CLOSE_AFTER)
+        connection.sock.shutdown(socket.SHUT_WR)  # a FIN after exactly what was sent
+        connection.discard_until = end.discard_until
+        self.connections.wake_at(record, end.discard_until)
+        return READABLE
+
+    def _discard(self, connection: PooledConnection, buffer: mmap.mmap) -> int | None:
+        """After a close on purpose: read and drop what the client sends, until its EOF
+        or the time is up (closing with unread input would send RST, not the FIN)."""
+        assert connection.discard_until is not None
+        while True:
+            try:
+                if not connection.sock.recv_into(buffer):
+                    return None
+            except BlockingIOError:
+                return READABLE if self.connections.clock() < connection.discard_until else None
+            except OSError:
+                return None
 
     def _receive(self, connection: PooledConnection, buffer: mmap.mmap) -> int | None:
         """Echo bytes read into `buffer`: how many, 0 at the end of the stream, None if
