@@ -20,25 +20,17 @@ draining or before the server listens).
 
 from __future__ import annotations
 
-import errno
-import io
 import logging
 import multiprocessing
 import multiprocessing.util
 import os
-import queue
-import selectors
 import shutil
-import socket
 import tempfile
-import threading
-import time
-import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.handlers import SimpleHandler
 
-from ._net import bind_socket, format_address
+from ._http import HTTPEndpoint, listen
+from ._net import format_address
 from .config import ServerConfig
 from .errors import StartupError
 from .events import BuildInfo, ConnectionRecord, ServerEvents
@@ -120,6 +112,12 @@ class Metrics:
         )
         self.bytes_received = counter("echoplex_bytes_received", "Bytes received from clients.")
         self.bytes_sent = counter("echoplex_bytes_sent", "Bytes echoed back to clients.")
+        self.conditioned = counter(
+            "echoplex_connections_conditioned",
+            "Connections that got a condition on purpose (--latency, the control API), "
+            "by condition.",
+            ("condition",),
+        )
         self.udp_tallies: list[Any] = []
         self.worker_up: Any = None
         if self.multiprocess:
@@ -205,6 +203,9 @@ class MetricsEvents:
             m.label(m.errors, kind=record.detail or record.outcome).inc()
         m.label(m.bytes_received).inc(record.bytes_in)
         m.label(m.bytes_sent).inc(record.bytes_out)
+        # `latency=0.2s close-after=100`: counted by name, so a series per condition.
+        for condition in record.conditions.split():
+            m.label(m.conditioned, condition=condition.partition("=")[0]).inc()
         self.inner.connection_closed(record)
 
     def connection_rejected(self, peer: Any, reason: str) -> None:
@@ -326,202 +327,6 @@ def _constant(pid: int) -> Callable[[], int]:
     return lambda: pid
 
 
-# The endpoint faces whoever can reach its port, out of the descriptors the echo
-# listener needs too, so everything it holds is bounded: one thread reads request heads
-# from at most MAX_PENDING connections at once with a selector (a silent or trickling
-# client costs a descriptor, not a thread); when that many are waiting, the oldest is
-# closed for the newcomer, so a scraper gets in unless 64 others connect within its own
-# round trip. A head not complete within
-# REQUEST_TIMEOUT_S of the connect is dropped. HTTP_WORKERS threads answer complete
-# requests, handed over through a queue of at most MAX_QUEUED, each within
-# SEND_TIMEOUT_S. A reset is the client's business: a debug line, never a traceback.
-MAX_PENDING = 64
-REQUEST_TIMEOUT_S = 5.0
-SEND_TIMEOUT_S = 10.0
-MAX_HEAD_BYTES = 8192
-HTTP_WORKERS = 2
-MAX_QUEUED = 16
-_LISTEN_BACKLOG = 128
-_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_ACCEPT_BACKOFF_S = 0.1
-
-
-class _Pending:
-    """A connection whose request head is still arriving."""
-
-    __slots__ = ("deadline", "head", "sock")
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.head = b""
-        self.deadline = deadline
-
-
-class _HTTPEndpoint:
-    """A bounded HTTP/1.0 server for one WSGI app: see the comment above its limits."""
-
-    def __init__(self, listener: socket.socket, app: Callable[..., Iterable[bytes]]) -> None:
-        self.listener = listener
-        self.app = app
-        self.host, self.port = listener.getsockname()[:2]
-        self.requests: queue.Queue[tuple[socket.socket, bytes] | None] = queue.Queue(MAX_QUEUED)
-        self.pending: dict[socket.socket, _Pending] = {}  # oldest first
-        self.wake_reader, self.wake_writer = socket.socketpair()
-        self.stopping = False
-        self.threads = [threading.Thread(target=self._read_heads, name="metrics-http", daemon=True)]
-        self.threads += [
-            threading.Thread(target=self._answer, name=f"metrics-http-{n}", daemon=True)
-            for n in range(HTTP_WORKERS)
-        ]
-        for thread in self.threads:
-            thread.start()
-
-    def stop(self) -> None:
-        self.stopping = True
-        self.wake_writer.send(b"x")
-        self.threads[0].join(timeout=5)
-        for _ in self.threads[1:]:
-            self.requests.put(None)
-        for thread in self.threads[1:]:
-            thread.join(timeout=5)
-        self.listener.close()
-        self.wake_reader.close()
-        self.wake_writer.close()
-
-    def _read_heads(self) -> None:
-        self.listener.setblocking(False)
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.listener, selectors.EVENT_READ)
-            selector.register(self.wake_reader, selectors.EVENT_READ)
-            try:
-                while not self.stopping:
-                    now = time.monotonic()
-                    for pending in [p for p in self.pending.values() if p.deadline <= now]:
-                        log.debug("metrics: no complete request in %gs", REQUEST_TIMEOUT_S)
-                        self._drop(selector, pending.sock)
-                    oldest = next(iter(self.pending.values()), None)
-                    timeout = None if oldest is None else max(0.0, oldest.deadline - now)
-                    for key, _ in selector.select(timeout):
-                        if key.fileobj is self.listener:
-                            self._accept(selector)
-                        elif pending := self.pending.get(key.fileobj):  # type: ignore[call-overload]
-                            self._read(selector, pending)  # (not one just made room for)
-            finally:
-                for sock in list(self.pending):
-                    self._drop(selector, sock)
-
-    def _accept(self, selector: selectors.BaseSelector) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("metrics: accept failed: %s", exc)
-                if exc.errno in _OUT_OF_RESOURCES:
-                    # The listener stays readable: without a pause this would spin. The
-                    # echo server's own descriptors come first; scrapes wait a moment.
-                    time.sleep(_ACCEPT_BACKOFF_S)
-                return
-            if len(self.pending) >= MAX_PENDING:
-                self._drop(selector, next(iter(self.pending)))
-            sock.setblocking(False)
-            self.pending[sock] = _Pending(sock, time.monotonic() + REQUEST_TIMEOUT_S)
-            selector.register(sock, selectors.EVENT_READ)
-
-    def _read(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
-        try:
-            chunk = pending.sock.recv(MAX_HEAD_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # a reset: the client's business, not a server error
-            log.debug("metrics: connection failed: %s", exc)
-            chunk = b""
-        pending.head += chunk
-        complete = b"\r\n\r\n" in pending.head or b"\n\n" in pending.head
-        if not chunk or (not complete and len(pending.head) >= MAX_HEAD_BYTES):
-            self._drop(selector, pending.sock)
-            return
-        if complete:
-            selector.unregister(pending.sock)
-            del self.pending[pending.sock]
-            # Blocks while the workers are behind: back-pressure, not a refusal, so a
-            # burst of requests (answered or reset) does not turn the next scrape away.
-            self.requests.put((pending.sock, pending.head))
-
-    def _drop(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
-        selector.unregister(sock)
-        del self.pending[sock]
-        sock.close()
-
-    def _answer(self) -> None:
-        while (request := self.requests.get()) is not None:
-            sock, head = request
-            with sock:
-                try:
-                    sock.settimeout(SEND_TIMEOUT_S)
-                    self._respond(sock, head)
-                except OSError as exc:  # reset or stalled mid-answer
-                    log.debug("metrics: answer failed: %s", exc)
-
-    def _respond(self, sock: socket.socket, head: bytes) -> None:
-        # The answer is rendered whole, then sent with one sendall: its timeout bounds the
-        # whole send, where writes through a socket file would each get a fresh one.
-        environ = self._environ(head)
-        if environ is None:
-            sock.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-            return
-        answer = io.BytesIO()
-        handler = _Handler(io.BytesIO(), answer, _LogWriter(), environ, multiprocess=False)
-        handler.os_environ = {}  # not the process's environment, as under CGI
-        handler.http_version = "1.0"
-        handler.run(self.app)
-        sock.sendall(answer.getbuffer())
-
-    def _environ(self, head: bytes) -> dict[str, str] | None:
-        """The WSGI environ of a request head; None if it is not HTTP."""
-        request_line, *header_lines = head.decode("latin-1").splitlines()
-        parts = request_line.split()
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return None
-        method, target, protocol = parts
-        path, _, query = target.partition("?")
-        environ = {
-            "REQUEST_METHOD": method,
-            "PATH_INFO": urllib.parse.unquote(path, "latin-1"),
-            "QUERY_STRING": query,
-            "SERVER_PROTOCOL": protocol,
-            "SERVER_NAME": str(self.host),
-            "SERVER_PORT": str(self.port),
-            "SCRIPT_NAME": "",
-        }
-        for line in header_lines:
-            name, colon, value = line.partition(":")
-            if colon and name.strip():
-                key = name.strip().upper().replace("-", "_")
-                if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                    key = "HTTP_" + key
-                environ[key] = value.strip()
-        return environ
-
-
-class _Handler(SimpleHandler):
-    def log_exception(self, exc_info: Any) -> None:
-        if isinstance(exc_info[1], OSError):  # the client reset, or stopped reading
-            log.debug("metrics: answer failed: %s", exc_info[1])
-        else:
-            log.error("metrics endpoint failed", exc_info=exc_info)
-
-
-class _LogWriter(io.TextIOBase):
-    """wsgiref's error stream: what it would print (an app's traceback) goes to the log."""
-
-    def write(self, text: str) -> int:
-        if text.strip():
-            log.error("metrics endpoint: %s", text.rstrip())
-        return len(text)
-
-
 def serve_http(metrics: Metrics, host: str, port: int) -> tuple[Callable[[], None], int]:
     """Serve /metrics and /healthz in background threads; returns (stop, bound port)."""
     metrics_app = metrics.prom.make_wsgi_app(metrics.registry)
@@ -541,19 +346,8 @@ def serve_http(metrics: Metrics, host: str, port: int) -> tuple[Callable[[], Non
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /metrics or /healthz\n"]
 
-    reuse = [(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)]
-    listener = None
-    try:
-        listener = bind_socket(host, port, socket.SOCK_STREAM, options=reuse)
-        listener.listen(_LISTEN_BACKLOG)
-    except (StartupError, OSError) as exc:
-        if listener is not None:
-            listener.close()
-        cause = exc.__cause__ if isinstance(exc, StartupError) else exc
-        reason = getattr(cause, "strerror", None) or str(exc)
-        where = format_address((host, port))
-        raise StartupError(f"cannot serve metrics on {where}: {reason}") from exc
-    endpoint = _HTTPEndpoint(listener, app)
+    endpoint = HTTPEndpoint(listen(host, port, "metrics"), app, "metrics")
+    endpoint.start()
     # An IPv6 address is bracketed, as a URL needs it: http://[::1]:9812/metrics
     where = format_address((host, endpoint.port))
     log.info("metrics on http://%s/metrics, health on /healthz", where)
