@@ -18,6 +18,18 @@ source's rate limit between them).
   to answer on its family is dropped (`oversize`).
 - Memory stays bounded: while the transport's send buffer is over its high-water mark
   (`pause_writing`), datagrams are dropped (`send-buffer-full`) rather than queued.
+- Conditions on purpose (`--latency`, `--jitter`, `--drop`, drawn per datagram by
+  `--toxicity`): after the guard allows a datagram, the socket's `DatagramConditions`
+  (`echoplex.conditions`) says when to answer it, or not at all (dropped, `drop`). A
+  delayed answer waits on a loop timer, never blocking the loop, and is sent once. The
+  guard decides first, so a datagram it refuses is neither delayed nor held. What waits
+  is bounded over all the sockets (`HeldAnswers`: `MAX_HELD_ANSWERS` answers and
+  `MAX_HELD_BYTES` of payload); past that, a datagram is dropped (`held`), so a flood
+  under `--latency` cannot grow memory. A live change (the control API replacing
+  `plan.conditions`) reaches each socket at its next datagram.
+- On stop, answers still waiting are dropped (`stopped`), not sent early: sending them
+  at once would break the delay they were promised, and the client of a stopping
+  server sees a lost datagram either way.
 - No `SO_REUSEADDR` on UDP sockets: on Linux it lets a second server bind the same UDP
   port and silently take its datagrams, and UDP has no TIME_WAIT for it to help with.
 """
@@ -28,15 +40,17 @@ import asyncio
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from ._throttle import Throttle
+from .conditions import DatagramConditions, LiveConditions
 from .errors import StartupError
 from .events import DatagramEvents, LogEvents, ServerEvents
 from .plan import ServerPlan
@@ -48,6 +62,16 @@ log = logging.getLogger("echoplex.udp")
 # Reasons a datagram the guard allowed still goes unanswered.
 SEND_BUFFER_FULL = "send-buffer-full"
 SEND_ERROR = "send-error"
+DROP = "drop"  # --drop: left unanswered on purpose
+HELD = "held"  # its delayed answer found no room among those waiting
+STOPPED = "stopped"  # its delayed answer was still waiting when the server stopped
+
+# What delayed answers may hold at once, over all of a server's sockets. At the default
+# total rate (10,000 a second) a second of --latency fits; a longer one, or a flood
+# without a total rate, is dropped past this instead of held. The bytes bound is what
+# matters for big datagrams (10,000 of 64 KiB would be 640 MiB).
+MAX_HELD_ANSWERS = 10_000
+MAX_HELD_BYTES = 32 * 1024 * 1024
 
 DROP_REPORT_INTERVAL_S = 1.0
 # Beside TCP, both loops watch the Shutdown's wakeup socket, and the TCP model may read
@@ -69,9 +93,9 @@ class Tally:
         self._last_source: Any = None
         self._throttle = Throttle(interval_s)
 
-    def drop(self, reason: str, source: Any = None) -> None:
-        self.dropped[reason] += 1
-        self._unreported[reason] += 1
+    def drop(self, reason: str, source: Any = None, count: int = 1) -> None:
+        self.dropped[reason] += count
+        self._unreported[reason] += count
         if source is not None:
             self._last_source = source
         if self._throttle.allow("dropped") is not None:
@@ -84,20 +108,72 @@ class Tally:
             self._unreported.clear()
 
 
+class HeldAnswers:
+    """Answers waiting for their time on the loop's timers, bounded in count and in
+    payload bytes. One per server, shared by its sockets (they share one loop)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_answers: int = MAX_HELD_ANSWERS,
+        max_bytes: int = MAX_HELD_BYTES,
+    ) -> None:
+        self._loop = loop
+        self.max_answers = max_answers
+        self.max_bytes = max_bytes
+        self.held_bytes = 0
+        self._waiting: dict[int, tuple[asyncio.TimerHandle, int]] = {}
+        self._keys = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def hold(self, delay_s: float, size: int, answer: Callable[..., None], *args: Any) -> bool:
+        """Call `answer(*args)` in `delay_s`, if there is room for `size` more bytes."""
+        if len(self._waiting) >= self.max_answers or self.held_bytes + size > self.max_bytes:
+            return False
+        key = next(self._keys)
+        handle = self._loop.call_later(delay_s, self._due, key, answer, args)
+        self._waiting[key] = (handle, size)
+        self.held_bytes += size
+        return True
+
+    def _due(self, key: int, answer: Callable[..., None], args: tuple[Any, ...]) -> None:
+        _, size = self._waiting.pop(key)
+        self.held_bytes -= size
+        answer(*args)
+
+    def cancel_all(self) -> int:
+        """Forget every waiting answer; how many there were."""
+        for handle, _ in self._waiting.values():
+            handle.cancel()
+        count = len(self._waiting)
+        self._waiting.clear()
+        self.held_bytes = 0
+        return count
+
+
 class EchoDatagramProtocol(asyncio.DatagramProtocol):
-    """Answers each datagram the guard allows with the same bytes, on one socket."""
+    """Answers each datagram the guard allows with the same bytes, on one socket, when
+    the conditions say (at once without any)."""
 
     def __init__(
         self,
         sock: socket.socket,
         guard: ReflectionGuard,
         tally: Tally,
+        live: LiveConditions,
+        held: HeldAnswers,
         clock: Clock = time.monotonic,
     ) -> None:
         self.sock = sock
         self.guard = guard
         self.tally = tally
+        self.live = live
+        self.held = held
         self.clock = clock
+        self._conditions: DatagramConditions | None = None
+        self._conditions_version = -1  # none taken yet
         self.paused = False
         self.send_failed = False
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -107,12 +183,44 @@ class EchoDatagramProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        reason = self.guard.verdict(addr, self.clock(), len(data))
-        if reason is None and self.paused:
-            reason = SEND_BUFFER_FULL
+        now = self.clock()
+        reason = self.guard.verdict(addr, now, len(data))
+        if reason is None:
+            reason = self._answer_in_time(data, addr, now)
         if reason is not None:
             self.tally.drop(reason, addr)
-            return
+
+    def _answer_in_time(self, data: bytes, addr: Any, now: float) -> str | None:
+        """Answer now, or hold the answer until the conditions say; else why not."""
+        conditions = self._current_conditions()
+        due_at = now if conditions is None else conditions.datagram(now)
+        if due_at is None:
+            return DROP
+        if due_at <= now:
+            return self._answer(data, addr)
+        if not self.held.hold(due_at - now, len(data), self._answer_held, data, addr):
+            return HELD
+        return None
+
+    def _current_conditions(self) -> DatagramConditions | None:
+        # `set` replaces the conditions before it counts the change, so a version read
+        # first never pairs a new count with old conditions.
+        version = self.live.version
+        if version != self._conditions_version:
+            self._conditions = self.live.for_datagrams()
+            self._conditions_version = version
+        return self._conditions
+
+    def _answer_held(self, data: bytes, addr: Any) -> None:
+        reason = self._answer(data, addr)
+        if reason is not None:
+            self.tally.drop(reason, addr)
+
+    def _answer(self, data: bytes, addr: Any) -> str | None:
+        """Send the answer (counted if it went, or by its error); SEND_BUFFER_FULL if the
+        send buffer is over its mark."""
+        if self.paused:
+            return SEND_BUFFER_FULL
         self.send_failed = False
         if data:
             # A send that fails at once comes back through error_received, before this returns.
@@ -124,6 +232,7 @@ class EchoDatagramProtocol(asyncio.DatagramProtocol):
                 self.error_received(exc)
         if not self.send_failed:
             self.tally.answered += 1
+        return None
 
     def error_received(self, exc: Exception) -> None:
         # A send that failed (on Linux an unconnected UDP socket hears of no ICMP errors).
@@ -170,10 +279,22 @@ class UdpEchoServer:
     """UDP echo on bound sockets, on an event loop of its own, until `shutdown` is
     requested or `stop()` is called. `serve()` runs the loop in the calling thread."""
 
-    def __init__(self, plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
+    def __init__(
+        self,
+        plan: ServerPlan,
+        events: ServerEvents,
+        shutdown: Shutdown,
+        *,
+        max_held_answers: int = MAX_HELD_ANSWERS,
+        max_held_bytes: int = MAX_HELD_BYTES,
+    ) -> None:
         config = plan.config
         assert plan.loop is not None, "the plan resolves a loop when UDP is asked for"
         self.sockets = plan.udp_sockets
+        self.conditions = plan.conditions
+        self._held_bounds = (max_held_answers, max_held_bytes)
+        self.held: HeldAnswers | None = None
+        """The answers waiting for their time, once serving."""
         self.events = datagram_events(events)
         self.shutdown = shutdown
         self.factory = plan.loop
@@ -236,9 +357,12 @@ class UdpEchoServer:
         loop.add_reader(self.shutdown.fileno(), self._on_stop_fd)
         protocols: list[EchoDatagramProtocol] = []
         transports: list[asyncio.BaseTransport] = []
+        held = self.held = HeldAnswers(loop, *self._held_bounds)
         try:
             for sock in self.sockets:
-                factory = functools.partial(EchoDatagramProtocol, sock, self.guard, self.tally)
+                factory = functools.partial(
+                    EchoDatagramProtocol, sock, self.guard, self.tally, self.conditions, held
+                )
                 transport, protocol = await loop.create_datagram_endpoint(factory, sock=sock)
                 transports.append(transport)
                 protocols.append(protocol)
@@ -257,6 +381,9 @@ class UdpEchoServer:
         finally:
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(self.shutdown.fileno())
+            unsent = held.cancel_all()
+            if unsent:
+                self.tally.drop(STOPPED, count=unsent)
             await _close(transports, protocols)
             self.tally.report()
             self.events.udp_stopped(self.tally.answered, dict(self.tally.dropped))
