@@ -50,6 +50,7 @@ def run(
         with (
             stop_on_signals(shutdown),
             resolve(config, model) as plan,
+            controlled(plan, events) as events,
             announced(plan, name, events),
         ):
             if not config.udp:
@@ -68,6 +69,19 @@ def run(
         stop_metrics()
         if own_shutdown:
             shutdown.close()
+
+
+@contextlib.contextmanager
+def controlled(plan: ServerPlan, events: ServerEvents) -> Iterator[ServerEvents]:
+    """The events to serve with, and the control API while serving if the config asks
+    for it (`echoplex.control`: it needs the plan's live conditions)."""
+    if plan.config.control_port is None:
+        yield events
+        return
+    from .control import serving  # json, hmac and the HTTP machinery: only if asked
+
+    with serving(plan, events) as controlled_events:
+        yield controlled_events
 
 
 def model_name(model: Model) -> str:

@@ -11,6 +11,12 @@ the server's lifetime (`ServerPlan.reserved`), so restarted workers get the same
 workers count in one table the supervisor shares with them before forking
 (`echoplex._shared_admission`), and a worker that dies gives back what it held
 before its replacement starts.
+
+Conditions changed while serving (the control API, in the supervisor) reach every
+worker through a pipe of its own, read by a thread of the worker: each worker keeps
+its own `LiveConditions`, drawn from its own stream (its index), so the processes'
+draws differ. A worker started or restarted later forks with the conditions then in
+force; one started during a change hears of it through its pipe.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 
 from .._net import Listeners, open_tcp_listeners
 from .._shared_admission import AdmissionTable
+from ..conditions import Conditions, LiveConditions
 from ..errors import StartupError
 from ..events import ServerEvents
 from ..lifecycle import drain
@@ -70,6 +77,7 @@ def _worker_main(
     events: ServerEvents,
     ready: Connection,
     table: AdmissionTable | None,
+    changes: Connection,
 ) -> None:
     # Forked from the supervisor, we hold its signal handler and wakeup socket: until our
     # own are in place, SIGTERM ends this worker outright (it serves nobody yet).
@@ -80,6 +88,8 @@ def _worker_main(
     # and skip the drain. So a worker listens to its supervisor only.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     multiprocessing.current_process().name = f"worker-{index}"
+    plan.conditions = LiveConditions(plan.conditions.current, stream=index)
+    _follow_supervisor(changes, plan.conditions)
     admission = table.admission_for(index) if table is not None else plan.admission
     # The supervisor's own: the UDP echo (it serves UDP alone) and the port it holds.
     for sock in (*plan.udp_sockets, *plan.reserved):
@@ -102,6 +112,21 @@ def _worker_main(
         os._exit(2)
     finally:
         shutdown.close()  # the orphan watch may still request(): that is harmless now
+
+
+def _follow_supervisor(changes: Connection, live: LiveConditions) -> None:
+    """Take each change of the conditions the supervisor sends, as it comes."""
+
+    def follow() -> None:
+        with changes:
+            while True:
+                try:
+                    named = changes.recv()
+                except (EOFError, OSError):  # the supervisor is gone: the orphan watch acts
+                    return
+                live.set(Conditions.from_mapping(named))
+
+    threading.Thread(target=follow, name="conditions", daemon=True).start()
 
 
 def _stop_when_orphaned(shutdown: Shutdown) -> None:
@@ -132,17 +157,28 @@ class _Supervisor:
         self.workers: dict[int, tuple[BaseProcess, float]] = {}
         # Ready pipes of workers that have not reported listening yet.
         self.starting: dict[Connection, int] = {}
+        # Each worker's pipe for changes of the conditions; the lock orders a change
+        # against a fork, so a new worker has a change either from its parent or by pipe.
+        self.changes: dict[int, Connection] = {}
+        self.changes_lock = threading.Lock()
 
     def start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe(duplex=False)
+        changes_in, changes_out = self.context.Pipe(duplex=False)
         process = self.context.Process(
             target=_worker_main,
-            args=(index, self.plan, self.events, child_end, self.table),
+            args=(index, self.plan, self.events, child_end, self.table, changes_in),
             name=f"worker-{index}",
             daemon=False,
         )
-        process.start()
+        with self.changes_lock:
+            old = self.changes.pop(index, None)
+            if old is not None:
+                old.close()
+            self.changes[index] = changes_out
+            process.start()
         child_end.close()
+        changes_in.close()
         self.workers[index] = (process, time.monotonic())
         self.starting[parent_end] = index
 
@@ -246,6 +282,22 @@ class _Supervisor:
         for conn in self.starting:
             conn.close()
 
+    def pass_on(self, conditions: Conditions) -> None:
+        """Send a change of the conditions to every worker (the control API's follower)."""
+        named = conditions.to_mapping()
+        with self.changes_lock:
+            for index, pipe in self.changes.items():
+                try:
+                    pipe.send(named)
+                except OSError as exc:  # it died: its replacement forks with the change
+                    log.debug("worker %d did not take the conditions: %s", index, exc)
+
+    def close_changes(self) -> None:
+        with self.changes_lock:
+            for pipe in self.changes.values():
+                pipe.close()
+            self.changes.clear()
+
     def alive(self) -> list[BaseProcess]:
         return [process for process, _ in self.workers.values() if process.is_alive()]
 
@@ -258,6 +310,11 @@ class _Supervisor:
 def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
     table = AdmissionTable.from_config(plan.config)
     supervisor = _Supervisor(plan, events, table)
+    # An optional event, as `worker_exited` is: the control API, when there is one, tells
+    # the supervisor of each change (before listening is reported: none is missed).
+    follow_conditions = getattr(events, "follow_conditions", None)
+    if follow_conditions is not None:
+        follow_conditions(supervisor.pass_on)
     try:
         events.listening(supervisor.start_all())
         log.info("%d workers running", supervisor.worker_count)
@@ -265,5 +322,6 @@ def serve(plan: ServerPlan, events: ServerEvents, shutdown: Shutdown) -> None:
         events.stopping()
     finally:
         supervisor.stop(shutdown)
+        supervisor.close_changes()
         if table is not None:
             table.close()
