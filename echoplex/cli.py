@@ -1,4 +1,4 @@
-"""The `echoplex` command: `echoplex serve | client | load | bench`."""
+"""The `echoplex` command: `echoplex serve | client | load | bench | conditions`."""
 
 from __future__ import annotations
 

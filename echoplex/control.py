@@ -27,13 +27,15 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._http import HTTPEndpoint, listen
 from ._net import format_address
 from .conditions import ConditionError, Conditions, LiveConditions
-from .events import ServerEvents
-from .plan import ServerPlan
+
+if TYPE_CHECKING:
+    from .events import ServerEvents
+    from .plan import ServerPlan
 
 log = logging.getLogger("echoplex.control")
 

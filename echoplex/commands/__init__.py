@@ -5,4 +5,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "client": ("echoplex.commands.client", "talk to an echo server, like nc"),
     "load": ("echoplex.commands.load", "load an echo server with verified traffic, report latency"),
     "bench": ("echoplex.commands.bench", "run every model under the same load and compare"),
+    "conditions": (
+        "echoplex.commands.conditions",
+        "show or change a running server's conditions (its --control-port)",
+    ),
 }
