@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from echoplex.bench import loadgen
+from echoplex.bench import loadgen, runner
 from echoplex.bench.proctree import (
     parse_stat,
     raise_nofile_limit,
@@ -291,6 +291,31 @@ def test_the_hold_scenario_is_skipped_with_a_reason_when_descriptors_are_short()
     result = run_scenario(SCENARIOS["hold"], BenchSettings(scenarios=("hold",)), None, 1024)
     assert result.skipped is not None and "open files" in result.skipped
     assert result.runs == []
+
+
+def test_a_contended_run_is_measured_again_up_to_the_attempts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Other work's share of the pinned CPUs, run after run: two contended, then calm.
+    foreign = iter([50.0, 30.0, 5.0, 90.0, 80.0, 70.0, 60.0])
+    measured: list[tuple[str, int]] = []
+
+    def measure(scenario: Any, point: Any, spec: Any, repeat: int, *args: Any, **kw: Any) -> Any:
+        measured.append((spec.name, repeat))
+        return RunResult(
+            *(scenario.name, point.label, spec.name, spec.kind, repeat),
+            *(point.pattern, point.connections, point.size_bytes),
+            foreign_cpu_pct=next(foreign),
+        )
+
+    monkeypatch.setattr(runner, "measure", measure)
+    settings = BenchSettings(scenarios=("smoke",), servers=("threads",), repeat=2)
+    result = run_scenario(SCENARIOS["smoke"], settings, None, 4096)
+    # The first repeat takes three runs (the last one calm), the second stops at the
+    # attempts' limit, contended, and says so in its figure.
+    assert measured == [("threads", 0)] * 3 + [("threads", 1)] * runner.MEASURE_ATTEMPTS
+    assert [run.foreign_cpu_pct for run in result.runs] == [5.0, 70.0]
+    assert [run.generator for run in result.runs] == ["echoplex load"] * 2
 
 
 # --- report files --------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import logging
 import os
 import platform
@@ -247,7 +248,11 @@ def _cpu_model() -> str | None:
     return None
 
 
-def run_bench(settings: BenchSettings, command: str) -> BenchReport:
+def run_bench(
+    settings: BenchSettings, command: str, cross_check_binary: Path | None = None
+) -> BenchReport:
+    """Every scenario of `settings`; with `cross_check`, under the C client too (the one
+    `cross_check_binary` names, or one built now)."""
     nofile = raise_nofile_limit()
     pinning = plan_pinning(settings.pin)
     if settings.pin and pinning is None:
@@ -258,12 +263,23 @@ def run_bench(settings: BenchSettings, command: str) -> BenchReport:
         machine=machine_info(pinning, nofile),
         settings=settings,
     )
-    binary = crosscheck.build() if settings.cross_check else None
+    if settings.cross_check and cross_check_binary is None:
+        cross_check_binary = crosscheck.build()
+    binary = cross_check_binary if settings.cross_check else None
     for name in settings.scenarios:
         report.scenarios.append(run_scenario(SCENARIOS[name], settings, pinning, nofile[0], binary))
     report.finished_at = _now()
     report.machine["load_average_end"] = _load_average()
     return report
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A load generator of the bench, and the runs of a scenario it made."""
+
+    name: str
+    start: Callable[..., LoadRun]
+    runs: list[RunResult]
 
 
 def run_scenario(
@@ -278,88 +294,111 @@ def run_scenario(
         duration_s=_first(settings.duration_s, scenario.duration_s, DEFAULT_DURATION_S),
         warmup_s=_first(settings.warmup_s, scenario.warmup_s, DEFAULT_WARMUP_S),
     )
-    needed = scenario.max_connections + NOFILE_MARGIN
-    if nofile_soft < needed:
-        result.skipped = (
-            f"needs {needed} open files per process but the limit is {nofile_soft} even after "
-            f"raising it to the hard limit (raise it with `ulimit -n {needed}` as root, or "
-            f"in /etc/security/limits.conf)"
-        )
+    result.skipped = _short_of_descriptors(scenario, nofile_soft)
+    if result.skipped is not None:
         log.warning("scenario %s skipped: %s", scenario.name, result.skipped)
         return result
-    specs: list[ServerSpec] = []
-    known = settings.specs()
-    for name in servers_for(scenario, settings):
-        spec = known[name]
-        if (reason := spec.unavailable_reason()) is not None:
-            log.warning("skipping %s", reason)
-            continue
-        if pinning and spec.cpus > len(pinning.cpus):
-            log.warning(
-                "%s has %d processes but only %d CPUs to run on: pinned to all of them",
-                spec.name,
-                spec.cpus,
-                len(pinning.cpus),
-            )
-        specs.append(spec)
+    specs = _runnable(servers_for(scenario, settings), settings, pinning)
     result.servers = [spec.name for spec in specs]
     result.reference = choose_reference(result.servers, settings.reference, scenario.reference)
     for point in scenario.points:
         load = LoadSpec(
             point.pattern, point.connections, point.size_bytes, result.duration_s, result.warmup_s
         )
-        generators: list[tuple[str, Callable[..., LoadRun], list[RunResult]]] = [
-            ("echoplex load", LoadRun, result.runs)
-        ]
+        generators = [Generator("echoplex load", LoadRun, result.runs)]
         if cross_check_binary is not None and point.pattern in crosscheck.PATTERNS:
             start = functools.partial(crosscheck.CrossCheckRun, cross_check_binary)
-            generators.append((crosscheck.GENERATOR, start, result.cross_runs))
-        for repeat in range(settings.repeat):
-            # Each server under each generator, a fresh server every time, the two
-            # generators' runs of a server next to each other.
-            for spec in specs:
-                for generator, start_load, runs in generators:
-                    for _ in range(MEASURE_ATTEMPTS):
-                        run = measure(
-                            scenario,
-                            point,
-                            spec,
-                            repeat,
-                            load,
-                            pinning,
-                            warmup_connections=settings.warmup_connections,
-                            start_load=start_load,
-                        )
-                        if (run.foreign_cpu_pct or 0.0) <= CONTENDED_PCT:
-                            break
-                        log.warning(
-                            "%s %s %s: %.0f%% of its CPUs went to other work; measuring again",
-                            scenario.name,
-                            point.label,
-                            spec.name,
-                            run.foreign_cpu_pct,
-                        )
-                    run.generator = generator
-                    log.info(
-                        "%s %s %s, %s [%d/%d]: %s",
-                        scenario.name,
-                        point.label,
-                        spec.name,
-                        generator,
-                        repeat + 1,
-                        settings.repeat,
-                        _progress(run),
-                    )
-                    runs.append(run)
+            generators.append(Generator(crosscheck.GENERATOR, start, result.cross_runs))
+        # Each server under each generator, a fresh server every time, the two
+        # generators' runs of a server next to each other.
+        for repeat, spec, generator in itertools.product(range(settings.repeat), specs, generators):
+            run_once = functools.partial(
+                measure,
+                *(scenario, point, spec, repeat, load, pinning),
+                warmup_connections=settings.warmup_connections,
+                start_load=generator.start,
+            )
+            run = measure_uncontended(run_once, f"{scenario.name} {point.label} {spec.name}")
+            run.generator = generator.name
+            log.info(
+                "%s %s %s, %s [%d/%d]: %s",
+                *(scenario.name, point.label, spec.name, generator.name),
+                *(repeat + 1, settings.repeat, _progress(run)),
+            )
+            generator.runs.append(run)
+    _rank(result)
+    return result
+
+
+def _short_of_descriptors(scenario: Scenario, nofile_soft: int) -> str | None:
+    """Why `scenario` cannot run with `nofile_soft` open files a process; None if it can."""
+    needed = scenario.max_connections + NOFILE_MARGIN
+    if nofile_soft >= needed:
+        return None
+    return (
+        f"needs {needed} open files per process but the limit is {nofile_soft} even after "
+        f"raising it to the hard limit (raise it with `ulimit -n {needed}` as root, or "
+        f"in /etc/security/limits.conf)"
+    )
+
+
+def _runnable(
+    names: Sequence[str], settings: BenchSettings, pinning: Pinning | None
+) -> list[ServerSpec]:
+    """The servers of `names` that can run here; a warning for each left out, and for
+    each with more processes than CPUs to pin them to."""
+    specs: list[ServerSpec] = []
+    known = settings.specs()
+    for spec in (known[name] for name in names):
+        if (reason := spec.unavailable_reason()) is not None:
+            log.warning("skipping %s", reason)
+            continue
+        if pinning and spec.cpus > len(pinning.cpus):
+            log.warning(
+                "%s has %d processes but only %d CPUs to run on: pinned to all of them",
+                *(spec.name, spec.cpus, len(pinning.cpus)),
+            )
+        specs.append(spec)
+    return specs
+
+
+def _rank(result: ScenarioResult) -> None:
+    """The rows of `result`'s runs, and the two generators compared where both ran."""
     # Wrong bytes under either generator: not ranked under either.
     liars = wrong_echoes([*result.runs, *result.cross_runs])
-    result.rows = summarize(result.runs, scenario.metric, result.reference, liars)
+    metric = result.scenario.metric
+    result.rows = summarize(result.runs, metric, result.reference, liars)
     if result.cross_runs:
-        result.cross_rows = summarize(result.cross_runs, scenario.metric, result.reference, liars)
+        result.cross_rows = summarize(result.cross_runs, metric, result.reference, liars)
         result.cross_check = compare_generators(
-            result.runs, result.cross_runs, result.rows, result.cross_rows, scenario.metric
+            result.runs, result.cross_runs, result.rows, result.cross_rows, metric
         )
-    return result
+
+
+def measure_uncontended(run_once: Callable[[], RunResult], what: str) -> RunResult:
+    """`run_once()` (a `measure`), again while other work took more than CONTENDED_PCT of
+    the pinned CPUs, up to MEASURE_ATTEMPTS runs in all: the last run."""
+    for _ in range(MEASURE_ATTEMPTS - 1):
+        run = run_once()
+        if (run.foreign_cpu_pct or 0.0) <= CONTENDED_PCT:
+            return run
+        log.warning(
+            "%s: %.0f%% of its CPUs went to other work; measuring again", what, run.foreign_cpu_pct
+        )
+    return run_once()
+
+
+@dataclass(frozen=True)
+class CpuWindow:
+    """What a CPU window inside the load's measured phase read: the server's CPU seconds
+    at each end (None: no figure), its length, and at each end the pinned CPUs' busy
+    seconds and the seconds the server and the load ran (`_own_cpu_s`)."""
+
+    server_before_s: float | None
+    server_after_s: float | None
+    seconds: float
+    ours_before: tuple[float, float] | None
+    ours_after: tuple[float, float] | None
 
 
 def measure(
@@ -393,32 +432,14 @@ def measure(
     except ServerStartError as exc:
         result.failure = str(exc)
         return result
-    warm_up_failed = wrong_warm_up = exited = None
+    exited = None
     try:
         result.idle_rss_bytes = tree_rss_bytes(server.pid)
         unpinned = unpinned_threads(server.pid, server_cpus)
-        try:
-            warm_up(server.host, server.port, warmup_connections)
-        except WarmUpError as exc:
-            if exc.wrong_echo:
-                wrong_warm_up = str(exc)
-            else:
-                warm_up_failed = str(exc)
-        server.forget_connections(warmup_connections)
+        warm_up_failed, wrong_warm_up = _warm_up(server, warmup_connections)
         run = start_load(server.host, server.port, load, cpu=pinning.load_cpu if pinning else None)
         try:
-            _wait_connected(server.port, load, run)
-            run.wait(load.warmup_s)
-            cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
-            ours_before = _own_cpu_s(cpu_before, run.proc.pid, pinned_cpus)
-            overran = run.wait(load.duration_s * CPU_WINDOW_SHARE)
-            cpu_after, window_s = tree_cpu_s(server.pid), time.monotonic() - started
-            ours_after = _own_cpu_s(cpu_after, run.proc.pid, pinned_cpus)
-            if overran:
-                # The load ended inside the window (the bench was late on a busy
-                # machine): the window's CPU rate would mix load and idle. No figure.
-                log.warning("%s: the CPU window outlasted the load: no CPU figure", spec.name)
-                cpu_before = None
+            window = _cpu_window(server, run, load, pinned_cpus)
             # Again under load: a server may start processes or threads lazily.
             unpinned = unpinned or unpinned_threads(server.pid, server_cpus)
             result.server_processes = len(tree_pids(server.pid))
@@ -439,18 +460,61 @@ def measure(
     if wrong_warm_up:
         result.mismatches += 1
         result.mismatch_samples.insert(0, wrong_warm_up)
-    if cpu_before is not None and cpu_after is not None and window_s > 0:
-        result.server_cpu_s = cpu_after - cpu_before
-        result.cpu_window_s = window_s
-        cpu_rate = result.server_cpu_s / window_s
-        result.server_cpu_pct = 100 * cpu_rate
-        if result.requests_per_s:
-            result.cpu_us_per_request = 1e6 * cpu_rate / result.requests_per_s
-        if ours_before is not None and ours_after is not None:
-            (busy_before, own_before), (busy_after, own_after) = ours_before, ours_after
-            foreign_s = max(0.0, (busy_after - busy_before) - (own_after - own_before))
-            result.foreign_cpu_pct = 100 * foreign_s / (window_s * len(set(pinned_cpus)))
+    _record_cpu(result, window, len(set(pinned_cpus)))
     return result
+
+
+def _warm_up(server: RunningServer, connections: int) -> tuple[str | None, str | None]:
+    """Ready `server` (`servers.warm_up`): why the warm-up failed, and the wrong echo it
+    got (each None if not); the warm-up's connections are then not the load's."""
+    failed = wrong = None
+    try:
+        warm_up(server.host, server.port, connections)
+    except WarmUpError as exc:
+        if exc.wrong_echo:
+            wrong = str(exc)
+        else:
+            failed = str(exc)
+    server.forget_connections(connections)
+    return failed, wrong
+
+
+def _cpu_window(
+    server: RunningServer, run: LoadRun, load: LoadSpec, pinned_cpus: Sequence[int]
+) -> CpuWindow:
+    """Once the load is connected and past its warmup, the server's CPU over
+    CPU_WINDOW_SHARE of the measured duration."""
+    _wait_connected(server.port, load, run)
+    run.wait(load.warmup_s)
+    cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
+    ours_before = _own_cpu_s(cpu_before, run.proc.pid, pinned_cpus)
+    overran = run.wait(load.duration_s * CPU_WINDOW_SHARE)
+    cpu_after, window_s = tree_cpu_s(server.pid), time.monotonic() - started
+    ours_after = _own_cpu_s(cpu_after, run.proc.pid, pinned_cpus)
+    if overran:
+        # The load ended inside the window (the bench was late on a busy machine): the
+        # window's CPU rate would mix load and idle. No figure.
+        log.warning("%s: the CPU window outlasted the load: no CPU figure", server.spec.name)
+        cpu_before = None
+    return CpuWindow(cpu_before, cpu_after, window_s, ours_before, ours_after)
+
+
+def _record_cpu(result: RunResult, window: CpuWindow, pinned_cpu_count: int) -> None:
+    """The server's CPU rate and CPU per request from `window`, and the share of the
+    pinned CPUs other work took, into `result` (nothing if the window has no figure)."""
+    before, after, window_s = window.server_before_s, window.server_after_s, window.seconds
+    if before is None or after is None or window_s <= 0:
+        return
+    result.server_cpu_s = after - before
+    result.cpu_window_s = window_s
+    cpu_rate = result.server_cpu_s / window_s
+    result.server_cpu_pct = 100 * cpu_rate
+    if result.requests_per_s:
+        result.cpu_us_per_request = 1e6 * cpu_rate / result.requests_per_s
+    if window.ours_before is not None and window.ours_after is not None:
+        (busy_before, own_before), (busy_after, own_after) = window.ours_before, window.ours_after
+        foreign_s = max(0.0, (busy_after - busy_before) - (own_after - own_before))
+        result.foreign_cpu_pct = 100 * foreign_s / (window_s * pinned_cpu_count)
 
 
 def _own_cpu_s(
