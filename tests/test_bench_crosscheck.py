@@ -3,6 +3,7 @@ checks every echoed byte, and the bench compares the two load generators' ratios
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -13,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from echoplex.bench import crosscheck
+from echoplex.bench import crosscheck, runner
 from echoplex.bench.report import markdown
 from echoplex.bench.results import RunResult, compare_generators, summarize
 from echoplex.bench.runner import BenchReport, BenchSettings, ScenarioResult
 from echoplex.bench.scenarios import SCENARIOS
 from echoplex.bench.servers import RunningServer, custom_server
+from echoplex.commands import bench
 
 from .procs import ROOT, require_tool
 from .test_bench_servers import ECHO_SERVER
@@ -113,6 +115,33 @@ def test_without_a_compiler_the_bench_says_so_before_starting(tmp_path: Path) ->
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.startswith("echoplex bench: error: --cross-check needs a C compiler")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_bench_builds_the_client_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The command builds it before anything starts, and hands it to every scenario.
+    client = tmp_path / "echoplex-crosscheck"
+    builds: list[Path] = []
+    given: list[Path | None] = []
+
+    def build() -> Path:
+        builds.append(client)
+        return client
+
+    def run_scenario(scenario: Any, *args: Any) -> ScenarioResult:
+        given.append(args[-1])
+        return ScenarioResult(scenario, skipped="not run by this test")
+
+    monkeypatch.setattr(bench, "build_cross_check", build)
+    monkeypatch.setattr(crosscheck, "build", build)
+    monkeypatch.setattr(runner, "run_scenario", run_scenario)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--scenario", "smoke", "--scenario", "sizes", "--cross-check"])
+    assert bench.run(args) == 0
+    assert (builds, given) == ([client], [client, client])
+    assert "not run by this test" in capsys.readouterr().out
 
 
 def test_bench_cross_check_end_to_end(client: Path, tmp_path: Path) -> None:

@@ -206,7 +206,12 @@ def run(args: argparse.Namespace) -> int:
         message, status = problem
         return fail(PROG, message, status)
     try:
-        report = run_bench(settings, command_line(options))
+        # Now, so that a missing compiler stops nothing half-way; built once, here.
+        binary = build_cross_check() if settings.cross_check else None
+    except CrossCheckUnavailable as exc:
+        return fail(PROG, str(exc), 1)
+    try:
+        report = run_bench(settings, command_line(options), cross_check_binary=binary)
     except KeyboardInterrupt:
         return fail(PROG, "interrupted", 130)
     if options.out is not None:
@@ -236,11 +241,6 @@ def _unrunnable(options: BenchOptions, settings: BenchSettings) -> tuple[str, in
     for name in settings.scenarios:
         if reference and reference not in servers_for(SCENARIOS[name], settings):
             return f"--reference {reference} is not among the servers {name} runs", 2
-    if options.cross_check:
-        try:
-            build_cross_check()  # now, so that a missing compiler stops nothing half-way
-        except CrossCheckUnavailable as exc:
-            return str(exc), 1
     return None
 
 
