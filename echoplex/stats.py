@@ -7,6 +7,11 @@ is pure Python, about 0.9 µs a call (CPython 3.11, hdrhistogram 0.10), which wo
 be a large share of the load generator's own cost per request. Recording a value
 with its count is what the histogram would do with each one anyway.
 
+A run spread over processes (`echoplex.load.merge`) merges exactly: each process
+hands its histogram over `encode()`d (hdrhistogram's own encoding, compressed counts,
+base64, with the exact count, sum, minimum and maximum beside it), and the merged one
+`add`s them, bucket by bucket.
+
 `hdrh` (package `hdrhistogram`, extra `echoplex[load]`) is imported only when a
 histogram is made, so `echoplex serve` never needs it.
 """
@@ -51,6 +56,18 @@ class LatencySummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class EncodedHistogram:
+    """A latency histogram as one process hands it to another (`LatencyHistogram.encode`)."""
+
+    hdr: bytes
+    """hdrhistogram's `encode()`."""
+    count: int
+    total_us: int
+    min_us: int | None
+    max_us: int
+
+
 class LatencyHistogram:
     """Microsecond latencies in an HDR histogram, with the exact minimum and maximum."""
 
@@ -75,6 +92,22 @@ class LatencyHistogram:
         for value_us, count in counts.items():
             if count > 0:
                 self.record(value_us, count)
+
+    def encode(self) -> EncodedHistogram:
+        return EncodedHistogram(
+            self._histogram.encode(), self.count, self.total_us, self.min_us, self.max_us
+        )
+
+    def add(self, other: EncodedHistogram) -> None:
+        """Count every value `other` counted, as if recorded here."""
+        if not other.count:
+            return
+        self._histogram.add(require_hdrh().HdrHistogram.decode(other.hdr))
+        self.count += other.count
+        self.total_us += other.total_us
+        if other.min_us is not None:
+            self.min_us = other.min_us if self.min_us is None else min(self.min_us, other.min_us)
+        self.max_us = max(self.max_us, other.max_us)
 
     def percentile(self, percent: float) -> int:
         value: int = self._histogram.get_value_at_percentile(percent)

@@ -32,6 +32,24 @@ def test_counts_are_the_same_as_recording_each_value() -> None:
     assert summary.p999 == 400
 
 
+def test_histograms_added_from_their_encoding_are_one_histogram_of_every_value() -> None:
+    # What a run spread over processes does: each encodes its own, one adds them all.
+    shares = [{40: 900, 80: 90}, {400: 9, 25_000: 1}, {}, {7: 3}]
+    whole, merged = LatencyHistogram(), LatencyHistogram()
+    for counts in shares:
+        whole.record_counts(counts)
+        share = LatencyHistogram()
+        share.record_counts(counts)
+        merged.add(share.encode())
+    assert merged.summary() == whole.summary()
+    assert (merged.count, merged.total_us, merged.min_us, merged.max_us) == (
+        whole.count,
+        whole.total_us,
+        7,
+        25_000,
+    )
+
+
 def test_large_values_stay_within_the_histogram_precision() -> None:
     histogram = LatencyHistogram()
     histogram.record(1_234_567)

@@ -44,13 +44,12 @@ from typing import Any, Protocol, TypeVar, cast
 from ..errors import StartupError
 from ..loops import loop_factory
 from ..payload import PayloadPattern
-from ..stats import require_hdrh
+from ..stats import LatencyHistogram
 from . import connections as stream_connections
 from . import datagrams
 from .config import LoadConfig
 from .connections import NEVER_NS, LoadConnection, Tally
 from .datagrams import DatagramConnection
-from .merge import MergeableHistogram
 from .patterns import Pattern
 from .result import ConnectionFailure, LoadResult
 from .timer import PeriodicTimer
@@ -113,9 +112,8 @@ def run(config: LoadConfig, progress: ProgressCallback | None = None) -> LoadRes
 
 
 def run_on_loop(config: LoadConfig, main: Callable[[], Coroutine[Any, Any, Result]]) -> Result:
-    """`main()` on the config's event loop, once what a run needs is there: hdrhistogram,
-    the loop asked for, a descriptor for each connection."""
-    require_hdrh()
+    """`main()` on the config's event loop, with a descriptor for each connection (what
+    the run needs besides is checked once, by `processes.check_dependencies`)."""
     factory = loop_factory(config.loop)
     _ensure_descriptors(config.connections)
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -182,8 +180,8 @@ class LoadRun:
         self.progress = progress
         self.payload = PayloadPattern(config.seed)
         self.tally = Tally(config)
-        self.histogram = MergeableHistogram()
-        self.send_lag: MergeableHistogram | None = None  # `scheduled` patterns only
+        self.histogram = LatencyHistogram()
+        self.send_lag: LatencyHistogram | None = None  # `scheduled` patterns only
         self.connector = connector_for(config)
         self.tick_s = (
             max(min(TICK_S, config.timeout_s / 4), MIN_UDP_TICK_S) if config.udp else TICK_S
@@ -334,7 +332,7 @@ class LoadRun:
         result.measured_s = max(0, end_ns - window_start_ns) / 1e9
         result.sending_s = max(0, end_ns - start_ns) / 1e9
         if schedule is not None:
-            self.send_lag = MergeableHistogram()
+            self.send_lag = LatencyHistogram()
             self.send_lag.record_counts(schedule.lag_counts)
             result.send_lag = self.send_lag.summary()
         self.phase = "draining"

@@ -1,10 +1,10 @@
 """One run's figures from the shares it was spread over (`echoplex.load.processes`).
 
-Every count is a sum, and latencies merge exactly: each share sends its HDR histogram
-in hdrhistogram's own encoding (compressed counts, base64), and the merged histogram
-is their `add`, bucket by bucket; the exact count, sum, minimum and maximum kept beside
-it add up too. Percentiles of the merged run are then read from one histogram, never
-averaged from the shares' percentiles (which would be wrong).
+Every count is a sum, and latencies merge exactly: each share sends its histograms
+`encode()`d, and the merged histogram is their `add` (`echoplex.stats`), bucket by
+bucket, with the exact count, sum, minimum and maximum beside it. Percentiles of the
+merged run are then read from one histogram, never averaged from the shares'
+percentiles (which would be wrong).
 """
 
 from __future__ import annotations
@@ -15,40 +15,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from ..stats import LatencyHistogram, LatencySummary, require_hdrh
+from ..stats import EncodedHistogram, LatencyHistogram, LatencySummary
 from .config import LoadConfig
 from .result import MAX_SAMPLES, LoadResult
-
-
-@dataclass(frozen=True)
-class EncodedHistogram:
-    """A latency histogram as one process hands it to another."""
-
-    hdr: bytes
-    """hdrhistogram's `encode()`."""
-    count: int
-    total_us: int
-    min_us: int | None
-    max_us: int
-
-
-class MergeableHistogram(LatencyHistogram):
-    """A LatencyHistogram that can be encoded, and can add an encoded one to itself."""
-
-    def encode(self) -> EncodedHistogram:
-        return EncodedHistogram(
-            self._histogram.encode(), self.count, self.total_us, self.min_us, self.max_us
-        )
-
-    def add(self, other: EncodedHistogram) -> None:
-        if not other.count:
-            return
-        self._histogram.add(require_hdrh().HdrHistogram.decode(other.hdr))
-        self.count += other.count
-        self.total_us += other.total_us
-        if other.min_us is not None:
-            self.min_us = other.min_us if self.min_us is None else min(self.min_us, other.min_us)
-        self.max_us = max(self.max_us, other.max_us)
 
 
 @dataclass(frozen=True)
@@ -92,7 +61,7 @@ def merged(config: LoadConfig, shares: Sequence[ShareResult]) -> LoadResult:
 
 
 def _merged_summary(histograms: Iterable[EncodedHistogram]) -> LatencySummary:
-    merged = MergeableHistogram()
+    merged = LatencyHistogram()
     for histogram in histograms:
         merged.add(histogram)
     return merged.summary()
