@@ -67,10 +67,19 @@ def outcome_of(exc: BaseException | None) -> tuple[Outcome, str | None]:
     return Outcome.ERROR, errno.errorcode.get(code, str(code)) if code else type(exc).__name__
 
 
+# OpenSSL's reasons when a server that requires a client certificate (mutual TLS) got
+# none, or one its CA did not sign (or that has expired): in words that say so.
+_CLIENT_CERTIFICATE_REASONS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "client-cert-missing",
+    "CERTIFICATE_VERIFY_FAILED": "client-cert-untrusted",
+}
+
+
 def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
     """How a failed TLS handshake ended, and why, the same in every model: OpenSSL's
-    reason (`tls-handshake-failed:WRONG_VERSION_NUMBER`), or `closed` when the client
-    went away during it (closed or reset: an event loop cannot tell which)."""
+    reason (`tls-handshake-failed:WRONG_VERSION_NUMBER`), `client-cert-missing` or
+    `client-cert-untrusted` under mutual TLS, or `closed` when the client went away
+    during it (closed or reset: an event loop cannot tell which)."""
     if isinstance(exc, TimeoutError):
         return Outcome.TLS_HANDSHAKE_TIMEOUT, None
     gone = (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError, EOFError)
@@ -78,5 +87,5 @@ def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
     if isinstance(exc, gone) or (isinstance(exc, ssl.SSLError) and exc.library is None):
         return Outcome.TLS_HANDSHAKE_FAILED, "closed"
     if isinstance(exc, ssl.SSLError) and exc.reason:
-        return Outcome.TLS_HANDSHAKE_FAILED, exc.reason
+        return Outcome.TLS_HANDSHAKE_FAILED, _CLIENT_CERTIFICATE_REASONS.get(exc.reason, exc.reason)
     return Outcome.TLS_HANDSHAKE_FAILED, type(exc).__name__
