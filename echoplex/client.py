@@ -151,6 +151,26 @@ def interact(sock: socket.socket, stdin: BinaryIO, stdout: BinaryIO) -> None:
                 sock.shutdown(socket.SHUT_WR)
 
 
+# A server's alerts about our certificate under mutual TLS, in words. With TLS 1.3 they
+# come after the client's side of the handshake is done, at its first read.
+_CERTIFICATE_ALERTS = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "handshake refused (does the server require a client "
+    "certificate?)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the client certificate's CA",
+}
+
+
+def tls_failure(exc: ssl.SSLError) -> str:
+    """Why TLS failed, in one line: OpenSSL's reason, in words for a refused client
+    certificate; never OpenSSL's `[SSL: ...] (_ssl.c:NNNN)`."""
+    if isinstance(exc, ssl.SSLEOFError):
+        return "the server closed the connection"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{exc.reason}: {exc.verify_message}"
+    return _CERTIFICATE_ALERTS.get(exc.reason or "", exc.reason or str(exc))
+
+
 def describe_connection_error(target: Target, exc: OSError) -> str:
     reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, socket.gaierror):
@@ -158,8 +178,16 @@ def describe_connection_error(target: Target, exc: OSError) -> str:
     if isinstance(exc, TimeoutError):
         reason = "timed out"
     if isinstance(exc, ssl.SSLError):
-        return f"TLS with {target} failed: {reason}"
+        return f"TLS with {target} failed: {tls_failure(exc)}"
     return f"cannot connect to {target}: {reason}"
+
+
+def describe_failure(target: Target, exc: OSError) -> str:
+    """A connection that failed once open, in one line."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS with {target} failed: {tls_failure(exc)}"
+    reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
+    return f"connection to {target} failed: {reason}"
 
 
 # UDP (`echoplex client --udp`): each message is one datagram, each echo one datagram back.
@@ -273,11 +301,9 @@ def one_shot(
     except OSError as exc:
         return fail(prog, describe_connection_error(target, exc), status=1)
 
-    def failed(exc: OSError) -> str:
-        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
-        return f"connection to {target} failed: {reason}"
-
-    return _print_echoes(prog, sock, messages, round_trip, failed, raw=raw)
+    return _print_echoes(
+        prog, sock, messages, round_trip, lambda exc: describe_failure(target, exc), raw=raw
+    )
 
 
 def one_shot_udp(

@@ -440,7 +440,7 @@ def test_a_bad_combination_from_the_real_command_has_no_traceback() -> None:
 def test_the_config_checks_transport_combinations_too() -> None:
     with pytest.raises(ValueError, match="`udp` does not go with"):
         LoadConfig(udp=True, tls=True)
-    with pytest.raises(ValueError, match="`send_proxy` must be v1 or v2"):
+    with pytest.raises(ValueError, match="`send_proxy` must be one of v1, v2"):
         LoadConfig(send_proxy="v9")
     assert LoadConfig(udp=True).transport == "udp"
     assert LoadConfig(unix_path="/tmp/e.sock", tls=True).transport == "tls"

@@ -27,6 +27,7 @@ from ..client import (
     Target,
     connect,
     describe_connection_error,
+    describe_failure,
     describe_udp_error,
     interact,
     interact_udp,
@@ -144,7 +145,15 @@ def target_from(args: argparse.Namespace, host: str, port: int) -> Target:
     """The connection the transport options describe; ValueError for bad TLS options."""
     if (args.ca_file or args.tls_insecure) and not args.tls:
         raise ValueError("--ca and --insecure go with --tls")
-    context = checked_client_context(args.ca_file, insecure=args.tls_insecure) if args.tls else None
+    if (args.cert_file or args.key_file) and not args.tls:
+        raise ValueError("--cert and --key go with --tls")
+    if args.key_file and not args.cert_file:
+        raise ValueError("--key goes with --cert")
+    if not args.tls:
+        return Target(host, port, args.unix_path, None, args.send_proxy)
+    context = checked_client_context(
+        args.ca_file, insecure=args.tls_insecure, cert_file=args.cert_file, key_file=args.key_file
+    )
     return Target(host, port, args.unix_path, context, args.send_proxy)
 
 
@@ -187,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 interact(sock, sys.stdin.buffer, sys.stdout.buffer)
             except OSError as exc:
-                return fail(PROG, f"connection failed: {exc.strerror or exc}", status=1)
+                return fail(PROG, describe_failure(target, exc), status=1)
     return 0
 
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .._cli_util import (
+    Bounded,
     FromOtherSettings,
-    at_most,
     binary_size,
+    byte_size,
+    check_declared,
     described,
     file_path,
     host_name,
@@ -24,13 +29,13 @@ from .._cli_util import (
     positive_int,
     positive_rate,
     positive_seconds,
-    size_bytes,
     target_port,
     unix_socket_path,
 )
 from .._net import check_host, check_unix_path
 from ..client import UDP_TIMEOUT_S
 from ..config import DEFAULT_HOST, DEFAULT_PORT, LOOPS
+from ..tls import checked_client_context
 from .patterns import DEFAULT_WINDOW_BYTES, PATTERNS, UDP_PATTERNS, Pattern
 
 MAX_CONNECTIONS = 100_000
@@ -40,7 +45,15 @@ MAX_DATAGRAM_BYTES = 65_507  # the most one UDP datagram carries over IPv4
 PROXY_VERSIONS = ("v1", "v2")
 DEFAULT_TIMEOUT_S = 10.0
 # The options `echoplex client` shares (added by `echoplex.commands.client`).
-STREAM_TRANSPORT = ("unix_path", "tls", "ca_file", "tls_insecure", "send_proxy")
+STREAM_TRANSPORT = (
+    "unix_path",
+    "tls",
+    "ca_file",
+    "tls_insecure",
+    "cert_file",
+    "key_file",
+    "send_proxy",
+)
 TRANSPORT = "transport (as `echoplex client`; default TCP to --host:--port)"
 
 # Typed Any: the field keeps its own type, and never holds these once built.
@@ -52,6 +65,23 @@ TIMEOUT_BY_TRANSPORT: Any = FromOtherSettings(
 )
 
 
+class RegisteredNames(Sequence[str]):
+    """The names in a registry as it is when asked, for an option's choices: a pattern
+    registered after this module is imported is a choice too."""
+
+    def __init__(self, registry: Mapping[str, object]) -> None:
+        self.registry = registry
+
+    def __getitem__(self, index: Any) -> Any:
+        return list(self.registry)[index]
+
+    def __len__(self) -> int:
+        return len(self.registry)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.registry
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (its affinity mask, as `taskset` sets it)."""
     if hasattr(os, "sched_getaffinity"):
@@ -59,19 +89,35 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def process_count(text: str) -> int:
-    """`auto` (one per CPU this process may use) or 1 to MAX_PROCESSES."""
+_PROCESSES_OR_AUTO = "(a number of processes, or auto)"
+
+
+def _processes_or_auto(text: str) -> int:
     if text.strip().lower() == "auto":
         return min(usable_cpus(), MAX_PROCESSES)
     try:
-        return at_most(MAX_PROCESSES, positive_int)(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{exc} (a number of processes, or auto)") from None
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a whole number: {text!r} {_PROCESSES_OR_AUTO}"
+        ) from None
 
 
-def message_size(text: str) -> int:
-    """A message size: 1 byte to MAX_SIZE_BYTES, with K/KiB/M/MiB... (see `size_bytes`)."""
-    return size_bytes(text, MAX_SIZE_BYTES)
+process_count = Bounded(
+    _processes_or_auto,
+    1,
+    MAX_PROCESSES,
+    f"must be at least {{least}}, not {{value}} {_PROCESSES_OR_AUTO}",
+    f"must be at most {{most}}, not {{value}} {_PROCESSES_OR_AUTO}",
+)
+"""`auto` (one per CPU this process may use) or 1 to MAX_PROCESSES."""
+
+message_size = byte_size(MAX_SIZE_BYTES)
+"""A message size: 1 byte to MAX_SIZE_BYTES, with K/KiB/M/MiB... (see `byte_size`)."""
+
+connection_count = Bounded(
+    positive_int.read, 1, MAX_CONNECTIONS, too_high="connections must be 1..{most}, not {value}"
+)
 
 
 @dataclass(frozen=True)
@@ -93,7 +139,7 @@ class LoadConfig:
         "--pattern",
         "traffic pattern (default {default}). "
         + described({name: pattern.description for name, pattern in PATTERNS.items()}),
-        choices=tuple(PATTERNS),
+        choices=RegisteredNames(PATTERNS),
     )
     """A key of `PATTERNS` (`echoplex.load.patterns`); the class is `pattern_class`."""
 
@@ -101,7 +147,7 @@ class LoadConfig:
         10,
         "--connections",
         "connections to open (default {default})",
-        parse=positive_int,
+        parse=connection_count,
         short="-c",
     )
     """Connections opened (and, for `rate`, sharing the rate)."""
@@ -219,6 +265,27 @@ class LoadConfig:
     )
     """With `tls`: verify nothing (testing only)."""
 
+    cert_file: str | None = option(
+        None,
+        "--cert",
+        "with --tls, present this client certificate (PEM; its key in it too, or --key), "
+        "for a server that requires one (mutual TLS)",
+        parse=file_path,
+        metavar="FILE",
+        group=TRANSPORT,
+    )
+    """With `tls`: the client certificate (PEM chain) to present, for mutual TLS."""
+
+    key_file: str | None = option(
+        None,
+        "--key",
+        "the private key of --cert (PEM; default: in the --cert file)",
+        parse=file_path,
+        metavar="FILE",
+        group=TRANSPORT,
+    )
+    """The private key of `cert_file` (default: in `cert_file` itself)."""
+
     send_proxy: str | None = option(
         None,
         "--send-proxy",
@@ -283,48 +350,42 @@ class LoadConfig:
         """The pattern `pattern` names (`echoplex.load.patterns`)."""
         return PATTERNS[self.pattern]
 
+    @cached_property
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The client TLS context of a `tls` run, built once per process from `ca_file`,
+        `tls_insecure`, `cert_file` and `key_file` (None without `tls`): the command
+        builds it to refuse a bad file as a bad argument, and the run uses that one. A
+        ValueError naming a file that cannot be used."""
+        if not self.tls:
+            return None
+        return checked_client_context(
+            self.ca_file,
+            insecure=self.tls_insecure,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # An SSLContext cannot be pickled: a share in another process builds its own.
+        return {name: value for name, value in vars(self).items() if name != "tls_context"}
+
     def __post_init__(self) -> None:
         if self.window_bytes is WINDOW_FOR_STREAM:
             object.__setattr__(self, "window_bytes", DEFAULT_WINDOW_BYTES)
         if self.timeout_s is TIMEOUT_BY_TRANSPORT:
             object.__setattr__(self, "timeout_s", UDP_TIMEOUT_S if self.udp else DEFAULT_TIMEOUT_S)
+        check_declared(self)  # each option's range and choices, as its parser checks them
         problems = self._pattern_problems()
-        if not 1 <= self.port <= 65535:
-            problems.append(f"`port` must be 1..65535, not {self.port}")
-        if not 1 <= self.connections <= MAX_CONNECTIONS:
-            problems.append(f"`connections` must be 1..{MAX_CONNECTIONS}, not {self.connections}")
-        if not 1 <= self.processes <= MAX_PROCESSES:
-            problems.append(f"`processes` must be 1..{MAX_PROCESSES}, not {self.processes}")
         if not 0 <= self.first_connection <= MAX_CONNECTIONS:
             problems.append(
                 f"`first_connection` must be 0..{MAX_CONNECTIONS}, not {self.first_connection}"
             )
-        if not 1 <= self.size_bytes <= MAX_SIZE_BYTES:
-            problems.append(
-                f"`size_bytes` must be 1..{MAX_SIZE_BYTES} bytes, not {self.size_bytes}"
-            )
-        if not 0 < self.duration_s < float("inf"):
-            problems.append(f"`duration_s` must be more than 0 seconds, not {self.duration_s}")
-        if not 0 <= self.warmup_s < float("inf"):
-            problems.append(f"`warmup_s` must be 0 seconds or more, not {self.warmup_s}")
-        if not 0 < self.timeout_s < float("inf"):
-            problems.append(f"`timeout_s` must be more than 0 seconds, not {self.timeout_s}")
-        if self.connect_rate_per_s is not None and not 0 < self.connect_rate_per_s < float("inf"):
-            problems.append(
-                "`connect_rate_per_s` must be more than 0 connections/s, "
-                f"not {self.connect_rate_per_s}"
-            )
-        if self.loop not in LOOPS:
-            problems.append(f"`loop` must be one of {', '.join(LOOPS)}, not {self.loop!r}")
         problems += self._transport_problems()
         if problems:
             raise ValueError(problems[0])
 
     def _pattern_problems(self) -> list[str]:
-        pattern = PATTERNS.get(self.pattern)
-        if pattern is None:
-            choices = ", ".join(PATTERNS)
-            return [f"unknown `pattern` {self.pattern!r} (choose from {choices})"]
+        pattern = PATTERNS[self.pattern]  # a registered one: `check_declared` saw to it
         problems = []
         for other in PATTERNS.values():
             for setting, unused in other.own_settings.items():
@@ -337,8 +398,10 @@ class LoadConfig:
         problems = []
         if (self.ca_file or self.tls_insecure) and not self.tls:
             problems.append("`ca_file` and `tls_insecure` go with `tls`")
-        if self.send_proxy is not None and self.send_proxy not in PROXY_VERSIONS:
-            problems.append(f"`send_proxy` must be v1 or v2, not {self.send_proxy!r}")
+        if (self.cert_file or self.key_file) and not self.tls:
+            problems.append("`cert_file` and `key_file` go with `tls`")
+        if self.key_file is not None and self.cert_file is None:
+            problems.append("`key_file` goes with `cert_file`")
         for check, value in ((check_host, self.host), (check_unix_path, self.unix_path)):
             try:
                 if value is not None:
@@ -349,10 +412,10 @@ class LoadConfig:
             return problems
         if self.tls or self.unix_path is not None or self.send_proxy is not None:
             problems.append("`udp` does not go with `tls`, `unix_path` or `send_proxy`")
-        pattern = PATTERNS.get(self.pattern)
-        if pattern is not None and pattern.datagram_connection is None:
+        if self.pattern_class.datagram_connection is None:
             problems.append(
-                f"`pattern` {self.pattern} does not go with `udp`: {pattern.not_over_udp} "
+                f"`pattern` {self.pattern} does not go with `udp`: "
+                f"{self.pattern_class.not_over_udp} "
                 f"(use {' or '.join(UDP_PATTERNS)})"
             )
         if self.size_bytes > MAX_DATAGRAM_BYTES:

@@ -29,8 +29,13 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from ..client import Target, describe_connection_error, describe_udp_error, proxy_header_for
-from ..tls import client_context
+from ..client import (
+    Target,
+    describe_connection_error,
+    describe_udp_error,
+    proxy_header_for,
+    tls_failure,
+)
 from .config import LoadConfig
 from .connections import error_kind
 
@@ -66,12 +71,11 @@ def _one_line(text: str) -> str:
 
 
 def tls_reason(exc: BaseException, timeout_s: float) -> str:
-    """Why a TLS handshake failed, in one line: OpenSSL's reason, and for a certificate
-    the verifier's own words (`CERTIFICATE_VERIFY_FAILED: self-signed certificate`)."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _one_line(f"{exc.reason}: {exc.verify_message}")
+    """Why a TLS handshake failed, in one line: as `echoplex client` words it (OpenSSL's
+    reason; for a certificate the verifier's own words, `CERTIFICATE_VERIFY_FAILED:
+    self-signed certificate`), or the time limit, or the server gone."""
     if isinstance(exc, ssl.SSLError):
-        return _one_line(exc.reason or exc.strerror or str(exc))
+        return _one_line(tls_failure(exc))
     if isinstance(exc, TimeoutError):
         return f"no handshake within {timeout_s:g}s"
     if isinstance(exc, ConnectionError):
@@ -123,11 +127,9 @@ class StreamConnector(Connector):
         self._create = loop.create_unix_connection if config.unix_path else loop.create_connection
         if config.tls:
             try:
-                context = client_context(config.ca_file, insecure=config.tls_insecure)
-            except (OSError, ssl.SSLError) as exc:
-                reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
-                message = f"cannot load CA file {config.ca_file}: {reason}"
-                raise OpenFailed("tls", message, message) from None
+                context = config.tls_context  # built once (by the command, if it ran us)
+            except ValueError as exc:
+                raise OpenFailed("tls", str(exc), str(exc)) from None
             # The handshake's time limit is the asyncio.timeout around it in open():
             # the loops' own ssl_handshake_timeout reports expiry as a lost connection.
             self._tls_arguments = {"ssl": context, "server_hostname": config.host}
