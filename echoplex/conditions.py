@@ -107,6 +107,7 @@ bandwidth toxic cuts its chunks): smooth at any scale a client measures, and at 
 ten timer wakeups a second per connection."""
 
 _MOST_BYTES = 1 << 40  # sizes and counts up to a TiB: a bound, not a use case
+_MOST_SHOWN = 60  # characters of a bad value or name an error message repeats
 
 
 class ConditionError(ValueError, argparse.ArgumentTypeError):
@@ -117,16 +118,24 @@ class ConditionError(ValueError, argparse.ArgumentTypeError):
 # ---------------------------------------------------------------- values and their words
 
 
-def _shown(value: object) -> str:
-    """A number as short as it reads back (`-1`, `0.25`); anything else as repr."""
-    if isinstance(value, float):
-        return repr(value).removesuffix(".0")
-    return str(value) if isinstance(value, int) else repr(value)
+def _given(value: object) -> str:
+    """A bad value as it was given (`2.0` stays `2.0`), in one short line: a huge whole
+    number is told by its size (Python will not write one of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a whole number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= _MOST_SHOWN else f"{text[: _MOST_SHOWN - 3]}..."
+
+
+def _named(key: object) -> str:
+    """A name as given, unless it would break the line or run on (then as repr, cut)."""
+    text = str(key)
+    return text if text.isprintable() and len(text) <= _MOST_SHOWN else _given(text)
 
 
 def _seconds_written(seconds: float) -> str:
-    """Seconds as the duration parser reads them back exactly (`0.2s`)."""
-    return f"{_shown(seconds)}s"
+    """Seconds as the duration parser reads them back exactly (`0.2s`, `2s`)."""
+    return f"{repr(seconds).removesuffix('.0')}s"
 
 
 def _number_in(least: float, most: float, *, above_least: bool = False) -> Callable[[Any], Any]:
@@ -233,7 +242,7 @@ class Work:
             raise ConditionError(f"`work` must be io:DURATION or cpu:DURATION, not {self.kind!r}")
         if _POSITIVE_SECONDS.accept(self.seconds) is None:
             raise ConditionError(
-                f"`work` must last {_POSITIVE_SECONDS.wanted}, not {_shown(self.seconds)}"
+                f"`work` must last {_POSITIVE_SECONDS.wanted}, not {_given(self.seconds)}"
             )
 
     @classmethod
@@ -302,7 +311,7 @@ class Conditions:
             accepted = setting.kind.accept(value)
             if accepted is None:
                 raise ConditionError(
-                    f"`{setting.name}` must be {setting.kind.wanted}, not {_shown(value)}"
+                    f"`{setting.name}` must be {setting.kind.wanted}, not {_given(value)}"
                 )
             object.__setattr__(self, config_field.name, accepted)  # 2 -> 2.0
         self._check_together()
@@ -327,12 +336,9 @@ class Conditions:
         bytes); a name may be dashed (`close-after`); null is "not set"."""
         by_name = {setting.name: config_field.name for config_field, setting in _settings()}
         names = {key: str(key).replace("-", "_") for key in mapping}
-        unknown = sorted(str(key) for key, name in names.items() if name not in by_name)
+        unknown: list[object] = [key for key, name in names.items() if name not in by_name]
         if unknown:
-            raise ConditionError(
-                f"unknown condition{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)} "
-                f"(known: {', '.join(by_name)})"
-            )
+            raise _unknown(unknown)
         values: dict[str, Any] = {}
         for key, value in mapping.items():
             attribute = by_name[names[key]]
@@ -402,10 +408,26 @@ def _settings() -> list[tuple[dataclasses.Field[Any], _Setting]]:
     ]
 
 
+def _unknown(unknown: list[object]) -> ConditionError:
+    """The error naming unknown names (the first few) and every known one."""
+    shown = [_named(key) for key in sorted(unknown, key=str)]
+    more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+    known = ", ".join(setting.name for _, setting in _settings())
+    return ConditionError(
+        f"unknown condition{'s' if len(shown) > 1 else ''}: {', '.join(shown[:5])}{more} "
+        f"(known: {known})"
+    )
+
+
 def reader(name: str) -> Callable[[str], Any]:
-    """How the CLI reads the setting `name` (`latency`) from text: the argparse type of its
-    option, so a flag, its `ECHOPLEX_*` variable and the control API read values alike."""
-    return next(setting.kind.read for _, setting in _settings() if setting.name == name)
+    """How the CLI reads the setting `name` (`latency`, `close_after` or `close-after`)
+    from text: the argparse type of its option, so a flag, its `ECHOPLEX_*` variable and
+    the control API read values alike. A ConditionError for an unknown name."""
+    wanted = name.replace("-", "_")
+    for _, setting in _settings():
+        if setting.name == wanted:
+            return setting.kind.read
+    raise _unknown([name])
 
 
 def _read(name: str, value: object) -> object:
