@@ -108,11 +108,21 @@ ten timer wakeups a second per connection."""
 
 _MOST_BYTES = 1 << 40  # sizes and counts up to a TiB: a bound, not a use case
 _MOST_SHOWN = 60  # characters of a bad value or name an error message repeats
+_MOST_MESSAGE = 400  # characters of an error message (the known names take 150)
 
 
 class ConditionError(ValueError, argparse.ArgumentTypeError):
     """A bad condition or value, in one line naming it. A ValueError, and also the
-    error argparse shows as written when `Work.parse` or a reader is an option's type."""
+    error argparse shows as written when `Work.parse` or a reader is an option's type.
+
+    The message is made one short line here, whoever words it: it may quote what a
+    client sent (`1s\n` reads as a duration, and the range check repeats it)."""
+
+    def __init__(self, message: str) -> None:
+        escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        if len(escaped) > _MOST_MESSAGE:
+            escaped = f"{escaped[: _MOST_MESSAGE - 3]}..."
+        super().__init__(escaped)
 
 
 # ---------------------------------------------------------------- values and their words
