@@ -76,6 +76,7 @@ class Watch:
         "_last_pending",
         "_sent_at",
         "_since",
+        "conditions",
         "handle",
         "opened_at",
         "step",
@@ -92,6 +93,9 @@ class Watch:
         self._sent_at = opened_at  # echoing: when the client last took some of its echo
         self._last_in = 0
         self._last_pending = 0
+        self.conditions: Any = None
+        """Its `ConnectionConditions`, if it has any: the bytes they hold on purpose are
+        not owed to a slow client."""
         self.wake_at = math.inf
         """When its driver asked to be woken for it (its conditions' next action)."""
 

@@ -18,7 +18,8 @@ need it too).
 A driver gives `Connections` two things about its handles (its sockets, or its asyncio
 protocols): how to cut one off from outside (`cut_off`: make whoever serves it find it
 ended) and, for the idle and send limits, how much it has received and has still to send
-(`progress`; by default the record's own counts).
+(`progress`; by default the record's own counts, less what its conditions hold on
+purpose: a stalled or delayed echo is not one the client is slow to take).
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class OnPurpose(NamedTuple):
     work: Work | None
 
 
-def record_progress(_handle: object, record: ConnectionRecord) -> tuple[int, int]:
-    """Bytes received, and bytes received but not yet sent back, by the record's counts."""
-    return record.bytes_in, record.bytes_in - record.bytes_out
+Progress = Callable[[Any, ConnectionRecord], tuple[int, int]]
+"""What the idle and send limits read of an open connection: bytes received, and bytes
+the client has still to take (sent to it, or about to be)."""
 
 
 def drain(
@@ -109,7 +110,7 @@ class Connections(Generic[Handle]):
         events: ServerEvents,
         cut_off: Callable[[Handle], None],
         admission: Admission,
-        progress: Callable[[Handle, ConnectionRecord], tuple[int, int]] = record_progress,
+        progress: Progress | None = None,
         clock: Clock = time.monotonic,
         wake: Callable[[Handle], None] | None = None,
     ) -> None:
@@ -179,6 +180,8 @@ class Connections(Generic[Handle]):
             )
             if conditions is not None or set_now.work is not None:
                 on_purpose = OnPurpose(conditions, set_now.work)
+                with self._lock:
+                    self._open[record].conditions = conditions
                 names = [conditions.label] if conditions is not None else []
                 if set_now.work is not None:
                     names.append(f"work={set_now.work}")
@@ -281,15 +284,21 @@ class Connections(Generic[Handle]):
         for record, watch in watched:
             if record.outcome is not None:
                 continue  # ending already: its driver is closing it
-            bytes_in, pending = (
-                self._progress(watch.handle, record) if watch.step is Step.ECHO else (0, 0)
-            )
+            bytes_in, pending = self._progress_of(watch, record)
             outcome = watch.check(timeouts, bytes_in, pending, now)
             if outcome is not None:
                 self.cut_off(record, outcome)
             else:
                 next_look = min(next_look, watch.next_deadline(timeouts))
         return next_look
+
+    def _progress_of(self, watch: Watch, record: ConnectionRecord) -> tuple[int, int]:
+        if watch.step is not Step.ECHO:
+            return 0, 0
+        if self._progress is not None:
+            return self._progress(watch.handle, record)
+        held = 0 if watch.conditions is None else watch.conditions.held
+        return record.bytes_in, record.bytes_in - record.bytes_out - held
 
     def stopping(self, shutdown: Shutdown, stop_listening: Callable[[], None]) -> Iterator[float]:
         """The stop sequence, the same in every model: stop listening, let the open

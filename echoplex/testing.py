@@ -18,7 +18,7 @@ given) and waits for a condition (an event, a byte, an EOF), never a fixed sleep
 `echo_concurrently`, `recv_exactly` and `recv_until_eof` are the kit's client side,
 public for tests that drive a server of their own.
 
-The server runs six times, once per group of settings that can share a server; a run
+The server runs thirteen times, once per group of settings that can share a server; a run
 is skipped when none of its checks is selected (`checks=`, names from `CHECKS`).
 
 1. `drain_timeout_s=1`, `max_connections=20`:
@@ -83,6 +83,30 @@ is skipped when none of its checks is selected (`checks=`, names from `CHECKS`).
      second. Once the client reads, every byte comes back in order and it still echoes.
 6. `max_lifetime_s=0.3`: `max-lifetime`: a busy client (echoing without pause) is cut
    off with outcome `max-lifetime`.
+7. Conditions on purpose (`echoplex.conditions`), a run per group that can share a
+   server. A figure of time is only ever checked from below (an echo no sooner than
+   the latency): a busy machine makes a server late, never early.
+   - `latency` (`latency_s=1`, `threads=2`): a delay line, not a stall. Four clients
+     (one for a one-at-a-time model) each send three messages, every one read by the
+     server (its socket's receive queue in /proc/net/tcp is empty) before the next is
+     sent; while the latency has not passed, no echo has come back, so the server read
+     them all, on every connection, while holding the first (a pool of 2 threads too);
+     then each comes back whole, in order, no sooner than the latency after it was sent;
+   - `pacing` (`bandwidth_bytes_per_s=10000`, `slice_bytes=500`, `slice_delay_s=0.05`,
+     `work=io:0.3s`): 3000 bytes come back whole and in order, no sooner than the rate,
+     the slices' delays and the work allow;
+   - `close-after` (`close_after_bytes=1000`): of 3000 bytes sent, exactly the first 1000
+     come back, then a clean EOF (never a reset), outcome `close-after`;
+   - `reset-after` (`reset_after_bytes=1000`): at most the first 1000 come back, then a
+     reset, outcome `reset-after`;
+   - `stall` (`stall_after_bytes=100`, `idle_timeout_s=0.3`): exactly 100 bytes come back,
+     then nothing, until the idle limit ends the connection (`idle-timeout`): limits win;
+   - `stall-for`, `slow-close` (`stall_after_bytes=100`, `stall_for_s=0.3`,
+     `slow_close_s=0.3`): a stall that ends lets every byte through; after a half-close
+     and the whole echo, the server's EOF comes no sooner than the slow close;
+   - `toxicity` (`toxicity=0.5`, `condition_seed=1`, `close_after_bytes=0`): of 20
+     clients, some are closed at once unechoed (`close-after`) and some echoed
+     (`closed`), each reported as it was treated.
 
 One time limit per run, so that a stall of a busy machine cannot end a connection by
 another limit. Every connection the kit makes must be reported closed once with the
@@ -112,6 +136,7 @@ handler check runs with `max_connections=1` and no clients held.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -128,6 +153,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .conditions import Work
 from .config import ServerConfig
 from .events import ConnectionRecord, QuietEvents
 from .plan import Model, load_model
@@ -142,6 +168,7 @@ __all__ = [
     "echo_concurrently",
     "recv_exactly",
     "recv_until_eof",
+    "unread_by_peer",
 ]
 
 log = logging.getLogger("echoplex.testing")
@@ -171,6 +198,12 @@ DOOMED_HOST = "127.0.0.66"  # the kit's events raise from connection_opened for 
 NAMED_V1, NAMED_V2 = "192.0.2.1", "198.51.100.2"  # clients the PROXY headers name
 NAMED_SHARED, NAMED_OTHER = "203.0.113.3", "203.0.113.4"  # the proxy-limits check's
 UNTRUSTED, PER_IP, PER_IP_OTHER, NEVER_READS = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+
+LATENCY_S = 1.0  # the latency check's: long enough to see every message read meanwhile
+STALL_AT = 100  # bytes of echo before the stall checks' stall
+END_AT = 1000  # bytes of echo before the close-after and reset-after checks' end
+PACED_RATE, PACED_SLICE, SLICE_DELAY_S = 10_000, 500, 0.05  # the pacing check's
+PACED_WORK = Work("io", SHORT_LIMIT_S)
 
 CONCURRENT_ONLY = frozenset({"max-connections", "proxy-limits", "max-per-ip"})
 """Checks that need two clients served at once: skipped for one-at-a-time models."""
@@ -921,6 +954,183 @@ def _check_max_lifetime(client: _Client) -> None:
     client.expect_outcome(sock, "max-lifetime", "busy client")
 
 
+# Conditions on purpose.
+
+
+def _check_latency(client: _Client) -> None:
+    """A delay line: every message is read while the first echo is held, then each comes
+    back whole, in order, no sooner than the latency after it was sent."""
+    socks = [client.connect() for _ in range(4 if client.settings.concurrent else 1)]
+    sent = {sock: b"" for sock in socks}
+    started = time.monotonic()
+    own_s = 0.0  # the kit's own time between the server's read and the next send
+    for round_ in range(3):
+        for index, sock in enumerate(socks):
+            message = f"message {round_} of client {index}\n".encode()
+            sock.sendall(message)
+            sent[sock] += message
+            _until(functools.partial(_all_read, sock), "the server's read", client.timeout_s)
+            looked_at = time.monotonic()
+            last = round_ == 2 and index == len(socks) - 1
+            # An echo back before the server has read every message: it held the reading
+            # while it held the echo (a stall per chunk), unless the kit itself was so
+            # slow between its sends that the latency passed meanwhile.
+            assert last or own_s >= LATENCY_S or not any(map(_ready_to_read, socks)), (
+                "an echo came back before the server had read the messages sent after "
+                "it: a stall per chunk, not a delay line"
+            )
+            own_s += time.monotonic() - looked_at
+    for index, sock in enumerate(socks):
+        first = recv_exactly(sock, 1)
+        waited_s = time.monotonic() - started
+        assert waited_s >= LATENCY_S, f"an echo came back after {waited_s:.3f} s"
+        _expect_echo(sent[sock], first + recv_exactly(sock, len(sent[sock]) - 1), f"client {index}")
+        sock.shutdown(socket.SHUT_WR)
+        assert not sock.recv(1), "no EOF after the delayed echo"
+        client.expect_outcome(sock, "closed", "delayed client")
+
+
+def _check_pacing(client: _Client) -> None:
+    """A paced, sliced echo after each chunk's work: whole, in order, and no sooner than
+    the rate, the slices' delays and the work allow."""
+    sock = client.connect()
+    data = random.Random(client.settings.seed).randbytes(3000)
+    started = time.monotonic()
+    sock.sendall(data)
+    _expect_echo(data, recv_exactly(sock, len(data)), "the paced client")
+    took_s = time.monotonic() - started
+    slices = len(data) // PACED_SLICE
+    least_s = PACED_WORK.seconds + max(
+        (len(data) - PACED_SLICE) / PACED_RATE, (slices - 1) * SLICE_DELAY_S
+    )
+    assert took_s >= least_s, f"3000 bytes paced, sliced and worked on came back in {took_s:.3f} s"
+    sock.shutdown(socket.SHUT_WR)
+    assert not sock.recv(1), "no EOF after the paced echo"
+    client.expect_outcome(sock, "closed", "paced client")
+
+
+def _check_close_after(client: _Client) -> None:
+    sock = client.connect()
+    data = random.Random(client.settings.seed).randbytes(3 * END_AT)
+    sock.sendall(data)
+    try:
+        got = recv_until_eof(sock)
+    except ConnectionResetError:
+        raise AssertionError("close-after reset the connection: it must close with a FIN") from None
+    _expect_echo(data[:END_AT], got, "the client closed after 1000 bytes")
+    sock.shutdown(socket.SHUT_WR)  # the server's discarding of what follows ends with it
+    client.expect_outcome(sock, "close-after", "client closed on purpose")
+
+
+def _check_reset_after(client: _Client) -> None:
+    sock = client.connect()
+    data = random.Random(client.settings.seed).randbytes(3 * END_AT)
+    sock.sendall(data)
+    got = bytearray()
+    try:
+        while chunk := sock.recv(1 << 16):
+            got += chunk
+    except ConnectionResetError:
+        pass  # what the kernel kept of the echo before the RST is compared below
+    else:
+        raise AssertionError("reset-after ended with a clean EOF, not a reset")
+    assert data.startswith(bytes(got)) and len(got) <= END_AT, (
+        f"{len(got)} bytes came back before the reset, not the first {END_AT} at most"
+    )
+    client.expect_outcome(sock, "reset-after", "client reset on purpose")
+
+
+def _check_stall(client: _Client) -> None:
+    """A stall with no end: the echo stops at its mark until a limit ends the connection."""
+    sock = client.connect()
+    data = random.Random(client.settings.seed).randbytes(3 * STALL_AT)
+    sock.sendall(data)
+    got = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(1 << 16):
+            got += chunk
+    _expect_echo(data[:STALL_AT], bytes(got), "the stalled client")
+    client.expect_outcome(sock, "idle-timeout", "stalled client")
+
+
+def _check_stall_for(client: _Client) -> None:
+    sock = client.connect()
+    data = random.Random(client.settings.seed).randbytes(3 * STALL_AT)
+    started = time.monotonic()
+    sock.sendall(data)
+    _expect_echo(data, recv_exactly(sock, len(data)), "the client stalled a while")
+    took_s = time.monotonic() - started
+    assert took_s >= SHORT_LIMIT_S, (
+        f"a {SHORT_LIMIT_S} s stall let the echo through in {took_s:.3f} s"
+    )
+    sock.shutdown(socket.SHUT_WR)
+    assert not sock.recv(1), "no EOF after the stalled echo"
+    client.expect_outcome(sock, "closed", "client stalled a while")
+
+
+def _check_slow_close(client: _Client) -> None:
+    sock = client.connect()
+    sock.sendall(b"slow")  # under the stall's mark
+    sock.shutdown(socket.SHUT_WR)
+    closed_at = time.monotonic()
+    assert recv_exactly(sock, 4) == b"slow", "no echo before the slow close"
+    assert not sock.recv(1), "bytes after the echo"
+    waited_s = time.monotonic() - closed_at
+    assert waited_s >= SHORT_LIMIT_S, f"a {SHORT_LIMIT_S} s slow close came after {waited_s:.3f} s"
+    client.expect_outcome(sock, "closed", "slowly closed client")
+
+
+def _check_toxicity(client: _Client) -> None:
+    treated: dict[str, int] = {}
+    for _ in range(CLIENTS):  # one after another: a one-at-a-time model too
+        sock = client.connect()
+        sock.sendall(b"ping")
+        sock.shutdown(socket.SHUT_WR)
+        got = recv_until_eof(sock)
+        expected = {b"": "close-after", b"ping": "closed"}.get(got)
+        assert expected is not None, f"a client got {got!r}, not its echo nor an empty close"
+        client.expect_outcome(sock, expected, "client of a toxicity draw")
+        treated[expected] = treated.get(expected, 0) + 1
+        sock.close()
+    assert len(treated) == 2, f"toxicity 0.5 treated {CLIENTS} clients alike: {treated}"
+
+
+def unread_by_peer(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that the kernel holds for the program at the other end, not
+    yet read by it (`rx_queue` of the peer's IPv4 line in /proc/net/tcp): how a client
+    on this machine sees what a server has read."""
+
+    def hex_address(address: tuple[str, int]) -> str:
+        packed = int.from_bytes(socket.inet_aton(address[0]), "little")
+        return f"{packed:08X}:{address[1]:04X}"
+
+    peer = (hex_address(sock.getpeername()), hex_address(sock.getsockname()))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == peer:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no socket for {sock.getpeername()} -> {sock.getsockname()}")
+
+
+def _all_read(sock: socket.socket) -> bool:
+    return unread_by_peer(sock) == 0
+
+
+def _until(condition: Callable[[], bool], what: str, timeout_s: float) -> None:
+    """Wait until `condition()` holds (asked every few ms); AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no {what} within {timeout_s:g} s")
+        time.sleep(0.002)
+
+
+def _ready_to_read(sock: socket.socket) -> bool:
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        return bool(selector.select(0))
+
+
 # The runs: one per group of settings that can share a server (the module docstring).
 
 
@@ -985,6 +1195,34 @@ def _runs(concurrent: bool) -> tuple[_Run, ...]:
             ),
         ),
         _Run({"max_lifetime_s": SHORT_LIMIT_S}, (("max-lifetime", _check_max_lifetime),)),
+        _Run({"latency_s": LATENCY_S, "threads": 2}, (("latency", _check_latency),)),
+        _Run(
+            {
+                "bandwidth_bytes_per_s": PACED_RATE,
+                "slice_bytes": PACED_SLICE,
+                "slice_delay_s": SLICE_DELAY_S,
+                "work": PACED_WORK,
+            },
+            (("pacing", _check_pacing),),
+        ),
+        _Run({"close_after_bytes": END_AT}, (("close-after", _check_close_after),)),
+        _Run({"reset_after_bytes": END_AT}, (("reset-after", _check_reset_after),)),
+        _Run(
+            {"stall_after_bytes": STALL_AT, "idle_timeout_s": SHORT_LIMIT_S},
+            (("stall", _check_stall),),
+        ),
+        _Run(
+            {
+                "stall_after_bytes": STALL_AT,
+                "stall_for_s": SHORT_LIMIT_S,
+                "slow_close_s": SHORT_LIMIT_S,
+            },
+            (("stall-for", _check_stall_for), ("slow-close", _check_slow_close)),
+        ),
+        _Run(
+            {"toxicity": 0.5, "condition_seed": 1, "close_after_bytes": 0},
+            (("toxicity", _check_toxicity),),
+        ),
     )
 
 

@@ -16,18 +16,20 @@ import select
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 
+from echoplex.conditions import Conditions, LiveConditions
 from echoplex.events import ServerEvents
 from echoplex.limits import Admission
 from echoplex.models import threads
 from echoplex.plan import ServerPlan
 from echoplex.proxy_protocol import parse_networks
 from echoplex.shutdown import Shutdown
-from echoplex.testing import CHECKS, check_model
+from echoplex.testing import CHECKS, LATENCY_S, check_model
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -77,6 +79,24 @@ SKIPPED = [
         "proxy-v1",
         "the v1 client sent",
         id="trusts-no-proxy",
+    ),
+    pytest.param(
+        lambda plan: replace(plan, conditions=LiveConditions(Conditions())),
+        "latency",
+        "an echo came back before the server had read the messages sent after it",
+        id="no-latency",
+    ),
+    pytest.param(
+        lambda plan: replace(plan, conditions=LiveConditions(Conditions())),
+        "close-after",
+        "timed out",
+        id="no-close-after",
+    ),
+    pytest.param(
+        lambda plan: replace(plan, conditions=LiveConditions(Conditions())),
+        "stall",
+        "the stalled client sent 100 bytes and got 300 back",
+        id="no-stall",
     ),
     pytest.param(
         lambda plan: replace(plan, admission=Admission(plan.config.max_connections, 0)),
@@ -147,6 +167,16 @@ def test_the_kit_catches_a_broken_echo(damage: Callable[[bytes, bool], bytes]) -
         check_model(BrokenModel("broken", damage))
 
 
+def stall_per_chunk(chunk: bytes, first: bool) -> bytes:
+    time.sleep(LATENCY_S)  # the latency as a stall: nothing is read meanwhile
+    return chunk
+
+
+def test_the_kit_catches_a_latency_that_stalls_the_reading() -> None:
+    with pytest.raises(AssertionError, match=r"^stalls: latency: an echo came back before"):
+        check_model(BrokenModel("stalls", stall_per_chunk), checks=["latency"], timeout_s=5)
+
+
 class Hoarder(BrokenModel):
     """Reads all that a client sends, and echoes it from a second thread: it holds
     whatever the client does not take, without bound."""
@@ -191,4 +221,4 @@ def test_an_unknown_check_is_a_value_error_naming_the_known_ones() -> None:
         check_model("threads", checks=["streams", "tls"])
     with pytest.raises(ValueError, match="a collection of names, not one name"):
         check_model("threads", checks="streams")
-    assert len(set(CHECKS)) == len(CHECKS) == 20
+    assert len(set(CHECKS)) == len(CHECKS) == 28
