@@ -657,7 +657,7 @@ def test_the_echo_never_passes_close_after_or_reset_after(
 durations = st.floats(0, 365 * 24 * 3600.0, allow_nan=False)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     latency=durations,
     slow_close=durations,
@@ -946,7 +946,7 @@ def test_a_bad_value_is_one_line_naming_the_setting(name: str, value: object) ->
     assert len(message) < 300
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     name=st.sampled_from(SETTING_NAMES),
     value=st.one_of(
