@@ -3,6 +3,7 @@ whole bench end to end on its tiny `smoke` scenario."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from echoplex._cli_util import config_from_args
 from echoplex.bench import loadgen, runner
 from echoplex.bench.proctree import (
     parse_stat,
@@ -42,6 +44,10 @@ from echoplex.bench.runner import (
 )
 from echoplex.bench.scenarios import SCENARIOS
 from echoplex.bench.servers import SERVERS, RunningServer
+from echoplex.commands import load as load_command
+from echoplex.commands import serve as serve_command
+from echoplex.config import ServerConfig
+from echoplex.load.config import LoadConfig
 
 from .procs import echoplex
 
@@ -219,13 +225,26 @@ def test_the_reference_defaults_to_uvloop_then_the_asyncio_model() -> None:
 
 
 def test_load_command_and_its_json_report() -> None:
-    spec = loadgen.LoadSpec("pingpong", 10, 64, 2.0, 0.5)
+    spec = loadgen.LoadSpec("stream", 10, 65536, 2.0, 0.5)
     pinned = loadgen.load_argv("127.0.0.1", 4242, spec, cpu=1)
     assert pinned[:3] == ["taskset", "-c", "1"]
-    argv = pinned[3:]
-    assert argv[argv.index("--pattern") + 1] == "pingpong"
-    assert argv[argv.index("-c") + 1] == "10"
-    assert "--json" in argv
+    command = len(loadgen.LOAD_COMMAND)
+    assert pinned[3 : 3 + command] == loadgen.LOAD_COMMAND
+    # `echoplex load` parses the flags back into the run the bench meant.
+    parser = argparse.ArgumentParser()
+    load_command.add_arguments(parser)
+    args = parser.parse_args(pinned[3 + command :])
+    assert args.json
+    assert load_command.config_from(args) == loadgen.load_config("127.0.0.1", 4242, spec)
+    assert load_command.config_from(args) == LoadConfig(
+        host="127.0.0.1",
+        port=4242,
+        pattern="stream",
+        connections=10,
+        size_bytes=65536,
+        duration_s=2.0,
+        warmup_s=0.5,
+    )
     assert loadgen.parse_report('{"requests": 5}') == {"requests": 5}
     assert loadgen.parse_report('progress\n{"requests": 5}\n') == {"requests": 5}
     with pytest.raises(ValueError):
@@ -242,6 +261,22 @@ def test_a_load_run_that_hangs_is_stopped_and_reported(monkeypatch: pytest.Monke
     assert report is None
     assert failure is not None and "did not finish" in failure
     assert run.proc.returncode is not None
+
+
+@pytest.mark.parametrize("name", [n for n, spec in SERVERS.items() if spec.kind == "model"])
+def test_a_model_is_served_with_the_flags_of_its_server_config(name: str) -> None:
+    spec = SERVERS[name]
+    assert spec.argv[:4] == (sys.executable, "-m", "echoplex", "serve")
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    args = parser.parse_args(spec.argv[4:])
+    config = config_from_args(ServerConfig, args)
+    assert args.log_level == "info"  # the line per connection the bench counts
+    assert (config.hosts, config.port, config.drain_timeout_s) == (("127.0.0.1",), 0, 1.0)
+    assert config.mode == name.split("-")[0]
+    assert spec.description.startswith(f"echoplex serve --mode {config.mode}")
+    assert config.workers == (spec.cpus if name.startswith("workers-") else 0)
+    assert config.zero_copy == (name != "threads-copy")
 
 
 # --- servers -------------------------------------------------------------------------
@@ -436,7 +471,7 @@ def test_multicore_runs_workers_1_and_2_against_workers_1() -> None:
     assert servers[:3] == ["workers-1", "workers-2", "asyncio"]
     assert choose_reference(servers, None, scenario.reference) == "workers-1"
     assert choose_reference(servers, "asyncio", scenario.reference) == "asyncio"
-    assert SERVERS["workers-2"].argv[-2:] == ("--workers", "2")
+    assert SERVERS["workers-2"].cpus == 2
 
 
 def test_the_report_says_where_a_server_shares_or_lacks_cpus(

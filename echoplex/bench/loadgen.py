@@ -1,14 +1,16 @@
 """Driving a server with `echoplex load`, the project's load generator, as a subprocess.
 
 The bench has no load generator of its own: every server gets exactly the same
-`python -m echoplex load ... --json` command, and the bench reads back the JSON
-object it prints. `load_argv` is the whole interface to it. `LoadRun` runs any
+`python -m echoplex load ... --json` command, its flags written from a `LoadConfig`
+(`echoplex._cli_util.argv_of`), and the bench reads back the JSON object it prints.
+`load_argv` is the whole interface to it. `LoadRun` runs any
 generator that prints such an object (the cross-check's C client too: crosscheck.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +19,9 @@ import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+from .._cli_util import argv_of
+from ..load.config import LoadConfig
 
 LOAD_COMMAND: list[str] = [sys.executable, "-m", "echoplex", "load"]
 # Beyond warmup + duration, how long a run may take before it is stopped: connecting
@@ -29,6 +34,9 @@ STOP_GRACE_S = 10.0
 
 @dataclass(frozen=True)
 class LoadSpec:
+    """One run of the load generator, as the bench varies it (the rest is `echoplex
+    load`'s defaults): each field is the `LoadConfig` field of that name."""
+
     pattern: str
     """pingpong (request, wait for the echo, repeat), rate, stream (bulk) or hold."""
     connections: int
@@ -41,26 +49,19 @@ class LoadSpec:
         return self.warmup_s + self.duration_s + GRACE_S + self.connections * GRACE_PER_CONNECTION_S
 
 
+def load_config(host: str, port: int, spec: LoadSpec) -> LoadConfig:
+    """The `echoplex load` run of `spec` against `host`:`port` (each field of a LoadSpec
+    is the LoadConfig field of that name)."""
+    return LoadConfig(host=host, port=port, **dataclasses.asdict(spec))
+
+
 def load_argv(host: str, port: int, spec: LoadSpec, *, cpu: int | None = None) -> list[str]:
-    """The `echoplex load` command for one run (pinned to `cpu` with taskset if given)."""
-    argv = [
-        *LOAD_COMMAND,
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--pattern",
-        spec.pattern,
-        "-c",
-        str(spec.connections),
-        "-s",
-        str(spec.size_bytes),
-        "-d",
-        f"{spec.duration_s:g}",
-        "--warmup",
-        f"{spec.warmup_s:g}",
-        "--json",
-    ]
+    """The `echoplex load` command for one run (pinned to `cpu` with taskset if given):
+    the flags of its LoadConfig as `argv_of` writes them, each setting the bench makes
+    even at its default, and the command's own --json."""
+    config = load_config(host, port, spec)
+    flags = argv_of(config, keep_defaults=("host", "port", *dataclasses.asdict(spec)))
+    argv = [*LOAD_COMMAND, *flags, "--json"]
     return ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv
 
 

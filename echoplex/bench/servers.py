@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -26,10 +27,12 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NoReturn, Self
+from typing import IO, Any, NoReturn, Self
 
+from .._cli_util import argv_of
+from ..config import ServerConfig
 from ..models import MODELS
 from .proctree import group_pids, listening_sockets, tree_sockets
 
@@ -117,29 +120,34 @@ def custom_server(text: str) -> ServerSpec:
     return ServerSpec(name=name, kind="custom", description=command, command=command)
 
 
-def _model_spec(name: str) -> ServerSpec:
-    return ServerSpec(
-        name=name,
-        kind="model",
-        description=f"echoplex serve --mode {name}",
-        argv=(
-            sys.executable,
-            "-m",
-            "echoplex",
-            "serve",
-            "--mode",
-            name,
-            "--host",
-            LOOPBACK,
-            "--port",
-            "0",
-            "--drain-timeout",
-            str(DRAIN_TIMEOUT_S),
-            # info: the readiness line and one line per connection (counted per worker).
-            "--log-level",
-            "info",
-        ),
+def _model_spec(name: str, *, suffix: str = "", cpus: int = 1, **settings: Any) -> ServerSpec:
+    """`echoplex serve` of the model `name` on a port it picks, its flags those of the
+    ServerConfig (`settings` beside the bench's own) as `argv_of` writes them; named
+    `NAME-SUFFIX` with a suffix, to run beside the plain one."""
+    config = ServerConfig(
+        mode=name, hosts=(LOOPBACK,), port=0, drain_timeout_s=DRAIN_TIMEOUT_S, **settings
     )
+    return ServerSpec(
+        name=f"{name}-{suffix}" if suffix else name,
+        kind="model",
+        description=shlex.join(
+            ["echoplex", "serve", *argv_of(config, leave_out=_RUN_SETTINGS, keep_defaults=["mode"])]
+        ),
+        # info (the command's own flag, not a setting): the readiness line and one line
+        # per connection (counted per worker).
+        argv=(
+            *(sys.executable, "-m", "echoplex", "serve"),
+            *argv_of(config, keep_defaults=["mode", *_RUN_SETTINGS]),
+            *("--log-level", "info"),
+        ),
+        cpus=cpus,
+    )
+
+
+# How the bench runs every model: flagged even where it is the default (the bench relies
+# on them), and left out of the descriptions, which say what differs between models. The
+# model is always flagged, default or not.
+_RUN_SETTINGS = ("hosts", "port", "drain_timeout_s")
 
 
 def _baseline_spec(
@@ -154,28 +162,17 @@ def _baseline_spec(
     )
 
 
-def _variant(spec: ServerSpec, suffix: str, *args: str, cpus: int = 1) -> ServerSpec:
-    """The same server with more arguments, named `NAME-SUFFIX`, to run side by side."""
-    return replace(
-        spec,
-        name=f"{spec.name}-{suffix}",
-        description=f"{spec.description} {' '.join(args)}",
-        argv=(*spec.argv, *args),
-        cpus=cpus,
-    )
-
-
 def _with_workers(count: int) -> ServerSpec:
     """The workers model with a fixed number of processes, on as many CPUs: plain
     `workers` counts the CPUs it may use, which is one when the bench pins it."""
-    return _variant(_model_spec("workers"), str(count), "--workers", str(count), cpus=count)
+    return _model_spec("workers", suffix=str(count), cpus=count, workers=count)
 
 
 SERVERS: dict[str, ServerSpec] = {
     **{name: _model_spec(name) for name in MODELS},
     "pool": _model_spec("pool"),
     # What splice(2) saves: the same model with its zero-copy path off.
-    "threads-copy": _variant(_model_spec("threads"), "copy", "--no-zero-copy"),
+    "threads-copy": _model_spec("threads", suffix="copy", zero_copy=False),
     "workers-1": _with_workers(1),
     "workers-2": _with_workers(2),
     "ref-socketserver": _baseline_spec(
