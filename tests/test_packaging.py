@@ -8,10 +8,12 @@ run from it; and the build warns of nothing.
 
 from __future__ import annotations
 
+import contextlib
 import email.message
 import email.parser
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -40,21 +42,23 @@ class Built:
     sdist: Path
     wheel: Path
     output: str
-    tree_before: frozenset[str]
-    """The tree's source files before the build and after it: a file made or removed
-    while it ran (the tree is being worked in) may or may not be in the sdist."""
-    tree_after: frozenset[str]
+    tree: frozenset[str]
+    """The source files the build was given: a copy of the tree, taken as the build
+    began (the tree is being worked in, and the build writes beside its sources)."""
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    """An sdist of the tree, and a wheel built from that sdist (as `python -m build` does)."""
+    """An sdist of a copy of the tree, and a wheel built from that sdist (as `python -m
+    build` does): the build's own files (`*.egg-info`, the sdist's release tree) are
+    written in the copy, never in the working tree."""
+    source = copy_of_the_tree(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("dist")
-    tree_before = frozenset(files_under(ROOT))
     # PYTHONDONTWRITEBYTECODE (set where these tests run) only adds a warning per build step.
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    tree = frozenset(files_under(source))
     result = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)],
         capture_output=True,
         text=True,
         env=environment,
@@ -65,7 +69,18 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     assert result.returncode == 0, output[-4000:]
     (sdist,) = out.glob("echoplex-*.tar.gz")
     (wheel,) = out.glob("echoplex-*.whl")
-    return Built(sdist, wheel, output, tree_before, frozenset(files_under(ROOT)))
+    return Built(sdist, wheel, output, tree)
+
+
+def copy_of_the_tree(target: Path) -> Path:
+    """The tree's source files (`files_under`) copied under `target`; a file removed
+    while it is copied is left out."""
+    for name in files_under(ROOT):
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.copy2(ROOT / name, destination)
+    return target
 
 
 def files_under(top: Path) -> Iterator[str]:
@@ -134,12 +149,11 @@ def test_the_wheel_ships_every_file_of_the_package(built: Built) -> None:
         names = set(archive.namelist())
         entry_points = archive.read(f"{DIST_INFO}/entry_points.txt").decode()
     shipped = {name for name in names if name.startswith("echoplex/")}
-    always_there = package_files(built.tree_before & built.tree_after)
+    package = package_files(built.tree)
     assert "echoplex/py.typed" in shipped
-    assert [name for name in always_there if name.startswith("echoplex/bench/baselines/")]
-    assert sorted(always_there - shipped) == [], "package files the wheel lacks"
-    ever_there = package_files(built.tree_before | built.tree_after)
-    assert sorted(shipped - ever_there) == [], "wheel files that are not in echoplex/"
+    assert [name for name in package if name.startswith("echoplex/bench/baselines/")]
+    assert sorted(package - shipped) == [], "package files the wheel lacks"
+    assert sorted(shipped - package) == [], "wheel files that are not in echoplex/"
     assert "echoplex = echoplex.cli:main" in entry_points
 
 
@@ -172,12 +186,11 @@ def test_the_sdist_is_the_source_tree(built: Built) -> None:
         and not name.startswith(f"{top}echoplex.egg-info/")
     }
     # Run from an unpacked sdist, the tree holds the sdist's generated files too.
-    always_there = (built.tree_before & built.tree_after) - SDIST_GENERATED
-    ever_there = built.tree_before | built.tree_after
+    tree = built.tree - SDIST_GENERATED
     assert {"LICENSE", "ServerPython.py", "tests/conftest.py", "echoplex/py.typed"} <= shipped
-    missing = sorted(always_there - shipped)
+    missing = sorted(tree - shipped)
     assert missing == [], "not in the sdist: add them to MANIFEST.in (or here, if not source)"
-    assert sorted(shipped - ever_there) == [], "in the sdist but not in the tree"
+    assert sorted(shipped - tree) == [], "in the sdist but not in the tree"
 
 
 def test_the_tests_run_from_the_sdist(built: Built, tmp_path: Path) -> None:
