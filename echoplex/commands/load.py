@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..load import processes, report
 
     try:
-        processes.check_dependencies(config)  # before anything starts
+        # `run` checks what the run needs (hdrhistogram, the loop) before anything starts.
         with report.live_progress() as progress:
             result = processes.run(config, progress)
     except StartupError as exc:
