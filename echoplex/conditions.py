@@ -725,6 +725,13 @@ class ConnectionConditions:
         if self._eof and self._finish_at is None and not self.held and self._stalled_until is None:
             self._finish_at = now + self.conditions.slow_close_s
 
+    def handover(self) -> bytes:
+        """End these conditions for new ones (the control API changed them): the bytes
+        received and not yet sent, for the new conditions to take, in order."""
+        held = b"".join(chunk for _, chunk in self._line) + bytes(self._ready)
+        self._end()
+        return held
+
     def _end(self) -> None:
         self._ended = True
         self._line.clear()

@@ -48,10 +48,20 @@ class ConnectionRecord:
     conditions: str = ""
     """The conditions on purpose this connection got, as `latency=0.2s close-after=100`
     (empty: none): its close log line names them, and metrics count them."""
+    conditions_version: int = 0
+    """Which set of conditions it took them from (`LiveConditions.version`): when the
+    control API changes them, an open connection takes the new ones from its next chunk."""
     conn_id: int = field(default_factory=_connection_ids.__next__)
     """This connection's number in its process (1, 2, ...): its open and close log lines
     carry it, so they can be matched where the peer does not tell connections apart
     (every Unix socket client is `unix`)."""
+
+    @property
+    def condition_names(self) -> list[str]:
+        """The conditions it got, each once, in order (`latency`, `close-after`), from
+        `conditions` (which may say `latency=0.2s then none` after a live change)."""
+        names = (word.partition("=")[0] for word in self.conditions.split() if "=" in word)
+        return list(dict.fromkeys(names))
 
     def finish(self, outcome: Outcome, detail: str | None = None) -> None:
         if self.outcome is None:

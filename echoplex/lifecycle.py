@@ -172,22 +172,41 @@ class Connections(Generic[Handle]):
     def opened(self, record: ConnectionRecord) -> OnPurpose | None:
         """Its header and handshake are done: the echo begins, with what it gets on
         purpose (drawn now, from the conditions set now), or None: a plain echo."""
-        on_purpose = None
-        set_now = self.conditions.current
-        if set_now.active:
-            conditions = self.conditions.for_connection(
-                self.clock(), max_buffer_bytes=self._max_buffer_bytes
-            )
-            if conditions is not None or set_now.work is not None:
-                on_purpose = OnPurpose(conditions, set_now.work)
-                with self._lock:
-                    self._open[record].conditions = conditions
-                names = [conditions.label] if conditions is not None else []
-                if set_now.work is not None:
-                    names.append(f"work={set_now.work}")
-                record.conditions = " ".join(names)
+        on_purpose = self._draw(record)
         self.events.connection_opened(record)
         return on_purpose
+
+    def stale(self, record: ConnectionRecord) -> bool:
+        """Whether the conditions changed since this connection took its own: the driver
+        then asks `renewed` before it echoes the chunk in hand."""
+        return self.conditions.version != record.conditions_version
+
+    def renewed(self, record: ConnectionRecord) -> OnPurpose | None:
+        """What an open connection gets on purpose from its next chunk on, after a change
+        (drawn afresh, as for a new connection); the log names the latest set."""
+        return self._draw(record)
+
+    def _draw(self, record: ConnectionRecord) -> OnPurpose | None:
+        live = self.conditions
+        record.conditions_version = live.version
+        set_now = live.current
+        conditions = None
+        if set_now.active:
+            conditions = live.for_connection(self.clock(), max_buffer_bytes=self._max_buffer_bytes)
+        with self._lock:
+            watch = self._open.get(record)
+            if watch is not None:
+                watch.conditions = conditions
+        if conditions is None and set_now.work is None:
+            if record.conditions:
+                record.conditions += " then none"
+            return None
+        names = [conditions.label] if conditions is not None else []
+        if set_now.work is not None:
+            names.append(f"work={set_now.work}")
+        label = " ".join(names)
+        record.conditions = f"{record.conditions} then {label}" if record.conditions else label
+        return OnPurpose(conditions, set_now.work)
 
     def wake_at(self, record: ConnectionRecord, when: float) -> None:
         """Have the driver's `wake(handle)` called at `when` (on the clock), from the

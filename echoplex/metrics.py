@@ -203,9 +203,8 @@ class MetricsEvents:
             m.label(m.errors, kind=record.detail or record.outcome).inc()
         m.label(m.bytes_received).inc(record.bytes_in)
         m.label(m.bytes_sent).inc(record.bytes_out)
-        # `latency=0.2s close-after=100`: counted by name, so a series per condition.
-        for condition in record.conditions.split():
-            m.label(m.conditioned, condition=condition.partition("=")[0]).inc()
+        for condition in record.condition_names:  # a series per condition
+            m.label(m.conditioned, condition=condition).inc()
         self.inner.connection_closed(record)
 
     def connection_rejected(self, peer: Any, reason: str) -> None:

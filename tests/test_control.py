@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from echoplex.models import MODELS
 from echoplex.testing import recv_exactly, recv_until_eof
 
 from .procs import Server, echoplex
@@ -158,6 +159,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, str]] = [
 def test_every_bad_request_is_a_4xx_with_a_reason_and_changes_nothing(server: Server) -> None:
     before = {"latency": "0.2s", "close_after": 100}
     assert call(server, "PUT", before) == (200, before)
+    server.wait_for_stderr("conditions set: latency=0.2s close-after=100")
     changes = len(re.findall("conditions set:", server.stderr))
     for method, request, status, reason in BAD_REQUESTS:
         if method == "HEAD":  # an answer to HEAD has no body to read
@@ -171,7 +173,10 @@ def test_every_bad_request_is_a_4xx_with_a_reason_and_changes_nothing(server: Se
         assert answer[0] == status, (method, request, answer)
         assert set(answer[1]) == {"error"} and reason in answer[1]["error"], (request, answer)
         assert call(server, "GET") == (200, before), (method, request)
-    assert len(re.findall("conditions set:", server.stderr)) == changes
+    # One good change after them, and its line is the only one since the first.
+    assert call(server, "DELETE") == (200, {})
+    server.wait_for_stderr("conditions set: none")
+    assert len(re.findall("conditions set:", server.stderr)) == changes + 1
     assert server.stop() == 0
     assert "Traceback" not in server.stderr, server.stderr
 
@@ -279,18 +284,23 @@ def test_a_busy_control_port_is_one_line_and_exit_2() -> None:
     ]
 
 
-def test_a_change_reaches_new_connections_not_open_ones(server: Server) -> None:
-    with socket.create_connection(server.address, timeout=10) as opened_before:
-        opened_before.sendall(b"first")
-        assert recv_exactly(opened_before, 5) == b"first"  # its echo has begun
-        assert call(server, "PUT", {"close-after": 3, "latency": "20ms"})[0] == 200
-        echoed_as(server, b"hello", b"hel")  # then a FIN, after exactly 3 bytes
-        server.wait_for_stderr(r"outcome=close-after conditions: latency=0\.02s close-after=3")
-        opened_before.sendall(b"hello")
-        assert recv_exactly(opened_before, 5) == b"hello"  # it keeps what it opened with
-    assert call(server, "DELETE")[0] == 200
-    echoed_as(server, b"hello", b"hello")
-    assert server.stop() == 0
+@pytest.mark.parametrize("mode", list(MODELS))
+def test_a_change_reaches_new_connections_and_open_ones_from_their_next_chunk(mode: str) -> None:
+    args = ["--control-port", "0", *(["--workers", "1"] if mode == "workers" else [])]
+    with Server(*args, mode=mode) as server:
+        with socket.create_connection(server.address, timeout=10) as opened_before:
+            opened_before.sendall(b"first")
+            assert recv_exactly(opened_before, 5) == b"first"  # its echo has begun, plain
+            assert call(server, "PUT", {"close-after": 3, "latency": "20ms"})[0] == 200
+            if mode != "simple":  # (simple serves the next client once this one is gone)
+                echoed_as(server, b"hello", b"hel")  # then a FIN, after exactly 3 bytes
+            # The open connection takes them from its next chunk: its marks count from then.
+            opened_before.sendall(b"hello")
+            assert recv_until_eof(opened_before) == b"hel"
+        server.wait_for_stderr(r"in=10 out=8 .*outcome=close-after conditions: latency=0\.02s")
+        assert call(server, "DELETE")[0] == 200
+        echoed_as(server, b"hello", b"hello")
+        assert server.stop() == 0
 
 
 def worker_closes(server: Server, index: int, pattern: str, start: int = 0) -> bool:

@@ -88,17 +88,28 @@ class BlockingServer:
                 elif step is Step.TLS_HANDSHAKE:
                     over_tls = self._handshake(conn, record)
                 else:
-                    on_purpose = connections.opened(record)
-                    if on_purpose is None:
-                        echo_until_closed(over_tls or conn, record, self.plan, self.events)
-                    else:
-                        OnPurposeEcho(conn, over_tls, record, self, on_purpose).run()
+                    self._echo(conn, over_tls, record)
         except Exception:
             connections.failed(record)
         finally:
             if over_tls is not None:
                 over_tls.close()
             connections.closed(record, conn.close)
+
+    def _echo(
+        self, conn: socket.socket, over_tls: ssl.SSLSocket | None, record: ConnectionRecord
+    ) -> None:
+        """The plain echo, unless the connection gets conditions or work (now, or from
+        the chunk in hand when the control API changes them)."""
+        connections = self.connections
+        on_purpose = connections.opened(record)
+        in_hand = b""
+        if on_purpose is None:
+            taken = echo_until_closed(over_tls or conn, record, self.plan, self.events, connections)
+            if taken is None:
+                return  # it ended
+            in_hand, on_purpose = taken, connections.renewed(record)
+        OnPurposeEcho(conn, over_tls, record, self, on_purpose).run(in_hand)
 
     def _handshake(self, conn: socket.socket, record: ConnectionRecord) -> ssl.SSLSocket | None:
         """The TLS session over `conn`, or None with the record saying why there is none.
@@ -164,10 +175,16 @@ def _shut_down(conn: socket.socket) -> None:
 
 
 def echo_until_closed(
-    conn: socket.socket, record: ConnectionRecord, plan: ServerPlan, events: ServerEvents
-) -> None:
+    conn: socket.socket,
+    record: ConnectionRecord,
+    plan: ServerPlan,
+    events: ServerEvents,
+    connections: Connections[socket.socket],
+) -> bytes | None:
     """Echo every byte back until the client closes; `record.finish()` says how it ended.
-    The record's counts are kept as bytes come and go: the idle and send limits read them."""
+    The record's counts are kept as bytes come and go: the idle and send limits read them.
+    Returns the chunk in hand, unechoed, if the conditions changed (the control API):
+    the echo goes on with them; None once the connection has ended."""
     config = plan.config
     # Anonymous mmap, not bytearray: its pages cost memory only once written, so an idle
     # connection (or one sending small messages) holds a page or two, not 64 KiB.
@@ -182,10 +199,12 @@ def echo_until_closed(
                 # The client shut down its write side and every byte it sent has
                 # been echoed (each chunk is written in full before the next read).
                 record.finish(Outcome.CLOSED)
-                return
+                return None
             record.bytes_in += received
             if log_data:
                 events.data_received(record, bytes(view[:received]))
+            if connections.stale(record):
+                return bytes(view[:received])
             sent = conn.send(view[:received])
             record.bytes_out += sent
             while sent < received:  # a client slow to read: count each part it takes
@@ -195,12 +214,13 @@ def echo_until_closed(
             if zero_copy and received == len(buffer):
                 # A full buffer: the client is streaming. The rest goes kernel to kernel.
                 _splice.splice_echo(conn, record)
-                return
+                return None
     except OSError as exc:  # ssl.SSLError included
         record.finish(*outcome_of(exc))
     finally:
         view.release()
         buffer.close()
+    return None
 
 
 def do_work(work: Work, clock: Clock) -> None:
@@ -236,8 +256,9 @@ class OnPurposeEcho:
         over_tls: ssl.SSLSocket | None,
         record: ConnectionRecord,
         server: BlockingServer,
-        on_purpose: OnPurpose,
+        on_purpose: OnPurpose | None,
     ) -> None:
+        self.connections = server.connections
         self.raw = raw
         self.conn = over_tls or raw
         self.tls = over_tls
@@ -245,22 +266,27 @@ class OnPurposeEcho:
         self.events = server.events
         self.log_data = server.plan.config.log_data
         self.clock = server.connections.clock
-        self.conditions: ConnectionConditions | None = on_purpose.conditions
-        self.work = on_purpose.work
+        self.conditions: ConnectionConditions | None = None
+        self.work: Work | None = None
+        if on_purpose is not None:
+            self.conditions, self.work = on_purpose
         self.buffer = bytearray(server.plan.chunk_bytes)
         self.poller = select.poll()
         self.poller.register(raw, 0)
 
-    def run(self) -> None:
+    def run(self, in_hand: bytes = b"") -> None:
+        """Echo to the end, beginning with `in_hand` (bytes read before these conditions)."""
         try:
+            if in_hand:
+                self._take(in_hand)
             self._echo()
         except OSError as exc:  # ssl.SSLError included
             self.record.finish(*outcome_of(exc))
 
     def _echo(self) -> None:
-        conditions, record = self.conditions, self.record
+        record = self.record
         while record.outcome is None:
-            now = self.clock()
+            conditions, now = self.conditions, self.clock()  # (a chunk may renew them)
             if conditions is not None and not self._act(conditions.due(now)):
                 return
             reading = conditions is None or conditions.may_read(now)
@@ -271,7 +297,7 @@ class OnPurposeEcho:
                 self._wait(0, next_at)  # only a cut-off or the client's reset ends it early
 
     def _receive(self) -> None:
-        conditions, record = self.conditions, self.record
+        conditions, record = self.conditions, self.record  # (as they were before this chunk)
         received = self.conn.recv_into(self.buffer)
         if not received:
             if conditions is None:
@@ -283,12 +309,23 @@ class OnPurposeEcho:
         chunk = bytes(self.buffer[:received])
         if self.log_data:
             self.events.data_received(record, chunk)
+        if self.connections.stale(record):
+            chunk = self._renew() + chunk
+        self._take(chunk)
+
+    def _renew(self) -> bytes:
+        """Take the conditions the control API set; what the old ones held goes first."""
+        held = b"" if self.conditions is None else self.conditions.handover()
+        self.conditions, self.work = self.connections.renewed(self.record) or (None, None)
+        return held
+
+    def _take(self, chunk: bytes) -> None:
         if self.work is not None:
             do_work(self.work, self.clock)
-        if conditions is None:
+        if self.conditions is None:
             self._send(chunk)
         else:
-            conditions.received(chunk, self.clock())
+            self.conditions.received(chunk, self.clock())
 
     def _act(self, actions: list[Send | Close | Reset | Finish]) -> bool:
         """Do what the conditions say; False once the connection has ended."""

@@ -58,6 +58,7 @@ class _Server:
         self.connections: Connections[EchoProtocol] = Connections(
             plan, events, EchoProtocol.cut_off, admission, _progress, wake=EchoProtocol.on_time
         )
+        self.live = plan.conditions  # what new chunks are checked against (`version`)
         self.changed = asyncio.Event()
 
     async def changes(self, timeout_s: float | None) -> None:
@@ -97,8 +98,20 @@ class EchoProtocol(asyncio.Protocol):
         if self.purpose is not None:
             self.purpose.received(data)
             return
+        if self.server.live.version != self.record.conditions_version:
+            self._renew(data)  # the control API changed the conditions
+            return
         self.transport.write(data)  # type: ignore[union-attr]
         self.received += len(data)
+
+    def _renew(self, data: bytes) -> None:
+        on_purpose = self.server.connections.renewed(self.record)
+        if on_purpose is None:
+            self.transport.write(data)  # type: ignore[union-attr]
+            self.received += len(data)
+            return
+        self.purpose = _OnPurpose(self, self.transport, on_purpose)  # type: ignore[arg-type]
+        self.purpose.received(data)
 
     def eof_received(self) -> bool:
         if self.purpose is not None:
@@ -180,7 +193,7 @@ class _OnPurpose:
         self.protocol = protocol
         self.transport = transport
         self.conditions, self.work = on_purpose
-        self.sent = 0  # bytes of echo handed to the transport
+        self.sent = protocol.received  # bytes of echo handed to the transport (before: all)
         self.reading = True
         self.write_paused = False
         self.waiting: collections.deque[bytes] = collections.deque()  # for their work
@@ -196,26 +209,33 @@ class _OnPurpose:
         protocol.received += len(data)
         if self.discard_until is not None:
             return  # closed on purpose: what follows is dropped
-        if self.work is None:
+        if protocol.server.live.version != protocol.record.conditions_version:
+            # The control API changed them: the new ones take what the old ones held.
+            if self.conditions is not None:
+                data = self.conditions.handover() + data
+            self.conditions, self.work = self._connections.renewed(protocol.record) or (None, None)
+        if self.work is None and not self.working:
             self._take(data)
             return
-        self.waiting.append(data)
+        self.waiting.append(data)  # behind the chunk being worked on, if any
         if not self.working:
             self._work_next()
         self.act()
 
     def _work_next(self) -> None:
-        """Start the work for the next waiting chunk (`cpu`: now, holding the loop)."""
-        assert self.work is not None
-        if not self.waiting:
-            self.working = False
-            return
-        self.working = True
-        if self.work.kind == "cpu":
-            do_work(self.work, self._connections.clock)
-            self._worked()
-        else:
-            asyncio.get_running_loop().call_later(self.work.seconds, self._worked)
+        """Work on the waiting chunks in order: `cpu` at once (holding the loop, as such
+        work does), `io` on a timer, one chunk at a time; with no work (a change took it
+        away), straight on."""
+        while self.waiting:
+            work = self.work
+            if work is not None and work.kind == "io":
+                self.working = True
+                asyncio.get_running_loop().call_later(work.seconds, self._worked)
+                return
+            if work is not None:
+                do_work(work, self._connections.clock)
+            self._take(self.waiting.popleft())
+        self.working = False
 
     def _worked(self) -> None:
         if self.transport.is_closing():

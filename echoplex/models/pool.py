@@ -382,6 +382,12 @@ class ConnectionPool:
                 record.bytes_in += received
                 if self.config.log_data:
                     self.events.data_received(record, bytes(view[:received]))
+                if self.connections.stale(record):  # the control API changed them
+                    connection.on_purpose = self.connections.renewed(record) or OnPurpose(
+                        None, None
+                    )
+                    self._take(connection, bytes(view[:received]))
+                    return self._echo_on_purpose(connection, buffer, view, 0)
                 if session is None:
                     try:
                         sent = connection.sock.send(view[:received])
@@ -409,7 +415,7 @@ class ConnectionPool:
         conditions say is due goes out, then one read, a budget of times; then it waits
         to be readable (if its conditions let it read) and for its next action's time."""
         assert connection.on_purpose is not None
-        conditions, work = connection.on_purpose
+        conditions = connection.on_purpose.conditions
         record, clock = connection.record, self.connections.clock
         for _ in range(READS_PER_TURN):
             if conditions is not None:
@@ -437,12 +443,12 @@ class ConnectionPool:
             chunk = bytes(view[:received])
             if self.config.log_data:
                 self.events.data_received(record, chunk)
-            if work is not None:
-                do_work(work, clock)  # on this worker: work holds it, as real work does
-            if conditions is None:
-                self._owe_more(connection, chunk)
-            else:
-                conditions.received(chunk, clock())
+            if self.connections.stale(record):  # the control API changed them
+                held = b"" if conditions is None else conditions.handover()
+                connection.on_purpose = self.connections.renewed(record) or OnPurpose(None, None)
+                conditions = connection.on_purpose.conditions
+                chunk = held + chunk
+            self._take(connection, chunk)
         reading = conditions is None or conditions.may_read(clock())
         if events & GONE and not reading:
             # Reset or hung up while not being read: ending now stops its events.
@@ -455,6 +461,17 @@ class ConnectionPool:
         if next_at is not None:
             self.connections.wake_at(record, next_at)
         return READABLE if reading else 0
+
+    def _take(self, connection: PooledConnection, chunk: bytes) -> None:
+        """A chunk read: after the handler's work, owed at once, or to the conditions."""
+        assert connection.on_purpose is not None
+        conditions, work = connection.on_purpose
+        if work is not None:
+            do_work(work, self.connections.clock)  # on this worker: it holds it, as real work does
+        if conditions is None:
+            self._owe_more(connection, chunk)
+        else:
+            conditions.received(chunk, self.connections.clock())
 
     def _owe_more(self, connection: PooledConnection, plain: bytes) -> None:
         """Add echo to what is owed (as TLS records, over TLS); `_flush` sends it."""
