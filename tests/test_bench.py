@@ -8,11 +8,9 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -50,20 +48,15 @@ from echoplex.config import ServerConfig
 from echoplex.load.config import LoadConfig
 
 from .procs import echoplex
+from .waiting import wait_for
 
-T = TypeVar("T")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BUSY = "import time\nwhile True: time.perf_counter()"
 
 
-def _poll(predicate: Callable[[], T], timeout_s: float = 20.0) -> T | None:
-    """The predicate's first truthy value, polled until `timeout_s`; None if never."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    return None
+def _parent_and_child(pids: list[int]) -> list[int] | None:
+    """`pids` once there are two of them (a parent and its child), else None."""
+    return pids if len(pids) == 2 else None
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -85,8 +78,8 @@ def test_parse_stat_counts_fields_after_a_command_name_with_spaces_and_parens() 
 def test_a_busy_child_accumulates_cpu_and_has_memory() -> None:
     proc = subprocess.Popen([sys.executable, "-c", BUSY])
     try:
-        cpu = _poll(lambda: tree_cpu_s(proc.pid))
-        assert cpu is not None and cpu > 0
+        cpu = wait_for(lambda: tree_cpu_s(proc.pid), 20, "CPU time of the busy child")
+        assert cpu > 0
         rss = tree_rss_bytes(proc.pid)
         peak = tree_peak_rss_bytes(proc.pid)
         assert rss is not None and rss > 0
@@ -101,11 +94,12 @@ def test_the_tree_includes_grandchildren_and_their_cpu() -> None:
     parent_code = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {BUSY!r}])"
     proc = subprocess.Popen([sys.executable, "-c", parent_code])
     try:
-        pids = _poll(lambda: (p := tree_pids(proc.pid)) and len(p) == 2 and p)
-        assert pids and pids[0] == proc.pid
+        pids = wait_for(lambda: _parent_and_child(tree_pids(proc.pid)), 20, "the busy grandchild")
+        assert pids[0] == proc.pid
         child = pids[1]
-        cpu = _poll(lambda: (c := tree_cpu_s(child)) and c > 0.05 and c)
-        assert cpu is not None
+        cpu = wait_for(
+            lambda: (c := tree_cpu_s(child)) and c > 0.05 and c, 20, "the grandchild's CPU time"
+        )
         assert (tree_cpu_s(proc.pid) or 0) >= cpu
         assert (tree_peak_rss_bytes(proc.pid) or 0) > (tree_peak_rss_bytes(child) or 0)
     finally:
@@ -293,8 +287,8 @@ def test_every_kind_of_server_starts_echoes_and_stops(name: str) -> None:
         assert server.alive()
         if name == "workers":
             assert len(tree_pids(server.pid)) >= 2  # the supervisor and its workers
-            opened = _poll(server.connections_opened, timeout_s=10)
-            assert opened and sum(opened.values()) == 1
+            opened = wait_for(server.connections_opened, 10, "the open line in the log")
+            assert sum(opened.values()) == 1
             assert all(process.startswith("worker-") for process in opened)
         else:
             assert server.connections_opened() is None  # reference servers do not log them
