@@ -30,7 +30,7 @@ from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
 from ..conditions import Close, ConnectionConditions, Finish, Reset, Send, Work
 from ..events import ConnectionRecord, ServerEvents
-from ..lifecycle import Clock, Connections, OnPurpose, Step
+from ..lifecycle import Connections, OnPurpose, Step
 from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
@@ -223,14 +223,15 @@ def echo_until_closed(
     return None
 
 
-def do_work(work: Work, clock: Clock) -> None:
+def do_work(work: Work) -> None:
     """The handler's work before a chunk's echo, on this thread: `io` waits (a blocking
-    call: the GIL is free), `cpu` computes with the GIL held, as Python code does."""
+    call: the GIL is free), `cpu` computes for that much of this thread's CPU time, with
+    the GIL held as Python code holds it: threads that compute take turns."""
     if work.kind == "io":
         time.sleep(work.seconds)
         return
-    ends_at = clock() + work.seconds
-    while clock() < ends_at:
+    ends_at = time.thread_time() + work.seconds
+    while time.thread_time() < ends_at:
         pass
 
 
@@ -321,7 +322,7 @@ class OnPurposeEcho:
 
     def _take(self, chunk: bytes) -> None:
         if self.work is not None:
-            do_work(self.work, self.clock)
+            do_work(self.work)
         if self.conditions is None:
             self._send(chunk)
         else:

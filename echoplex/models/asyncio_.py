@@ -233,7 +233,7 @@ class _OnPurpose:
                 asyncio.get_running_loop().call_later(work.seconds, self._worked)
                 return
             if work is not None:
-                do_work(work, self._connections.clock)
+                do_work(work)
             self._take(self.waiting.popleft())
         self.working = False
 

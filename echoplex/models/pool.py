@@ -467,7 +467,7 @@ class ConnectionPool:
         assert connection.on_purpose is not None
         conditions, work = connection.on_purpose
         if work is not None:
-            do_work(work, self.connections.clock)  # on this worker: it holds it, as real work does
+            do_work(work)  # on this worker: it holds it, as real work does
         if conditions is None:
             self._owe_more(connection, chunk)
         else:
