@@ -210,6 +210,7 @@ _COUNT = _Kind(
     int,
 )
 _FRACTION = _Kind(fraction("connections"), _number_in(0, 1), "a fraction from 0 to 1", float)
+_DROPPED = _Kind(fraction("datagrams"), _number_in(0, 1), "a fraction from 0 to 1", float)
 _SEED_MOST = 2**64 - 1
 _SEED = _Kind(
     whole_number(0, _SEED_MOST), _whole_in(0, _SEED_MOST), "a whole number, 0 or more", int
@@ -306,7 +307,7 @@ class Conditions:
     toxicity: float = _setting("toxicity", _FRACTION, 1.0, "")
     seed: int | None = _setting("seed", _SEED, None, "")
     work: Work | None = _setting("work", _WORK, None, "")  # noqa: RUF009  (a field(), as above)
-    drop: float = _setting("drop", _FRACTION, 0.0, "udp")
+    drop: float = _setting("drop", _DROPPED, 0.0, "udp")
 
     tcp: bool = field(init=False, repr=False, compare=False)
     """Whether any condition changes a stream's echo (else `for_connection` is None)."""

@@ -588,6 +588,8 @@ class ServerConfig:
             raise ValueError(f"`recv_bytes` must be at least 1, not {self.recv_bytes}")
         if not (self.tcp or self.udp):
             raise ValueError("serve TCP, UDP or both: `tcp` and `udp` are both off")
+        if self.drop and not self.udp:
+            raise ValueError("`drop` is a share of UDP datagrams: it needs `udp`")
         if self.udp and not self.hosts:
             raise ValueError("`udp` needs a host to listen on (`hosts`)")
 
