@@ -401,7 +401,10 @@ class _Events(QuietEvents):
     def close(self) -> None:
         self._post("end")
         self._reader.join(self.timeout_s)
-        os.close(self._write_fd)
+        # A server thread that reports late must not write into a descriptor number the
+        # next user of this process has been given: from now on it writes to none.
+        write_fd, self._write_fd = self._write_fd, -1
+        os.close(write_fd)
 
 
 def _name(peer: Any) -> str:
@@ -1195,6 +1198,13 @@ def _runs(concurrent: bool) -> tuple[_Run, ...]:
             ),
         ),
         _Run({"max_lifetime_s": SHORT_LIMIT_S}, (("max-lifetime", _check_max_lifetime),)),
+        *_condition_runs(),
+    )
+
+
+def _condition_runs() -> tuple[_Run, ...]:
+    """The runs of the conditions on purpose (7 in the module docstring)."""
+    return (
         _Run({"latency_s": LATENCY_S, "threads": 2}, (("latency", _check_latency),)),
         _Run(
             {

@@ -255,7 +255,7 @@ def test_sizes_accept_suffixes(text: str, value: int) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["-s", "-5"], "not a size in bytes"),
+        (["-s", "-5"], "must be 1 byte to 1GiB, not -5"),
         (["-s", "0"], "must be 1 byte to 1GiB"),
         (["-s", "2G"], "must be 1 byte to 1GiB"),
         (["-s", "1iB"], "not a size in bytes"),
