@@ -244,6 +244,15 @@ class LogEvents:
             )
 
     def stopping(self) -> None:
+        # The rejections the throttle held back since its last line: every one is told.
+        for reason, suppressed in sorted(self._rejections_throttle.suppressed.items()):
+            self.log.warning(
+                "rejected %d more over %s since the last such message",
+                suppressed,
+                reason,
+                extra={"event": "rejected", "reason": reason, "suppressed": suppressed},
+            )
+        self._rejections_throttle.suppressed.clear()
         self.log.info(
             "stopping: no new connections; draining open ones", extra={"event": "stopping"}
         )

@@ -331,7 +331,12 @@ class Connections(Generic[Handle]):
 
         def cut_off_rest() -> None:
             left = self.cut_off_all(Outcome.DRAINED)
-            log.info("drain timeout: closing %d open connection(s)", left)
+            if shutdown.forced:
+                log.info(
+                    "a second stop request skipped the drain: closing %d open connection(s)", left
+                )
+            else:
+                log.info("drain timeout: closing %d open connection(s)", left)
 
         yield from drain(
             lambda: self._unreported,
