@@ -16,7 +16,6 @@ import socket
 import struct
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +27,9 @@ from echoplex._accept import Acceptor
 from echoplex.bench.proctree import tree_pids, tree_rss_bytes
 from echoplex.limits import Admission
 
+from .kernel import unread_by_peer
 from .procs import LISTENING, Process, Server
 from .test_contract import recv_exactly
-from .test_pool import unread_by_peer
 from .waiting import wait_for
 
 CONCURRENT = ["threads", "pool", "asyncio", "workers"]
@@ -116,13 +115,9 @@ def test_a_trickling_client_loses_its_slot_at_the_lifetime_limit(mode: str) -> N
         "--idle-timeout", "0.4", "--max-lifetime", "1", "--workers", "1", mode=mode
     ) as server:
         with connect(server) as trickler:
-            ended = False
-            deadline = time.monotonic() + 10
-            while not ended and time.monotonic() < deadline:
-                # A byte well inside the idle timeout, every time.
-                ended = not echoes(trickler, b".")
-                time.sleep(0.1)
-            assert ended
+            # A byte each time wait_for asks (every few ms, well inside the idle
+            # timeout), until the server cuts the connection off.
+            wait_for(lambda: not echoes(trickler, b"."), 10, "the trickler cut off")
         server.wait_for_stderr("outcome=max-lifetime")
 
 

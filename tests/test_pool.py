@@ -9,12 +9,12 @@ import random
 import socket
 import ssl
 import struct
-from pathlib import Path
 
 import pytest
 
 from echoplex.proxy_protocol import encode_v1
 
+from .kernel import read_by_peer, unread_by_peer
 from .procs import Server
 from .test_contract import drive_clients, recv_exactly
 from .waiting import wait_for
@@ -32,22 +32,6 @@ def held(server: Server, count: int) -> list[socket.socket]:
 
 def thread_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def unread_by_peer(sock: socket.socket) -> int:
-    """Bytes sent on `sock` that the kernel holds for the program at the other end, not
-    yet read by it (`rx_queue` of the peer's IPv4 line in /proc/net/tcp)."""
-
-    def hex_address(address: tuple[str, int]) -> str:
-        packed = int.from_bytes(socket.inet_aton(address[0]), "little")
-        return f"{packed:08X}:{address[1]:04X}"
-
-    peer = (hex_address(sock.getpeername()), hex_address(sock.getsockname()))
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if (fields[1], fields[2]) == peer:
-            return int(fields[4].split(":")[1], 16)
-    raise AssertionError(f"no socket for {sock.getpeername()} -> {sock.getsockname()}")
 
 
 def test_forty_idle_clients_do_not_stop_the_forty_first() -> None:
@@ -137,7 +121,7 @@ def test_stalled_proxy_headers_hold_no_worker_and_a_split_header_is_read() -> No
             with socket.create_connection(server.address, timeout=10) as proxied:
                 proxied.sendall(header[:10])
                 # A second segment, sent once the server has the first and waits for more.
-                wait_for(lambda: unread_by_peer(proxied) == 0, 10, "the first part read")
+                wait_for(lambda: read_by_peer(proxied), 10, "the first part read")
                 proxied.sendall(header[10:] + b"data")
                 assert recv_exactly(proxied, 4) == b"data"
             server.wait_for_stderr(r"close 203\.0\.113\.9:4000 in=4 out=4")

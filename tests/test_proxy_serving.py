@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 
 import pytest
 
 from echoplex.proxy_protocol import Command, encode_v1, encode_v2
 
 from .haproxy import haproxy
+from .kernel import read_by_peer
 from .procs import Server
 from .test_contract import recv_exactly, recv_until_eof
+from .waiting import wait_for
 
 MODES = ["simple", "threads", "pool", "asyncio", "workers"]
 TRUST_LOOPBACK = ("--proxy-protocol", "--trusted-proxy", "127.0.0.0/8", "--workers", "1")
@@ -44,9 +45,9 @@ def test_a_v2_header_split_across_reads(mode: str) -> None:
     with Server(*TRUST_LOOPBACK, mode=mode) as server:
         with socket.create_connection(server.address, timeout=10) as sock:
             header = encode_v2(("2001:db8::5", 5555), ("2001:db8::1", 7))
-            for piece in (header[:5], header[5:17], header[17:]):
-                sock.sendall(piece)
-                time.sleep(0.05)
+            for number, piece in enumerate((header[:5], header[5:17], header[17:]), 1):
+                sock.sendall(piece)  # each read apart: the server has it before the next
+                wait_for(lambda: read_by_peer(sock), 10, f"part {number} of the header read")
             sock.sendall(b"\x00binary\xff")
             assert recv_exactly(sock, 8) == b"\x00binary\xff"
         server.wait_for_stderr(r"open \[2001:db8::5\]:5555 via 127\.0\.0\.1:\d+")

@@ -6,13 +6,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from .kernel import asleep, unread_from_process
 from .procs import ROOT, Process, require_tool
+from .waiting import wait_for
 
 STARTING = re.compile(r"^Starting server on 'localhost' port (\d+)\n$")
+MESSAGE = b"Hello, world"  # the client's default
 NEW_CONNECTION = re.compile(r"^Received new connection from  \('127\.0\.0\.1', \d+\)\n$")
 
 
@@ -146,7 +148,16 @@ def test_client_stops_cleanly_on_sigint_while_waiting() -> None:
             client = Process([sys.executable, "ClientPython.py", "--port", str(port)])
             with client:
                 assert client.next_line() == "Starting client...\n"
-                time.sleep(0.2)  # let it block in recv; the signal must still end it cleanly
+                # Its message waits in the busy server's queue and it sleeps: blocked in
+                # recv, where the signal must still end it cleanly.
+                wait_for(
+                    lambda: (
+                        unread_from_process(client.proc.pid) == len(MESSAGE)
+                        and asleep(client.proc.pid)
+                    ),
+                    10,
+                    "the client blocked waiting for its echo",
+                )
                 client.signal(signal.SIGINT)
                 assert client.wait() == 0
                 assert "Traceback" not in client.stderr
