@@ -8,7 +8,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 import types
 import urllib.error
 import urllib.request
@@ -26,8 +25,10 @@ from echoplex.shutdown import Shutdown
 
 from .procs import Server, echoplex
 from .test_contract import recv_exactly
+from .waiting import wait_for
 
 METRICS_LINE = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 
 def metrics_url(server: Server, path: str) -> str:
@@ -35,13 +36,11 @@ def metrics_url(server: Server, path: str) -> str:
     return f"http://{match.group(1)}:{match.group(2)}{path}"
 
 
-def scrape(server: Server) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+def scrape(server: Server) -> Samples:
     """Samples by name, then by labels (without model/worker, summed over workers)."""
     with urllib.request.urlopen(metrics_url(server, "/metrics"), timeout=10) as response:
         text = response.read().decode()
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(
-        lambda: defaultdict(float)
-    )
+    samples: Samples = defaultdict(lambda: defaultdict(float))
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = tuple(
@@ -53,26 +52,26 @@ def scrape(server: Server) -> dict[str, dict[tuple[tuple[str, str], ...], float]
     return samples
 
 
-def total(
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, **labels: str
-) -> float:
+def total(samples: Samples, name: str, **labels: str) -> float:
     wanted = set(labels.items())
     return sum(v for k, v in samples.get(name, {}).items() if wanted <= set(k))
 
 
-def settled(server: Server, closed: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """Scrape once the server has seen `closed` connections end (closes are reported a
-    moment after the client's), or after 10 s."""
-    deadline = time.monotonic() + 10
-    while True:
+def settled(server: Server, closed: int) -> Samples:
+    """A scrape once the server has seen `closed` connections end (closes are reported
+    a moment after the client's) and none is open."""
+    samples: Samples = {}
+
+    def ended() -> Samples | None:
+        nonlocal samples
         samples = scrape(server)
         done = (
             total(samples, "echoplex_connections_closed_total") == closed
             and total(samples, "echoplex_connections_open") == 0
         )
-        if done or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.05)
+        return samples if done else None
+
+    return wait_for(ended, 10, lambda: f"{closed} connections closed, none open: {samples}")
 
 
 def health(server: Server) -> int:
@@ -134,17 +133,18 @@ def test_workers_report_per_worker_series() -> None:
                 sock.sendall(b"hi")
                 assert recv_exactly(sock, 2) == b"hi"
         url = metrics_url(server, "/metrics")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        accepted: list[tuple[str, str]] = []
+
+        def all_counted() -> bool:
+            nonlocal accepted
             with urllib.request.urlopen(url, timeout=10) as response:
                 text = response.read().decode()
             accepted = re.findall(
                 r'echoplex_connections_accepted_total\{[^}]*worker="(worker-\d)"[^}]*\} (\S+)', text
             )
-            if sum(float(v) for _, v in accepted) == 20:
-                break
-            time.sleep(0.05)
-        assert sum(float(v) for _, v in accepted) == 20
+            return sum(float(v) for _, v in accepted) == 20
+
+        wait_for(all_counted, 10, lambda: f"20 connections accepted by the workers: {accepted}")
         assert {w for w, _ in accepted} <= {"worker-0", "worker-1"}
 
 
@@ -208,15 +208,12 @@ def test_udp_datagrams_answered_and_dropped() -> None:
             pytest.skip("binding port 19 needs root")
         with reserved:
             reserved.sendto(b"loop?", server.address)
-        deadline = time.monotonic() + 10
-        while True:
+
+        def with_a_drop() -> Samples | None:
             samples = scrape(server)
-            if (
-                total(samples, "echoplex_udp_datagrams_dropped_total")
-                or time.monotonic() > deadline
-            ):
-                break
-            time.sleep(0.05)
+            return samples if total(samples, "echoplex_udp_datagrams_dropped_total") else None
+
+        samples = wait_for(with_a_drop, 10, "a dropped datagram counted")
         assert total(samples, "echoplex_udp_datagrams_answered_total") == 5
         assert total(samples, "echoplex_udp_datagrams_dropped_total", reason="reserved-port") == 1
 
