@@ -24,6 +24,7 @@ from echoplex import ServerConfig, Shutdown, run
 from echoplex.events import QuietEvents
 
 from .procs import LISTENING, Process, Server, echoplex, needs_ipv6
+from .waiting import wait_for
 
 UDP_LISTENING = re.compile(r"listening on udp (\S+):(\d+)")
 STOPPED = re.compile(r"udp: stopped; answered (\d+) datagrams?, dropped (\d+)(?: \((.*)\))?")
@@ -106,35 +107,27 @@ def test_the_udp_listening_line_is_not_taken_for_a_tcp_one() -> None:
 def test_a_flood_from_one_source_is_rate_limited_and_drops_logged_once_a_second() -> None:
     rate, burst = 20, 40
     sent = 0
-    replies = 0
     with UdpServer("--udp-rate", str(rate), "--udp-rate-total", "0") as server:
         with udp_socket() as sock:
-            stop_reading = threading.Event()
 
-            def read_replies() -> None:
-                nonlocal replies
-                sock.settimeout(0.2)
-                while not stop_reading.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        sock.recv(100)
-                        replies += 1
+            def reported_drops_three_times() -> bool:
+                """40 more datagrams each time wait_for asks; true once the server has
+                logged drops three times (a second apart: the flood goes on that long)."""
+                nonlocal sent
+                for _ in range(40):
+                    sock.sendto(b"flood", server.address)
+                    sent += 1
+                return len(DROPPED.findall(server.stderr)) >= 3
 
-            reader = threading.Thread(target=read_replies)
             started = time.monotonic()
-            reader.start()
-            try:
-                # 2.5 seconds of 400 datagrams a second: long enough for several drop reports.
-                while time.monotonic() - started < 2.5:
-                    for _ in range(40):
-                        sock.sendto(b"flood", server.address)
-                        sent += 1
-                    time.sleep(0.1)
-            finally:
-                stop_reading.set()
-                reader.join()
-            server.wait_for_stderr(DROPPED)
+            wait_for(reported_drops_three_times, 20, lambda: f"three drop reports ({sent} sent)")
             counts = server.stop()
             elapsed_s = time.monotonic() - started
+            replies = 0
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while sock.recv(100):
+                    replies += 1
     assert replies <= counts["answered"] < sent
     # The guarantee, whatever the machine's speed: never more than the burst plus the rate.
     assert counts["answered"] <= burst + rate * elapsed_s
