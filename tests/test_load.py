@@ -31,6 +31,7 @@ from echoplex.payload import PayloadPattern
 from .procs import ROOT, Process, Server, echoplex
 
 PAYLOAD = PayloadPattern(seed=0)
+UNINTERRUPTED_S = 600  # a run's duration that only a stop can end within a test
 
 # --- helpers -------------------------------------------------------------------------
 
@@ -566,7 +567,7 @@ def test_connect_failures_after_the_first_are_counted_by_kind(
 def test_ctrl_c_stops_the_run_and_still_reports() -> None:
     with Server(mode="asyncio") as server:
         argv = [sys.executable, "-m", "echoplex", "load", "--port", str(server.port)]
-        with Process([*argv, "-c", "2", "-d", "60", "--json"]) as load:
+        with Process([*argv, "-c", "2", "-d", str(UNINTERRUPTED_S), "--json"]) as load:
             # Both connections are open (the second connect follows the first's success).
             server.wait_for_stderr(r"open 127\.0\.0\.1:")
             first = next(i for i, line in enumerate(server.stderr_seen) if " open " in line)
@@ -578,7 +579,7 @@ def test_ctrl_c_stops_the_run_and_still_reports() -> None:
         report = json.loads(load.stdout)
         assert report["interrupted"] is True
         assert report["errors"] == 0 and report["mismatches"] == 0
-        assert report["measured_s"] < 30
+        assert report["measured_s"] < UNINTERRUPTED_S  # cut short by the stop, not run out
 
 
 # --- the connection protocols, without sockets ---------------------------------------
