@@ -21,8 +21,6 @@ from .procs import ROOT, Process, Server
 from .test_contract import recv_exactly, recv_until_eof
 
 DRAIN_S = 1.0
-# The bound: the drain timeout plus one second from the signal to the exit.
-EXIT_WITHIN_S = DRAIN_S + 1.0
 MODES = ["simple", "threads", "pool", "asyncio", "workers"]
 # A metrics endpoint gives every model a thread besides the main one (simple and
 # asyncio have no other); in threads and pool the newest thread serves the client.
@@ -50,23 +48,24 @@ def test_a_stop_signal_on_another_thread_drains_and_exits_zero(
     with Server(*WITH_A_SECOND_THREAD, "--workers", "1", mode=mode) as server:
         with hold_a_connection(server.address) as sock:
             server.signal_other_thread(sig)
-            server.wait_for_stderr("stopping", timeout_s=EXIT_WITHIN_S)
+            server.wait_for_stderr("stopping")
             # The held connection is cut off at the drain deadline, not left hanging.
             assert recv_until_eof(sock) == b""
-        assert server.wait(timeout_s=EXIT_WITHIN_S) == 0
+        assert server.wait() == 0
         assert "outcome=drained" in server.stderr
         assert "Traceback" not in server.stderr
 
 
 @pytest.mark.parametrize("mode", ["threads", "pool", "asyncio"])
 def test_a_second_signal_on_another_thread_skips_the_drain(mode: str) -> None:
-    with Server("--metrics-port", "0", "--drain-timeout", "60", mode=mode) as server:
+    # A drain longer than the test may run: only the second signal can end it in time.
+    with Server("--metrics-port", "0", "--drain-timeout", "600", mode=mode) as server:
         with hold_a_connection(server.address) as sock:
             server.signal_other_thread(signal.SIGTERM)
-            server.wait_for_stderr("stopping", timeout_s=EXIT_WITHIN_S)
+            server.wait_for_stderr("stopping")
             server.signal_other_thread(signal.SIGTERM)
             assert recv_until_eof(sock) == b""
-        assert server.wait(timeout_s=EXIT_WITHIN_S) == 0
+        assert server.wait() == 0
 
 
 def test_the_udp_service_stops_on_a_signal_to_its_thread() -> None:
@@ -75,7 +74,8 @@ def test_the_udp_service_stops_on_a_signal_to_its_thread() -> None:
         server.wait_for_stderr("udp")
         with hold_a_connection(server.address):
             server.signal_other_thread(signal.SIGTERM)
-            assert server.wait(timeout_s=EXIT_WITHIN_S) == 0
+            assert server.wait() == 0
+        assert "outcome=drained" in server.stderr  # the drain did not wait on the client
         assert "Traceback" not in server.stderr
 
 
@@ -94,8 +94,9 @@ def test_the_tutorial_server_stops_on_ctrl_c_at_another_thread_with_nc_connected
                 server.signal(signal.SIGINT)
             else:
                 server.signal_other_thread(signal.SIGINT)
-            # The tutorial gives open connections one second.
-            assert server.wait(timeout_s=2.0) == 0
+            # The tutorial gives open connections a second, then closes them itself.
+            assert recv_until_eof(sock) == b""
+            assert server.wait() == 0
         assert server.stderr == ""
 
 
