@@ -166,6 +166,7 @@ __all__ = [
     "CONCURRENT_ONLY",
     "check_model",
     "echo_concurrently",
+    "peer_tcp_line",
     "recv_exactly",
     "recv_until_eof",
     "unread_by_peer",
@@ -1100,8 +1101,13 @@ def _check_toxicity(client: _Client) -> None:
 
 def unread_by_peer(sock: socket.socket) -> int:
     """Bytes sent on `sock` that the kernel holds for the program at the other end, not
-    yet read by it (`rx_queue` of the peer's IPv4 line in /proc/net/tcp): how a client
-    on this machine sees what a server has read."""
+    yet read by it (`rx_queue` of the peer's line in /proc/net/tcp): how a client on
+    this machine sees what a server has read."""
+    return int(peer_tcp_line(sock)[4].split(":")[1], 16)
+
+
+def peer_tcp_line(sock: socket.socket) -> list[str]:
+    """The fields of the /proc/net/tcp line of the socket at the other end of IPv4 `sock`."""
 
     def hex_address(address: tuple[str, int]) -> str:
         packed = int.from_bytes(socket.inet_aton(address[0]), "little")
@@ -1111,7 +1117,7 @@ def unread_by_peer(sock: socket.socket) -> int:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if (fields[1], fields[2]) == peer:
-            return int(fields[4].split(":")[1], 16)
+            return fields
     raise AssertionError(f"no socket for {sock.getpeername()} -> {sock.getsockname()}")
 
 

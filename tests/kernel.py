@@ -12,10 +12,16 @@ import struct
 import termios
 from pathlib import Path
 
+from echoplex.testing import peer_tcp_line, unread_by_peer
 
-def _hex_address(address: tuple[str, int]) -> str:
-    packed = int.from_bytes(socket.inet_aton(address[0]), "little")
-    return f"{packed:08X}:{address[1]:04X}"
+__all__ = [
+    "accepted_by_peer",
+    "asleep",
+    "read_by_peer",
+    "unacknowledged",
+    "unread_by_peer",
+    "unread_from_process",
+]
 
 
 def _tcp_lines() -> list[list[str]]:
@@ -27,19 +33,7 @@ def _queue(fields: list[str], which: int) -> int:
     return int(fields[4].split(":")[which], 16)
 
 
-def _peer_line(sock: socket.socket) -> list[str]:
-    """The /proc/net/tcp line of the socket at the other end of IPv4 `sock`."""
-    peer = (_hex_address(sock.getpeername()), _hex_address(sock.getsockname()))
-    for fields in _tcp_lines():
-        if (fields[1], fields[2]) == peer:
-            return fields
-    raise AssertionError(f"no socket for {sock.getpeername()} -> {sock.getsockname()}")
-
-
-def unread_by_peer(sock: socket.socket) -> int:
-    """Bytes sent on `sock` that the kernel holds for the program at the other end, not
-    yet read by it (`rx_queue` of the peer's line in /proc/net/tcp)."""
-    return _queue(_peer_line(sock), 1)
+_peer_line = peer_tcp_line
 
 
 def accepted_by_peer(sock: socket.socket) -> bool:
