@@ -1030,18 +1030,23 @@ def _check_reset_after(client: _Client) -> None:
     sock = client.connect()
     data = random.Random(client.settings.seed).randbytes(3 * END_AT)
     sock.sendall(data)
+    got, reset = _until_ended(sock)  # (what the kernel kept of the echo before the RST)
+    assert reset, "reset-after ended with a clean EOF, not a reset"
+    assert data.startswith(got) and len(got) <= END_AT, (
+        f"{len(got)} bytes came back before the reset, not the first {END_AT} at most"
+    )
+    client.expect_outcome(sock, "reset-after", "client reset on purpose")
+
+
+def _until_ended(sock: socket.socket) -> tuple[bytes, bool]:
+    """What comes back until the server ends the connection, and whether by a reset."""
     got = bytearray()
     try:
         while chunk := sock.recv(1 << 16):
             got += chunk
     except ConnectionResetError:
-        pass  # what the kernel kept of the echo before the RST is compared below
-    else:
-        raise AssertionError("reset-after ended with a clean EOF, not a reset")
-    assert data.startswith(bytes(got)) and len(got) <= END_AT, (
-        f"{len(got)} bytes came back before the reset, not the first {END_AT} at most"
-    )
-    client.expect_outcome(sock, "reset-after", "client reset on purpose")
+        return bytes(got), True
+    return bytes(got), False
 
 
 def _check_stall(client: _Client) -> None:
@@ -1049,11 +1054,8 @@ def _check_stall(client: _Client) -> None:
     sock = client.connect()
     data = random.Random(client.settings.seed).randbytes(3 * STALL_AT)
     sock.sendall(data)
-    got = bytearray()
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(1 << 16):
-            got += chunk
-    _expect_echo(data[:STALL_AT], bytes(got), "the stalled client")
+    got, _ = _until_ended(sock)
+    _expect_echo(data[:STALL_AT], got, "the stalled client")
     client.expect_outcome(sock, "idle-timeout", "stalled client")
 
 
