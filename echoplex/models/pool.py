@@ -198,11 +198,13 @@ class ConnectionPool:
                         if fd == self._stop_reader:
                             return
                         if fd == self._wake_fd:
-                            connection = self._take_woken()
-                            if connection is not None:
-                                self._take_turn(connection, buffer, view, 0)
+                            connection, events = self._take_woken(), 0
                         else:
-                            self._take_turn(self.by_fd[fd], buffer, view, events)
+                            # None: a connection with conditions, ended by the worker its
+                            # wake gave a turn to while this event for it was on its way.
+                            connection = self.by_fd.get(fd)
+                        if connection is not None:
+                            self._take_turn(connection, buffer, view, events)
             finally:
                 view.release()
 
@@ -451,10 +453,13 @@ class ConnectionPool:
             self._take(connection, chunk)
         reading = conditions is None or conditions.may_read(clock())
         if events & GONE and not reading:
-            # Reset or hung up while not being read: ending now stops its events.
+            # Reset while not being read: end it now, or its error event would come back
+            # at once, again and again. (The socket says so itself: an event may be the
+            # last one of a closed connection whose descriptor number this one reuses.)
             error = connection.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            record.finish(*outcome_of(OSError(error, os.strerror(error)) if error else None))
-            return None
+            if error:
+                record.finish(*outcome_of(OSError(error, os.strerror(error))))
+                return None
         next_at = None if conditions is None else conditions.next_at()
         if reading and connection.tls is not None and connection.tls.buffered():
             next_at = clock()  # bytes inside the TLS session: epoll cannot see them
