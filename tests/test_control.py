@@ -329,8 +329,11 @@ def test_every_worker_gets_every_change_and_a_restarted_one_too() -> None:
         os.kill(victim, signal.SIGKILL)
         exited = server.wait_for_stderr(rf"worker (\d) \(pid {victim}\) exited .*restarting")
         index = int(exited.group(1))
-        restarted = len(server.stderr_seen)
-        server.wait_for_stderr(rf"worker {index} \(pid \d+\) is listening", start=restarted - 1)
+        # From the exit on, worker-N's lines are its replacement's (a killed one says nothing).
+        restarted = next(
+            at for at, line in enumerate(server.stderr_seen) if f"(pid {victim}) exited" in line
+        )
+        server.wait_for_stderr(rf"worker {index} \(pid \d+\) is listening", start=restarted)
         wait_for(
             lambda: (
                 echo_once(server, b"hello") == b"hel"
