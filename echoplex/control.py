@@ -6,9 +6,9 @@
     DELETE /conditions   no conditions
 
 Every answer is JSON: the set now in force, or `{"error": "..."}` with a 4xx status
-and one line of reason; a refused request changes nothing. A change applies to the
-connections opened after it (each keeps the conditions it opened with), and is logged
-with the address it came from. With `control_token`, every request needs
+and one line of reason; a refused request changes nothing. A change applies to new
+connections at once and to open ones from their next chunk (`echoplex.lifecycle`), and
+is logged with the address it came from. With `control_token`, every request needs
 `Authorization: Bearer TOKEN` (401 otherwise); without one the API is on loopback only
 (`ServerConfig` refuses anything else).
 

@@ -7,9 +7,9 @@ through its control API (`echoplex serve --control-port`, `echoplex.control`).
     echoplex conditions --port 9813 clear
 
 `set` changes the names given and keeps the others; `replace` keeps only those given;
-each change reaches the connections opened after it. Options are also read from
-`ECHOPLEX_CONTROL_*` (the server's own names: `ECHOPLEX_CONTROL_TOKEN`), so a token
-need not be on the command line.
+each change reaches new connections at once and open ones from their next chunk.
+Options are also read from `ECHOPLEX_CONTROL_*` (the server's own names:
+`ECHOPLEX_CONTROL_TOKEN`), so a token need not be on the command line.
 """
 
 from __future__ import annotations
