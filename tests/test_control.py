@@ -9,6 +9,7 @@ hear of every change).
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -81,11 +82,14 @@ def echo_once(server: Server, data: bytes) -> bytes | None:
     (None: it reset the connection)."""
     with socket.create_connection(server.address, timeout=10) as sock:
         sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
         try:
+            sock.shutdown(socket.SHUT_WR)
             return recv_until_eof(sock)
-        except ConnectionResetError:
-            return None
+        except (ConnectionResetError, OSError) as exc:
+            # A reset may come before the half-close: then shutdown says ENOTCONN.
+            if isinstance(exc, ConnectionResetError) or exc.errno == errno.ENOTCONN:
+                return None
+            raise
 
 
 def echoed_as(server: Server, data: bytes, wanted: bytes | None) -> None:
