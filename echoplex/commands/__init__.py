@@ -9,4 +9,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "echoplex.commands.conditions",
         "show or change a running server's conditions (its --control-port)",
     ),
+    "lesson": ("echoplex.commands.lesson", "the tutorial's experiment, replayed and measured"),
 }

@@ -1,0 +1,29 @@
+"""`echoplex lesson`: the tutorial's experiment, replayed and measured (`echoplex.lesson`).
+
+echoplex lesson                  all four steps, about a minute
+echoplex lesson --step 2 --clients 3 --messages 1 --work io:50ms --no-pause --json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .._cli_util import add_options, config_from_args, fail, flags_for_settings
+from ..lesson import LessonConfig, run_lesson
+
+PROG = "echoplex lesson"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, LessonConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(LessonConfig, args)
+    except ValueError as exc:
+        return fail(PROG, flags_for_settings(str(exc), LessonConfig))
+    try:
+        return run_lesson(config)
+    except KeyboardInterrupt:
+        return 130  # each step has stopped its server on the way out
