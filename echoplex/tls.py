@@ -9,6 +9,7 @@ OpenSSL's `[SSL] PEM lib (_ssl.c:...)`, which says neither which file nor what i
 from __future__ import annotations
 
 import os
+import re
 import ssl
 
 from .config import ServerConfig
@@ -38,12 +39,14 @@ def server_context(config: ServerConfig) -> ssl.SSLContext | None:
 def _require_client_certificates(context: ssl.SSLContext, ca_file: str) -> None:
     """Make `context` require a client certificate signed by a CA in `ca_file`; a
     ValueError naming the file if it holds no CA certificate."""
-    if not os.path.isfile(ca_file):
-        raise ValueError(f"no such file: {ca_file}")
+    if problem := _missing(ca_file):
+        raise ValueError(problem)
     try:
         context.load_verify_locations(cafile=ca_file)
     except ssl.SSLError:
-        raise ValueError(f"{ca_file} holds no PEM certificate") from None
+        raise ValueError(
+            f"{ca_file} holds no PEM certificate: {_holds_instead(ca_file, _CERTIFICATE)}"
+        ) from None
     # A server context starts with an empty store, so these are the file's own.
     if context.cert_store_stats()["x509_ca"] == 0:
         raise ValueError(f"{ca_file} holds no CA certificate (one that may sign others)")
@@ -63,8 +66,8 @@ def load_identity(context: ssl.SSLContext, cert_file: str, key_file: str) -> Non
     line naming the file at fault (missing, not PEM, the two swapped, or a key that is
     not the certificate's)."""
     for path in (cert_file, key_file):
-        if not os.path.isfile(path):
-            raise ValueError(f"no such file: {path}")
+        if problem := _missing(path):
+            raise ValueError(problem)
     try:
         context.load_cert_chain(cert_file, key_file, password=_no_passphrase)
     except _Encrypted:
@@ -78,11 +81,15 @@ def load_identity(context: ssl.SSLContext, cert_file: str, key_file: str) -> Non
 def _identity_problem(cert_file: str, key_file: str, exc: ssl.SSLError) -> str:
     """What is wrong, in words: OpenSSL names neither file, and says `PEM lib` for both."""
     if not _holds_certificate(cert_file):
-        return f"{cert_file} holds no PEM certificate"
+        swapped = _pem_kind(cert_file) == _KEY and _pem_kind(key_file) == _CERTIFICATE
+        return (
+            f"{cert_file} holds no PEM certificate: {_holds_instead(cert_file, _CERTIFICATE)}"
+            + (" (the certificate and the key swapped?)" if swapped else "")
+        )
     if exc.reason == "KEY_VALUES_MISMATCH":
         return f"{key_file} is not the private key of {cert_file}"
     if exc.reason is None:  # `PEM lib`: the key file is not a PEM private key
-        return f"{key_file} holds no PEM private key"
+        return f"{key_file} holds no PEM private key: {_holds_instead(key_file, _KEY)}"
     return f"cannot use {cert_file} with {key_file}: {exc.reason}"
 
 
@@ -92,6 +99,45 @@ def _holds_certificate(path: str) -> bool:
     except (ssl.SSLError, OSError):
         return False
     return True
+
+
+_KEY, _CERTIFICATE = "a private key", "a certificate"
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+_PEM_READ_BYTES = 1 << 20  # far more than any certificate chain; a huge file is not PEM
+
+
+def _pem_kind(path: str) -> str | None:
+    """What a PEM file holds, by its labels: a private key (with or without a
+    certificate), a certificate, or None (not PEM, or unreadable)."""
+    try:
+        with open(path, "rb") as file:
+            labels = _PEM_LABEL.findall(file.read(_PEM_READ_BYTES))
+    except OSError:
+        return None
+    if any(label.endswith(b"PRIVATE KEY") for label in labels):
+        return _KEY
+    if any(label.endswith(b"CERTIFICATE") for label in labels):
+        return _CERTIFICATE
+    return None
+
+
+def _holds_instead(path: str, expected: str) -> str:
+    """What `path`, which failed to load as `expected`, holds instead."""
+    kind = _pem_kind(path)
+    if kind is None:
+        return "it is not a PEM file"
+    if kind == expected:
+        return f"its {expected.removeprefix('a ')} is damaged"
+    return f"it is {kind}"
+
+
+def _missing(path: str) -> str | None:
+    """Why `path` cannot be opened as a file, or None if it can be tried."""
+    if os.path.isdir(path):
+        return f"{path} is a directory, not a file"
+    if not os.path.isfile(path):
+        return f"no such file: {path}"
+    return None
 
 
 def client_context(
@@ -124,12 +170,17 @@ def checked_client_context(
 ) -> ssl.SSLContext:
     """`client_context`, built once, with a file that cannot be used as one ValueError
     naming it: a bad argument of the command given it."""
+    if ca_file is not None and os.path.isdir(ca_file):
+        raise ValueError(f"CA file {ca_file} is a directory, not a file")
     if ca_file is not None and not os.path.isfile(ca_file):
         raise ValueError(f"no such CA file: {ca_file}")
     try:
         return client_context(ca_file, insecure=insecure, cert_file=cert_file, key_file=key_file)
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+    except ssl.SSLError:
+        assert ca_file is not None  # the one file loaded before the identity's
+        reason = f"it holds no PEM certificate: {_holds_instead(ca_file, _CERTIFICATE)}"
         raise ValueError(f"cannot load CA file {ca_file}: {reason}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot load CA file {ca_file}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ValueError(f"cannot load client certificate: {exc}") from None
