@@ -3,7 +3,8 @@
 Every time is in seconds from the start of a scene (`Scene.started`): when the client
 began (`start_s`), when its connect returned (`connected_s`: the kernel completes the
 handshake even for a server that has not accepted yet), when the server accepted it
-(`accepted_s`, as the server told, `echoplex.lesson._server`), its first echo
+(`accepted_s`, from the server's log, `echoplex.lesson.servers`: to the millisecond,
+on the wall clock, which the scene's start is also read on), its first echo
 (`first_echo_s`) and when it had every echo and closed (`done_s`). None is a moment
 that did not come (a client that failed says why in `error`).
 """
@@ -69,6 +70,7 @@ class Scene:
         self._accepted = accepted
         self.clients: list[ClientTimes] = []
         self.started = time.monotonic()
+        self.started_wall = time.time()  # the server's log tells its accepts on this clock
         self._threads: list[threading.Thread] = []
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -127,7 +129,7 @@ class Scene:
             if client.local_port is not None:
                 when = self._accepted(client.local_port)
                 if when is not None:
-                    client.accepted_s = max(0.0, when - self.started)
+                    client.accepted_s = max(0.0, when - self.started_wall)
 
     def close_all(self) -> None:
         """Close every client's socket now (a Ctrl-C): their threads end at once."""

@@ -5,6 +5,7 @@ step 4 bars of memory and threads per connection. As readable as the bench's cha
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def _segments(client: ClientTimes, end_s: float) -> list[tuple[float, float, str
         end_s,
     ]
     segments = []
-    for (_, colour), start, stop in zip(STATES, moments, moments[1:]):
+    for (_, colour), (start, stop) in zip(STATES, pairwise(moments), strict=True):
         if start is not None and stop is not None and stop > start:
             segments.append((start, stop, colour))
     return segments
@@ -73,8 +74,9 @@ def timeline(plt: Any, step: StepResult, runs: list[ModelRun]) -> Any:
         sharex=True,
         gridspec_kw={"height_ratios": heights},
         squeeze=False,
+        layout="constrained",
     )
-    for ax, run in zip(axes[:, 0], runs):
+    for ax, run in zip(axes[:, 0], runs, strict=True):
         for row, client in enumerate(run.clients):
             for start, stop, colour in _segments(client, end_s):
                 ax.broken_barh([(start, stop - start)], (row - 0.4, 0.8), color=colour)
@@ -90,19 +92,11 @@ def timeline(plt: Any, step: StepResult, runs: list[ModelRun]) -> Any:
     fig.legend(
         handles,
         [name for name, _ in STATES],
-        loc="upper center",
+        loc="outside lower center",
         ncol=len(STATES),
-        bbox_to_anchor=(0.5, 0.99),
         frameon=False,
     )
-    fig.suptitle(
-        f"Step {step.number}. {step.title}: one row per client",
-        y=0.995,
-        x=0.01,
-        ha="left",
-        fontsize=STYLE["figure.titlesize"],
-    )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / (sum(heights) + 1.4)))
+    fig.suptitle(f"Step {step.number}. {step.title}: one row per client, one panel per model")
     return fig
 
 
@@ -111,7 +105,7 @@ def _short(name: str) -> str:
 
 
 def idle_bars(plt: Any, step: StepResult, runs: list[ModelRun]) -> Any:
-    fig, (memory, threads) = plt.subplots(1, 2, figsize=(PANEL_WIDTH_IN, 4.2))
+    fig, (memory, threads) = plt.subplots(1, 2, figsize=(PANEL_WIDTH_IN, 4.2), layout="constrained")
     names = [run.model for run in runs]
     kib = [float(run.figures.get("bytes_per_connection") or 0) / 1024 for run in runs]
     per_thread = [float(run.figures.get("threads_per_connection") or 0) for run in runs]
@@ -126,5 +120,4 @@ def idle_bars(plt: Any, step: StepResult, runs: list[ModelRun]) -> Any:
         ax.grid(axis="y", alpha=0.3)
     count = runs[0].figures.get("connections")
     fig.suptitle(f"Step 4. {count} idle connections: what each costs the server")
-    fig.tight_layout()
     return fig

@@ -1,22 +1,28 @@
-"""A real server for one scene of the lesson: its own process, on a free port.
+"""A real server for one scene of the lesson: `echoplex serve`, its own process, on a
+free port.
 
-The server runs as a process of its own (`echoplex.lesson._server`), not in a thread
-of the lesson, for two reasons the lesson is about: work that computes holds the GIL,
-and a server in the lesson's process would take turns with the lesson's clients; and
-memory and threads per connection are read from the server's process alone. It is
-started in a session of its own, so that stopping it (or a Ctrl-C) ends the workers
-of the `workers` model too.
+The server is `python -m echoplex serve --log-format json`, the command a learner runs,
+not a copy of it: the lesson reads the port from its `listening` line and when it
+accepted each client from its `open` lines (`timestamp`, the wall clock to the
+millisecond, and `peer`, whose port is the client's own). It runs as a process of its
+own, not in a thread of the lesson, for two reasons the lesson is about: work that
+computes holds the GIL, and a server in the lesson's process would take turns with the
+lesson's clients; and memory and threads per connection are read from the server's
+process alone. It is started in a session of its own, so that stopping it (or a
+Ctrl-C) ends the workers of the `workers` model too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -32,32 +38,31 @@ class ServerFailed(Exception):
     """The server did not start, or stopped before its time: one line, the reason."""
 
 
+SERVE = ["-m", "echoplex", "serve", "--port", "0", "--log-format", "json", "--log-level", "info"]
+
+
 class LessonServer:
-    """`python -m echoplex.lesson._server --port 0 ARGS`, its port and accept times."""
+    """`python -m echoplex serve --port 0 ARGS`, its port and when it accepted each client."""
 
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
         self.port: int | None = None
-        self.accepted: dict[int, float] = {}  # the client's port: when it was accepted
+        self.accepted: dict[int, float] = {}  # the client's port: when (time.time())
         self._changed = threading.Condition()
         self._stderr: list[str] = []
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        argv = [sys.executable, "-m", "echoplex.lesson._server", "--port", "0", *self.args]
+        argv = [sys.executable, *SERVE, *self.args]
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
             start_new_session=True,
         )
-        self._readers = [
-            threading.Thread(target=self._read_events, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
 
     @property
     def pid(self) -> int:
@@ -68,28 +73,36 @@ class LessonServer:
         assert self.port is not None
         return ("127.0.0.1", self.port)
 
-    def _read_events(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            kind, _, rest = raw.decode(errors="replace").strip().partition(" ")
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode(errors="replace").strip()
             with self._changed:
-                if kind == "listening":
-                    self.port = int(rest)
-                elif kind == "accepted":
-                    peer_port, _, when = rest.partition(" ")
-                    self.accepted[int(peer_port)] = float(when)
+                self._note(line)
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
 
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self._stderr.append(raw.decode(errors="replace").rstrip())
+    def _note(self, line: str) -> None:
+        """One line of the server's log: its port, an accept, or what went wrong."""
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            self._stderr.append(line)  # a startup error is one plain line
+            return
+        event, peer = entry.get("event"), str(entry.get("peer", ""))
+        if event == "listening" and self.port is None:
+            self.port = int(str(entry["address"]).rpartition(":")[2])
+        elif event == "open" and peer.rpartition(":")[2].isdigit():
+            when = datetime.fromisoformat(str(entry["timestamp"])).timestamp()
+            self.accepted[int(peer.rpartition(":")[2])] = when
+        elif entry.get("level") in ("warning", "error", "critical"):
+            self._stderr.append(str(entry.get("message", line)))
 
-    def wait_until(self, ready: object, timeout_s: float, what: str) -> None:
+    def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         """Block until `ready()` is true; ServerFailed if the server ends or time runs out."""
-        assert callable(ready)
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while not ready():
@@ -137,8 +150,7 @@ class LessonServer:
             except subprocess.TimeoutExpired:
                 continue
         self.proc.wait()
-        for reader in self._readers:
-            reader.join(STOP_TIMEOUT_S)
+        self._reader.join(STOP_TIMEOUT_S)
 
     def __enter__(self) -> Self:
         try:

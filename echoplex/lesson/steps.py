@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 from ..bench import proctree
 from ..conditions import Work
@@ -74,10 +75,10 @@ def run_scene(
     """One server, the clients `start_clients` starts, their times; a server that
     cannot run is the run's one-line error, and the step goes on."""
     run = ModelRun(model, args)
-    server = LessonServer(args)
+    server: LessonServer | None = None
     scene: Scene | None = None
     try:
-        server.wait_listening()
+        server = LessonServer(args).wait_listening()
         scene = Scene(server.address, server.accepted.get)
         with view.watching(model, lambda: _scene_status(scene)):
             start_clients(scene)
@@ -92,7 +93,8 @@ def run_scene(
     finally:
         if scene is not None:
             scene.close_all()
-        server.stop()
+        if server is not None:
+            server.stop()
     if run.error:
         view.say(f"  {model}: could not run: {run.error}")
     return run
@@ -245,7 +247,7 @@ def _io_findings(step: StepResult, work: Work) -> list[Finding]:
         whole = _whole(step, model)
         if whole is not None and simple is not None:
             findings.append(
-                Finding(f"{model}'s whole run took {whole:.2f} s", whole < simple / 1.5)
+                Finding(f"{model}: the whole run took {whole:.2f} s", whole < simple / 1.5)
             )
     return _noted(findings)
 
@@ -259,7 +261,7 @@ def _one_after_another(step: StepResult) -> Finding:
         (c for c in run.clients if c.first_echo_s is not None and c.done_s is not None),
         key=lambda c: c.first_echo_s or 0.0,
     )
-    in_turn = all(b.first_echo_s >= a.done_s for a, b in zip(served, served[1:]))  # type: ignore[operator]
+    in_turn = all(b.first_echo_s >= a.done_s for a, b in pairwise(served))  # type: ignore[operator]
     return Finding(
         "simple served its clients "
         + (
@@ -280,7 +282,7 @@ def _cpu_findings(step: StepResult, work: Work) -> list[Finding]:
         if whole is not None:
             findings.append(
                 Finding(
-                    f"{model}'s whole run took {whole:.2f} s (the work alone, one message "
+                    f"{model}: the whole run took {whole:.2f} s (the work alone, one message "
                     f"at a time, is {total} x {work} = {serial:.2f} s)",
                     whole >= serial * 0.9,
                 )

@@ -44,10 +44,15 @@ class PlainView:
             print(f" {status()}", flush=True)
 
     def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+        widths = [
+            max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)
+        ]
         print(f"\n{title}", flush=True)
         for line in (headers, ["-" * width for width in widths], *rows):
-            print("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths)), flush=True)
+            print(
+                "  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=True)),
+                flush=True,
+            )
         print(flush=True)
 
     def findings(self, step: StepResult) -> None:
