@@ -12,6 +12,7 @@ import sys
 
 from .._cli_util import add_options, config_from_args, fail, flags_for_settings
 from ..lesson import LessonConfig, run_lesson
+from ..lesson.servers import stop_every_server
 
 PROG = "echoplex lesson"
 
@@ -36,3 +37,5 @@ def run(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    finally:
+        stop_every_server()

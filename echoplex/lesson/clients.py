@@ -30,6 +30,7 @@ class ClientTimes:
     start_s: float | None = None
     connected_s: float | None = None
     accepted_s: float | None = None
+    served_by: str | None = None  # the server's process that accepted it (its log's name)
     first_echo_s: float | None = None
     done_s: float | None = None
     local_port: int | None = None
@@ -65,7 +66,9 @@ def _rounded(value: object) -> object:
 class Scene:
     """Clients that run at once against one server, their times from one start."""
 
-    def __init__(self, address: tuple[str, int], accepted: Callable[[int], float | None]) -> None:
+    def __init__(
+        self, address: tuple[str, int], accepted: Callable[[int], tuple[float, str] | None]
+    ) -> None:
         self.address = address
         self._accepted = accepted
         self.clients: list[ClientTimes] = []
@@ -127,9 +130,10 @@ class Scene:
     def note_accepts(self) -> None:
         for client in self.clients:
             if client.local_port is not None:
-                when = self._accepted(client.local_port)
-                if when is not None:
-                    client.accepted_s = max(0.0, when - self.started_wall)
+                told = self._accepted(client.local_port)
+                if told is not None:
+                    client.accepted_s = max(0.0, told[0] - self.started_wall)
+                    client.served_by = told[1]
 
     def close_all(self) -> None:
         """Close every client's socket now (a Ctrl-C): their threads end at once."""

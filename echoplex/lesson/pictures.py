@@ -36,16 +36,25 @@ def _pyplot() -> Any:
 
 def draw_step(step: StepResult, out: Path) -> list[Path]:
     """The step's picture in `out`, if it has figures to draw; its path."""
-    runs = [run for run in step.runs if run.error is None]
-    if not runs:
-        return []
     plt = _pyplot()
     with plt.rc_context(STYLE):
-        fig = timeline(plt, step, runs) if step.number != 4 else idle_bars(plt, step, runs)
+        fig = figure_of(step)
+        if fig is None:
+            return []
         path = out / FILE_NAMES.get(step.number, "step4-idle.png")
         fig.savefig(path, dpi=DPI)
         plt.close(fig)
     return [path]
+
+
+def figure_of(step: StepResult) -> Any:
+    """The step's figure (the caller closes it), or None if no run has figures."""
+    runs = [run for run in step.runs if run.error is None]
+    if not runs:
+        return None
+    plt = _pyplot()
+    with plt.rc_context(STYLE):
+        return timeline(plt, step, runs) if step.number != 4 else idle_bars(plt, step, runs)
 
 
 def _segments(client: ClientTimes, end_s: float) -> list[tuple[float, float, str]]:

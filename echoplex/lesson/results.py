@@ -31,6 +31,19 @@ class ModelRun:
     def client(self, name: str) -> ClientTimes | None:
         return next((client for client in self.clients if client.name == name), None)
 
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> ModelRun:
+        """A run read back from lesson.json (`as_json`'s inverse)."""
+        known = {"model", "server_args", "whole_s", "clients", "error"}
+        return cls(
+            entry["model"],
+            entry["server_args"],
+            [ClientTimes(**client) for client in entry["clients"]],
+            entry["whole_s"],
+            {key: value for key, value in entry.items() if key not in known},
+            entry["error"],
+        )
+
     def as_json(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -55,6 +68,20 @@ class StepResult:
 
     def run_of(self, model: str) -> ModelRun | None:
         return next((run for run in self.runs if run.model == model and run.error is None), None)
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> StepResult:
+        """A step read back from lesson.json, to draw it again or build on it."""
+        return cls(
+            entry["step"],
+            entry["title"],
+            entry["shows"],
+            entry["expected"],
+            [ModelRun.from_json(run) for run in entry["runs"]],
+            [Finding(f["text"], f["agrees"]) for f in entry["findings"]],
+            entry["skipped"],
+            list(entry["pictures"]),
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -34,6 +34,12 @@ STOP_TIMEOUT_S = 5.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
+def stop_every_server() -> None:
+    """Stop every server still running (a Ctrl-C may come before its step holds it)."""
+    for server in list(_running):
+        server.stop()
+
+
 class ServerFailed(Exception):
     """The server did not start, or stopped before its time: one line, the reason."""
 
@@ -47,20 +53,32 @@ class LessonServer:
     def __init__(self, args: Sequence[str]) -> None:
         self.args = list(args)
         self.port: int | None = None
-        self.accepted: dict[int, float] = {}  # the client's port: when (time.time())
+        self.accepted: dict[int, tuple[float, str]] = {}  # the client's port: when
+        # (time.time()) and which process (`workers` has one per CPU) accepted it
         self._changed = threading.Condition()
         self._stderr: list[str] = []
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
         argv = [sys.executable, *SERVE, *self.args]
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
+        # No Ctrl-C between the fork and noting the server as running: it would leave
+        # a server that nothing stops. (The server inherits the mask: it is stopped by
+        # SIGTERM, in a session of its own that a terminal's Ctrl-C does not reach.)
+        main = threading.current_thread() is threading.main_thread()
+        if main:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+            _running.add(self)
+        finally:
+            if main:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
 
@@ -97,7 +115,8 @@ class LessonServer:
             self.port = int(str(entry["address"]).rpartition(":")[2])
         elif event == "open" and peer.rpartition(":")[2].isdigit():
             when = datetime.fromisoformat(str(entry["timestamp"])).timestamp()
-            self.accepted[int(peer.rpartition(":")[2])] = when
+            process = str(entry.get("process", ""))
+            self.accepted[int(peer.rpartition(":")[2])] = (when, process)
         elif entry.get("level") in ("warning", "error", "critical"):
             self._stderr.append(str(entry.get("message", line)))
 
@@ -133,6 +152,10 @@ class LessonServer:
                 continue  # gone
         return sum(counts) if counts else None
 
+    def cpu_s(self) -> float | None:
+        """CPU time (user and system) of every process of the server so far."""
+        return proctree.tree_cpu_s(self.pid)
+
     def rss_bytes(self) -> int | None:
         return proctree.tree_rss_bytes(self.pid)
 
@@ -150,6 +173,7 @@ class LessonServer:
             except subprocess.TimeoutExpired:
                 continue
         self.proc.wait()
+        _running.discard(self)
         self._reader.join(STOP_TIMEOUT_S)
 
     def __enter__(self) -> Self:
@@ -163,3 +187,6 @@ class LessonServer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+_running: set[LessonServer] = set()  # started and not yet stopped

@@ -78,11 +78,14 @@ def run_scene(
     server: LessonServer | None = None
     scene: Scene | None = None
     try:
-        server = LessonServer(args).wait_listening()
+        server = LessonServer(args)
+        server.wait_listening()
         scene = Scene(server.address, server.accepted.get)
+        cpu_before = server.cpu_s()
         with view.watching(model, lambda: _scene_status(scene)):
             start_clients(scene)
             scene.join()
+        run.figures = _cpu_figures(cpu_before, server.cpu_s(), scene.whole_s())
         run.clients = scene.clients
         run.whole_s = scene.whole_s()
         failed = [client for client in scene.clients if client.error]
@@ -98,6 +101,17 @@ def run_scene(
     if run.error:
         view.say(f"  {model}: could not run: {run.error}")
     return run
+
+
+def _cpu_figures(
+    before: float | None, after: float | None, whole_s: float | None
+) -> dict[str, object]:
+    """The server's CPU time over the run, and how many cores that is on average."""
+    if before is None or after is None:
+        return {"server_cpu_s": None, "cores_used": None}
+    used = after - before
+    cores = round(used / whole_s, 2) if whole_s else None
+    return {"server_cpu_s": round(used, 3), "cores_used": cores}
 
 
 def _scene_status(scene: Scene | None) -> str:
@@ -204,7 +218,7 @@ def step_work(config: LessonConfig, view: PlainView, kind: str) -> StepResult:
         )
     view.table(
         f"Step {step.number}, measured ({clients} clients x {messages} messages, {work})",
-        ["model", "whole run", "slowest first echo", "mean first echo"],
+        ["model", "whole run", "slowest first echo", "mean first echo", "server CPU", "cores"],
         [_work_row(run) for run in step.runs],
     )
     step.findings = _io_findings(step, work) if kind == "io" else _cpu_findings(step, work)
@@ -221,10 +235,25 @@ def _talkers(clients: int, messages: int) -> Callable[[Scene], None]:
 
 def _work_row(run: ModelRun) -> list[str]:
     if run.error:
-        return [run.model, "failed", run.error[:40], ""]
+        return [run.model, "failed", run.error[:40], "", "", ""]
     waits = [c.waited_s for c in run.clients if c.waited_s is not None]
     mean = sum(waits) / len(waits) if waits else None
-    return [run.model, seconds(run.whole_s), seconds(max(waits, default=None)), seconds(mean)]
+    cores = run.figures.get("cores_used")
+    return [
+        run.model,
+        seconds(run.whole_s),
+        seconds(max(waits, default=None)),
+        seconds(mean),
+        seconds(run.figures.get("server_cpu_s")),
+        "-" if cores is None else f"{cores:.2f}",
+    ]
+
+
+def served_split(run: ModelRun) -> list[int]:
+    """How many clients each of the server's processes accepted, most first: the
+    kernel spreads `workers`' connections by a hash of each one's ports."""
+    served = [client.served_by for client in run.clients if client.served_by]
+    return sorted((served.count(name) for name in set(served)), reverse=True)
 
 
 def _whole(step: StepResult, model: str) -> float | None:
@@ -290,13 +319,24 @@ def _cpu_findings(step: StepResult, work: Work) -> list[Finding]:
     threads, workers = _whole(step, "threads"), _whole(step, "workers")
     if threads is not None and workers is not None:
         beat = workers < threads * 0.85
-        text = f"workers took {workers:.2f} s, threads {threads:.2f} s"
+        text = f"workers took {workers:.2f} s, threads {threads:.2f} s{_split_note(step)}"
         if cpus() < 2:
             text += ": this machine lets the lesson use one CPU, so workers cannot beat threads"
             findings.append(Finding(text, None))
         else:
             findings.append(Finding(text, beat))
     return _noted(findings)
+
+
+def _split_note(step: StepResult) -> str:
+    run = step.run_of("workers")
+    split = served_split(run) if run else []
+    if len(split) < 2:
+        return "; one worker accepted every client (the kernel's hash), so one core did the work"
+    shares = " and ".join(str(count) for count in split)
+    cores = run.figures.get("cores_used") if run else None
+    used = "" if cores is None else f", {cores:.2f} cores busy on average"
+    return f" (its {len(split)} workers accepted {shares} clients{used})"
 
 
 def _noted(findings: list[Finding]) -> list[Finding]:
