@@ -125,6 +125,7 @@ def idle_bars(plt: Any, step: StepResult, runs: list[ModelRun]) -> Any:
         bars = ax.bar(names, values, color="tab:blue")
         ax.bar_label(bars, [fmt.format(value) for value in values], padding=3)
         ax.set_ylabel(label)
+        ax.set_xlabel("server model")
         ax.set_ylim(min(0.0, min(values) * 1.2), max(max(values) * 1.2, 1.2))
         ax.grid(axis="y", alpha=0.3)
     count = runs[0].figures.get("connections")

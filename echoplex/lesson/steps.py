@@ -146,6 +146,11 @@ def step_waiting(config: LessonConfig, view: PlainView) -> StepResult:
     view.code(TUTORIAL_CHANGE)
     for model in ("simple", "threads"):
         step.runs.append(run_scene(view, model, server_args(model), _nc_then_hello(hold)))
+    view.table(
+        f"Step 1, measured (nc held its connection {hold:g} s)",
+        ["model", "nc's echo", "nc done", "Hello accepted", "Hello's echo", "Hello waited"],
+        [_waiting_row(run) for run in step.runs],
+    )
     step.findings = _waiting_findings(step)
     return step
 
@@ -158,6 +163,20 @@ def _nc_then_hello(hold_s: float) -> Callable[[Scene], None]:
             scene.start(ClientTimes(HELLO, 1), talker(scene, 1, b"Hello, world"))
 
     return start
+
+
+def _waiting_row(run: ModelRun) -> list[str]:
+    nc, hello = run.client(HOLDER), run.client(HELLO)
+    if run.error or nc is None or hello is None:
+        return [run.model, "failed", (run.error or "")[:40], "", "", ""]
+    return [
+        run.model,
+        seconds(nc.first_echo_s),
+        seconds(nc.done_s),
+        seconds(hello.accepted_s),
+        seconds(hello.first_echo_s),
+        seconds(hello.waited_s),
+    ]
 
 
 def _waiting_findings(step: StepResult) -> list[Finding]:
