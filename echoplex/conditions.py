@@ -50,6 +50,8 @@ How the conditions combine, on the echo of one connection:
 - `slow_close` waits that long after the client's EOF once every byte is echoed.
 - Held bytes (in the line or waiting for their piece) are bounded: past
   `max_buffer_bytes`, `may_read` is False until the echo catches up.
+- `on_held(seconds)`, when set, hears how long each piece handed out in `Send` was
+  held: from the arrival of its first byte to `now` (the metrics' histogram of it).
 """
 
 from __future__ import annotations
@@ -567,7 +569,10 @@ class ConnectionConditions:
         self._random = rng
         self._max_buffer_bytes = max_buffer_bytes
         self._opened_at = now
+        self.on_held: Callable[[float], None] | None = None
+        """Told, for each piece handed out, how long its first byte was held."""
         self._line: deque[tuple[float, bytes]] = deque()  # (due at, chunk), in order
+        self._arrivals: deque[tuple[int, float]] = deque()  # (bytes taken in by then, when)
         self._in_line = 0
         self._last_due_at = -math.inf
         self._ready = bytearray()  # out of the line, waiting for its piece
@@ -618,6 +623,7 @@ class ConnectionConditions:
         if not chunk:
             return
         self._accepted += len(chunk)
+        self._arrivals.append((self._accepted, now))
         due_at = max(now + self._delay(), self._last_due_at)  # never before the one ahead
         self._last_due_at = due_at
         self._line.append((due_at, chunk))
@@ -697,6 +703,7 @@ class ConnectionConditions:
                 size = min(size, mark - self._sent)
         piece = bytes(self._ready[:size])
         del self._ready[:size]
+        self._report_held(now)
         self._sent += size
         conditions = self.conditions
         next_at = now + conditions.slice_delay_s
@@ -704,6 +711,14 @@ class ConnectionConditions:
             next_at = max(next_at, now + size / conditions.bandwidth_bytes_per_s)
         self._next_piece_at = next_at
         return piece
+
+    def _report_held(self, now: float) -> None:
+        """Tell `on_held` how long the byte at `_sent` (a piece's first) was held."""
+        arrivals = self._arrivals
+        while arrivals and arrivals[0][0] <= self._sent:
+            arrivals.popleft()  # chunks wholly handed out already
+        if self.on_held is not None and arrivals:
+            self.on_held(now - arrivals[0][1])
 
     def _pass_marks(self, now: float) -> Action | None:
         """At a byte mark: start the stall (once), or end the connection."""
@@ -736,6 +751,7 @@ class ConnectionConditions:
     def _end(self) -> None:
         self._ended = True
         self._line.clear()
+        self._arrivals.clear()
         self._in_line = 0
         self._ready.clear()
 

@@ -126,6 +126,8 @@ class Connections(Generic[Handle]):
         self.timeouts = Timeouts(plan.proxy_header_s, plan.tls_handshake_s, plan.limits)
         self.drain_timeout_s = plan.drain_timeout_s
         self.conditions = plan.conditions
+        # Hears how long conditions held each piece of echo (the metrics' histogram).
+        self._on_held: Callable[[float], None] | None = getattr(events, "echo_held", None)
         self._max_buffer_bytes = plan.config.max_buffer_bytes
         self.on_change: Callable[[], None] = lambda: None
         """Called (on the closing thread) whenever a connection has been closed."""
@@ -193,6 +195,8 @@ class Connections(Generic[Handle]):
         conditions = None
         if set_now.active:
             conditions = live.for_connection(self.clock(), max_buffer_bytes=self._max_buffer_bytes)
+            if conditions is not None:
+                conditions.on_held = self._on_held
         with self._lock:
             watch = self._open.get(record)
             if watch is not None:

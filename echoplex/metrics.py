@@ -40,6 +40,8 @@ log = logging.getLogger("echoplex.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Every echoplex series says which model and which process (`Metrics.where`).
 LABELS = ("model", "worker")
+# From a millisecond of jitter to a minute-long stall.
+HELD_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 def _require_client() -> Any:
@@ -117,6 +119,14 @@ class Metrics:
             "Connections that got a condition on purpose (--latency, the control API), "
             "by condition.",
             ("condition",),
+        )
+        self.held = prom.Histogram(
+            "echoplex_echo_held_seconds",
+            "How long the conditions on purpose (--latency, --bandwidth, --slice, a stall) "
+            "held each piece of TCP echo, from its first byte's arrival to its write.",
+            LABELS,
+            registry=target,
+            buckets=HELD_BUCKETS_S,
         )
         self.udp_tallies: list[Any] = []
         self.worker_up: Any = None
@@ -206,6 +216,11 @@ class MetricsEvents:
         for condition in record.condition_names:  # a series per condition
             m.label(m.conditioned, condition=condition).inc()
         self.inner.connection_closed(record)
+
+    def echo_held(self, seconds: float) -> None:
+        """A piece of echo that conditions held `seconds` is being written."""
+        m = self.metrics
+        m.label(m.held).observe(seconds)
 
     def connection_rejected(self, peer: Any, reason: str) -> None:
         m = self.metrics

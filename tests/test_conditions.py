@@ -1062,3 +1062,43 @@ def test_work_checks_values_whoever_builds_it() -> None:
         with pytest.raises(ConditionError, match="`work` must last"):
             Work("io", seconds)
     assert str(Work("io", 0.1)) == "io:0.1s"
+
+
+# ---------------------------------------------------------------- how long was it held
+
+
+def held_times(
+    conditions: Conditions, arrivals: list[tuple[float, bytes]]
+) -> tuple[Run, list[tuple[int, float]]]:
+    """A run, and what `on_held` heard for each piece: (bytes sent before it, seconds)."""
+    made = connection(conditions)
+    heard: list[float] = []
+    made.on_held = heard.append
+    run = drive(made, arrivals)
+    offsets = [sum(len(data) for _, data in run.sends[:index]) for index in range(len(run.sends))]
+    return run, list(zip(offsets, heard, strict=True))
+
+
+def test_each_piece_is_heard_with_how_long_its_first_byte_waited() -> None:
+    run, heard = held_times(
+        Conditions(latency_s=2.0, slice_bytes=3, slice_delay_s=0.5),
+        [(0.0, b"abcdef"), (1.0, b"gh")],
+    )
+    assert run.echo == b"abcdefgh"
+    # abc at 2 (held 2), def at 2.5 (its first byte came at 0), gh at 3 (came at 1).
+    assert heard == [(0, 2.0), (3, 2.5), (6, 2.0)]
+
+
+def test_a_stall_counts_in_what_was_held() -> None:
+    # cd was read with ab, and went when the stall ended; what the stall left unread
+    # waited in the kernel, which no server figure sees.
+    _, heard = held_times(
+        Conditions(stall_after_bytes=2, stall_for_s=10.0), [(0.0, b"abcd"), (1.0, b"ef")]
+    )
+    assert heard == [(0, 0.0), (2, 10.0), (4, 0.0)]
+
+
+def test_with_no_listener_nothing_is_heard_and_the_echo_is_the_same() -> None:
+    made = connection(Conditions(latency_s=1.0))
+    run = drive(made, [(0.0, b"x" * 10)])
+    assert run.echo == b"x" * 10 and made.on_held is None

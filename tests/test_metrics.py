@@ -126,6 +126,26 @@ def test_counts_match_a_known_load_exactly(mode: str) -> None:
         assert server.stop() == 0
 
 
+@pytest.mark.parametrize("mode", ["simple", "threads", "pool", "asyncio", "workers"])
+def test_the_echo_held_on_purpose_is_measured(mode: str) -> None:
+    """Each piece of a delayed, sliced echo is one observation of how long it was held,
+    and none is shorter than the latency: the delay line never lets a byte go sooner."""
+    with Server(
+        "--metrics-port", "0", "--latency", "200ms", "--slice", "4", "--workers", "2",
+        mode=mode,
+    ) as server:  # fmt: skip
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"0123456789ab")  # three slices of 4
+            assert recv_exactly(sock, 12) == b"0123456789ab"
+        samples = settled(server, closed=1)
+        count = total(samples, "echoplex_echo_held_seconds_count")
+        assert count >= 3  # a read may split the twelve bytes: then more pieces
+        assert total(samples, "echoplex_echo_held_seconds_sum") >= 0.2 * count
+        assert total(samples, "echoplex_echo_held_seconds_bucket", le="0.1") == 0
+        assert total(samples, "echoplex_echo_held_seconds_bucket", le="+Inf") == count
+        assert server.stop() == 0
+
+
 def test_workers_report_per_worker_series() -> None:
     with Server("--metrics-port", "0", "--workers", "2", mode="workers") as server:
         for _ in range(20):

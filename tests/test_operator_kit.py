@@ -112,11 +112,11 @@ def echo(address: tuple[str, int], data: bytes = b"kit") -> socket.socket:
 @pytest.fixture(scope="module")
 def busy_scrape() -> Iterator[Scrape]:
     """A `workers` server (UDP beside TCP) after traffic that creates every labelled
-    series: an echo, a rejection over --max-connections, a reset, UDP datagrams answered
-    and dropped over --udp-rate."""
+    series: an echo (held a millisecond on purpose), a rejection over --max-connections,
+    a reset, UDP datagrams answered and dropped over --udp-rate."""
     with Server(
         "--metrics-port", "0", "--workers", "2", "--udp", "--tcp",
-        "--max-connections", "1", "--udp-rate", "1",
+        "--max-connections", "1", "--udp-rate", "1", "--latency", "1ms",
         mode="workers",
     ) as server:  # fmt: skip
         with echo(server.address):
@@ -137,6 +137,7 @@ def busy_scrape() -> Iterator[Scrape]:
                 all(
                     s.total(name) > 0
                     for name in (
+                        "echoplex_echo_held_seconds_count",
                         "echoplex_connections_rejected_total",
                         "echoplex_errors_total",
                         "echoplex_udp_datagrams_answered_total",
@@ -460,8 +461,31 @@ def test_each_rule_finds_the_trouble_it_is_for(busy_scrape: Scrape, tmp_path: Pa
                 [{"series": series("up", target), "values": "0x40"}],
                 [(series("up", target), 0)],
             ),
+            expr_test(
+                "EchoplexEchoDelayed",  # every piece held between 1 and 2.5 s
+                held_between(busy_scrape, 1.0, 2.5),
+                [(series("", target), 1 + 0.9 * 1.5)],  # interpolated in that bucket
+            ),
         ],
     )
+
+
+def held_between(scrape: Scrape, above_s: float, upto_s: float) -> list[dict[str, str]]:
+    """The histogram's bucket series of one process, as the server labels them, when
+    every piece of echo (one a second) was held more than `above_s` and up to `upto_s`,
+    a bucket's bounds."""
+    buckets = scrape.named("echoplex_echo_held_seconds_bucket")
+    worker = buckets[0].labels["worker"]
+    series_of_one = [b for b in buckets if b.labels["worker"] == worker]
+    bounds = {float(b.labels["le"]) for b in series_of_one}
+    assert {above_s, upto_s} <= bounds, bounds
+    return [
+        {
+            "series": series(b.name, as_scraped(b)),
+            "values": "0+60x40" if float(b.labels["le"]) >= upto_s else "0x40",
+        }
+        for b in series_of_one
+    ]
 
 
 # ---------------------------------------------------------------- what the metrics say
