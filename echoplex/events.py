@@ -45,6 +45,8 @@ class ConnectionRecord:
     """How it ended (`echoplex.outcomes`); the first cause recorded wins."""
     detail: str | None = None
     """What the outcome needs said besides (an errno's name, a PROXY error, a limit)."""
+    client_cert: str | None = None
+    """Under mutual TLS, the subject of the client's certificate (`CN=alice`)."""
     conditions: str = ""
     """The conditions on purpose this connection got, as `latency=0.2s close-after=100`
     (empty: none): its close log line names them, and metrics count them."""
@@ -187,12 +189,15 @@ class LogEvents:
 
     def connection_opened(self, record: ConnectionRecord) -> None:
         peer = _peer(record)
-        fields = {"event": "open", "peer": peer, "conn_id": record.conn_id}
-        if record.via is None:
-            self.log.info("open %s", peer, extra=fields)
-        else:
-            via = format_address(record.via)
-            self.log.info("open %s via %s", peer, via, extra={**fields, "via": via})
+        fields: dict[str, Any] = {"event": "open", "peer": peer, "conn_id": record.conn_id}
+        words = ""
+        if record.via is not None:
+            fields["via"] = format_address(record.via)
+            words += f" via {fields['via']}"
+        if record.client_cert is not None:
+            fields["client_cert"] = record.client_cert
+            words += f" client-cert={record.client_cert!r}"  # quoted: a subject has spaces
+        self.log.info("open %s%s", peer, words, extra=fields)
 
     def data_received(self, record: ConnectionRecord, data: bytes) -> None:
         peer = _peer(record)

@@ -31,7 +31,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from ._accept import Acceptor, client_ip
 from ._proxy_accept import ProxyGate
@@ -68,6 +68,34 @@ class OnPurpose(NamedTuple):
 Progress = Callable[[Any, ConnectionRecord], tuple[int, int]]
 """What the idle and send limits read of an open connection: bytes received, and bytes
 the client has still to take (sent to it, or about to be)."""
+
+
+class PeerCertified(Protocol):
+    def getpeercert(self) -> Any: ...
+
+
+# OpenSSL's short names for the parts of a subject, as `openssl x509 -subject` prints.
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+}
+
+
+def certificate_subject(certificate: Any) -> str | None:
+    """A verified peer certificate's subject as `CN=alice,O=Example` (None: no
+    certificate was asked for or given; `getpeercert()` is then empty)."""
+    if not certificate:
+        return None
+    parts = [
+        f"{_SHORT_NAMES.get(name, name)}={value}"
+        for rdn in certificate.get("subject", ())
+        for name, value in rdn
+    ]
+    return ",".join(parts) or None
 
 
 def drain(
@@ -171,9 +199,15 @@ class Connections(Generic[Handle]):
         watch.enter(Step.ECHO, self.clock())
         yield Step.ECHO
 
-    def opened(self, record: ConnectionRecord) -> OnPurpose | None:
+    def opened(
+        self, record: ConnectionRecord, tls: PeerCertified | None = None
+    ) -> OnPurpose | None:
         """Its header and handshake are done: the echo begins, with what it gets on
-        purpose (drawn now, from the conditions set now), or None: a plain echo."""
+        purpose (drawn now, from the conditions set now), or None: a plain echo. `tls`
+        is its TLS session (an SSLSocket or SSLObject): under mutual TLS the open line
+        names the client certificate's subject."""
+        if tls is not None:
+            record.client_cert = certificate_subject(tls.getpeercert())
         on_purpose = self._draw(record)
         self.events.connection_opened(record)
         return on_purpose

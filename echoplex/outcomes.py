@@ -31,6 +31,9 @@ class Outcome(StrEnum):
     """No TLS handshake within `--tls-handshake-timeout`."""
     TLS_HANDSHAKE_FAILED = "tls-handshake-failed"
     """The TLS handshake failed; the detail says why (OpenSSL's reason, or `closed`)."""
+    TLS_CLIENT_CERT = "tls-client-cert"
+    """Mutual TLS (`--tls-client-ca`) refused the client's certificate: the detail says
+    `missing` (it sent none) or `untrusted` (not signed by that CA, or expired)."""
     PROXY_HEADER_TIMEOUT = "proxy-header-timeout"
     """A trusted proxy sent no complete PROXY header within `--proxy-header-timeout`."""
     PROXY_ERROR = "proxy-error"
@@ -70,15 +73,15 @@ def outcome_of(exc: BaseException | None) -> tuple[Outcome, str | None]:
 # OpenSSL's reasons when a server that requires a client certificate (mutual TLS) got
 # none, or one its CA did not sign (or that has expired): in words that say so.
 _CLIENT_CERTIFICATE_REASONS = {
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "client-cert-missing",
-    "CERTIFICATE_VERIFY_FAILED": "client-cert-untrusted",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "missing",
+    "CERTIFICATE_VERIFY_FAILED": "untrusted",
 }
 
 
 def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
     """How a failed TLS handshake ended, and why, the same in every model: OpenSSL's
-    reason (`tls-handshake-failed:WRONG_VERSION_NUMBER`), `client-cert-missing` or
-    `client-cert-untrusted` under mutual TLS, or `closed` when the client went away
+    reason (`tls-handshake-failed:WRONG_VERSION_NUMBER`), `tls-client-cert:missing` or
+    `tls-client-cert:untrusted` under mutual TLS, or `closed` when the client went away
     during it (closed or reset: an event loop cannot tell which)."""
     if isinstance(exc, TimeoutError):
         return Outcome.TLS_HANDSHAKE_TIMEOUT, None
@@ -86,6 +89,8 @@ def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
     # CPython's own SSLErrors (no OpenSSL library) say in a sentence that the peer left.
     if isinstance(exc, gone) or (isinstance(exc, ssl.SSLError) and exc.library is None):
         return Outcome.TLS_HANDSHAKE_FAILED, "closed"
+    if isinstance(exc, ssl.SSLError) and exc.reason in _CLIENT_CERTIFICATE_REASONS:
+        return Outcome.TLS_CLIENT_CERT, _CLIENT_CERTIFICATE_REASONS[exc.reason]
     if isinstance(exc, ssl.SSLError) and exc.reason:
-        return Outcome.TLS_HANDSHAKE_FAILED, _CLIENT_CERTIFICATE_REASONS.get(exc.reason, exc.reason)
+        return Outcome.TLS_HANDSHAKE_FAILED, exc.reason
     return Outcome.TLS_HANDSHAKE_FAILED, type(exc).__name__

@@ -53,7 +53,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("mtls")
     server_ca, client_ca, other_ca = trustme.CA(), trustme.CA(), trustme.CA()
     server = server_ca.issue_cert("localhost", "127.0.0.1")
-    client = client_ca.issue_cert("client.example")
+    client = client_ca.issue_cert("client.example", common_name="client.example")
     stranger = other_ca.issue_cert("stranger.example")
 
     def written(name: str, blob: trustme.Blob) -> str:
@@ -120,10 +120,12 @@ def test_only_clients_the_ca_signed_get_an_echo_in_every_model(
     with Server(*pki.server_args(), "--workers", "1", mode=mode) as server:
         assert echoes(server, trusted)
         server.wait_for_stderr(r"in=14 out=14 .*outcome=closed")
+        # The open line names whom the certificate was issued to.
+        server.wait_for_stderr(r"open \S+ client-cert='[^']*CN=client\.example")
         assert not echoes(server, anonymous)
-        server.wait_for_stderr("outcome=tls-handshake-failed:client-cert-missing")
+        server.wait_for_stderr("outcome=tls-client-cert:missing")
         assert not echoes(server, stranger)
-        server.wait_for_stderr("outcome=tls-handshake-failed:client-cert-untrusted")
+        server.wait_for_stderr("outcome=tls-client-cert:untrusted")
         assert echoes(server, trusted)  # the refusals cost the server nothing
         assert server.stop() == 0
     assert server.stderr.count("outcome=closed") == 2, server.stderr
@@ -180,7 +182,7 @@ def test_the_load_command_presents_a_certificate_in_every_process(pki: Pki) -> N
         refused = echoplex(*flags, "-c", "1", "--json")
         assert refused.returncode == 1
         assert not json.loads(refused.stdout)["ok"]
-        server.wait_for_stderr("outcome=tls-handshake-failed:client-cert-missing")
+        server.wait_for_stderr("outcome=tls-client-cert:missing")
         assert server.stop() == 0
 
 
@@ -258,5 +260,5 @@ def test_the_readme_mutual_tls_recipe_makes_a_ca_and_a_client_certificate(
         assert "hi" in said.stdout
         refused = echoplex(*client, "-m", "hi")
         assert refused.returncode == 1
-        server.wait_for_stderr("outcome=tls-handshake-failed:client-cert-missing")
+        server.wait_for_stderr("outcome=tls-client-cert:missing")
         assert server.stop() == 0

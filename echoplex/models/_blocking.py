@@ -102,7 +102,7 @@ class BlockingServer:
         """The plain echo, unless the connection gets conditions or work (now, or from
         the chunk in hand when the control API changes them)."""
         connections = self.connections
-        on_purpose = connections.opened(record)
+        on_purpose = connections.opened(record, over_tls)
         in_hand = b""
         if on_purpose is None:
             taken = echo_until_closed(over_tls or conn, record, self.plan, self.events, connections)

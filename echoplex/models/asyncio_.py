@@ -86,7 +86,8 @@ class EchoProtocol(asyncio.Protocol):
         max_buffer = self.server.plan.config.max_buffer_bytes
         self.transport.set_write_buffer_limits(high=max_buffer, low=max_buffer // 4)
         try:
-            on_purpose = self.server.connections.opened(self.record)
+            tls = self.transport.get_extra_info("ssl_object")
+            on_purpose = self.server.connections.opened(self.record, tls)
             if on_purpose is not None:
                 self.purpose = _OnPurpose(self, self.transport, on_purpose)
                 self.purpose.act()  # a limit of 0 bytes acts at once

@@ -326,7 +326,8 @@ class ConnectionPool:
             connection.tls = TlsSession(self.plan.tls)
         elif step is Step.ECHO:
             connection.header = None
-            connection.on_purpose = self.connections.opened(connection.record)
+            tls = connection.tls.session if connection.tls is not None else None
+            connection.on_purpose = self.connections.opened(connection.record, tls)
         return step is not None
 
     def _read_header(self, connection: PooledConnection) -> int | None:
