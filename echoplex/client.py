@@ -25,12 +25,30 @@ from typing import Any, BinaryIO
 from ._cli_util import fail
 from .config import DEFAULT_PORT
 from .proxy_protocol import encode_v1, encode_v2
+from .tls import plaintext_answer, silence_hint
 
 CHUNK_BYTES = 65536
 
 
 class EchoMismatch(Exception):
     """The server answered with other bytes than were sent, or closed before answering all."""
+
+
+class HandshakeTimeout(TimeoutError):
+    """The TLS handshake did not finish in time (the connection itself was made)."""
+
+
+class NoAnswer(TimeoutError):
+    """The server took the message but echoed none of it in time: a read timeout."""
+
+    def __init__(self, hint: str = "") -> None:
+        super().__init__("no answer")
+        self.hint = hint
+        """More words for the line, from what a silence may mean (`echoplex.tls`)."""
+
+
+class SendTimeout(TimeoutError):
+    """The server did not take the message in time: a write timeout."""
 
 
 @dataclass(frozen=True)
@@ -67,11 +85,18 @@ def connect(target: Target, timeout_s: float | None = None) -> socket.socket:
         if target.send_proxy:
             sock.sendall(proxy_header_for(sock, target.send_proxy))
         if target.tls is not None:
-            return target.tls.wrap_socket(sock, server_hostname=target.host)
+            return _handshake(target.tls, sock, target.host)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _handshake(context: ssl.SSLContext, sock: socket.socket, host: str) -> ssl.SSLSocket:
+    try:
+        return context.wrap_socket(sock, server_hostname=host)
+    except TimeoutError:
+        raise HandshakeTimeout from None
 
 
 def proxy_header_for(sock: socket.socket, version: str) -> bytes:
@@ -82,17 +107,36 @@ def proxy_header_for(sock: socket.socket, version: str) -> bytes:
     return encode_v1(source, destination) if version == "v1" else encode_v2(source, destination)
 
 
-def round_trip(sock: socket.socket, message: bytes) -> bytes:
-    """Send `message` and read until as many bytes came back; raise if they differ."""
-    sock.sendall(message)
+def round_trip(sock: socket.socket, message: bytes, *, first_plain: bool = False) -> bytes:
+    """Send `message` and read until as many bytes came back; raise if they differ.
+    `first_plain`: this is the first message of a connection without TLS, so an answer
+    that says the server speaks TLS is told as such (`echoplex.tls.plaintext_answer`)."""
+    try:
+        sock.sendall(message)
+    except TimeoutError:
+        raise SendTimeout from None
     received = bytearray()
     while len(received) < len(message):
-        chunk = sock.recv(min(CHUNK_BYTES, len(message) - len(received)))
+        try:
+            chunk = sock.recv(min(CHUNK_BYTES, len(message) - len(received)))
+        except TimeoutError:
+            hint = silence_hint(len(message)) if first_plain and not received else ""
+            raise NoAnswer(hint) from None
+        except ConnectionResetError:
+            if first_plain and not received:
+                raise EchoMismatch(plaintext_answer(b"", ended=True)) from None
+            raise
         if not chunk:
+            said = plaintext_answer(bytes(received), ended=True) if first_plain else None
             raise EchoMismatch(
-                f"server closed after echoing {len(received)} of {len(message)} bytes"
+                said or f"server closed after echoing {len(received)} of {len(message)} bytes"
             )
         received += chunk
+        said = None
+        if first_plain and not message.startswith(received):
+            said = plaintext_answer(bytes(received), ended=False)
+        if said:
+            raise EchoMismatch(said)
     if received != message:
         raise EchoMismatch(f"server echoed {bytes(received)!r}, not {message!r}")
     return bytes(received)
@@ -161,31 +205,62 @@ _CERTIFICATE_ALERTS = {
 }
 
 
+# A plain server's answer to our ClientHello, as OpenSSL reads it: an echo server sends
+# the ClientHello back (a handshake record, but the server's may not be a ClientHello);
+# another plaintext answer is no TLS record at all.
+_PLAINTEXT_SERVER = {
+    "UNEXPECTED_MESSAGE": "the server does not speak TLS: it echoed our ClientHello back "
+    "as plaintext (try without --tls)",
+    "WRONG_VERSION_NUMBER": "the server does not speak TLS: it answered the handshake "
+    "with plaintext (try without --tls)",
+}
+
+
 def tls_failure(exc: ssl.SSLError) -> str:
     """Why TLS failed, in one line: OpenSSL's reason, in words for a refused client
-    certificate; never OpenSSL's `[SSL: ...] (_ssl.c:NNNN)`."""
+    certificate or a server that does not speak TLS; never OpenSSL's
+    `[SSL: ...] (_ssl.c:NNNN)`."""
     if isinstance(exc, ssl.SSLEOFError):
         return "the server closed the connection"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"{exc.reason}: {exc.verify_message}"
-    return _CERTIFICATE_ALERTS.get(exc.reason or "", exc.reason or str(exc))
+    reason = exc.reason or ""
+    return _CERTIFICATE_ALERTS.get(reason) or _PLAINTEXT_SERVER.get(reason) or reason or str(exc)
 
 
-def describe_connection_error(target: Target, exc: OSError) -> str:
+def _within(timeout_s: float | None) -> str:
+    return "in time" if timeout_s is None else f"within {timeout_s:g}s"
+
+
+def describe_connection_error(target: Target, exc: OSError, timeout_s: float | None = None) -> str:
+    """A connection that could not be opened (connect, then the TLS handshake), in one
+    line; `timeout_s`, the time limit it had."""
     reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve {target.host!r}: {reason}"
+    if isinstance(exc, HandshakeTimeout):
+        return f"TLS with {target} failed: no handshake {_within(timeout_s)}"
     if isinstance(exc, TimeoutError):
-        reason = "timed out"
+        reason = f"no connection {_within(timeout_s)} (a connect timeout)"
     if isinstance(exc, ssl.SSLError):
         return f"TLS with {target} failed: {tls_failure(exc)}"
     return f"cannot connect to {target}: {reason}"
 
 
-def describe_failure(target: Target, exc: OSError) -> str:
-    """A connection that failed once open, in one line."""
+def describe_failure(target: Target, exc: OSError, timeout_s: float | None = None) -> str:
+    """A connection that failed once open, in one line; `timeout_s`, the time limit of
+    each read and write."""
     if isinstance(exc, ssl.SSLError):
         return f"TLS with {target} failed: {tls_failure(exc)}"
+    if isinstance(exc, NoAnswer):
+        return (
+            f"the server at {target} did not answer {_within(timeout_s)} (a read timeout){exc.hint}"
+        )
+    if isinstance(exc, SendTimeout):
+        return (
+            f"the server at {target} did not take the message {_within(timeout_s)} "
+            "(a write timeout)"
+        )
     reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or exc
     return f"connection to {target} failed: {reason}"
 
@@ -299,10 +374,21 @@ def one_shot(
     try:
         sock = connect(target, timeout_s)
     except OSError as exc:
-        return fail(prog, describe_connection_error(target, exc), status=1)
+        return fail(prog, describe_connection_error(target, exc, timeout_s), status=1)
+    exchanged = 0
+
+    def exchange(sock: socket.socket, message: bytes) -> bytes:
+        nonlocal exchanged
+        exchanged += 1
+        return round_trip(sock, message, first_plain=target.tls is None and exchanged == 1)
 
     return _print_echoes(
-        prog, sock, messages, round_trip, lambda exc: describe_failure(target, exc), raw=raw
+        prog,
+        sock,
+        messages,
+        exchange,
+        lambda exc: describe_failure(target, exc, timeout_s),
+        raw=raw,
     )
 
 

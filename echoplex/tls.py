@@ -184,3 +184,47 @@ def checked_client_context(
         raise ValueError(f"cannot load CA file {ca_file}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ValueError(f"cannot load client certificate: {exc}") from None
+
+
+# What an echoplex TLS server does with plaintext, in every model (measured with a real
+# socket, `echoplex serve --tls-cert`, the message `hi\n` and longer ones): OpenSSL reads
+# a 5-byte record header first, so a shorter message gets silence until the handshake
+# timeout and then a close; a longer one is refused at once, with a FIN (pool, asyncio,
+# workers) or a reset (simple, threads: the unread bytes make the close a reset), and
+# never an alert. Other TLS stacks (Go's crypto/tls) answer with an alert record.
+TLS_RECORD_HEADER_BYTES = 5
+_ALERT, _HANDSHAKE = 0x15, 0x16
+
+
+def looks_like_tls_record(data: bytes) -> bool:
+    """Whether `data` starts as a TLS record does: an alert or a handshake, in a version
+    from SSL 3.0 (3.0) to TLS 1.3 (which says 3.1 to 3.3 in its records)."""
+    return len(data) >= 3 and data[0] in (_ALERT, _HANDSHAKE) and data[1] == 3 and data[2] <= 4
+
+
+def plaintext_answer(answer: bytes, *, ended: bool) -> str | None:
+    """What a server's answer to our first plaintext message says, when it says the
+    server speaks TLS: `answer` is what came back (not an echo of what was sent), and
+    `ended` whether the server then closed or reset the connection. None when it does
+    not say so (an echo server that closes at once, by a limit or a condition, looks the
+    same as a TLS server, hence "seems")."""
+    if looks_like_tls_record(answer):
+        kind = "an alert" if answer[0] == _ALERT else "a handshake record"
+        return f"the server answered with TLS ({kind}), not an echo: it speaks TLS (try --tls)"
+    if ended and not answer:
+        return (
+            "the server closed the connection before echoing a byte: "
+            "it seems to speak TLS (try --tls)"
+        )
+    return None
+
+
+def silence_hint(message_bytes: int) -> str:
+    """Words to add when a plain first message got no answer at all: a TLS server waits
+    silently for a whole record header, so a message shorter than one says nothing."""
+    if message_bytes >= TLS_RECORD_HEADER_BYTES:
+        return ""
+    return (
+        f"; a TLS server, too, waits silently for a message under "
+        f"{TLS_RECORD_HEADER_BYTES} bytes (try --tls if it speaks TLS)"
+    )

@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             sock = connect(target, options.timeout_s)
         except OSError as exc:
-            return fail(PROG, describe_connection_error(target, exc), status=1)
+            return fail(PROG, describe_connection_error(target, exc, options.timeout_s), status=1)
         with sock:
             sock.settimeout(None)  # an interactive session may stay idle as long as it likes
             try:
