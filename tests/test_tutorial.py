@@ -119,6 +119,37 @@ def test_simple_mode_makes_the_second_client_wait() -> None:
         assert server.wait() == 0
 
 
+def test_nc_dash_n_quits_on_end_of_input_and_the_waiting_client_is_served() -> None:
+    # The README's way to end nc with Ctrl-D: `nc -N` shuts its side down at end of input.
+    server, port = start_tutorial_server("--mode", "simple")
+    with server:
+        nc = Process([require_tool("nc"), "-N", "127.0.0.1", str(port)], stdin=subprocess.PIPE)
+        with nc:
+            assert NEW_CONNECTION.match(server.next_line())
+            type_into(nc, "Hello\n")
+            assert server.next_line() == "Received: b'Hello\\n'\n"
+            assert nc.next_line() == "Hello\n"
+            client = subprocess.Popen(
+                [sys.executable, "ClientPython.py", "--port", str(port)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert nc.proc.stdin is not None
+                nc.proc.stdin.close()  # Ctrl-D
+                assert nc.wait() == 0
+                out, err = client.communicate(timeout=20)
+            finally:
+                client.kill()
+                client.communicate()
+        assert client.returncode == 0, err
+        assert out == "Starting client...\nReceived: b'Hello, world'\n"
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_server_stops_cleanly_on_signal(sig: signal.Signals) -> None:
     server, _ = start_tutorial_server()
