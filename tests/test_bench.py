@@ -345,6 +345,55 @@ def test_a_contended_run_is_measured_again_up_to_the_attempts(
     assert measured == [("threads", 0)] * 3 + [("threads", 1)] * runner.MEASURE_ATTEMPTS
     assert [run.foreign_cpu_pct for run in result.runs] == [5.0, 70.0]
     assert [run.generator for run in result.runs] == ["echoplex load"] * 2
+    # What was thrown away is kept for the report to say.
+    assert [run.contended_attempts for run in result.runs] == [[50.0, 30.0], [90.0, 80.0]]
+    report = BenchReport(
+        "echoplex bench", "now", {"cpus": 2, "pinning": {"cpus": [0, 1], "load_cpu": 1}}, settings
+    )
+    report.scenarios.append(result)
+    text = markdown(report)
+    assert "Runs measured again: 2 of 2 (a run is measured again, up to 3 times in all, " in text
+    assert "more than 10% of its pinned CPUs" in text
+    assert "- threads, pingpong c=1 s=64B, repeat 1: other load 50%, 30%, then 5%\n" in text
+    assert "- threads, pingpong c=1 s=64B, repeat 2: other load 90%, 80%, then 70%, kept " in text
+
+
+def test_the_report_says_when_no_run_was_measured_again() -> None:
+    runs = [_run("asyncio", 0, 1000.0, "c1", foreign_cpu_pct=3.0)]
+    result = ScenarioResult(
+        SCENARIOS["concurrency"],
+        ["asyncio"],
+        "asyncio",
+        runs=runs,
+        rows=summarize(runs, "requests_per_s", "asyncio"),
+    )
+    pinned = {"cpus": 2, "pinning": {"cpus": [0, 1], "load_cpu": 1}}
+    settings = BenchSettings(("concurrency",))
+    text = markdown(BenchReport("echoplex bench", "now", pinned, settings, [result]))
+    assert "Runs measured again: none of 1 (a run is measured again" in text
+    unpinned = markdown(BenchReport("echoplex bench", "now", {"pinning": None}, settings, [result]))
+    assert "Runs measured again: none (not pinned" in unpinned
+
+
+def test_a_server_that_served_fewer_connections_has_no_latency_in_the_table() -> None:
+    runs = [
+        _run(server, 0, 1000.0, "c1000", p50_us=p50, p99_us=p50 * 2, connections_alive=alive)
+        for server, p50, alive in (("simple", 40.0, 1.0), ("asyncio", 9000.0, 1000.0))
+    ]
+    result = ScenarioResult(
+        SCENARIOS["concurrency"],
+        ["simple", "asyncio"],
+        "asyncio",
+        runs=runs,
+        rows=summarize(runs, "requests_per_s", "asyncio"),
+    )
+    text = markdown(
+        BenchReport("echoplex bench", "now", {}, BenchSettings(("concurrency",)), [result])
+    )
+    assert "| c1000 | simple | 1,000 | - | left out | left out |" in text
+    assert "| c1000 | asyncio | 1,000 | - | 9,000 | 18,000 |" in text
+    assert "Latency `left out`: the server served fewer connections than it was offered" in text
+    assert "- simple, c1000: served 1 of 1,000 connections" in text
 
 
 # --- report files --------------------------------------------------------------------

@@ -347,3 +347,50 @@ def test_the_committed_results_still_load() -> None:
     for path in sorted(root.rglob("results.json")):
         results, machine = load_results(path)
         assert results and "pinning" in machine, path
+
+
+def _served_one_of_many() -> ScenarioResult:
+    """The demo at 1 and 1000 connections, where workers-2 served one of the 1000 (the
+    others timed out): the latency of that one is the best of all."""
+    result = _scenario_result(connections=(1, 1000))
+    for run in result.runs:
+        run.connections_alive = float(run.connections)
+        if run.connections == 1000 and run.server == "workers-2":
+            run.connections_alive = 1.0
+            run.p50_us, run.p90_us, run.p99_us = 10.0, 20.0, 30.0
+            run.errors, run.errors_by_kind = 999, {"timeout": 999}
+    result.rows = summarize(result.runs, "requests_per_s", "ref-uvloop")
+    return result
+
+
+def test_a_server_that_served_fewer_connections_than_offered_never_looks_fastest(
+    tmp_path: Path,
+) -> None:
+    result = _served_one_of_many()
+    report = BenchReport("echoplex bench", "now", dict(PINNED), BenchSettings(("demo",)), [result])
+    # Drawn as a file too, to be looked at.
+    write_charts(report, tmp_path)
+    drawn = figures(result, PINNED)
+    try:
+        marked = "served 1 of 1,000"
+        first, second = drawn["demo-latency.png"].axes
+        # Its dots and line are left out at 1000, not at 1, where it served its one.
+        assert len(first.lines) == 4 * (len(SERVERS) - 1)
+        assert len(second.lines) == 4 * (len(SERVERS) - 2)
+        assert "latency left out: served 1 of 1,000" in _red(second.texts)
+        assert not any("served" in text for text in _red(first.texts))
+        drawn_at = [line.get_xdata()[0] for line in second.lines]
+        assert 10.0 not in drawn_at and min(drawn_at) == 200.0
+        # On the throughput and CPU charts its bar stays, marked in red.
+        for name in ("demo-throughput.png", "demo-cpu.png"):
+            labels = [text.get_text() for text in drawn[name].axes[1].texts]
+            assert labels[SERVERS.index("workers-2")].endswith(f"  ({marked})")
+            assert f"({marked})" in " ".join(_red(drawn[name].axes[1].texts))
+            # And it fits in its panel.
+            drawn[name].canvas.draw()
+            ax = drawn[name].axes[1]
+            assert all(
+                text.get_window_extent().x1 <= ax.get_window_extent().x1 + 1 for text in ax.texts
+            )
+    finally:
+        _close(drawn)

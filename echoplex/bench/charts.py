@@ -24,7 +24,10 @@ The key (above the panels) tells echoplex models (solid) from reference servers
 (hatched, dashed on the latency chart) and from any other kind of server. Errors
 (timeouts, resets, failed runs, over all repeats) are written in red beside the
 server's value on every chart; a server that echoed wrong bytes gets no bar or dots,
-only "not ranked" and its count of wrong echoes. A server that ran on the load
+only "not ranked" and its count of wrong echoes. A server that served fewer connections
+than it was offered (`simple` at 1000: one at a time) is marked "served 1 of 1,000
+connections" in red, and gets no latency dots: the latency of the one it served would
+look the best of all. A server that ran on the load
 generator's CPU has a dagger after its name and a note under the panels.
 
 Redraw the charts from a results.json without rerunning the bench:
@@ -173,15 +176,24 @@ def figures(result: ScenarioResult, machine: dict[str, Any]) -> dict[str, Any]:
     the caller saves and closes them."""
     plt = _pyplot()
     view = ScenarioView(result, machine)
-    name, metric = result.scenario.name, result.scenario.metric
+    metric = result.scenario.metric
+    names = chart_names(result.scenario.name, metric)
     with plt.rc_context(STYLE):
         if metric == "peak_rss_bytes":
-            return {f"{name}-memory.png": _bar_chart(plt, view, metric)}
-        return {
-            f"{name}-throughput.png": _bar_chart(plt, view, metric),
-            f"{name}-cpu.png": _bar_chart(plt, view, "cpu_us_per_request"),
-            f"{name}-latency.png": _latency_chart(plt, view),
-        }
+            return dict(zip(names, [_bar_chart(plt, view, metric)], strict=True))
+        drawn = [
+            _bar_chart(plt, view, metric),
+            _bar_chart(plt, view, "cpu_us_per_request"),
+            _latency_chart(plt, view),
+        ]
+        return dict(zip(names, drawn, strict=True))
+
+
+def chart_names(scenario: str, metric: str) -> list[str]:
+    """The files a scenario's charts are written to (see the module's docstring)."""
+    if metric == "peak_rss_bytes":
+        return [f"{scenario}-memory.png"]
+    return [f"{scenario}-{what}.png" for what in ("throughput", "cpu", "latency")]
 
 
 class ScenarioView:
@@ -225,7 +237,9 @@ class ScenarioView:
         kinds = [kind for kind in row.errors_by_kind if kind not in WRONG_ECHO_ERRORS]
         noun = f"{kinds[0]} error" if len(kinds) == 1 else "error"
         parts = [
-            _count(errors, noun),
+            # The connections it did not serve are (nearly all) its errors: one mark for
+            # both keeps the label short enough to fit beside its bar.
+            row.served_fewer or _count(errors, noun),
             _count(wrong, "wrong echo", "wrong echoes"),
             _count(failed, "failed run"),
         ]
@@ -432,7 +446,11 @@ def _finish(
     )
     notes = [*view.cpu_notes, *notes]
     if view.has_trouble():
-        notes.insert(0, "red: errors over all runs (timeouts, resets, wrong echoes, failed runs)")
+        notes.insert(
+            0,
+            "red: errors over all runs (timeouts, resets, wrong echoes, failed runs) and "
+            "connections offered but not served",
+        )
     if notes:
         blank = [Patch(visible=False, label=note) for note in notes]
         legend = fig.legend(
@@ -523,6 +541,20 @@ def _latency_chart(plt: Any, view: ScenarioView) -> Any:
                     color=ERROR_COLOR,
                     fontweight="bold",
                     transform=edge,
+                )
+                continue
+            if row and row.served_fewer:
+                # The latency of the few it served: it would look best for failing most.
+                ax.text(
+                    0.01,
+                    index,
+                    f"latency left out: {row.served_fewer}",
+                    va="center",
+                    color=ERROR_COLOR,
+                    fontweight="bold",
+                    transform=edge,
+                    # Written from the panel's left edge: nothing to make room for.
+                    in_layout=False,
                 )
                 continue
             if not present:

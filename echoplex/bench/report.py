@@ -11,7 +11,7 @@ from typing import Any
 
 from .crosscheck import GENERATOR, SOURCE
 from .results import CROSS_CHECK_TOLERANCE, CrossCheckRow, Row, RunResult
-from .runner import BenchReport, ScenarioResult
+from .runner import CONTENDED_PCT, MEASURE_ATTEMPTS, BenchReport, ScenarioResult
 from .servers import SERVERS
 
 MIB = 1024 * 1024
@@ -88,6 +88,63 @@ def _per_connection_kib(row: Row) -> str:
     return f"{(peak - idle) / alive / 1024:.1f}"
 
 
+# What a latency cell says for a server that served fewer connections than offered.
+LATENCY_LEFT_OUT = "left out"
+
+
+def _latency(row: Row, name: str) -> str:
+    return LATENCY_LEFT_OUT if row.served_fewer else _fmt(row.figure(name), ",.0f")
+
+
+def _measured_again_lines(result: ScenarioResult, pinned: bool) -> list[str]:
+    """How many runs were measured again, why, and each one's other load, attempt after
+    attempt (`runner.measure_uncontended`)."""
+    if not pinned:
+        return [
+            "Runs measured again: none (not pinned, so what other work took of the CPUs was "
+            "not measured)."
+        ]
+    runs = [*result.runs, *result.cross_runs]
+    again = [run for run in runs if run.contended_attempts]
+    why = (
+        f"a run is measured again, up to {MEASURE_ATTEMPTS} times in all, while other work "
+        f"took more than {CONTENDED_PCT:g}% of its pinned CPUs; its figures, `other load %` "
+        "among them, are its last attempt's"
+    )
+    if not again:
+        return [f"Runs measured again: none of {len(runs)} ({why})."]
+    lines = [f"Runs measured again: {len(again)} of {len(runs)} ({why}):", ""]
+    for run in again:
+        attempts = ", ".join(f"{pct:.0f}%" for pct in run.contended_attempts)
+        last = _fmt(run.foreign_cpu_pct, ".0f")
+        kept = (
+            f", kept after {MEASURE_ATTEMPTS} attempts"
+            if (run.foreign_cpu_pct or 0.0) > CONTENDED_PCT
+            else ""
+        )
+        generator = f" ({GENERATOR})" if run.generator == GENERATOR else ""
+        lines.append(
+            f"- {run.server}, {run.point}, repeat {run.repeat + 1}{generator}: other load "
+            f"{attempts}, then {last}%{kept}"
+        )
+    return lines
+
+
+def _served_fewer_lines(result: ScenarioResult) -> list[str]:
+    """The rows whose latency is left out, and why (`Row.served_fewer`)."""
+    short = [row for row in result.rows if row.served_fewer]
+    if not short or result.scenario.metric == "peak_rss_bytes":
+        return []
+    return [
+        f"Latency `{LATENCY_LEFT_OUT}`: the server served fewer connections than it was "
+        "offered, so its percentiles would be those of the few it served while the others "
+        "waited in vain (they are among its errors), and it would look fastest for failing "
+        "most:",
+        "",
+        *(f"- {row.server}, {row.point}: {row.served_fewer} connections" for row in short),
+    ]
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -107,8 +164,8 @@ def _cpu_vs_ref(row: Row) -> str:
 THROUGHPUT_COLUMNS: list[Column] = [
     ("req/s", lambda row: _fmt(row.figure("requests_per_s"), ",.0f")),
     ("MB/s", lambda row: _fmt(row.figure("mb_per_s"), ",.2f")),
-    ("p50 µs", lambda row: _fmt(row.figure("p50_us"), ",.0f")),
-    ("p99 µs", lambda row: _fmt(row.figure("p99_us"), ",.0f")),
+    ("p50 µs", lambda row: _latency(row, "p50_us")),
+    ("p99 µs", lambda row: _latency(row, "p99_us")),
     ("CPU µs/req", lambda row: _fmt(row.figure("cpu_us_per_request"), ",.1f")),
     ("load CPU µs/req", lambda row: _fmt(row.figure("client_cpu_us_per_request"), ",.1f")),
     ("other load %", lambda row: _fmt(row.figure("foreign_cpu_pct"), ",.0f")),
@@ -191,6 +248,7 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
             "",
             table(result),
         ]
+        parts += ["", *_measured_again_lines(result, pinned=bool(pinning))]
         if custom := _custom_lines(report, result):
             parts += ["", "Servers given with `--server` (run through `/bin/sh -c`):", "", *custom]
         if wrong := _wrong_echo_lines(result):
@@ -204,6 +262,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
                 "",
                 *per_worker,
             ]
+        if served_fewer := _served_fewer_lines(result):
+            parts += ["", *served_fewer]
         if errors := _error_lines(result):
             parts += ["", "Errors over all repeats, by kind, and runs that failed:", "", *errors]
         if result.cross_check:
@@ -406,10 +466,34 @@ def write_results(report: BenchReport, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
+    earlier = charts_of(json_path)
     json_path.write_text(json.dumps(_rounded(to_json(report)), indent=2) + "\n")
     charts = write_charts(report, out_dir)
+    # An earlier run's charts that this report does not link would be read as its own.
+    written = {path.name for paths in charts.values() for path in paths}
+    for name in earlier - written:
+        (out_dir / name).unlink(missing_ok=True)
     md_path = out_dir / "results.md"
     md_path.write_text(
         markdown(report, {name: [path.name for path in paths] for name, paths in charts.items()})
     )
     return [json_path, md_path, *(path for paths in charts.values() for path in paths)]
+
+
+def charts_of(json_path: Path) -> set[str]:
+    """The chart files the bench wrote beside `json_path` for the scenarios it records
+    (none if there is no such file, or it is not a bench results.json): only these are
+    ever removed, so a directory's other files are left alone."""
+    from .charts import chart_names
+
+    try:
+        scenarios = json.loads(json_path.read_text())["scenarios"]
+        return {
+            name
+            for scenario in scenarios
+            for name in chart_names(str(scenario["name"]), str(scenario["metric"]))
+            # A file beside it, never elsewhere, whatever the file says.
+            if Path(name).name == name
+        }
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()

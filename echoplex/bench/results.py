@@ -9,6 +9,7 @@ not speed.
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -94,6 +95,10 @@ class RunResult:
     anything else during the CPU window: other processes, the hypervisor's steal.
     Request/response throughput scales with what is left, so such a run measured the
     machine as much as the server."""
+    contended_attempts: list[float] = field(default_factory=list)
+    """`foreign_cpu_pct` of the attempts before this one, each measured again because
+    other work took too much of its CPUs (`runner.measure_uncontended`); empty when the
+    first attempt was kept."""
     server_processes: int | None = None
     """Processes in the server's tree under load (a shell and its server count two)."""
     failure: str | None = None
@@ -161,6 +166,24 @@ class Row:
 
     def figure(self, name: str) -> float | None:
         return self.medians.get(name)
+
+    @property
+    def served(self) -> int | None:
+        """Connections the load generator still had at the end (median over repeats):
+        the ones the server served throughout. None when no run reported it."""
+        alive = self.figure("connections_alive")
+        return None if alive is None else math.floor(alive)
+
+    @property
+    def served_fewer(self) -> str:
+        """`served 1 of 1,000` (connections) when the server served fewer connections than
+        it was offered, else empty. Its latency is then that of the few it served (the
+        others waited in vain, and are errors), so it would look best for failing most:
+        charts and tables leave it out and say this instead."""
+        served = self.served
+        if served is None or served >= self.connections:
+            return ""
+        return f"served {served:,} of {self.connections:,}"
 
     def as_json(self) -> dict[str, Any]:
         return {

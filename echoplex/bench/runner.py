@@ -155,9 +155,10 @@ class BenchReport:
     finished_at: str | None = None
 
 
-def missing_packages(charts: bool) -> list[str]:
-    """The packages a run needs (with `charts`, to draw them too) that are not installed."""
-    needed = {**LOAD_MODULES, **(CHART_MODULES if charts else {})}
+def missing_packages() -> list[str]:
+    """The packages a run needs, to load the servers and draw its charts (every run
+    writes them), that are not installed."""
+    needed = {**LOAD_MODULES, **CHART_MODULES}
     return [
         package for module, package in needed.items() if importlib.util.find_spec(module) is None
     ]
@@ -377,15 +378,20 @@ def _rank(result: ScenarioResult) -> None:
 
 def measure_uncontended(run_once: Callable[[], RunResult], what: str) -> RunResult:
     """`run_once()` (a `measure`), again while other work took more than CONTENDED_PCT of
-    the pinned CPUs, up to MEASURE_ATTEMPTS runs in all: the last run."""
+    the pinned CPUs, up to MEASURE_ATTEMPTS runs in all: the last run, with the other
+    load of the attempts before it (`contended_attempts`), for the report to say."""
+    contended: list[float] = []
     for _ in range(MEASURE_ATTEMPTS - 1):
         run = run_once()
-        if (run.foreign_cpu_pct or 0.0) <= CONTENDED_PCT:
-            return run
-        log.warning(
-            "%s: %.0f%% of its CPUs went to other work; measuring again", what, run.foreign_cpu_pct
-        )
-    return run_once()
+        foreign = run.foreign_cpu_pct or 0.0
+        if foreign <= CONTENDED_PCT:
+            break
+        log.warning("%s: %.0f%% of its CPUs went to other work; measuring again", what, foreign)
+        contended.append(foreign)
+    else:
+        run = run_once()
+    run.contended_attempts = contended
+    return run
 
 
 @dataclass(frozen=True)

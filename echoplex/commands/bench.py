@@ -27,6 +27,10 @@ from ..bench.scenarios import ALL
 from ..bench.servers import ServerSpec, custom_server
 
 PROG = "echoplex bench"
+# Relative to where the bench runs; from a checkout's top that is an ignored directory
+# (.gitignore), beside the tracked bench/results, so running the bench as the docs say
+# never changes a tracked file.
+DEFAULT_OUT = Path("bench/out")
 
 
 def _scenario_defaults(setting: str) -> str:
@@ -154,10 +158,13 @@ class BenchOptions:
     )
     # (`option` makes a dataclasses.field; ruff cannot tell, as Path is not a type it
     # knows to be immutable.)
-    out: Path | None = option(  # noqa: RUF009
-        None,
+    out: Path = option(  # noqa: RUF009
+        DEFAULT_OUT,
         "--out",
-        "write results.json, results.md and PNG charts into DIR (created if needed)",
+        "write results.json, results.md and PNG charts into DIR, created if needed; the "
+        "charts an earlier run wrote there that this one does not are removed (default "
+        "{default}, which git ignores: the committed bench/results are rewritten only by "
+        "`python -m echoplex.bench.regenerate`)",
         parse=Path,
         metavar="DIR",
     )
@@ -188,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     options = config_from_args(BenchOptions, args)
     # Before anything starts: a long run must not end in a table of `-`, nor fail at
     # the charts after it.
-    if missing := missing_packages(charts=options.out is not None):
+    if missing := missing_packages():
         verb = "is" if len(missing) == 1 else "are"
         return fail(PROG, f"{' and '.join(missing)} {verb} not installed: {INSTALL_HINT}", 1)
     logging.basicConfig(
@@ -214,11 +221,10 @@ def run(args: argparse.Namespace) -> int:
         report = run_bench(settings, command_line(options), cross_check_binary=binary)
     except KeyboardInterrupt:
         return fail(PROG, "interrupted", 130)
-    if options.out is not None:
-        try:
-            write_results(report, options.out)
-        except OSError as exc:
-            return fail(PROG, f"cannot write results to {options.out}: {exc}")
+    try:
+        write_results(report, options.out)
+    except OSError as exc:
+        return fail(PROG, f"cannot write results to {options.out}: {exc}")
     print(markdown(report), end="")
     liars = sorted(
         {row.server for result in report.scenarios for row in result.rows if not row.verified}
