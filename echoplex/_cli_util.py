@@ -55,6 +55,9 @@ class Parser(argparse.ArgumentParser):
     environment prefix, reads options from the environment (see `read_environment`)."""
 
     environment_prefix: str | None = None
+    is_subcommand = False
+    """A subcommand's parser takes every word after the command's name: one it does not
+    know is its error (`echoplex serve: error: ...`), not the top parser's."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -82,6 +85,14 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, unknown = self._parse_with_environment(args, namespace)
+        if unknown and self.is_subcommand:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
+
+    def _parse_with_environment(
+        self, args: Sequence[str] | None, namespace: argparse.Namespace | None
     ) -> tuple[argparse.Namespace, list[str]]:
         if self.environment_prefix is None:
             return super().parse_known_args(args, namespace)
@@ -147,6 +158,8 @@ class Bounded:
     least_excluded: str | None = None
     """The words for `least` itself, if it is out of the range (None: it is in)."""
     show: Callable[[Any], str] = lambda value: _shown(value)
+    metavar: str | None = None
+    """What the help calls such a value (default: by `read`, see `kind_of`)."""
 
     def __call__(self, text: str) -> Any:
         value = self.read(text)
@@ -192,9 +205,9 @@ def at_most(most: int, type_: Bounded) -> Bounded:
 
 
 _PORT = "port must be {least}..{most}, not {value}"
-port_number = Bounded(_integer, 0, 65535, _PORT, _PORT)
+port_number = Bounded(_integer, 0, 65535, _PORT, _PORT, metavar="PORT")
 """A port to listen on: 0..65535, 0 meaning any free one."""
-target_port = Bounded(_integer, 1, 65535, _PORT, _PORT)
+target_port = Bounded(_integer, 1, 65535, _PORT, _PORT, metavar="PORT")
 """A port to connect to: 1..65535 (0 means "any" only when listening)."""
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)\s*(ms|s|m|h)?\s*", re.IGNORECASE)
@@ -216,10 +229,27 @@ def _duration(text: str) -> float:
         ) from None
 
 
+def seconds_written(seconds: float) -> str:
+    """A duration with its unit, as `_duration` reads it back exactly: `300s`, `2.5s`,
+    `500ms`, `0s` (help and reproduced command lines then never show a bare number)."""
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return _shown(seconds)  # out of every range: bare, as `_duration` reads it back
+    milliseconds = _shown(round(seconds * 1000, 6))
+    if 0 < seconds < 1 and float(milliseconds) * _SECONDS_PER_UNIT["ms"] == seconds:
+        return f"{milliseconds}ms"
+    return f"{_shown(float(seconds))}s"
+
+
 _A_YEAR = f"must be 0 or more seconds, at most a year ({MAX_SECONDS:.0f}), not {{value}}"
-non_negative_seconds = Bounded(_duration, 0, MAX_SECONDS, _A_YEAR, _A_YEAR)
+non_negative_seconds = Bounded(_duration, 0, MAX_SECONDS, _A_YEAR, _A_YEAR, show=seconds_written)
 positive_seconds = Bounded(
-    _duration, 0, MAX_SECONDS, _A_YEAR, _A_YEAR, least_excluded="must be more than 0 seconds"
+    _duration,
+    0,
+    MAX_SECONDS,
+    _A_YEAR,
+    _A_YEAR,
+    least_excluded="must be more than 0 seconds",
+    show=seconds_written,
 )
 
 
@@ -231,7 +261,9 @@ def _octal(text: str) -> int:
 
 
 _FILE_MODE = "not a file mode: {value} (000 to 777)"
-octal_mode = Bounded(_octal, 0, 0o777, _FILE_MODE, _FILE_MODE, show=lambda mode: f"{mode:o}")
+octal_mode = Bounded(
+    _octal, 0, 0o777, _FILE_MODE, _FILE_MODE, show=lambda mode: f"{mode:o}", metavar="MODE"
+)
 """File permissions in octal, like chmod: `600`, `0660`."""
 
 
@@ -264,7 +296,7 @@ def byte_size(most: int, least: int = 1) -> Bounded:
 def fraction(what: str) -> Bounded:
     """A share from 0 to 1 (`0.25`) of `what`."""
     words = f"must be a fraction of {what} from 0 to 1, not {{value}}"
-    return Bounded(_number("from 0 to 1"), 0, 1, words, words)
+    return Bounded(_number("from 0 to 1"), 0, 1, words, words, metavar="FRACTION")
 
 
 def _size_written(size: int) -> str:
@@ -291,9 +323,13 @@ def _number(what: str) -> Callable[[str], float]:
 # The largest finite float: a rate must be finite (inf and NaN are out of range).
 _FINITE = sys.float_info.max
 _ABOVE_0 = "must be a finite number above 0, not {value}"
-positive_rate = Bounded(_number("per second"), 0, _FINITE, _ABOVE_0, _ABOVE_0, _ABOVE_0)
+positive_rate = Bounded(
+    _number("per second"), 0, _FINITE, _ABOVE_0, _ABOVE_0, _ABOVE_0, metavar="PER_S"
+)
 _NO_LIMIT = "must be a finite rate, 0 (no limit) or more, not {value}"
-datagram_rate = Bounded(_number("of datagrams a second"), 0, _FINITE, _NO_LIMIT, _NO_LIMIT)
+datagram_rate = Bounded(
+    _number("of datagrams a second"), 0, _FINITE, _NO_LIMIT, _NO_LIMIT, metavar="PER_S"
+)
 """Datagrams per second: a finite number, 0 (no limit) or more."""
 
 
@@ -326,6 +362,32 @@ def _checked(check: Callable[[str], str], text: str) -> str:
         return check(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def kind_of(parse: Callable[[str], Any] | None) -> str | None:
+    """What the help calls a value `parse` reads, the same in every command: a duration is
+    `DURATION`, a count `N`, a size `BYTES`, a port `PORT`... (None: no kind of its own)."""
+    if isinstance(parse, Bounded):
+        return parse.metavar or kind_of(parse.read)
+    kinds: dict[Callable[[str], Any], str] = {
+        _integer: "N",
+        int: "N",
+        _duration: "DURATION",
+        _size: "BYTES",
+        host_name: "HOST",
+        file_path: "FILE",
+        unix_socket_path: "PATH",
+    }
+    return kinds.get(parse) if parse is not None else None
+
+
+def section(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The help section of `parser` with this title, made if it has none yet: options of
+    two declarations (a command's own, and another's it shares) can share one section."""
+    for group in parser._action_groups:  # argparse offers no public way to list them
+        if group.title == title and isinstance(group, argparse._ArgumentGroup):
+            return group
+    return parser.add_argument_group(title)
 
 
 def one_line(message: str) -> str:
@@ -397,6 +459,12 @@ class Option:
         show = self.show or (self.parse.show if isinstance(self.parse, Bounded) else _shown)
         return show(value)
 
+    @property
+    def value_name(self) -> str:
+        """What the help calls its value: `metavar`, else the kind of value `parse`
+        reads (`kind_of`), else the flag's name."""
+        return self.metavar or kind_of(self.parse) or self.flag[2:].upper()
+
 
 class FromOtherSettings:
     """The default of a field that follows from other fields; `__post_init__` replaces
@@ -436,15 +504,17 @@ def add_options(
     """An argparse option for each field of `config_class` with an `option()`, its dest
     the field's name and its default the field's, in help sections by `group`.
 
-    With `only`, just those fields, all in `parser` (the caller's section)."""
+    With `only`, just those fields, all in `parser` (the caller's section). A section
+    the parser already has (by its title) is added to, not made twice."""
     hints = typing.get_type_hints(config_class)
     groups: dict[str | None, Any] = {None: parser}
     for config_field, declared in options_of(config_class):
         if only is not None:
             if config_field.name not in only:
                 continue
-        elif declared.group not in groups:
-            groups[declared.group] = parser.add_argument_group(declared.group)
+        elif declared.group is not None and declared.group not in groups:
+            assert isinstance(parser, argparse.ArgumentParser)  # sections are a parser's
+            groups[declared.group] = section(parser, declared.group)
         default = config_field.default
         help_text = declared.help
         if "{default}" in help_text:  # (a default of None or a tuple is not written)
@@ -461,7 +531,7 @@ def add_options(
             kwargs["type"] = declared.parse
             kwargs["choices"] = declared.choices
             if declared.choices is None:
-                kwargs["metavar"] = declared.metavar or declared.flag[2:].upper()
+                kwargs["metavar"] = declared.value_name
         flags = [declared.short, declared.flag] if declared.short else [declared.flag]
         groups[None if only is not None else declared.group].add_argument(*flags, **kwargs)
 

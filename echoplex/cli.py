@@ -20,6 +20,7 @@ def build_parser(command: str | None = None) -> Parser:
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subcommands.add_parser(name, help=help_text, description=help_text)
+        sub.is_subcommand = True
         # Each command takes it too: the container's entrypoint is `echoplex serve`, so
         # `docker run IMAGE --version` asks `echoplex serve --version`.
         add_version_argument(sub)

@@ -63,7 +63,7 @@ METRICS = "metrics"
 LIMITS = "limits (0 turns a limit off)"
 CONDITIONS = "conditions on purpose: a slow, broken or busy endpoint, to test clients"
 CONTROL = "control API (change the conditions while serving)"
-UDP = "UDP echo (RFC 862), rate-limited against reflection (0 turns a rate limit off)"
+UDP = "UDP echo (RFC 862), rate-limited against reflection"
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ class ServerConfig:
     max_per_ip: int = option(
         0,
         "--max-per-ip",
-        "connections at once from one client address (default {default})",
+        "connections at once from one client address (default {default}: no limit)",
         parse=non_negative_int,
         metavar="N",
         group=LIMITS,
@@ -288,13 +288,15 @@ class ServerConfig:
     )
     """Close a connection this old, however busy (bounds a client trickling bytes); 0: never."""
 
+    # Not among the limits that 0 turns off: it is the backpressure bound itself, and
+    # without it a client that sends and never reads would grow server memory forever.
     max_buffer_bytes: int = option(
         65536,
         "--max-buffer",
-        "echo bytes held per connection before it stops being read (default {default})",
+        "echo bytes held per connection before it stops being read: the backpressure "
+        "bound, 1 byte or more, never off (default {default})",
         parse=byte_size(MAX_BUFFER_BYTES),
         metavar="BYTES",
-        group=LIMITS,
     )
     """Echo bytes held per connection at most: past it, the server stops reading that client
     until its echo is written, so a client that never reads cannot grow server memory."""
@@ -513,7 +515,7 @@ class ServerConfig:
         100.0,
         "--udp-rate",
         "datagrams answered per second per source address, bursts of twice that "
-        "(default {default})",
+        "(default {default}; 0: no limit)",
         parse=datagram_rate,
         metavar="PER_S",
         group=UDP,
@@ -525,7 +527,8 @@ class ServerConfig:
     udp_rate_total: float = option(
         10_000.0,
         "--udp-rate-total",
-        "datagrams answered per second from all sources, bursts of twice that (default {default})",
+        "datagrams answered per second from all sources, bursts of twice that "
+        "(default {default}; 0: no limit)",
         parse=datagram_rate,
         metavar="PER_S",
         group=UDP,

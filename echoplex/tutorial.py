@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ._cli_util import Parser, fail, host_name, port_number
+from ._cli_util import Parser, described, fail, host_name, port_number
 from .client import Target, one_shot, stopped_quietly
 from .config import DEFAULT_PORT, ServerConfig
 from .errors import StartupError
@@ -48,7 +48,8 @@ def server_main(argv: Sequence[str] | None = None) -> int:
         "--mode",
         choices=MODELS,
         default="threads",
-        help="threads (default): every client at once; simple: one at a time",
+        help="how clients are served (default threads). "
+        + described({name: entry.description for name, entry in MODELS.items()}),
     )
     parser.add_argument(
         "--host", type=host_name, default=TUTORIAL_HOST, help=f"default {TUTORIAL_HOST}"

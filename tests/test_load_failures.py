@@ -81,11 +81,13 @@ def test_a_missing_extra_is_one_line_before_anything_starts(
     monkeypatch.setitem(sys.modules, module, None)
     # Nothing listens there: had a connection been tried, that would be the error.
     port = str(closed_port())
-    status, out, err = run_cli(capsys, "load", "--port", port, "--processes", "2", *args)
-    assert (status, out) == (1, "")
-    assert err.startswith(f"echoplex load: error: {expected}") and err.count("\n") == 1, err
-    status, report, _ = failed_json(capsys, "--port", port, *args)
-    assert status == 1 and report["error"].startswith(expected)
+    # A usage error (exit 2), as every missing extra is: one line, even with --json.
+    for json_flag in ([], ["--json"]):
+        status, out, err = run_cli(
+            capsys, "load", "--port", port, "--processes", "2", *args, *json_flag
+        )
+        assert (status, out) == (2, ""), json_flag
+        assert err.startswith(f"echoplex load: error: {expected}") and err.count("\n") == 1, err
 
 
 def test_bad_arguments_stay_one_line_on_stderr_even_with_json(

@@ -348,10 +348,14 @@ def test_client_to_a_port_without_a_server_is_one_line() -> None:
     )
 
 
-def test_client_udp_timeout_must_be_positive() -> None:
-    result = echoplex("client", "--udp", "--timeout", "0", "-m", "hi")
+@pytest.mark.parametrize("udp", [["--udp"], []])
+def test_client_timeout_must_be_positive(udp: list[str]) -> None:
+    # As `echoplex load --timeout`: a timeout of 0 would make the socket non-blocking.
+    result = echoplex("client", *udp, "--timeout", "0", "-m", "hi")
     assert result.returncode == 2
-    assert result.stderr == "echoplex client: error: --timeout must be more than 0 with --udp\n"
+    assert result.stderr == (
+        "echoplex client: error: argument --timeout: must be more than 0 seconds (see --help)\n"
+    )
 
 
 @pytest.mark.timeout(30)

@@ -17,9 +17,11 @@ from .._cli_util import (
     config_from_args,
     fail,
     host_name,
-    non_negative_seconds,
     option,
     positive_int,
+    positive_seconds,
+    seconds_written,
+    section,
     target_port,
 )
 from ..client import (
@@ -41,6 +43,7 @@ from ..load.config import STREAM_TRANSPORT, LoadConfig
 from ..tls import checked_client_context
 
 PROG = "echoplex client"
+TRANSPORT = "transport (default TCP)"
 
 Value = TypeVar("Value", str, int)
 
@@ -73,18 +76,19 @@ class ClientOptions:
     raw: bool = option(
         False, "--raw", "with --message, print the echoed bytes instead of their repr"
     )
+    # The same kind of value as `echoplex load --timeout`, read and named the same.
     timeout_s: float | None = option(
         None,
         "--timeout",
         "give up on a connect or a read after this long (default: wait; with --udp, "
-        f"{UDP_TIMEOUT_S:g})",
-        parse=non_negative_seconds,
-        metavar="SECONDS",
+        f"{seconds_written(UDP_TIMEOUT_S)})",
+        parse=positive_seconds,
     )
     udp: bool = option(
         False,
         "--udp",
         "use UDP: each message (each stdin line) is one datagram, each echo one back",
+        group=TRANSPORT,
     )
 
 
@@ -115,9 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"server port, as nc takes it (default {DEFAULT_PORT}); or --port",
     )
     add_options(parser, ClientOptions)
-    # The stream transport options as `echoplex load` declares them.
-    transport = parser.add_argument_group("transport (default TCP)")
-    add_options(transport, LoadConfig, only=STREAM_TRANSPORT)
+    # The stream transport options as `echoplex load` declares them, beside --udp.
+    add_options(section(parser, TRANSPORT), LoadConfig, only=STREAM_TRANSPORT)
 
 
 def address_from(options: ClientOptions, args: argparse.Namespace) -> tuple[str, int]:
@@ -202,8 +205,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_udp(options: ClientOptions, host: str, port: int) -> int:
     timeout_s = UDP_TIMEOUT_S if options.timeout_s is None else options.timeout_s
-    if not timeout_s > 0:
-        return fail(PROG, "--timeout must be more than 0 with --udp")
     with stopped_quietly():
         if options.messages:
             if not options.raw:

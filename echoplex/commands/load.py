@@ -23,8 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Every echoed byte is checked against what was sent. Exit status: 0 when all "
         "of it came back right; 1 on any mismatch or connection error (the summary "
         "names the connection and offset), or when the server cannot be reached; "
-        "2 on bad arguments. With --json a run that fails still prints one JSON object, "
-        "with an `error` field. Ctrl-C stops early and still reports."
+        "2 on bad arguments, or when an extra the run needs is not installed. With "
+        "--json a run that fails still prints one JSON object, with an `error` field. "
+        "Ctrl-C stops early and still reports."
     )
     add_options(parser, LoadConfig)
     parser.add_argument(
@@ -43,6 +44,15 @@ def config_from(args: argparse.Namespace) -> LoadConfig:
     # Built here, once: a CA file, certificate or key that cannot be used is a bad
     # argument (exit 2), as with `echoplex client`, not a failed run; the run uses it.
     _ = config.tls_context
+    # Imported here: `echoplex serve` builds this parser too, and needs none of it.
+    from ..load.processes import check_dependencies
+
+    try:
+        # A missing extra is a usage error (exit 2), as for `echoplex serve
+        # --metrics-port` without prometheus-client: the run it describes cannot start here.
+        check_dependencies(config)
+    except StartupError as exc:
+        raise ValueError(str(exc)) from None
     return config
 
 

@@ -51,7 +51,7 @@ class LessonConfig:
     hold_s: float = option(
         2.0,
         "--hold",
-        "how long step 1's nc-like client keeps its connection (default {default}s)",
+        "how long step 1's nc-like client keeps its connection (default {default})",
         parse=positive_seconds,
         metavar="DURATION",
     )

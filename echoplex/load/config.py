@@ -29,6 +29,7 @@ from .._cli_util import (
     positive_int,
     positive_rate,
     positive_seconds,
+    seconds_written,
     target_port,
     unix_socket_path,
 )
@@ -214,8 +215,9 @@ class LoadConfig:
         TIMEOUT_BY_TRANSPORT,
         "--timeout",
         "a connect, or an echo making no progress, fails after this long; also how long the "
-        f"end waits for echoes in flight (default {DEFAULT_TIMEOUT_S:g}); with --udp, a "
-        f"datagram not echoed this long after it was sent is lost (default {UDP_TIMEOUT_S:g})",
+        f"end waits for echoes in flight (default {seconds_written(DEFAULT_TIMEOUT_S)}); with "
+        "--udp, a datagram not echoed this long after it was sent is lost (default "
+        f"{seconds_written(UDP_TIMEOUT_S)})",
         parse=positive_seconds,
         metavar="DURATION",
     )
