@@ -384,3 +384,44 @@ def test_every_udp_log_line_has_an_event() -> None:
     (stopped,) = [entry for entry in udp_entries if entry["event"] == "udp_stopped"]
     assert stopped["answered"] >= 1
     assert stopped["answered"] + sum(stopped["dropped"].values()) == 10
+
+
+# ---------------------------------------------------------------- the --udp-rate hint
+
+
+@pytest.mark.timeout(60)
+def test_a_few_connections_at_the_default_rate_limit_get_the_hint() -> None:
+    # The command: 2 pingpong connections for 3s against the default limits
+    # (100 a second per source, bursts of 200) lose a handful of datagrams, under 1%
+    # of them, as each connection waits --timeout (2s) after a loss while the bucket
+    # refills; the hint must name --udp-rate all the same.
+    with UdpServer() as server:
+        result = echoplex("load", "--udp", "--port", str(server.port), "-c", "2", "-d", "3s")
+        counts = server.stop()
+    assert result.returncode == 1, result.stderr
+    assert counts["by_reason"].get("rate-source", 0) > 0, counts
+    # At most one loss per connection per --timeout wait, and two bursts answered: under
+    # 1% lost, the case the hint used to miss.
+    lost = int(re.search(r"lost (\d+)", result.stdout)[1])  # type: ignore[index]
+    assert 0 < lost <= 4 and counts["answered"] >= 400, (result.stdout, counts)
+    (hint,) = [line for line in result.stdout.splitlines() if line.startswith("hint ")]
+    assert "per-source rate limit" in hint and "--udp-rate 0" in hint, hint
+
+
+def test_few_losses_that_fit_a_default_limit_are_named_and_others_are_not() -> None:
+    from echoplex.load.config import LoadConfig
+    from echoplex.load.result import UDP_DEFAULT_LIMITS, LoadResult
+
+    def result(answered: int, lost: int, sending_s: float) -> LoadResult:
+        found = LoadResult(LoadConfig(udp=True), loop="asyncio")
+        found.requests = found.echoed_total = answered
+        found.errors_by_kind = {"lost": lost}
+        found.late_datagrams = 0
+        found.sending_s = sending_s
+        return found
+
+    per_source, _ = UDP_DEFAULT_LIMITS
+    fits = result(400, 4, 3.0)  # two bursts of 200 in 3s: 0.8 of 200 + 3 x 100
+    assert fits.udp_limit_met() == per_source and fits.high_udp_loss
+    stray = result(5_000, 4, 3.0)  # more answered than either default lets through
+    assert stray.udp_limit_met() is None and not stray.high_udp_loss
