@@ -32,7 +32,7 @@ generator's CPU has a dagger after its name and a note under the panels.
 
 Redraw the charts from a results.json without rerunning the bench:
 
-    python -m echoplex.bench.charts bench/results bench/results/targets
+    python -m echoplex.bench.charts bench/out bench/out/targets
 """
 
 from __future__ import annotations
