@@ -104,7 +104,7 @@ class Connector:
         return OpenFailed(
             f"connect {error_kind(exc)}",
             plain.strerror or "",
-            describe_connection_error(self.target, plain),
+            describe_connection_error(self.target, plain, self.timeout_s),
         )
 
 
