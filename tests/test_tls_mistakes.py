@@ -5,14 +5,18 @@ ports, real certificates (trustme)."""
 
 from __future__ import annotations
 
+import json
+import socket
 from dataclasses import dataclass
 
 import pytest
 import trustme
 
+from echoplex.testing import peer_tcp_line
 from echoplex.tls import looks_like_tls_record, plaintext_answer
 
 from .procs import Server, echoplex
+from .waiting import wait_for
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,50 @@ def test_a_plain_client_at_a_tls_port_is_told_to_try_tls(
         line = one_error_line(result, "client")
         assert "it seems to speak TLS (try --tls)" in line, line
         assert server.stop() == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["threads", "asyncio"])  # the one resets, the other closes
+def test_a_plain_load_at_a_tls_port_is_told_to_try_tls(mode: str, files: Files) -> None:
+    with Server("--tls-cert", files.cert, "--tls-key", files.key, mode=mode) as server:
+        run = ("load", "--port", str(server.port), "-c", "2", "-d", "0.5")
+        summary = echoplex(*run)
+        as_json = echoplex(*run, "--json")
+        assert server.stop() == 0
+    assert (summary.returncode, as_json.returncode) == (1, 1), (summary, as_json)
+    told = plaintext_answer(b"", ended=True)
+    assert told is not None and "it seems to speak TLS (try --tls)" in told
+    assert f"hint         {told}" in summary.stdout.splitlines(), summary.stdout
+    report = json.loads(as_json.stdout)
+    assert report["tls_suspected"] == told
+    assert report["requests"] == 0 and set(report["errors_by_kind"]) <= {"closed early", "reset"}
+
+
+def established_in_queue(client: socket.socket) -> bool:
+    """Whether the listener's end of `client` is established, so it fills the accept
+    queue (a handshake still under way would not)."""
+    try:
+        return peer_tcp_line(client)[3] == "01"  # TCP_ESTABLISHED
+    except AssertionError:  # no such socket yet
+        return False
+
+
+@pytest.mark.timeout(30)
+def test_a_connect_timeout_of_load_names_its_time_limit() -> None:
+    # A listener that never accepts, its queue of 1 full: Linux drops the next SYN, and
+    # the next connect waits (for a retransmission a second later) until --timeout ends it.
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler.connect(("127.0.0.1", port))
+        wait_for(lambda: established_in_queue(filler), 10, "the filler in the accept queue")
+        result = echoplex("load", "--port", str(port), "--timeout", "1", "-d", "0.2")
+    assert result.returncode == 1, result
+    line = one_error_line(result, "load")
+    assert line.endswith(
+        f"cannot connect to 127.0.0.1:{port}: no connection within 1s (a connect timeout)"
+    ), line
 
 
 @pytest.mark.timeout(90)

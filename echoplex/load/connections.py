@@ -22,7 +22,7 @@ from typing import cast
 
 from ..payload import Mismatch, PayloadPattern, Sender, Verifier
 from .config import LoadConfig
-from .result import MAX_SAMPLES, ConnectionFailure
+from .result import CLOSED_EARLY, MAX_SAMPLES, RESET, ConnectionFailure
 
 NEVER_NS = 1 << 62
 # Larger sends go to the transport in pieces, each a view of the payload block.
@@ -84,7 +84,7 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return "refused"
     if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
-        return "reset"
+        return RESET
     if isinstance(exc, TimeoutError):
         return "timeout"
     code = getattr(exc, "errno", None)
@@ -235,7 +235,7 @@ class LoadConnection(Lifecycle, asyncio.Protocol):
                 self._record_failure(error_kind(exc), getattr(exc, "strerror", None) or str(exc))
                 self.state = FAILED
             elif self.tally.sending or self.outstanding():
-                self._record_failure("closed early", "the server closed the connection")
+                self._record_failure(CLOSED_EARLY, "the server closed the connection")
                 self.state = FAILED
             else:
                 self.state = CLOSED  # closed once everything came back and nothing more was due

@@ -65,6 +65,8 @@ def format_summary(result: LoadResult) -> str:
         lines.append(
             f"hint         {result.lost_datagrams:,} datagrams lost: {_udp_loss_hint(result)}"
         )
+    if result.tls_suspected is not None:
+        lines.append(f"hint         {result.tls_suspected}")
     cpu = f"client CPU   {result.client_cpu_s:.2f} s"
     if result.client_cpu_us_per_request is not None:
         cpu += f"   {result.client_cpu_us_per_request:,.1f} µs/request"

@@ -1,5 +1,6 @@
-"""What a load run found: counts, latency, errors, mismatches, and its own CPU cost; and,
-for UDP losses, whether they look like the server's default rate limits."""
+"""What a load run found: counts, latency, errors, mismatches, and its own CPU cost; for
+UDP losses, whether they look like the server's default rate limits; and, for a run
+without TLS that no server answered, whether the server seems to speak TLS."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from ..config import ServerConfig
 from ..payload import Mismatch
 from ..stats import LatencySummary
+from ..tls import plaintext_answer
 from ..udp_guard import burst_for
 from .config import LoadConfig
 
@@ -22,6 +24,10 @@ HIGH_LOSS_SHARE = 0.01
 # its burst while every connection waits loses what it would have gained).
 LIMIT_FIT_ABOVE = 1.1
 LIMIT_FIT_BELOW = 0.7
+# How a connection the server ended is counted: a FIN while echoes were owed or more
+# were to be sent, or a reset (RST; a broken pipe or an abort, too).
+CLOSED_EARLY = "closed early"
+RESET = "reset"
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,20 @@ class LoadResult:
         """UDP: datagrams the server answered (echoes verified, and echoes too late)."""
         return self.echoed_total + (self.late_datagrams or 0)
 
+    @property
+    def tls_suspected(self) -> str | None:
+        """Why the server seems to speak TLS (in `echoplex client`'s words), when a run
+        without --tls had every connection that failed ended by the server (closed or
+        reset) before a byte of echo came back, and none echoed anything; else None.
+        As for the client, a "seems": an echo server that ends every connection at
+        once (`--close-after 0`) looks the same."""
+        if self.config.tls or self.config.udp or self.echoed_total or self.mismatches:
+            return None
+        ended = bool(self.errors_by_kind) and set(self.errors_by_kind) <= {CLOSED_EARLY, RESET}
+        if not ended or any(failure.offset for failure in self.error_samples):
+            return None
+        return plaintext_answer(b"", ended=True)
+
     def udp_limit_met(self) -> UdpLimit | None:
         """The server's default rate limit that the UDP losses look like, if one does.
 
@@ -192,6 +212,7 @@ class LoadResult:
             "loop": self.loop,
             **self._figures(),
             "udp_limit_suspected": self._udp_limit_json(),
+            "tls_suspected": self.tls_suspected,
             "processes": self.processes,
             "per_process": [
                 {
