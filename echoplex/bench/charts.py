@@ -533,32 +533,14 @@ def _latency_chart(plt: Any, view: ScenarioView) -> Any:
             values = [row.figure(field) if row else None for field, *_ in PERCENTILES]
             present = [value for value in values if value]
             if row and not row.verified:
-                ax.text(
-                    0.01,
-                    index,
-                    view.not_ranked(row),
-                    va="center",
-                    color=ERROR_COLOR,
-                    fontweight="bold",
-                    transform=edge,
-                )
+                _row_note(ax, index, view.not_ranked(row), edge)
                 continue
             if row and row.served_fewer:
                 # The latency of the few it served: it would look best for failing most.
-                ax.text(
-                    0.01,
-                    index,
-                    f"latency left out: {row.served_fewer}",
-                    va="center",
-                    color=ERROR_COLOR,
-                    fontweight="bold",
-                    transform=edge,
-                    # Written from the panel's left edge: nothing to make room for.
-                    in_layout=False,
-                )
+                _row_note(ax, index, f"latency left out: {row.served_fewer}", edge)
                 continue
             if not present:
-                ax.text(0.01, index, "no result", va="center", color="dimgray", transform=edge)
+                _row_note(ax, index, "no result", edge, trouble=False)
                 continue
             style = kind_style(view.kind(server))
             ax.plot([min(present), max(present)], [index, index], style.linestyle, color="gray")
@@ -598,6 +580,20 @@ def _latency_chart(plt: Any, view: ScenarioView) -> Any:
         # Less than two decades would show one or two ticks: add 2x and 5x ones.
         axes[0].xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     return fig
+
+
+def _row_note(ax: Any, index: int, text: str, edge: Any, trouble: bool = True) -> None:
+    """`text` in a server's row from the panel's left edge (`edge`: x in the panel's
+    width, y in data), instead of its dots: in red if it reports trouble."""
+    ax.text(
+        0.01,
+        index,
+        text,
+        va="center",
+        color=ERROR_COLOR if trouble else "dimgray",
+        fontweight="bold" if trouble else "normal",
+        transform=edge,
+    )
 
 
 def _point_label(ax: Any, value: float, index: int, text: str, offset_pt: float) -> Any:

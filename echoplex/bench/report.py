@@ -248,6 +248,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
             "",
             table(result),
         ]
+        if served_fewer := _served_fewer_lines(result):
+            parts += ["", *served_fewer]
         parts += ["", *_measured_again_lines(result, pinned=bool(pinning))]
         if custom := _custom_lines(report, result):
             parts += ["", "Servers given with `--server` (run through `/bin/sh -c`):", "", *custom]
@@ -262,8 +264,6 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
                 "",
                 *per_worker,
             ]
-        if served_fewer := _served_fewer_lines(result):
-            parts += ["", *served_fewer]
         if errors := _error_lines(result):
             parts += ["", "Errors over all repeats, by kind, and runs that failed:", "", *errors]
         if result.cross_check:
