@@ -137,3 +137,32 @@ def test_a_server_that_never_echoes_is_a_timeout(capsys: pytest.CaptureFixture[s
     assert (report["requests"], report["mismatches"]) == (0, 0)
     assert all(failure["offset"] == 0 for failure in report["error_samples"])
     assert report["tls_suspected"] is None
+
+
+def test_only_the_connections_that_drew_the_condition_are_counted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Half the connections, drawn by a seeded --toxicity, are closed at byte 1050; load's
+    # count of connections closed early is the server's own count of them, and every
+    # other connection's echo is verified to the end.
+    args = ("--close-after", "1050", "--toxicity", "0.5", "--condition-seed", "1")
+    with Server(*args, mode="asyncio") as server:
+        status, report = load_json(capsys, server.port, "-c", "8", "-d", "1", "-s", "100")
+        assert server.stop() == 0
+    closed_by_server = server.stderr.count("outcome=close-after")
+    assert 0 < closed_by_server < 8, server.stderr  # this seed draws some, not all
+    assert status == 1
+    assert report["errors_by_kind"] == {"closed early": closed_by_server}, report
+    assert report["mismatches"] == 0
+    assert report["connections_alive"] == 8 - closed_by_server
+    assert all(failure["offset"] == 1050 for failure in report["error_samples"])
+
+
+def test_a_slow_close_after_the_run_is_no_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # The server waits an hour after load's EOF before it closes: load has every echo
+    # back by then, and its own close does not wait for the server's.
+    with Server("--slow-close", "1h", "--drain-timeout", "0", mode="asyncio") as server:
+        status, report = load_json(capsys, server.port, "-c", "2", "-d", "0.5")
+        assert server.stop() == 0
+    assert status == 0
+    verified_clean(report, 1024)
