@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import pytest
 import trustme
 
+from echoplex.load.config import LoadConfig
+from echoplex.load.result import ConnectionFailure, LoadResult
 from echoplex.testing import peer_tcp_line
 from echoplex.tls import looks_like_tls_record, plaintext_answer
 
@@ -96,6 +98,26 @@ def test_a_plain_load_at_a_tls_port_is_told_to_try_tls(mode: str, files: Files) 
     report = json.loads(as_json.stdout)
     assert report["tls_suspected"] == told
     assert report["requests"] == 0 and set(report["errors_by_kind"]) <= {"closed early", "reset"}
+
+
+def ended_run(*failures: tuple[str, int], tls: bool = False, echoed: int = 0) -> LoadResult:
+    """A run whose connections failed as `failures` say: (kind, bytes verified first)."""
+    result = LoadResult(LoadConfig(tls=tls), loop="asyncio")
+    result.echoed_total = echoed
+    for number, (kind, offset) in enumerate(failures):
+        result.errors_by_kind[kind] = result.errors_by_kind.get(kind, 0) + 1
+        result.error_samples.append(ConnectionFailure(number, kind, offset))
+    return result
+
+
+def test_which_runs_say_the_server_seems_to_speak_tls() -> None:
+    told = plaintext_answer(b"", ended=True)
+    assert ended_run(("closed early", 0), ("reset", 0)).tls_suspected == told
+    assert ended_run(("closed early", 0), ("reset", 0), tls=True).tls_suspected is None
+    assert ended_run(("closed early", 1050)).tls_suspected is None  # it echoed first
+    assert ended_run(("closed early", 0), echoed=3).tls_suspected is None  # others echoed
+    assert ended_run(("closed early", 0), ("timeout", 0)).tls_suspected is None
+    assert ended_run().tls_suspected is None  # nothing failed
 
 
 def established_in_queue(client: socket.socket) -> bool:
