@@ -366,6 +366,9 @@ class Connections(Generic[Handle]):
         connection closes (`on_change`) or another stop request arrives."""
         stop_listening()  # new connects are refused from now on
         self.events.stopping()
+        stalled = self._cut_off_stalled()
+        if stalled:
+            log.info("stopping: closing %d connection(s) stalled on purpose", stalled)
 
         def cut_off_rest() -> None:
             left = self.cut_off_all(Outcome.DRAINED)
@@ -382,6 +385,20 @@ class Connections(Generic[Handle]):
             lambda: shutdown.drain_deadline(self.drain_timeout_s),
             self.clock,
         )
+
+    def _cut_off_stalled(self) -> int:
+        """Cut off, as `drained`, the connections that conditions stall now: a stall
+        neither reads nor echoes, so they could only hold the drain to its deadline."""
+        now = self.clock()
+        with self._lock:
+            stalled = [
+                record
+                for record, watch in self._open.items()
+                if watch.conditions is not None and watch.conditions.stalled(now)
+            ]
+        for record in stalled:
+            self.cut_off(record, Outcome.DRAINED)
+        return len(stalled)
 
     @property
     def count(self) -> int:

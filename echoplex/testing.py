@@ -101,6 +101,9 @@ is skipped when none of its checks is selected (`checks=`, names from `CHECKS`).
      reset, outcome `reset-after`;
    - `stall` (`stall_after_bytes=100`, `idle_timeout_s=0.3`): exactly 100 bytes come back,
      then nothing, until the idle limit ends the connection (`idle-timeout`): limits win;
+   - `stall-at-stop` (`stall_after_bytes=0`, `drain_timeout_s=3600`): a stop cuts a
+     stalled connection off as `drained` at once; the server returns without waiting
+     for the drain deadline;
    - `stall-for`, `slow-close` (`stall_after_bytes=100`, `stall_for_s=0.3`,
      `slow_close_s=0.3`): a stall that ends lets every byte through; after a half-close
      and the whole echo, the server's EOF comes no sooner than the slow close;
@@ -187,6 +190,7 @@ STARTUP_TIMEOUT_S = 30.0  # `workers` forks; a busy machine is slow to start the
 DRAIN_TIMEOUT_S = 1.0
 LONG_DRAIN_S = 60.0  # the handler check's run: a stop that waits for it is not prompt
 SHORT_LIMIT_S = 0.3  # every time limit the kit sets, each in a run of its own
+STALLED_DRAIN_TIMEOUT_S = 3600.0  # a stop must not wait this out for a stalled connection
 HANDLER_SLOTS = 3  # max_connections of the handler check: 2 held, 1 doomed, then 1 more
 BUFFER_BYTES = 16_384  # max_buffer_bytes of the backpressure check
 CLIENT_RECEIVE_BUFFER = 4096  # SO_RCVBUF of the clients that never read
@@ -319,6 +323,7 @@ class _Events(QuietEvents):
         self.port: int | None = None
         self.stopping_seen = False
         self.returned = False  # the server's start function returned (or raised)
+        self.opened: set[Key] = set()  # clients whose connection the server opened
         self.outcomes: dict[Key, list[str]] = {}  # client -> outcomes reported
         self.vias: dict[Key, str] = {}  # client -> the proxy it came through, or "-"
         self.rejected: dict[Key, str] = {}  # client -> reason
@@ -332,6 +337,7 @@ class _Events(QuietEvents):
         self._post("listening", ("127.0.0.1", ports[0] if ports else 0))
 
     def connection_opened(self, record: ConnectionRecord) -> None:
+        self._post("opened", record.peer)
         if isinstance(record.peer, tuple) and record.peer[0] == DOOMED_HOST:
             raise RuntimeError("the conformance kit's deliberate bug in connection_opened")
 
@@ -364,6 +370,8 @@ class _Events(QuietEvents):
     def _file(self, kind: str, key: Key, via: str, detail: str) -> None:
         if kind == "listening":
             self.port = key[1]
+        elif kind == "opened":
+            self.opened.add(key)
         elif kind == "closed":
             self.outcomes.setdefault(key, []).append(detail)
             self.vias[key] = via
@@ -1059,6 +1067,18 @@ def _check_stall(client: _Client) -> None:
     client.expect_outcome(sock, "idle-timeout", "stalled client")
 
 
+def _check_stall_at_stop(client: _Client) -> None:
+    """A stall neither reads nor echoes, so the connection could never finish: a stop
+    cuts it off as `drained` at once, not at the drain deadline (an hour here)."""
+    sock = client.connect()
+    sock.sendall(b"stalled from its first byte")
+    events, key = client.events, client.keys[sock]
+    events.wait(lambda: key in events.opened, "the stalled client's connection opened")
+    client.shutdown.request()
+    client.expect_cut_off(sock, 0, "drained", "client stalled at the stop")
+    events.wait(lambda: events.returned, "the server's return with a stalled client")
+
+
 def _check_stall_for(client: _Client) -> None:
     sock = client.connect()
     data = random.Random(client.settings.seed).randbytes(3 * STALL_AT)
@@ -1211,7 +1231,7 @@ def _runs(concurrent: bool) -> tuple[_Run, ...]:
 
 
 def _condition_runs() -> tuple[_Run, ...]:
-    """The runs of the conditions on purpose (7 in the module docstring)."""
+    """The runs of the conditions on purpose (8 in the module docstring)."""
     return (
         _Run({"latency_s": LATENCY_S, "threads": 2}, (("latency", _check_latency),)),
         _Run(
@@ -1228,6 +1248,10 @@ def _condition_runs() -> tuple[_Run, ...]:
         _Run(
             {"stall_after_bytes": STALL_AT, "idle_timeout_s": SHORT_LIMIT_S},
             (("stall", _check_stall),),
+        ),
+        _Run(
+            {"stall_after_bytes": 0, "drain_timeout_s": STALLED_DRAIN_TIMEOUT_S},
+            (("stall-at-stop", _check_stall_at_stop),),
         ),
         _Run(
             {
