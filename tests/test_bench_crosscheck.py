@@ -112,7 +112,7 @@ def test_without_a_compiler_the_bench_says_so_before_starting(tmp_path: Path) ->
         text=True,
         timeout=30,
     )
-    assert (result.returncode, result.stdout) == (1, "")
+    assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith("echoplex bench: error: --cross-check needs a C compiler")
     assert len(result.stderr.strip().splitlines()) == 1
 

@@ -107,7 +107,7 @@ def test_bench_names_the_extra_it_lacks_before_starting_anything(tmp_path: Path)
     out = tmp_path / "out"
     for where in ((), ("--out", str(out))):
         result = _run(python, "bench", "--scenario", "smoke", *where, cwd=tmp_path)
-        assert (result.returncode, result.stdout) == (1, "")
+        assert (result.returncode, result.stdout) == (2, "")
         assert result.stderr == (
             "echoplex bench: error: hdrhistogram and matplotlib are not installed: "
             "pip install 'echoplex[bench]'\n"
@@ -125,7 +125,7 @@ def test_a_reference_server_asked_for_by_name_needs_its_module(tmp_path: Path) -
         ("--reference", "ref-uvloop", "--baselines"),
     ):
         result = _run(python, "bench", "--scenario", "smoke", *args, cwd=tmp_path)
-        assert (result.returncode, result.stdout) == (1, ""), result.stderr
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
         assert result.stderr == (
             "echoplex bench: error: ref-uvloop needs uvloop: pip install 'echoplex[uvloop]'\n"
         )

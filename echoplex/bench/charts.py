@@ -679,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_available()
     except MissingDependency as exc:
-        return fail(PROG, str(exc), 1)
+        return fail(PROG, str(exc))
     for path in args.paths:
         try:
             written = redraw(path)

@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     # the charts after it.
     if missing := missing_packages():
         verb = "is" if len(missing) == 1 else "are"
-        return fail(PROG, f"{' and '.join(missing)} {verb} not installed: {INSTALL_HINT}", 1)
+        return fail(PROG, f"{' and '.join(missing)} {verb} not installed: {INSTALL_HINT}")
     logging.basicConfig(
         level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -210,13 +210,12 @@ def run(args: argparse.Namespace) -> int:
         return fail(PROG, f"--server: server name {twice!r} is given twice")
     settings = options.settings()
     if problem := _unrunnable(options, settings):
-        message, status = problem
-        return fail(PROG, message, status)
+        return fail(PROG, problem)
     try:
         # Now, so that a missing compiler stops nothing half-way; built once, here.
         binary = build_cross_check() if settings.cross_check else None
     except CrossCheckUnavailable as exc:
-        return fail(PROG, str(exc), 1)
+        return fail(PROG, str(exc))
     try:
         report = run_bench(settings, command_line(options), cross_check_binary=binary)
     except KeyboardInterrupt:
@@ -234,19 +233,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unrunnable(options: BenchOptions, settings: BenchSettings) -> tuple[str, int] | None:
-    """Why the run cannot start, and the exit status, before it starts anything."""
+def _unrunnable(options: BenchOptions, settings: BenchSettings) -> str | None:
+    """Why the run cannot start, before it starts anything: exit status 2, as for a bad
+    flag, since the command line asks for what cannot run here (README, "exit status 2")."""
     known = settings.specs()
     reference = options.reference
     if reference and reference not in known:
-        return f"--reference {reference}: no such server (choose from {', '.join(known)})", 2
+        return f"--reference {reference}: no such server (choose from {', '.join(known)})"
     # A server asked for by name must run; `--baselines` runs the ones it can, and says so.
     for name in dict.fromkeys([*(options.models or ()), *([reference] if reference else [])]):
         if reason := known[name].unavailable_reason():
-            return reason, 1
+            return reason
     for name in settings.scenarios:
         if reference and reference not in servers_for(SCENARIOS[name], settings):
-            return f"--reference {reference} is not among the servers {name} runs", 2
+            return f"--reference {reference} is not among the servers {name} runs"
     return None
 
 
