@@ -1,10 +1,11 @@
 """`pool`: `config.threads` worker threads serve every connection, whatever their number.
 
 One epoll set watches every admitted connection, each armed for one event at a time
-(EPOLLONESHOT). When a connection is ready (readable, or writable while echo is still
-owed) the kernel wakes one free worker blocked in epoll_wait; the worker does the work
-that is ready without blocking (reads and echoes until the socket has nothing more, or
-its turn's budget is spent) and arms the connection again. An idle client therefore
+(EPOLLONESHOT). When connections are ready (readable, or writable while echo is still
+owed) the kernel wakes one free worker blocked in epoll_wait and hands it up to a batch
+of them; for each in turn the worker does the work that is ready without blocking
+(reads and echoes until the socket has nothing more, or its turn's budget is spent)
+and arms the connection again, and only then waits again: one wakeup serves them all. An idle client therefore
 holds no thread, and N threads serve any number of clients: the tutorial's
 one-at-a-time problem, one level up, is what a pool of blocking handlers would bring
 back. ONESHOT also keeps a connection in one worker's hands at a time: no other
@@ -27,6 +28,7 @@ that may not block cannot wait on the pipe; streams are echoed through Python.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import mmap
 import os
@@ -55,6 +57,12 @@ GONE = select.EPOLLERR | select.EPOLLHUP
 # Reads a worker does for one connection before it lets the next ready one have a turn:
 # a fast stream gets up to this many buffers per turn, and nobody waits behind it long.
 READS_PER_TURN = 16
+# Events a worker takes from one epoll_wait and serves, one turn each, before it waits
+# again: one wakeup (and one GIL hand-over) for many short turns, not one per turn.
+# Each is this worker's alone (ONESHOT): a batch is bounded so that, while it is
+# served, the others wait behind at most this many turns; a turn that may block (the
+# handler's work) first hands the rest back.
+READY_PER_WAIT = 32
 
 
 class TlsSession:
@@ -192,21 +200,50 @@ class ConnectionPool:
         with mmap.mmap(-1, self._chunk_bytes) as buffer:
             view = memoryview(buffer)
             try:
-                while True:
-                    # One event per wait: ready connections spread over the free workers.
-                    for fd, events in self.epoll.poll(-1, 1):
-                        if fd == self._stop_reader:
-                            return
-                        if fd == self._wake_fd:
-                            connection, events = self._take_woken(), 0
-                        else:
-                            # None: a connection with conditions, ended by the worker its
-                            # wake gave a turn to while this event for it was on its way.
-                            connection = self.by_fd.get(fd)
-                        if connection is not None:
-                            self._take_turn(connection, buffer, view, events)
+                while self._serve_ready(self._ready_events(), buffer, view):
+                    pass
             finally:
                 view.release()
+
+    def _ready_events(self) -> list[tuple[int, int]]:
+        """Wait for what is ready: up to a batch of events, each this worker's alone."""
+        return self.epoll.poll(-1, READY_PER_WAIT)
+
+    def _serve_ready(
+        self, ready: list[tuple[int, int]], buffer: mmap.mmap, view: memoryview
+    ) -> bool:
+        """A turn for every event of one wait, in order; False once the pool stops."""
+        for index, (fd, events) in enumerate(ready):
+            if fd == self._stop_reader:
+                return False
+            if fd == self._wake_fd:
+                connection, events = self._take_woken(), 0
+            else:
+                # None: a connection with conditions, ended by the worker its wake gave
+                # a turn to while this event for it was on its way.
+                connection = self.by_fd.get(fd)
+            if connection is None:
+                continue
+            if connection.on_purpose is not None and connection.on_purpose.work is not None:
+                # Its turn holds this thread for the handler's work: the rest of the
+                # batch goes back to the kernel, for a free worker, rather than wait.
+                self._hand_back(ready[index + 1 :])
+                self._take_turn(connection, buffer, view, events)
+                return True
+            self._take_turn(connection, buffer, view, events)
+        return True
+
+    def _hand_back(self, events: list[tuple[int, int]]) -> None:
+        """Arm again events taken and not served: level-triggered, they are still
+        ready, so the kernel hands each at once to another worker blocked in its wait."""
+        for fd, mask in events:
+            if fd == self._stop_reader:
+                continue  # not ONESHOT: every worker hears it anyway
+            # The wake counter is still up (only a turn reads it), so it fires again.
+            wanted = READABLE if fd == self._wake_fd else mask & (READABLE | WRITABLE)
+            # OSError: ended meanwhile by its wake's turn (unregistered), nothing to hand.
+            with contextlib.suppress(OSError):
+                self.epoll.modify(fd, wanted | select.EPOLLONESHOT)
 
     def _wake(self, sock: socket.socket) -> None:
         """The timekeeper's wake for a connection: a free worker gives it a turn."""
