@@ -93,10 +93,9 @@ def echo_once(server: Server, data: bytes) -> bytes | None:
 
 
 def echoed_as(server: Server, data: bytes, wanted: bytes | None) -> None:
-    """Echo `data` on new connections until one comes back as `wanted`: the first does
-    in one process; in `workers` the first the kernel gives a worker that has the change
-    (a change is passed on to the workers, not waited for)."""
-    wait_for(lambda: echo_once(server, data) == wanted, 15, f"an echo of {data!r} as {wanted!r}")
+    """A new connection's echo of `data` comes back as `wanted` at once: a change is in
+    force in every process (each `workers` worker too) when the API answers it."""
+    assert echo_once(server, data) == wanted, f"an echo of {data!r} not as {wanted!r}"
 
 
 @pytest.fixture(params=MODES)
@@ -350,6 +349,18 @@ def test_every_worker_gets_every_change_and_a_restarted_one_too() -> None:
         assert call(server, "PUT", {"reset-after": 2})[0] == 200
         changed = len(server.stderr_seen)
         wait_for(lambda: served_by_each(server, "outcome=reset-after", changed), 30, "both")
+        assert server.stop() == 0
+
+
+def test_a_change_is_in_every_worker_when_the_api_answers() -> None:
+    # The kernel spreads new connections over both workers by a hash of their ports: of
+    # 20 after each answer, some reach each worker, and every one has the new conditions.
+    with Server("--control-port", "0", "--workers", "2", mode="workers") as server:
+        for _ in range(5):
+            assert call(server, "PUT", {"close-after": 1})[0] == 200
+            assert [echo_once(server, b"hello") for _ in range(20)] == [b"h"] * 20
+            assert call(server, "DELETE")[0] == 200
+            assert [echo_once(server, b"hello") for _ in range(20)] == [b"hello"] * 20
         assert server.stop() == 0
 
 

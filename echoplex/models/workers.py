@@ -15,8 +15,11 @@ before its replacement starts.
 Conditions changed while serving (the control API, in the supervisor) reach every
 worker through a pipe of its own, read by a thread of the worker: each worker keeps
 its own `LiveConditions`, drawn from its own stream (its index), so the processes'
-draws differ. A worker started or restarted later forks with the conditions then in
-force; one started during a change hears of it through its pipe.
+draws differ. Each worker answers a change once it is in force, and the supervisor
+waits up to `CHANGE_TIMEOUT_S` for every answer: the control API's reply then means
+that every worker has the change (one that has not is logged). A worker started or
+restarted later forks with the conditions then in force; one started during a change
+hears of it through its pipe.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ RESTART_BACKOFF_S = 1.0
 EXIT_GRACE_S = 2.0
 STARTUP_TIMEOUT_S = 30.0
 ORPHAN_CHECK_S = 0.5
+# How long the control API's answer waits for every worker to take a change (they take
+# it within a millisecond or two; a worker this late is stuck, and is logged).
+CHANGE_TIMEOUT_S = 2.0
 
 
 class _ReadyReporter:
@@ -114,17 +120,31 @@ def _worker_main(
         shutdown.close()  # the orphan watch may still request(): that is harmless now
 
 
+def _answered(pipe: Connection, number: int, deadline: float) -> bool:
+    """Whether the worker at `pipe` says change `number` is in force by `deadline` (an
+    answer to an earlier change, late, is passed over)."""
+    try:
+        while pipe.poll(max(0.0, deadline - time.monotonic())):
+            if pipe.recv() == number:
+                return True
+    except (EOFError, OSError):  # it died: its replacement forks with the change
+        pass
+    return False
+
+
 def _follow_supervisor(changes: Connection, live: LiveConditions) -> None:
-    """Take each change of the conditions the supervisor sends, as it comes."""
+    """Take each change of the conditions the supervisor sends, as it comes, and say
+    so (its number) once it is in force."""
 
     def follow() -> None:
         with changes:
             while True:
                 try:
-                    named = changes.recv()
+                    number, named = changes.recv()
+                    live.set(Conditions.from_mapping(named))
+                    changes.send(number)
                 except (EOFError, OSError):  # the supervisor is gone: the orphan watch acts
                     return
-                live.set(Conditions.from_mapping(named))
 
     threading.Thread(target=follow, name="conditions", daemon=True).start()
 
@@ -161,10 +181,11 @@ class _Supervisor:
         # against a fork, so a new worker has a change either from its parent or by pipe.
         self.changes: dict[int, Connection] = {}
         self.changes_lock = threading.Lock()
+        self.change_number = 0
 
     def start(self, index: int) -> None:
         parent_end, child_end = self.context.Pipe(duplex=False)
-        changes_in, changes_out = self.context.Pipe(duplex=False)
+        changes_in, changes_out = self.context.Pipe()  # changes down, their numbers back
         process = self.context.Process(
             target=_worker_main,
             args=(index, self.plan, self.events, child_end, self.table, changes_in),
@@ -283,14 +304,27 @@ class _Supervisor:
             conn.close()
 
     def pass_on(self, conditions: Conditions) -> None:
-        """Send a change of the conditions to every worker (the control API's follower)."""
+        """Send a change of the conditions to every worker (the control API's follower),
+        and wait, up to `CHANGE_TIMEOUT_S` in all, until each says it is in force."""
         named = conditions.to_mapping()
         with self.changes_lock:
+            self.change_number += 1
+            number = self.change_number
+            sent = {}
             for index, pipe in self.changes.items():
                 try:
-                    pipe.send(named)
+                    pipe.send((number, named))
+                    sent[index] = pipe
                 except OSError as exc:  # it died: its replacement forks with the change
                     log.debug("worker %d did not take the conditions: %s", index, exc)
+            deadline = time.monotonic() + CHANGE_TIMEOUT_S
+            for index, pipe in sent.items():
+                if not _answered(pipe, number, deadline):
+                    log.warning(
+                        "worker %d has not taken the change of conditions within %gs",
+                        index,
+                        CHANGE_TIMEOUT_S,
+                    )
 
     def close_changes(self) -> None:
         with self.changes_lock:
