@@ -36,6 +36,17 @@ def run_client(port: int, timeout_s: float = 20.0) -> subprocess.CompletedProces
     )
 
 
+def start_client(port: int) -> subprocess.Popen[str]:
+    """The tutorial's client, left running: for a server that may make it wait."""
+    return subprocess.Popen(
+        [sys.executable, "ClientPython.py", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def start_nc(port: int) -> Process:
     return Process([require_tool("nc"), "127.0.0.1", str(port)], stdin=subprocess.PIPE)
 
@@ -93,13 +104,7 @@ def test_simple_mode_makes_the_second_client_wait() -> None:
     server, port = start_tutorial_server("--mode", "simple")
     with server:
         with nc_says_hello(server, port):  # nc stays connected, idle
-            client = subprocess.Popen(
-                [sys.executable, "ClientPython.py", "--port", str(port)],
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            client = start_client(port)
             try:
                 # The client connects (into the backlog) but gets no echo while nc holds the server.
                 with pytest.raises(subprocess.TimeoutExpired):
@@ -129,13 +134,7 @@ def test_nc_dash_n_quits_on_end_of_input_and_the_waiting_client_is_served() -> N
             type_into(nc, "Hello\n")
             assert server.next_line() == "Received: b'Hello\\n'\n"
             assert nc.next_line() == "Hello\n"
-            client = subprocess.Popen(
-                [sys.executable, "ClientPython.py", "--port", str(port)],
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
+            client = start_client(port)
             try:
                 assert nc.proc.stdin is not None
                 nc.proc.stdin.close()  # Ctrl-D
