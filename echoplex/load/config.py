@@ -38,6 +38,7 @@ from ..client import UDP_TIMEOUT_S
 from ..config import DEFAULT_HOST, DEFAULT_PORT, LOOPS
 from ..tls import checked_client_context
 from .patterns import DEFAULT_WINDOW_BYTES, PATTERNS, UDP_PATTERNS, Pattern
+from .sources import MAX_SOURCES, family_mismatch, source_addresses
 
 MAX_CONNECTIONS = 100_000
 MAX_PROCESSES = 256
@@ -116,6 +117,16 @@ process_count = Bounded(
 message_size = byte_size(MAX_SIZE_BYTES)
 """A message size: 1 byte to MAX_SIZE_BYTES, with K/KiB/M/MiB... (see `byte_size`)."""
 
+
+def source_range(text: str) -> str:
+    """`--source`: an address or a range of them (`echoplex.load.sources`)."""
+    try:
+        source_addresses(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
 connection_count = Bounded(
     positive_int.read, 1, MAX_CONNECTIONS, too_high="connections must be 1..{most}, not {value}"
 )
@@ -185,7 +196,9 @@ class LoadConfig:
     rate_per_s: float | None = option(
         None,
         "--rate",
-        "with --pattern rate (required there): messages per second, all connections together",
+        "with --pattern rate (required there): messages per second, all connections "
+        "together, spread evenly: each connection sends once every connections/rate "
+        "seconds (with -c 100000 --rate 10000, once every 10 s), in turn",
         parse=positive_rate,
         metavar="PER_S",
     )
@@ -210,6 +223,21 @@ class LoadConfig:
         metavar="PER_S",
     )
     """New connections per second while opening; None opens them as fast as they come up."""
+
+    source: str | None = option(
+        None,
+        "--source",
+        "bind each connection to one of these source addresses before it connects, in "
+        "turn by connection number (over every --processes too, so each address gets an "
+        "even share): one address, or a range such as 127.0.0.1-127.0.0.8 (at most "
+        f"{MAX_SOURCES}). Each source has its own ephemeral ports (about 28,000 by "
+        "default), so one server port takes that many connections per source; TCP, TLS "
+        "and UDP (default: the system picks)",
+        parse=source_range,
+        metavar="ADDR[-ADDR]",
+    )
+    """Source addresses, `ADDR` or `FIRST-LAST` (`sources`): connection n binds to the
+    n-th mod their number. None: the system picks one."""
 
     timeout_s: float = option(
         TIMEOUT_BY_TRANSPORT,
@@ -347,6 +375,11 @@ class LoadConfig:
             where = f"{self.transport} {where}"
         return f"{where} with PROXY {self.send_proxy}" if self.send_proxy else where
 
+    @cached_property
+    def sources(self) -> tuple[str, ...]:
+        """The addresses `source` names (none without it)."""
+        return source_addresses(self.source) if self.source is not None else ()
+
     @property
     def pattern_class(self) -> type[Pattern]:
         """The pattern `pattern` names (`echoplex.load.patterns`)."""
@@ -396,6 +429,17 @@ class LoadConfig:
                     problems.append(f"`{setting}` applies only to `pattern` {other.name}")
         return problems + pattern.problems(self)
 
+    def _source_problems(self) -> list[str]:
+        if self.source is None:
+            return []
+        if self.unix_path is not None:
+            return ["`source` does not go with `unix_path` (a Unix socket has no address)"]
+        try:
+            mismatch = family_mismatch(self.sources, self.host)
+        except ValueError as exc:
+            return [f"`source`: {exc}"]
+        return [f"`source` does not go with `host`: {mismatch}"] if mismatch else []
+
     def _transport_problems(self) -> list[str]:
         problems = []
         if (self.ca_file or self.tls_insecure) and not self.tls:
@@ -410,6 +454,7 @@ class LoadConfig:
                     check(value)
             except ValueError as exc:
                 problems.append(str(exc))
+        problems += self._source_problems()
         if not self.udp:
             return problems
         if self.tls or self.unix_path is not None or self.send_proxy is not None:

@@ -217,7 +217,9 @@ class LoadRun:
             except OpenFailed as exc:
                 raise LoadError(exc.summary) from None
             hold = self._start_hold() if self.pattern.holds else None
+            result.connect_start_ns = perf_counter_ns()
             await self._open_all()
+            result.connect_end_ns = perf_counter_ns()
             result.connections_opened = sum(conn is not None for conn in self.connections)
             start_ns = await self.start_time()
             if hold is not None:
@@ -297,7 +299,7 @@ class LoadRun:
         connection = self.connection_class(
             self.tally, self.payload, number, **self.connection_arguments
         )
-        await self.connector.open(connection)
+        await self.connector.open(connection, number)
         self.connections[index] = connection
         if self.pattern.holds:
             connection.begin()  # its first round trip, at once
@@ -321,7 +323,11 @@ class LoadRun:
                 await self._sleep(config.warmup_s)
             cpu_start = _cpu_seconds()
             self.phase = "measuring"
-            await self._sleep((tally.window_end_ns - perf_counter_ns()) / 1e9)
+            # To the end exactly (a loop timer may fire early), and then every message
+            # due in the window goes, even if the timer fell behind: each connection
+            # sends what its schedule says, no fewer.
+            if not await self._sleep_until(tally.window_end_ns) and schedule is not None:
+                schedule.tick()
         finally:
             tally.sending = False
             if schedule is not None:

@@ -52,6 +52,9 @@ def merged(config: LoadConfig, shares: Sequence[ShareResult]) -> LoadResult:
         total.late_datagrams = sum(part.late_datagrams or 0 for part in parts)
     total.connections_opened = sum(part.connections_opened for part in parts)
     total.connections_alive = sum(part.connections_alive for part in parts)
+    # The shares connect at once, each timed on the one clock they share.
+    total.connect_start_ns = min(part.connect_start_ns for part in parts)
+    total.connect_end_ns = max(part.connect_end_ns for part in parts)
     total.client_cpu_s = sum(part.client_cpu_s for part in parts)
     total.interrupted = any(part.interrupted for part in parts)
     total.unfinished = sum(part.unfinished for part in parts)

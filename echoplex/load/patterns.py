@@ -96,7 +96,8 @@ class PingPongPattern(Pattern):
 class RatePattern(Pattern):
     name = "rate"
     description = (
-        "open loop at --rate messages/s in all, sent on schedule whatever comes back; "
+        "open loop at --rate messages/s in all, sent on schedule whatever comes back, "
+        "each connection once every connections/rate seconds (a trickle, with many); "
         "latency from each message's intended send time"
     )
     connection = "Rate"

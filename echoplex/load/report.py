@@ -44,7 +44,8 @@ def format_summary(result: LoadResult) -> str:
             "(client lateness, included in the latency)"
         )
     lines.append(
-        f"connections  {result.connections_opened:,} opened of {config.connections:,}, "
+        f"connections  {result.connections_opened:,} opened of {config.connections:,} "
+        f"in {result.connect_s:.2f} s, "
         f"{result.connections_alive:,} alive at the end"
     )
     if result.shares:

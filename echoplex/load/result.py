@@ -102,6 +102,10 @@ class LoadResult:
 
     connections_opened: int = 0
     connections_alive: int = 0
+    connect_start_ns: int = 0
+    connect_end_ns: int = 0
+    """When the connect phase began and ended (perf_counter_ns, CLOCK_MONOTONIC on
+    Linux: one clock for every process of a spread run)."""
     client_cpu_s: float = 0.0
     """CPU time (user + system) of this process over the measured time."""
 
@@ -118,6 +122,13 @@ class LoadResult:
     shares: list[LoadResult] = field(default_factory=list)
     """The results of the processes the run was spread over (`echoplex.load.merge`);
     empty when it ran in one."""
+
+    @property
+    def connect_s(self) -> float:
+        """How long the whole set of connections took to open, each within `timeout_s`
+        and at most MAX_CONNECTS_IN_FLIGHT at once (`echoplex.load.engine`); for a
+        spread run, from the first process's first connect to the last one's last."""
+        return max(0, self.connect_end_ns - self.connect_start_ns) / 1e9
 
     @property
     def processes(self) -> int:
@@ -263,6 +274,7 @@ class LoadResult:
             "late_datagrams": self.late_datagrams,
             "connections_opened": self.connections_opened,
             "connections_alive": self.connections_alive,
+            "connect_s": round(self.connect_s, 6),
             "client_cpu_s": round(self.client_cpu_s, 6),
             "client_cpu_us_per_request": (
                 round(cpu_per_request, 3) if cpu_per_request is not None else None
@@ -288,6 +300,7 @@ def config_json(config: LoadConfig) -> dict[str, Any]:
         "rate": config.rate_per_s,
         "window": config.window_bytes if config.pattern_class.uses("window_bytes") else None,
         "connect_rate": config.connect_rate_per_s,
+        "source": list(config.sources) if config.source is not None else None,
         "timeout_s": config.timeout_s,
         "seed": config.seed,
     }

@@ -15,6 +15,14 @@ socket right after connect, before TLS and before the first payload byte, which 
 HAProxy's send-proxy does; so the socket is always opened here and only then handed to
 the loop's `create_connection(sock=...)`.
 
+With `source`, each socket is bound to its connection's source address (port 0)
+before it connects (`echoplex.load.sources`). A TCP socket is bound with
+IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect, for the whole four-tuple:
+without it bind() reserves a port for the address alone, and all the connections from
+one source share its one range of ports whatever server they reach. Each source is
+bound once in `prepare`, so that an address this machine does not have is one line
+before the run rather than one failure per connection.
+
 Failures come out as `OpenFailed`: a countable kind for the run's tally (`connect
 refused`, `tls`...) and a one-line summary for when the very first connection fails
 and the run stops before it starts.
@@ -38,6 +46,7 @@ from ..client import (
 )
 from .config import LoadConfig
 from .connections import error_kind
+from .sources import source_for
 
 # Before a UDP run: datagrams sent to see that something answers at all (the first may
 # be lost, or dropped by a server that drops every other one), over `timeout_s`.
@@ -87,17 +96,48 @@ class Connector:
     """Opens the run's connections on one transport: `await prepare()` once, then
     `await open(protocol)` per connection."""
 
+    kind = socket.SOCK_STREAM
+
     def __init__(self, config: LoadConfig) -> None:
         self.config = config
         self.timeout_s = config.timeout_s
         self.target = Target(config.host, config.port, config.unix_path)
+        self.sources = config.sources
 
     async def prepare(self) -> None:
         """Before the first connection: resolve the server's name, load certificates."""
 
-    async def open(self, protocol: asyncio.BaseProtocol) -> None:
-        """Connect `protocol` to the server; OpenFailed if that cannot be done."""
+    async def open(self, protocol: asyncio.BaseProtocol, number: int) -> None:
+        """Connect `protocol`, connection `number` of the run, to the server; OpenFailed
+        if that cannot be done."""
         raise NotImplementedError
+
+    async def _resolve(self) -> tuple[int, Any]:
+        """The server's address (in the sources' family, if any), once per run; each
+        source address checked by binding to it."""
+        family, address = await _resolve(self.config, self.kind, self._source_family())
+        for source in self.sources:
+            with socket.socket(family, self.kind) as sock:
+                try:
+                    self._bind(sock, source)
+                except OSError as exc:
+                    message = f"cannot use source address {source}: {_plain(exc).strerror}"
+                    raise OpenFailed(f"bind {error_kind(exc)}", message, message) from None
+        return family, address
+
+    def _source_family(self) -> int:
+        if not self.sources:
+            return socket.AF_UNSPEC
+        return socket.AF_INET6 if ":" in self.sources[0] else socket.AF_INET
+
+    def _bind_source(self, sock: socket.socket, number: int) -> None:
+        if self.sources:
+            self._bind(sock, source_for(self.sources, number))
+
+    def _bind(self, sock: socket.socket, source: str) -> None:
+        if self.kind == socket.SOCK_STREAM and hasattr(socket, "IP_BIND_ADDRESS_NO_PORT"):
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
 
     def _connect_failed(self, exc: OSError) -> OpenFailed:
         plain = _plain(exc)
@@ -123,7 +163,7 @@ class StreamConnector(Connector):
         loop = asyncio.get_running_loop()
         config = self.config
         if config.unix_path is None:
-            self.family, self.address = await _resolve(config, socket.SOCK_STREAM)
+            self.family, self.address = await self._resolve()
         self._create = loop.create_unix_connection if config.unix_path else loop.create_connection
         if config.tls:
             try:
@@ -134,13 +174,14 @@ class StreamConnector(Connector):
             # the loops' own ssl_handshake_timeout reports expiry as a lost connection.
             self._tls_arguments = {"ssl": context, "server_hostname": config.host}
 
-    async def open(self, protocol: asyncio.BaseProtocol) -> None:
+    async def open(self, protocol: asyncio.BaseProtocol, number: int) -> None:
         loop = asyncio.get_running_loop()
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             if self.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._bind_source(sock, number)
             async with asyncio.timeout(self.timeout_s):
                 await loop.sock_connect(sock, self.address)
                 if self.proxy_version is not None:
@@ -173,26 +214,31 @@ class StreamConnector(Connector):
 class DatagramConnector(Connector):
     """A connected UDP socket per connection."""
 
+    kind = socket.SOCK_DGRAM
+
     def __init__(self, config: LoadConfig) -> None:
         super().__init__(config)
         self.family: int = socket.AF_INET
         self.address: Any = None
 
     async def prepare(self) -> None:
-        self.family, self.address = await _resolve(self.config, socket.SOCK_DGRAM)
+        self.family, self.address = await self._resolve()
         await self._probe()
 
-    async def open(self, protocol: asyncio.BaseProtocol) -> None:
+    async def open(self, protocol: asyncio.BaseProtocol, number: int) -> None:
         try:
-            await self._endpoint(protocol)
+            await self._endpoint(protocol, number)
         except OSError as exc:
             raise self._connect_failed(exc) from None
 
-    async def _endpoint(self, protocol: asyncio.BaseProtocol) -> asyncio.DatagramTransport:
+    async def _endpoint(
+        self, protocol: asyncio.BaseProtocol, number: int
+    ) -> asyncio.DatagramTransport:
         loop = asyncio.get_running_loop()
         sock = socket.socket(self.family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            self._bind_source(sock, number)
             sock.connect(self.address)  # no packet: it only fixes the peer
         except BaseException:
             sock.close()
@@ -207,7 +253,8 @@ class DatagramConnector(Connector):
         answered: asyncio.Future[None] = loop.create_future()
         host, port, timeout_s = self.config.host, self.config.port, self.timeout_s
         try:
-            transport = await self._endpoint(_Probe(answered))
+            # From the first connection's source: the one the run's first datagram uses.
+            transport = await self._endpoint(_Probe(answered), self.config.first_connection)
         except OSError as exc:
             message = describe_udp_error(host, port, exc, timeout_s)
             raise OpenFailed(f"connect {error_kind(exc)}", message, message) from None
@@ -241,11 +288,11 @@ class _Probe(asyncio.DatagramProtocol):
             self.answered.set_exception(exc)
 
 
-async def _resolve(config: LoadConfig, kind: socket.SocketKind) -> tuple[int, Any]:
+async def _resolve(config: LoadConfig, kind: socket.SocketKind, family: int) -> tuple[int, Any]:
     """The server's address, resolved once before the first connect."""
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(config.host, config.port, type=kind)
+        infos = await loop.getaddrinfo(config.host, config.port, family=family, type=kind)
     except OSError as exc:
         message = describe_connection_error(Target(config.host, config.port), exc)
         raise OpenFailed("resolve", message, message) from None
