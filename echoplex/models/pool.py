@@ -538,11 +538,24 @@ class ConnectionPool:
             record.finish(Outcome.RESET_AFTER)
             arrange_reset(connection.sock)
             return None
+        if connection.tls is not None and not self._close_notify(connection):
+            return WRITABLE
         record.finish(Outcome.CLOSE_AFTER)
         connection.sock.shutdown(socket.SHUT_WR)  # a FIN after exactly what was sent
         connection.discard_until = end.discard_until
         self.connections.wake_at(record, end.discard_until)
         return READABLE
+
+    def _close_notify(self, connection: PooledConnection) -> bool:
+        """Owe the TLS close_notify, ahead of the FIN as in the other models (a FIN alone
+        is a truncation to a strict TLS client), and send it; True once it is out. The
+        client's own is not waited for: most never send one. (Again after a turn that
+        could not send it all: the session, closed already, adds nothing.)"""
+        assert connection.tls is not None
+        with contextlib.suppress(ssl.SSLWantReadError):  # ours is written, theirs not awaited
+            connection.tls.session.unwrap()
+        connection.owed += connection.tls.outgoing.read()
+        return self._flush(connection)
 
     def _discard(self, connection: PooledConnection, buffer: mmap.mmap) -> int | None:
         """After a close on purpose: read and drop what the client sends, until its EOF
