@@ -355,11 +355,35 @@ class OnPurposeEcho:
 
     def _close_after(self, discard_until: float) -> None:
         """A FIN after what was sent; then read and drop what the client still sends,
-        until its EOF or `discard_until` (closing with unread input would send RST)."""
+        until its EOF or `discard_until` (closing with unread input would send RST).
+        Over TLS the session's close_notify goes first, as in `asyncio`: a FIN alone is
+        a truncation to a strict TLS client (Python's `SSLEOFError`)."""
+        if self.tls is not None:
+            self._close_notify(discard_until)
         self.raw.shutdown(socket.SHUT_WR)
         while self._wait(select.POLLIN, discard_until):
             if not self.raw.recv(len(self.buffer)):
                 return
+
+    def _close_notify(self, until: float) -> None:
+        """Send the TLS close_notify, without waiting for the client's own: most clients
+        never send one back (Python's reads ours as an EOF and stops there). Unwrapping a
+        non-blocking session sends ours and stops where it would wait for theirs; a client
+        whose socket buffer is full gets until `until` to make room, then the FIN alone."""
+        assert self.tls is not None
+        self.tls.setblocking(False)  # for the raw socket too: one open file, one flag
+        try:
+            while True:
+                try:
+                    self.tls.unwrap()  # theirs had come already: the session is closed
+                    return
+                except ssl.SSLWantReadError:
+                    return  # ours is sent: theirs, if it ever comes, is discarded
+                except ssl.SSLWantWriteError:
+                    if not self._wait(select.POLLOUT, until):
+                        return
+        finally:
+            self.tls.setblocking(True)
 
     def _readable(self, until: float | None) -> bool:
         """Whether a read will not block: bytes inside the TLS session, or on the socket

@@ -1,0 +1,69 @@
+"""`--close-after` over TLS ends the session as TLS says, in every model: exactly the
+bytes of echo, then `close_notify`, then the FIN. A strict client (Python's `ssl` with
+`suppress_ragged_eofs=False`) reads that as a clean EOF; a FIN without `close_notify`
+would be `SSLEOFError` there (a truncation attack, as far as TLS can tell)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+
+import pytest
+
+from echoplex.models import MODELS
+
+from .procs import Server
+
+pytestmark = pytest.mark.timeout(60)
+
+CLOSE_AFTER = 20
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    yield {"args": ["--tls-cert", str(cert), "--tls-key", str(key)], "client": client}
+
+
+def read_strictly(sock: ssl.SSLSocket) -> tuple[bytes, str]:
+    """Every byte until the end, and the end as a strict client sees it: `eof` (the
+    server's close_notify) or the SSL error's class name (a FIN without close_notify)."""
+    got = bytearray()
+    try:
+        while chunk := sock.recv(1 << 16):
+            got += chunk
+    except ssl.SSLError as exc:
+        return bytes(got), type(exc).__name__
+    return bytes(got), "eof"
+
+
+@pytest.mark.parametrize("mode", list(MODELS))
+@pytest.mark.parametrize("more_after", [False, True], ids=["then-waits", "then-sends-more"])
+def test_close_after_over_tls_is_a_clean_eof_after_exactly_its_bytes(
+    mode: str, more_after: bool, certificate: dict[str, object]
+) -> None:
+    args = [*certificate["args"], "--close-after", str(CLOSE_AFTER), "--workers", "1"]  # type: ignore[misc]
+    context = certificate["client"]
+    assert isinstance(context, ssl.SSLContext)
+    data = bytes(range(50))
+    with Server(*args, mode=mode) as server:
+        with socket.create_connection(server.address, timeout=10) as raw:
+            with context.wrap_socket(
+                raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False
+            ) as sock:
+                sock.sendall(data)
+                if more_after:  # input past the mark is read and dropped, not echoed
+                    sock.sendall(data)
+                got, end = read_strictly(sock)
+        assert (got, end) == (data[:CLOSE_AFTER], "eof")
+        server.wait_for_stderr(rf"out={CLOSE_AFTER} .*outcome=close-after")
+        assert server.stop() == 0
