@@ -4,6 +4,9 @@ no other change, against a real server."""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
 
 from echoplex.load import engine, report
@@ -13,6 +16,8 @@ from echoplex.load.datagrams import DatagramConnection
 from echoplex.load.patterns import PATTERNS, UDP_PATTERNS, Pattern
 
 from .procs import Server
+from .test_load import load_json
+from .test_load_source import CountingServer
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
@@ -63,3 +68,41 @@ def test_a_pattern_added_to_the_registry_runs_with_no_other_change(
     assert result.to_json()["pattern"] == "two-checks"
     heading = report.format_summary(result).splitlines()[0]
     assert heading.startswith("two-checks · 3 connections · 1,024 B messages · two checks · ")
+
+
+# --- rate: the trickle -----------------------------------------------------------------
+
+
+def due_per_connection(connections: int, rate: float, duration_s: float) -> dict[int, int]:
+    """What the schedule says: message k of the run (k / rate seconds in) goes on
+    connection k mod connections, for every k due before the duration ends."""
+    due = math.ceil(int(duration_s * 1e9) / (1e9 / rate))
+    return dict(Counter(k % connections for k in range(due)))
+
+
+@pytest.mark.parametrize(
+    ("connections", "rate", "processes"),
+    [
+        (3, 10.0, 1),  # 10 messages: connection 0 sends 4, the others 3
+        (10, 40.0, 1),  # one message per connection every 0.25 s
+        (10, 40.0, 2),  # the same, over two processes of 5 connections at 20/s each
+    ],
+)
+def test_rate_gives_each_connection_its_share_of_the_messages(
+    capsys: pytest.CaptureFixture[str], connections: int, rate: float, processes: int
+) -> None:
+    with CountingServer() as server:
+        status, report = load_json(
+            capsys, server.port, "--pattern", "rate", "--rate", f"{rate:g}",
+            "-c", str(connections), "-d", "1", "--size", "64", "--processes", str(processes),
+        )  # fmt: skip
+        seen = server.ended(connections)
+    assert status == 0 and report["ok"], report
+    messages = {s.number(connections): len(s.received) // 64 for s in seen}
+    if processes == 1:
+        assert messages == due_per_connection(connections, rate, 1.0)
+    else:  # each process keeps the interval: connections / rate seconds
+        assert set(messages.values()) == {int(rate * 1.0 / connections)}
+    assert report["requests"] == sum(messages.values())  # every one due in the window
+    # The connect phase is timed, for a spread run from the first connect to the last.
+    assert report["connect_s"] >= max(part["connect_s"] for part in report["per_process"]) > 0
