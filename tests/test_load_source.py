@@ -18,7 +18,7 @@ from echoplex.load.sources import MAX_SOURCES, source_addresses, source_for
 from echoplex.load.transport import PROBE_DATAGRAM
 from echoplex.payload import PayloadPattern
 
-from .procs import needs_ipv6
+from .procs import Server, needs_ipv6
 from .test_load import load_json, run_cli
 from .waiting import wait_for
 
@@ -261,3 +261,22 @@ def test_udp_sockets_bind_to_the_sources_too(capsys: pytest.CaptureFixture[str])
         "127.0.0.2": 2,
         "127.0.0.3": 2,
     }
+
+
+# --- every connection opened is one the run holds --------------------------------------
+
+
+def test_connections_the_server_closes_while_others_connect_are_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Over its limit the server accepts a connection and closes it at once; slow
+    # connects leave those closes time to arrive before the traffic begins, where they
+    # once went uncounted and the run said OK with a third of its connections gone.
+    with Server("--max-connections", "2", mode="asyncio") as server:
+        status, report = load_json(
+            capsys, server.port, "-c", "6", "--connect-rate", "20", "-d", "0.2"
+        )
+    assert status == 1 and not report["ok"], report
+    assert report["errors"] == 4, report
+    assert set(report["errors_by_kind"]) <= {"closed early", "reset"}, report
+    assert report["connections_alive"] == 2

@@ -237,6 +237,14 @@ class LoadConnection(Lifecycle, asyncio.Protocol):
             elif self.tally.sending or self.outstanding():
                 self._record_failure(CLOSED_EARLY, "the server closed the connection")
                 self.state = FAILED
+            elif self.tally.window_start_ns == NEVER_NS:
+                # Before the traffic began (while the others were still connecting): a
+                # connection the run was to use, gone, as a server over its
+                # --max-connections does with those it accepts and closes at once.
+                self._record_failure(
+                    CLOSED_EARLY, "the server closed the connection before the traffic began"
+                )
+                self.state = FAILED
             else:
                 self.state = CLOSED  # closed once everything came back and nothing more was due
         elif self.state == CLOSING:
