@@ -19,11 +19,13 @@ A driver gives `Connections` two things about its handles (its sockets, or its a
 protocols): how to cut one off from outside (`cut_off`: make whoever serves it find it
 ended) and, for the idle and send limits, how much it has received and has still to send
 (`progress`; by default the record's own counts, less what its conditions hold on
-purpose: a stalled or delayed echo is not one the client is slow to take).
+purpose and what the handler is `working` on: a stalled or delayed echo, or one the
+handler has not made yet, is not one the client is slow to take).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -163,6 +165,7 @@ class Connections(Generic[Handle]):
         """Called when a wake is asked for before the sweep's next look: the timekeeper
         waits for this or for the time `sweep` said, whichever comes first."""
         self._open: dict[ConnectionRecord, Watch] = {}
+        self._working: dict[ConnectionRecord, int] = {}  # bytes under the handler's work
         self._wakes: list[tuple[float, int, ConnectionRecord]] = []  # a heap
         self._wake_order = itertools.count()  # ties: first asked, first woken
         self._next_look = -math.inf
@@ -260,6 +263,18 @@ class Connections(Generic[Handle]):
         if when < min(first, self._next_look):
             self.on_reschedule()
 
+    @contextlib.contextmanager
+    def working(self, record: ConnectionRecord, nbytes: int) -> Iterator[None]:
+        """The handler works on `nbytes` of input: held by the server, as the bytes that
+        conditions hold, so not echo the client is slow to take (no `--send-timeout`),
+        and the idle limit runs meanwhile, as it does in `asyncio` (whose progress
+        counts only what its transport has still to write)."""
+        self._working[record] = nbytes
+        try:
+            yield
+        finally:
+            del self._working[record]
+
     @staticmethod
     def failed(record: ConnectionRecord, exc: BaseException | None = None) -> None:
         """A bug (`exc`, or the one being handled): it ends this connection alone, as
@@ -355,6 +370,7 @@ class Connections(Generic[Handle]):
         if self._progress is not None:
             return self._progress(watch.handle, record)
         held = 0 if watch.conditions is None else watch.conditions.held
+        held += self._working.get(record, 0)
         return record.bytes_in, record.bytes_in - record.bytes_out - held
 
     def stopping(self, shutdown: Shutdown, stop_listening: Callable[[], None]) -> Iterator[float]:

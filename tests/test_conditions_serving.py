@@ -180,3 +180,33 @@ def test_cpu_work_in_workers_is_echoed_by_every_process() -> None:
     with Server("--work", "cpu:50ms", "--workers", "2", mode="workers") as server:
         echo_all_at_once(server, 4)
         assert server.stop() == 0
+
+
+# A chunk under the handler's work is held by the server, as what conditions hold:
+# not echo the client is slow to take. One rule in every model (`Connections.working`).
+
+
+@pytest.mark.parametrize("mode", ALL)
+def test_work_longer_than_the_send_timeout_is_no_send_timeout(mode: str) -> None:
+    args = ["--work", "io:1s", "--send-timeout", "0.2", "--workers", "1"]
+    with Server(*args, mode=mode) as server:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"ping")
+            assert recv_exactly(sock, 4) == b"ping"  # after the work, not cut off during it
+            sock.shutdown(socket.SHUT_WR)
+            assert until_closed(sock) == (b"", "eof")
+        server.wait_for_stderr(r"in=4 out=4 .*outcome=closed conditions: work=io:1s")
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ALL)
+def test_the_idle_limit_runs_while_the_handler_works(mode: str) -> None:
+    # As under --latency: the idle limit counts from the last byte read, and ends the
+    # connection with its chunk unechoed; an hour's io work does not keep it open.
+    args = ["--work", "io:1h", "--idle-timeout", "0.3", "--workers", "1", "--drain-timeout", "0"]
+    with Server(*args, mode=mode) as server:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"ping")
+            assert until_closed(sock) == (b"", "eof")
+        server.wait_for_stderr(r"in=4 out=0 .*outcome=idle-timeout conditions: work=io:3600s")
+        assert server.stop() == 0

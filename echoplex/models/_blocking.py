@@ -235,6 +235,27 @@ def do_work(work: Work) -> None:
         pass
 
 
+def work_on(
+    work: Work,
+    chunk: bytes,
+    record: ConnectionRecord,
+    connections: Connections[socket.socket],
+    sock: socket.socket,
+) -> None:
+    """The handler's work on `chunk`, in a blocking model. The chunk is held by the
+    server meanwhile (`Connections.working`: not echo owed, as in `asyncio`), and `io`
+    work ends early when the connection is cut off (a limit, the drain) or reset: it
+    waits on the socket for a hang-up or an error, not in a sleep, so the close is
+    logged when the client sees it, and the thread is free again."""
+    with connections.working(record, len(chunk)):
+        if work.kind != "io":
+            do_work(work)
+            return
+        poller = select.poll()
+        poller.register(sock, 0)  # errors and hang-ups only: input waits in the kernel
+        poller.poll(work.seconds * 1000)
+
+
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
@@ -322,7 +343,7 @@ class OnPurposeEcho:
 
     def _take(self, chunk: bytes) -> None:
         if self.work is not None:
-            do_work(self.work)
+            work_on(self.work, chunk, self.record, self.connections, self.raw)
         if self.conditions is None:
             self._send(chunk)
         else:

@@ -47,7 +47,7 @@ from ..outcomes import Outcome, handshake_outcome, outcome_of
 from ..plan import ServerPlan
 from ..proxy_protocol import ProxyHeaderReader
 from ..shutdown import Shutdown
-from ._blocking import BlockingServer, arrange_reset, do_work, small_thread_stacks
+from ._blocking import BlockingServer, arrange_reset, small_thread_stacks, work_on
 
 log = logging.getLogger("echoplex.server")
 
@@ -509,8 +509,8 @@ class ConnectionPool:
         """A chunk read: after the handler's work, owed at once, or to the conditions."""
         assert connection.on_purpose is not None
         conditions, work = connection.on_purpose
-        if work is not None:
-            do_work(work)  # on this worker: it holds it, as real work does
+        if work is not None:  # on this worker: it holds it, as real work does
+            work_on(work, chunk, connection.record, self.connections, connection.sock)
         if conditions is None:
             self._owe_more(connection, chunk)
         else:
