@@ -139,7 +139,8 @@ def _ensure_descriptors(connections: int) -> None:
         if hard != resource.RLIM_INFINITY and hard < needed:
             raise LoadError(
                 f"{connections} connections need {needed} open files, "
-                f"but the limit is {hard} (raise it with ulimit -n)"
+                f"but the limit is {hard} (raise it with ulimit -n, or spread them over "
+                "more --processes)"
             )
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
