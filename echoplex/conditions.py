@@ -342,6 +342,24 @@ class Conditions:
                 "`close_after` and `reset_after` exclude each other: a connection ends one way"
             )
 
+    def check_served(self, *, tcp: bool, udp: bool) -> None:
+        """A ConditionError if a condition set changes nothing this server serves (`tcp`,
+        `udp`: whether it serves each): accepted, it would be silently without effect.
+        The one rule for the config and the control API alike."""
+        for setting, _ in self._changed():
+            # `work` qualifies nothing over UDP: a datagram is answered with no handler.
+            serves = "tcp" if setting.name == "work" else setting.applies
+            if serves == "udp" and not udp:
+                raise ConditionError(
+                    f"`{setting.name}` is a share of UDP datagrams: it needs `udp`"
+                    " (this server serves TCP alone)"
+                )
+            if serves == "tcp" and not tcp:
+                raise ConditionError(
+                    f"`{setting.name}` changes TCP echo only, and this server serves UDP"
+                    " alone (`udp` without `tcp`)"
+                )
+
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, object]) -> Conditions:
         """The conditions a JSON object or NAME=VALUE pairs name, with text values as the

@@ -591,8 +591,10 @@ class ServerConfig:
             raise ValueError(f"`recv_bytes` must be at least 1, not {self.recv_bytes}")
         if not (self.tcp or self.udp):
             raise ValueError("serve TCP, UDP or both: `tcp` and `udp` are both off")
-        if self.drop and not self.udp:
-            raise ValueError("`drop` is a share of UDP datagrams: it needs `udp`")
+        try:
+            self.conditions.check_served(tcp=self.tcp, udp=self.udp)
+        except ConditionError as exc:
+            raise ValueError(str(exc)) from None
         if self.udp and not self.hosts:
             raise ValueError("`udp` needs a host to listen on (`hosts`)")
 

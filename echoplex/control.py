@@ -6,7 +6,9 @@
     DELETE /conditions   no conditions
 
 Every answer is JSON: the set now in force, or `{"error": "..."}` with a 4xx status
-and one line of reason; a refused request changes nothing. A change applies to new
+and one line of reason; a refused request changes nothing. A set that would change
+nothing the server serves (`close_after` with UDP alone, `drop` without UDP) is refused
+as the command line refuses it (`Conditions.check_served`). A change applies to new
 connections at once and to open ones from their next chunk (`echoplex.lifecycle`), and
 is logged with the address it came from. With `control_token`, every request needs
 `Authorization: Bearer TOKEN` (401 otherwise); without one the API is on loopback only
@@ -66,8 +68,12 @@ def described(conditions: Conditions) -> str:
 class ConditionsControl:
     """What the API does to the server's `LiveConditions`, and who else must hear of it."""
 
-    def __init__(self, live: LiveConditions, token: str | None) -> None:
+    def __init__(
+        self, live: LiveConditions, token: str | None, *, tcp: bool = True, udp: bool = False
+    ) -> None:
         self.live = live
+        self.served = {"tcp": tcp, "udp": udp}
+        """What the server serves: a set that would change none of it is refused."""
         self._token = None if token is None else token.encode()
         self._followers: list[Follower] = []
         self._lock = threading.Lock()  # one change at a time, followers told in order
@@ -83,6 +89,10 @@ class ConditionsControl:
             if method == "GET":
                 return current
             wanted = _wanted(method, body, current)
+            try:
+                wanted.check_served(**self.served)
+            except ConditionError as exc:
+                raise _Refused("400 Bad Request", _one_line(exc)) from None
             if wanted != current:
                 self.live.set(wanted)
                 for follower in self._followers:
@@ -169,12 +179,22 @@ class ControlEvents:
         self.control.follow(follower)
 
     def listening(self, addresses: list[Any]) -> None:
+        self._start()
+        self.inner.listening(addresses)
+
+    def udp_listening(self, addresses: list[Any]) -> None:
+        # A server of UDP alone never reports TCP listeners: its UDP socket is the cue
+        # (beside TCP, the TCP listeners stay the cue, once `workers` follows changes).
+        if not self.control.served["tcp"]:
+            self._start()
+        getattr(self.inner, "udp_listening", self.inner.listening)(addresses)
+
+    def _start(self) -> None:
         if not self.started:
             self.started = True
             self.endpoint.start()
             where = format_address((self.endpoint.host, self.endpoint.port))
             log.info("control API on http://%s%s", where, PATH)
-        self.inner.listening(addresses)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -187,7 +207,9 @@ def serving(plan: ServerPlan, events: ServerEvents) -> Iterator[ServerEvents]:
     config = plan.config
     assert config.control_port is not None
     listener = listen(config.control_host, config.control_port, "the control API")
-    control = ConditionsControl(plan.conditions, config.control_token)
+    control = ConditionsControl(
+        plan.conditions, config.control_token, tcp=config.tcp, udp=config.udp
+    )
     endpoint = HTTPEndpoint(listener, control.app, "control", max_body_bytes=MAX_BODY_BYTES)
     try:
         yield ControlEvents(events, control, endpoint)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from echoplex import ServerConfig
 from echoplex.conditions import (
     CLOSE_AFTER,
     CLOSE_DISCARD_S,
@@ -1102,3 +1103,63 @@ def test_with_no_listener_nothing_is_heard_and_the_echo_is_the_same() -> None:
     made = connection(Conditions(latency_s=1.0))
     run = drive(made, [(0.0, b"x" * 10)])
     assert run.echo == b"x" * 10 and made.on_held is None
+
+
+# ---------------------------------------------------------------- what the server serves
+
+# Each setting that changes only a stream's echo, with a value (and what it needs).
+TCP_ONLY: dict[str, dict[str, object]] = {
+    "bandwidth": {"bandwidth": "1KiB"},
+    "slice": {"slice": 10},
+    "slice_delay": {"slice": 10, "slice_delay": "10ms"},
+    "close_after": {"close_after": 3},
+    "reset_after": {"reset_after": 3},
+    "stall_after": {"stall_after": 3},
+    "stall_for": {"stall_after": 3, "stall_for": "1s"},
+    "slow_close": {"slow_close": "1s"},
+    "work": {"work": "io:1s"},
+}
+
+
+@pytest.mark.parametrize("name", list(TCP_ONLY))
+def test_a_tcp_only_condition_is_refused_by_a_server_of_udp_alone(name: str) -> None:
+    conditions = Conditions.from_mapping(TCP_ONLY[name])
+    with pytest.raises(ConditionError, match="changes TCP echo only") as caught:
+        conditions.check_served(tcp=False, udp=True)
+    assert str(caught.value).startswith("`") and "\n" not in str(caught.value)
+    conditions.check_served(tcp=True, udp=True)  # beside TCP it is served
+    conditions.check_served(tcp=True, udp=False)
+
+
+# And each that a server of UDP alone serves.
+SERVED_OVER_UDP: dict[str, dict[str, object]] = {
+    "latency": {"latency": "1s"},
+    "jitter": {"jitter": "1s"},
+    "toxicity": {"toxicity": 0.5},
+    "seed": {"seed": 7},
+    "drop": {"drop": 0.5},
+}
+
+
+def test_every_setting_is_either_tcp_only_or_served_over_udp() -> None:
+    assert sorted([*TCP_ONLY, *SERVED_OVER_UDP]) == sorted(SETTING_NAMES)
+
+
+@pytest.mark.parametrize("name", list(SERVED_OVER_UDP))
+def test_the_other_conditions_are_served_by_a_server_of_udp_alone(name: str) -> None:
+    Conditions.from_mapping(SERVED_OVER_UDP[name]).check_served(tcp=False, udp=True)
+
+
+def test_drop_is_refused_by_a_server_without_udp_and_the_rest_of_udp_is_served() -> None:
+    with pytest.raises(ConditionError, match="`drop` is a share of UDP datagrams"):
+        Conditions(drop=0.5).check_served(tcp=True, udp=False)
+    Conditions(latency_s=1.0, toxicity=0.5, seed=7).check_served(tcp=True, udp=False)
+    Conditions().check_served(tcp=False, udp=True)
+
+
+def test_the_config_refuses_what_its_transports_would_not_serve() -> None:
+    with pytest.raises(ValueError, match="`close_after` changes TCP echo only"):
+        ServerConfig(udp=True, close_after_bytes=3)
+    with pytest.raises(ValueError, match="`drop` is a share of UDP datagrams"):
+        ServerConfig(drop=0.5)
+    assert ServerConfig(udp=True, tcp=True, close_after_bytes=3, drop=0.5).conditions.tcp

@@ -6,7 +6,9 @@ while the server runs, and the counts say why each datagram went unanswered."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,12 +22,14 @@ from echoplex.events import QuietEvents
 from echoplex.plan import ServerPlan, load_model, resolve
 from echoplex.udp import DROP, HELD, STOPPED, Tally, UdpEchoServer
 
-from .procs import Server
+from .procs import Process, Server, echoplex
+from .test_control import call
 from .test_metrics import scrape, total
 from .test_udp import DROPPED, final_counts, udp_socket
 from .waiting import wait_for
 
 WAIT_S = 10.0
+UDP_LISTENING = re.compile(r"listening on udp (\S+):(\d+)")
 
 
 class Heard(QuietEvents):
@@ -231,3 +235,56 @@ def test_drop_1_answers_nothing_and_the_log_and_metrics_say_why() -> None:
         assert match.group(3) == f"{DROP} {match.group(2)}"  # the one reason
         assert server.stop() == 0
     assert final_counts(server) == {"answered": 0, "dropped": 5, "by_reason": {DROP: 5}}
+
+
+# A condition the server's transports would not serve is refused, not accepted to
+# change nothing: on the command line (one line, exit 2) and through the control API
+# (a 400 with the reason, the set in force unchanged). One rule: `check_served`.
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--udp", "--close-after", "3"], "--close-after changes TCP echo only"),
+        (["--udp", "--bandwidth", "1KiB"], "--bandwidth changes TCP echo only"),
+        (["--udp", "--work", "io:1s"], "--work changes TCP echo only"),
+        (["--udp", "--latency", "1s", "--slow-close", "1s"], "--slow-close changes TCP"),
+        (["--drop", "0.5"], "--drop is a share of UDP datagrams: it needs --udp"),
+    ],
+)
+def test_a_condition_not_served_is_one_line_and_exit_2(args: list[str], expected: str) -> None:
+    result = echoplex("serve", "--port", "0", *args, timeout_s=30)
+    assert result.returncode == 2, result
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+class UdpAloneServer(Server):
+    """`echoplex serve --udp ...`: no TCP listener, ready once its UDP socket is."""
+
+    def __init__(self, *args: str) -> None:
+        Process.__init__(self, [sys.executable, "-m", "echoplex", "serve", "--port", "0", *args])
+        match = self.wait_for_stderr(UDP_LISTENING)
+        self.host, self.port = match.group(1), int(match.group(2))
+        self.address = (self.host, self.port)
+
+
+def test_the_control_api_of_a_udp_server_refuses_tcp_only_conditions() -> None:
+    with UdpAloneServer("--udp", "--control-port", "0", "--latency", "1s") as server:
+        status, answer = call(server, "PATCH", {"close_after": 3})
+        assert status == 400
+        assert answer["error"].startswith("`close_after` changes TCP echo only")
+        assert call(server, "PUT", {"work": "io:1s"})[0] == 400
+        assert call(server, "GET") == (200, {"latency": "1s"})  # unchanged
+        assert call(server, "PUT", {"drop": 0.5}) == (200, {"drop": 0.5})
+        assert server.stop() == 0
+
+
+def test_the_control_api_of_a_tcp_server_refuses_drop() -> None:
+    with Server("--control-port", "0", "--latency", "1s") as server:
+        status, answer = call(server, "PATCH", {"drop": 0.5})
+        assert status == 400
+        assert answer["error"].startswith("`drop` is a share of UDP datagrams")
+        assert call(server, "GET") == (200, {"latency": "1s"})  # unchanged
+        assert call(server, "PUT", {"close_after": 3}) == (200, {"close_after": 3})
+        assert server.stop() == 0
