@@ -1,6 +1,8 @@
-"""`echoplex load --source ADDR[-ADDR]`: each connection binds to a source address in
-turn by its number in the run, over every process, so a real server on 127.0.0.1 sees
-each source equally; bad values are one line and exit 2."""
+"""Many connections from `echoplex load`. `--source ADDR[-ADDR]`: each connection binds
+to a source address in turn by its number in the run, over every process, so a real
+server on 127.0.0.1 sees each source equally; bad values are one line and exit 2. A
+connection the server closes while the others connect is an error; the watchdog looks
+at a share of the connections each tick and still never fails one early."""
 
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from types import TracebackType
 import pytest
 
 from echoplex.load.config import LoadConfig
+from echoplex.load.connections import Rate
+from echoplex.load.engine import TICK_S, WATCH_ROUND_S, LoadRun
 from echoplex.load.sources import MAX_SOURCES, source_addresses, source_for
 from echoplex.load.transport import PROBE_DATAGRAM
 from echoplex.payload import PayloadPattern
 
 from .procs import Server, needs_ipv6
-from .test_load import load_json, run_cli
+from .test_load import PAYLOAD, attach, load_json, measuring_tally, run_cli
 from .waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -280,3 +284,40 @@ def test_connections_the_server_closes_while_others_connect_are_errors(
     assert report["errors"] == 4, report
     assert set(report["errors_by_kind"]) <= {"closed early", "reset"}, report
     assert report["connections_alive"] == 2
+
+
+# --- the watchdog, looking at many connections a share at a time -----------------------
+
+
+def test_the_watchdog_never_fails_a_connection_early_however_seldom_it_looks() -> None:
+    tally = measuring_tally(size_bytes=100, timeout_s=2.0)
+    connection = Rate(tally, PAYLOAD, 0)
+    attach(connection)
+    second = 1_000_000_000
+    connection.watch(0.0, 1 * second)  # idle
+    connection.send_due()  # its echo never comes
+    connection.watch(0.0, 2 * second)  # the first look that sees it waiting
+    connection.watch(0.0, 3 * second)  # 2 s after a look saw it idle: it may have sent late
+    assert connection.alive and dict(tally.errors_by_kind) == {}
+    connection.watch(0.0, 4 * second - 1)
+    assert connection.alive
+    connection.watch(0.0, 4 * second)  # waiting since the look at 2 s, at least
+    assert not connection.alive and dict(tally.errors_by_kind) == {"timeout": 1}
+    connection = Rate(tally, PAYLOAD, 1)
+    attach(connection)
+    connection.send_due()
+    connection.watch(0.0, 1 * second)
+    connection.data_received(PAYLOAD.slice(1, 0, 40))  # some echo: progress
+    connection.watch(0.0, 2 * second)  # seen moving: waiting from here at the earliest
+    connection.watch(0.0, 2 * second + tally.timeout_ns - 1)
+    assert connection.alive
+    connection.watch(0.0, 2 * second + tally.timeout_ns)
+    assert not connection.alive and dict(tally.errors_by_kind) == {"timeout": 2}
+    assert tally.error_samples[1].detail == "no echo for 2s"
+
+
+def test_many_stream_connections_are_watched_a_share_each_tick() -> None:
+    many = LoadRun(LoadConfig(connections=100, timeout_s=10.0))
+    assert many.watch_every_ticks == int(WATCH_ROUND_S / TICK_S)
+    assert LoadRun(LoadConfig(timeout_s=0.5)).watch_every_ticks == 1  # four looks a timeout
+    assert LoadRun(LoadConfig(udp=True)).watch_every_ticks == 1  # it notices losses

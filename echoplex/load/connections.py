@@ -160,15 +160,17 @@ class Lifecycle:
 class LoadConnection(Lifecycle, asyncio.Protocol):
     """Sends connection `index`'s payload stream and verifies its echo as it arrives."""
 
-    __slots__ = ("stalled_s", "transport", "verifier", "watched_offset", "write")
+    __slots__ = ("transport", "verifier", "watched_ns", "watched_offset", "write")
 
     def __init__(self, tally: Tally, payload: PayloadPattern, index: int) -> None:
         super().__init__(tally, payload, index)  # here `owed` counts bytes
         self.verifier = Verifier(payload, index)
         self.transport: asyncio.Transport | None = None
         self.write: Callable[[bytes | memoryview], object] = _not_connected
-        self.watched_offset = 0  # for the run's watchdog: echo progress seen last tick
-        self.stalled_s = 0.0
+        # For the run's watchdog: the echo's progress at its last look, and since when
+        # it has been waiting at that offset (0: not waiting).
+        self.watched_offset = 0
+        self.watched_ns = 0
 
     def verified(self) -> int:
         """Bytes of the echo verified so far."""
@@ -181,16 +183,18 @@ class LoadConnection(Lifecycle, asyncio.Protocol):
         """Called after each verified chunk: pattern-specific bookkeeping."""
 
     def watch(self, elapsed_s: float, now_ns: int) -> None:
-        """The run's watchdog, every tick: fail a connection whose echo has made no
-        progress for `timeout_s` while bytes are outstanding."""
+        """The run's watchdog: fail a connection whose echo has made no progress for
+        `timeout_s` while bytes are outstanding. Timed from the first look that saw it
+        waiting with no progress since the look before, so that it never fails early
+        however seldom the run looks (with many connections, each only every few
+        ticks: `engine.LoadRun.watch_every_ticks`)."""
         offset = self.verified()
-        if self.outstanding() > 0 and offset == self.watched_offset:
-            self.stalled_s += elapsed_s
-            if self.stalled_s >= self.tally.timeout_s:
-                self.fail("timeout", f"no echo for {self.tally.timeout_s:g}s")
-        else:
-            self.stalled_s = 0.0
-            self.watched_offset = offset
+        if self.outstanding() <= 0:
+            self.watched_offset, self.watched_ns = offset, 0  # nothing to wait for
+        elif offset != self.watched_offset or not self.watched_ns:
+            self.watched_offset, self.watched_ns = offset, now_ns
+        elif now_ns - self.watched_ns >= self.tally.timeout_ns:
+            self.fail("timeout", f"no echo for {self.tally.timeout_s:g}s")
 
     def give_up(self) -> None:
         """The end of the run waited `timeout_s` and bytes are still outstanding."""
