@@ -5,7 +5,8 @@ Per scenario, under the names results.md links to:
 
 - `NAME-throughput.png` (`NAME-memory.png` for `hold`): the scenario's headline figure;
 - `NAME-cpu.png`: server CPU per request (not for `hold`);
-- `NAME-latency.png`: p50, p90 and p99 latency (not for `hold`).
+- `NAME-latency.png`: p50, p90 and p99 latency (not for `hold`);
+- for `scale`, line charts against the connections held instead (`scale_charts.py`).
 
 Every chart has one panel per load point and one horizontal bar (or row) per server,
 in the order the servers ran, its name beside it. Bars, not lines: a scenario has at
@@ -174,9 +175,13 @@ def draw_scenarios(
 def figures(result: ScenarioResult, machine: dict[str, Any]) -> dict[str, Any]:
     """A scenario's matplotlib figures by file name (`concurrency-throughput.png`, ...);
     the caller saves and closes them."""
+    from . import scale_charts
+
+    metric = result.scenario.metric
+    if metric == scale_charts.METRIC:
+        return scale_charts.figures(result, machine)
     plt = _pyplot()
     view = ScenarioView(result, machine)
-    metric = result.scenario.metric
     names = chart_names(result.scenario.name, metric)
     with plt.rc_context(STYLE):
         if metric == "peak_rss_bytes":
@@ -191,6 +196,10 @@ def figures(result: ScenarioResult, machine: dict[str, Any]) -> dict[str, Any]:
 
 def chart_names(scenario: str, metric: str) -> list[str]:
     """The files a scenario's charts are written to (see the module's docstring)."""
+    from . import scale_charts
+
+    if metric == scale_charts.METRIC:
+        return scale_charts.chart_names()
     if metric == "peak_rss_bytes":
         return [f"{scenario}-memory.png"]
     return [f"{scenario}-{what}.png" for what in ("throughput", "cpu", "latency")]

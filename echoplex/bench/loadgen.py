@@ -43,6 +43,8 @@ class LoadSpec:
     size_bytes: int
     duration_s: float
     warmup_s: float
+    rate_per_s: float | None = None
+    """Messages due a second over all connections, for the open-loop `rate` pattern."""
 
     @property
     def timeout_s(self) -> float:
@@ -60,7 +62,9 @@ def load_argv(host: str, port: int, spec: LoadSpec, *, cpu: int | None = None) -
     the flags of its LoadConfig as `argv_of` writes them, each setting the bench makes
     even at its default, and the command's own --json."""
     config = load_config(host, port, spec)
-    flags = argv_of(config, keep_defaults=("host", "port", *dataclasses.asdict(spec)))
+    # A setting the spec leaves out (None: not for its pattern) is load's own default.
+    given = [name for name, value in dataclasses.asdict(spec).items() if value is not None]
+    flags = argv_of(config, keep_defaults=("host", "port", *given))
     argv = [*LOAD_COMMAND, *flags, "--json"]
     return ["taskset", "-c", str(cpu), *argv] if cpu is not None else argv
 

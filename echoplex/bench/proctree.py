@@ -176,16 +176,29 @@ def tree_cpu_s(root_pid: int) -> float | None:
     return sum(stat.cpu_ticks for stat in tree) / CLOCK_TICKS_PER_S
 
 
-def status_bytes(pid: int, field: str) -> int | None:
-    """A `kB` line of `/proc/PID/status` (VmHWM, VmRSS), in bytes."""
+def status_number(pid: int, field: str) -> int | None:
+    """The number a line of `/proc/PID/status` starts with (VmRSS: 1234 kB, Threads: 3)."""
     try:
         text = (PROC / str(pid) / "status").read_text()
     except OSError:
         return None
     for line in text.splitlines():
         if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
+            return int(line.split()[1])
     return None
+
+
+def status_bytes(pid: int, field: str) -> int | None:
+    """A `kB` line of `/proc/PID/status` (VmHWM, VmRSS), in bytes."""
+    kib = status_number(pid, field)
+    return None if kib is None else kib * 1024
+
+
+def tree_threads(root_pid: int) -> int | None:
+    """Threads of the whole tree now, every process's main thread included."""
+    counts = [status_number(pid, "Threads") for pid in tree_pids(root_pid)]
+    present = [count for count in counts if count is not None]
+    return sum(present) if present else None
 
 
 def tree_peak_rss_bytes(root_pid: int) -> int | None:

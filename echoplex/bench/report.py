@@ -10,8 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from .crosscheck import GENERATOR, SOURCE
-from .results import CROSS_CHECK_TOLERANCE, CrossCheckRow, Row, RunResult
+from .results import (
+    CROSS_CHECK_TOLERANCE,
+    HELD_SHARE,
+    MIN_CPU_TICKS,
+    CrossCheckRow,
+    Row,
+    RunResult,
+    cpu_measurable,
+    per_connection_bytes,
+)
 from .runner import CONTENDED_PCT, MEASURE_ATTEMPTS, BenchReport, ScenarioResult
+from .scenarios import SCALE_METRIC
 from .servers import SERVERS
 
 MIB = 1024 * 1024
@@ -76,16 +86,13 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 def _per_connection_kib(row: Row) -> str:
-    peak, idle, alive = (
+    per_connection = per_connection_bytes(
         row.figure("peak_rss_bytes"),
         row.figure("idle_rss_bytes"),
         row.figure("connections_alive"),
+        row.connections,
     )
-    # Only where (nearly) every connection stayed open: a server that kept 32 of 10,000
-    # would divide its whole footprint by 32.
-    if peak is None or idle is None or not alive or alive < 0.9 * row.connections:
-        return "-"
-    return f"{(peak - idle) / alive / 1024:.1f}"
+    return _fmt(per_connection, ".1f", 1024)
 
 
 # What a latency cell says for a server that served fewer connections than offered.
@@ -186,18 +193,68 @@ HOLD_COLUMNS: list[Column] = [
 ]
 
 
+def _scale_cpu(row: Row) -> str:
+    return _fmt(row.figure("cpu_us_per_request"), ",.1f") if cpu_measurable(row) else "-"
+
+
+SCALE_COLUMNS: list[Column] = [
+    ("alive", lambda row: _fmt(row.figure("connections_alive"), ",.0f")),
+    ("KiB/conn", _per_connection_kib),
+    ("CPU µs/msg", _scale_cpu),
+    ("p50 µs", lambda row: _latency(row, "p50_us")),
+    ("p99 µs", lambda row: _latency(row, "p99_us")),
+    ("p99.9 µs", lambda row: _latency(row, "p999_us")),
+    ("max µs", lambda row: _latency(row, "max_us")),
+    ("threads", lambda row: _fmt(row.figure("server_threads"), ",.0f")),
+    ("other load %", lambda row: _fmt(row.figure("foreign_cpu_pct"), ",.0f")),
+    ("errors", lambda row: f"{row.errors_total:,}"),
+    ("KiB/conn vs ref", _vs_ref),
+    ("CPU/msg vs ref", _cpu_vs_ref),
+]
+
+
+def _columns(result: ScenarioResult) -> list[Column]:
+    metric = result.scenario.metric
+    if metric == SCALE_METRIC:
+        return SCALE_COLUMNS
+    return HOLD_COLUMNS if metric == "peak_rss_bytes" else THROUGHPUT_COLUMNS
+
+
 def table(result: ScenarioResult) -> str:
     """The scenario's rows as one markdown table, grouped by load point."""
-    columns = HOLD_COLUMNS if result.scenario.metric == "peak_rss_bytes" else THROUGHPUT_COLUMNS
+    columns = _columns(result)
     headers = ["load", "server", *(name for name, _ in columns)]
     lines = [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join(["---", "---"] + ["---:"] * (len(headers) - 2)) + " |",
     ]
     for row in result.rows:
-        cells = [row.point, row.server, *(render(row) for _, render in columns)]
-        lines.append("| " + " | ".join(cells) + " |")
+        if row.cannot_hold:
+            # Not run: the reason in the first column, nothing measured in the others.
+            figures = [row.cannot_hold, *["-"] * (len(columns) - 1)]
+        else:
+            figures = [render(row) for _, render in columns]
+        lines.append("| " + " | ".join([row.point, row.server, *figures]) + " |")
     return "\n".join(lines)
+
+
+def _scale_lines(result: ScenarioResult) -> list[str]:
+    """What the scale table's figures are, under it."""
+    if result.scenario.metric != SCALE_METRIC:
+        return []
+    return [
+        "`KiB/conn`: the server's peak resident memory (its whole process tree) over its "
+        "own once it listened, idle, divided by the connections alive at the end (only "
+        f"where at least {HELD_SHARE:.0%} were). `CPU µs/msg`: server CPU over the measured "
+        "window per message echoed in it, left out (`-`) where the window held fewer than "
+        f"{MIN_CPU_TICKS} clock ticks of CPU, too few to divide. Latency is measured from "
+        "each message's due time (open loop: a stall shows, it cannot hide). `max`: the "
+        "longest any message waited for its echo; `echoplex load` reports no gap per "
+        "connection, so this is the largest gap's bound: no connection went longer than "
+        "its interval plus `max` without an echo. `threads`: the server tree's threads "
+        "under the load. A server that cannot hold N at once is not run there; its row "
+        "says why.",
+    ]
 
 
 def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) -> str:
@@ -248,6 +305,8 @@ def markdown(report: BenchReport, charts: dict[str, list[str]] | None = None) ->
             "",
             table(result),
         ]
+        if scale := _scale_lines(result):
+            parts += ["", *scale]
         if served_fewer := _served_fewer_lines(result):
             parts += ["", *served_fewer]
         parts += ["", *_measured_again_lines(result, pinned=bool(pinning))]

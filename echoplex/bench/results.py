@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .proctree import CLOCK_TICKS_PER_S
+
 # The per-run figures a row reports as the median over its repeats.
 MEDIAN_FIELDS = (
     "requests",
@@ -27,6 +29,7 @@ MEDIAN_FIELDS = (
     "p999_us",
     "max_us",
     "connections_alive",
+    "server_cpu_s",
     "server_cpu_pct",
     "cpu_us_per_request",
     "foreign_cpu_pct",
@@ -36,7 +39,15 @@ MEDIAN_FIELDS = (
     "client_cpu_s",
     "client_cpu_us_per_request",
     "server_processes",
+    "server_threads",
+    "rss_per_connection_bytes",
 )
+# Memory per connection is only figured where (nearly) every connection stayed open: a
+# server that kept 32 of 10,000 would divide its whole footprint by 32.
+HELD_SHARE = 0.9
+# Fewer clock ticks of server CPU than this in a run's window: no CPU per message (one
+# tick either way is then at most 5%).
+MIN_CPU_TICKS = 20
 # `echoplex load` error kinds that mean the server echoed what it was not sent.
 WRONG_ECHO_ERRORS = ("extra bytes",)
 MISMATCH_SAMPLES_KEPT = 5
@@ -101,6 +112,11 @@ class RunResult:
     first attempt was kept."""
     server_processes: int | None = None
     """Processes in the server's tree under load (a shell and its server count two)."""
+    server_threads: int | None = None
+    """Threads of the server's tree under load, each process's main thread included."""
+    cannot_hold: str | None = None
+    """Why the server was not run at this point of a scenario whose connections must all
+    be held at once (`cannot hold 100: serves one connection at a time`)."""
     failure: str | None = None
     """Why the run did not complete normally (timeout, crash, no report), if it did not."""
 
@@ -113,6 +129,12 @@ class RunResult:
     @property
     def error_count(self) -> int:
         return self.errors + self.mismatches + (1 if self.failure else 0)
+
+    @property
+    def rss_per_connection_bytes(self) -> float | None:
+        return per_connection_bytes(
+            self.peak_rss_bytes, self.idle_rss_bytes, self.connections_alive, self.connections
+        )
 
     @property
     def echoed_wrong(self) -> bool:
@@ -142,6 +164,8 @@ class Row:
     failures: list[str] = field(default_factory=list)
     connections_opened: list[dict[str, int]] = field(default_factory=list)
     server_cpus: list[int] | None = None
+    cannot_hold: str | None = None
+    """Why the server was not run at this point (`RunResult.cannot_hold`)."""
     verified: bool = True
     """False when the server echoed a wrong byte at any point of the scenario: it is
     not ranked (no ratios)."""
@@ -201,6 +225,7 @@ class Row:
             "failures": self.failures,
             "connections_opened": self.connections_opened,
             "server_cpus": self.server_cpus,
+            "cannot_hold": self.cannot_hold,
             "verified": self.verified,
             "mismatches_total": self.mismatches_total,
             "mismatch_samples": self.mismatch_samples,
@@ -208,6 +233,23 @@ class Row:
             "vs_baseline": self.vs_baseline,
             "cpu_vs_baseline": self.cpu_vs_baseline,
         }
+
+
+def per_connection_bytes(
+    peak: float | None, idle: float | None, alive: float | None, offered: int
+) -> float | None:
+    """A server's resident memory growth over its idle baseline per connection held, if
+    at least HELD_SHARE of the `offered` connections were alive to the end."""
+    if peak is None or idle is None or not alive or alive < HELD_SHARE * offered:
+        return None
+    return (peak - idle) / alive
+
+
+def cpu_measurable(row: Row) -> bool:
+    """Whether the server's CPU over the window is enough clock ticks to divide: at a
+    trickle to 100 connections it may be 2 ticks of 10 ms, a figure off by half."""
+    cpu_s = row.figure("server_cpu_s")
+    return cpu_s is not None and cpu_s * CLOCK_TICKS_PER_S >= MIN_CPU_TICKS
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -267,6 +309,7 @@ def summarize(
             failures=[run.failure for run in group if run.failure],
             connections_opened=[run.connections_opened for run in group if run.connections_opened],
             server_cpus=first.server_cpus,
+            cannot_hold=first.cannot_hold,
             verified=server not in liars,
             mismatches_total=sum(run.mismatches for run in group),
             mismatch_samples=[sample for run in group for sample in run.mismatch_samples][

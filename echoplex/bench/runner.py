@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..load.config import MAX_CONNECTIONS
 from ..models import MODELS
 from ..payload import Mismatch
 from . import crosscheck
@@ -47,6 +48,7 @@ from .proctree import (
     tree_peak_rss_bytes,
     tree_pids,
     tree_rss_bytes,
+    tree_threads,
 )
 from .results import (
     CrossCheckRow,
@@ -122,6 +124,8 @@ class BenchSettings:
     server's listening and its load (see `servers.warm_up`)."""
     cross_check: bool = False
     """Also drive every server with the C client (crosscheck.py), at ping-pong points."""
+    connections: tuple[int, ...] | None = None
+    """Connection counts to run each scenario's load points at; None: the scenario's own."""
 
     def specs(self) -> dict[str, ServerSpec]:
         """Every server this run may start, by name: the built-in ones and `--server`s."""
@@ -295,24 +299,29 @@ def run_scenario(
         duration_s=_first(settings.duration_s, scenario.duration_s, DEFAULT_DURATION_S),
         warmup_s=_first(settings.warmup_s, scenario.warmup_s, DEFAULT_WARMUP_S),
     )
-    result.skipped = _short_of_descriptors(scenario, nofile_soft)
+    points = scenario.points_for(settings.connections, descriptor_capacity(nofile_soft))
+    result.skipped = _short_of_descriptors(points, nofile_soft)
     if result.skipped is not None:
         log.warning("scenario %s skipped: %s", scenario.name, result.skipped)
         return result
     specs = _runnable(servers_for(scenario, settings), settings, pinning)
     result.servers = [spec.name for spec in specs]
     result.reference = choose_reference(result.servers, settings.reference, scenario.reference)
-    for point in scenario.points:
+    for point in points:
         load = LoadSpec(
-            point.pattern, point.connections, point.size_bytes, result.duration_s, result.warmup_s
+            *(point.pattern, point.connections, point.size_bytes),
+            *(result.duration_s, result.warmup_s, point.rate_per_s),
         )
+        specs_here = _held(scenario, point, specs, result.runs) if scenario.must_hold else specs
         generators = [Generator("echoplex load", LoadRun, result.runs)]
         if cross_check_binary is not None and point.pattern in crosscheck.PATTERNS:
             start = functools.partial(crosscheck.CrossCheckRun, cross_check_binary)
             generators.append(Generator(crosscheck.GENERATOR, start, result.cross_runs))
         # Each server under each generator, a fresh server every time, the two
         # generators' runs of a server next to each other.
-        for repeat, spec, generator in itertools.product(range(settings.repeat), specs, generators):
+        for repeat, spec, generator in itertools.product(
+            range(settings.repeat), specs_here, generators
+        ):
             run_once = functools.partial(
                 measure,
                 *(scenario, point, spec, repeat, load, pinning),
@@ -331,9 +340,36 @@ def run_scenario(
     return result
 
 
-def _short_of_descriptors(scenario: Scenario, nofile_soft: int) -> str | None:
-    """Why `scenario` cannot run with `nofile_soft` open files a process; None if it can."""
-    needed = scenario.max_connections + NOFILE_MARGIN
+def descriptor_capacity(nofile_soft: int) -> int:
+    """The most connections a server and the load generator can each hold with
+    `nofile_soft` open files a process (`echoplex load` takes at most MAX_CONNECTIONS)."""
+    return max(1, min(nofile_soft - NOFILE_MARGIN, MAX_CONNECTIONS))
+
+
+def _held(
+    scenario: Scenario, point: LoadPoint, specs: Sequence[ServerSpec], runs: list[RunResult]
+) -> list[ServerSpec]:
+    """The servers of `specs` that may hold every connection of `point` at once; for
+    each of the others, a run that says why it was not run (into `runs`)."""
+    able = []
+    for spec in specs:
+        if (reason := spec.cannot_hold(point.connections)) is None:
+            able.append(spec)
+            continue
+        log.info("%s %s %s: not run, %s", scenario.name, point.label, spec.name, reason)
+        runs.append(
+            RunResult(
+                *(scenario.name, point.label, spec.name, spec.kind, 0),
+                *(point.pattern, point.connections, point.size_bytes),
+                cannot_hold=reason,
+            )
+        )
+    return able
+
+
+def _short_of_descriptors(points: Sequence[LoadPoint], nofile_soft: int) -> str | None:
+    """Why `points` cannot run with `nofile_soft` open files a process; None if they can."""
+    needed = max(point.connections for point in points) + NOFILE_MARGIN
     if nofile_soft >= needed:
         return None
     return (
@@ -397,14 +433,17 @@ def measure_uncontended(run_once: Callable[[], RunResult], what: str) -> RunResu
 @dataclass(frozen=True)
 class CpuWindow:
     """What a CPU window inside the load's measured phase read: the server's CPU seconds
-    at each end (None: no figure), its length, and at each end the pinned CPUs' busy
-    seconds and the seconds the server and the load ran (`_own_cpu_s`)."""
+    at each end (None: no figure), its length, at each end the pinned CPUs' busy
+    seconds and the seconds the server and the load ran (`_own_cpu_s`), and the
+    server's threads as it opened."""
 
     server_before_s: float | None
     server_after_s: float | None
     seconds: float
     ours_before: tuple[float, float] | None
     ours_after: tuple[float, float] | None
+    server_threads: int | None = None
+    """The server tree's threads as the window opened."""
 
 
 def measure(
@@ -449,6 +488,7 @@ def measure(
             # Again under load: a server may start processes or threads lazily.
             unpinned = unpinned or unpinned_threads(server.pid, server_cpus)
             result.server_processes = len(tree_pids(server.pid))
+            result.server_threads = window.server_threads
             report, failure = run.finish()
         finally:
             run.stop()
@@ -492,6 +532,9 @@ def _cpu_window(
     CPU_WINDOW_SHARE of the measured duration."""
     _wait_connected(server.port, load, run)
     run.wait(load.warmup_s)
+    # Now, with every connection open and the load under way: by the window's end a late
+    # bench may find the load over, its connections (and their threads) gone.
+    threads = tree_threads(server.pid)
     cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
     ours_before = _own_cpu_s(cpu_before, run.proc.pid, pinned_cpus)
     overran = run.wait(load.duration_s * CPU_WINDOW_SHARE)
@@ -502,7 +545,7 @@ def _cpu_window(
         # window's CPU rate would mix load and idle. No figure.
         log.warning("%s: the CPU window outlasted the load: no CPU figure", server.spec.name)
         cpu_before = None
-    return CpuWindow(cpu_before, cpu_after, window_s, ours_before, ours_after)
+    return CpuWindow(cpu_before, cpu_after, window_s, ours_before, ours_after, threads)
 
 
 def _record_cpu(result: RunResult, window: CpuWindow, pinned_cpu_count: int) -> None:

@@ -1,13 +1,18 @@
 """The bench's scenarios: named lists of load points, each run against every server.
 
-A point is one `echoplex load` shape (pattern, connections, message size). A scenario
-also names its headline figure, the one the `vs_baseline` ratio is taken on, and the
-point field its charts put on the x axis; it may choose its servers and reference.
+A point is one `echoplex load` shape (pattern, connections, message size, and for the
+open-loop `rate` pattern how often each connection sends). A scenario also names its
+headline figure, the one the `vs_baseline` ratio is taken on, and the point field its
+charts put on the x axis; it may choose its servers and reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ..models import MODELS
 
 KIB = 1024
 
@@ -17,10 +22,19 @@ class LoadPoint:
     pattern: str
     connections: int
     size_bytes: int
+    interval_s: float | None = None
+    """`rate` only: each connection sends one message this often, so the whole run is
+    due `connections / interval_s` messages a second (`echoplex load` sends message k
+    on connection k mod c: one per connection per `c / rate` seconds)."""
+
+    @property
+    def rate_per_s(self) -> float | None:
+        return None if self.interval_s is None else self.connections / self.interval_s
 
     @property
     def label(self) -> str:
-        return f"{self.pattern} c={self.connections} s={format_size(self.size_bytes)}"
+        every = "" if self.interval_s is None else f" every {self.interval_s:g}s"
+        return f"{self.pattern} c={self.connections} s={format_size(self.size_bytes)}{every}"
 
 
 @dataclass(frozen=True)
@@ -41,10 +55,33 @@ class Scenario:
     reference: str | None = None
     """The server ratios are taken against when it runs and `--reference` is not given;
     None: the bench's default choice."""
+    up_to_descriptor_limit: bool = False
+    """Also a point at as many connections as the descriptor limit lets a server and
+    the load generator each hold (points past it are left out)."""
+    must_hold: bool = False
+    """Every connection of a point is to be held at once: a server that cannot (`simple`
+    serves one at a time) is not run there but reported with the reason."""
 
     @property
     def max_connections(self) -> int:
         return max(point.connections for point in self.points)
+
+    def points_for(self, connections: Sequence[int] | None, capacity: int) -> tuple[LoadPoint, ...]:
+        """The points to run: each shape of the scenario at each of `connections` if
+        given, else its own points, and with `up_to_descriptor_limit` those within
+        `capacity` connections and one at `capacity`."""
+        if connections:
+            shapes = dict.fromkeys(dataclasses.replace(p, connections=0) for p in self.points)
+            return tuple(
+                dataclasses.replace(shape, connections=count)
+                for shape in shapes
+                for count in connections
+            )
+        if not self.up_to_descriptor_limit:
+            return self.points
+        within = tuple(point for point in self.points if point.connections < capacity)
+        largest = max(within or self.points, key=lambda point: point.connections)
+        return (*within, dataclasses.replace(largest, connections=capacity))
 
 
 def format_size(size_bytes: int) -> str:
@@ -52,6 +89,19 @@ def format_size(size_bytes: int) -> str:
         return f"{size_bytes // KIB}KiB"
     return f"{size_bytes}B"
 
+
+# The scale scenario's headline figure (results.RunResult); it picks its table and charts.
+SCALE_METRIC = "rss_per_connection_bytes"
+# The scale scenario's trickle: each connection sends one small message every 2 s. Slow
+# enough that the cost measured is that of holding the connections, not of moving bytes
+# (19,800 connections are due 9,900 messages/s, which every model echoes on one CPU),
+# and fast enough that each connection sends 5 in a 10 s measured window, so the 100
+# connections of the smallest point still give 500 latencies (a p99.9 of 500 is their
+# largest but one) and every connection's longest wait is seen more than once. Issue
+# 22's 100,000-connection run uses 10 s; a bench run of that rate would need 50 s per
+# point to give as many latencies.
+SCALE_INTERVAL_S = 2.0
+SCALE_MESSAGE_BYTES = 64
 
 # The load point of the performance targets: 1 KiB request/response over 50 connections.
 TARGETS_POINT = LoadPoint("pingpong", 50, KIB)
@@ -101,6 +151,26 @@ SCENARIOS: dict[str, Scenario] = {
             (LoadPoint("hold", 10_000, 64),),
             metric="peak_rss_bytes",
             higher_is_better=False,
+        ),
+        Scenario(
+            "scale",
+            f"N connections held at once, each sending {SCALE_MESSAGE_BYTES} B every "
+            f"{SCALE_INTERVAL_S:g} s (open loop: N / {SCALE_INTERVAL_S:g} messages/s in all), "
+            "for N = 100, 1,000, 10,000 and as many as the descriptor limit allows: what "
+            "each connection costs in memory, CPU, latency and threads as N grows",
+            tuple(
+                LoadPoint("rate", count, SCALE_MESSAGE_BYTES, SCALE_INTERVAL_S)
+                for count in (100, 1000, 10_000)
+            ),
+            metric=SCALE_METRIC,
+            higher_is_better=False,
+            models=(*MODELS, "ref-uvloop"),
+            # One interval of warmup: every connection has sent before the window opens.
+            duration_s=10.0,
+            warmup_s=SCALE_INTERVAL_S,
+            reference="ref-uvloop",
+            up_to_descriptor_limit=True,
+            must_hold=True,
         ),
         Scenario(
             "smoke",

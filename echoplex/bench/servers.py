@@ -79,6 +79,15 @@ class ServerSpec:
     is also the name of the echoplex extra that installs it."""
     cpus: int = 1
     """CPUs the bench pins it to when it pins: one per process that serves."""
+    holds_at_most: int | None = None
+    """Connections it serves at once, at most, whatever the machine; None: not known."""
+    holds_at_most_why: str = ""
+
+    def cannot_hold(self, connections: int) -> str | None:
+        """Why it cannot serve `connections` at once, in a few words; None if it may."""
+        if self.holds_at_most is None or connections <= self.holds_at_most:
+            return None
+        return f"cannot hold {connections:,}: {self.holds_at_most_why}"
 
     def unavailable_reason(self) -> str | None:
         for module in self.requires:
@@ -127,6 +136,7 @@ def _model_spec(name: str, *, suffix: str = "", cpus: int = 1, **settings: Any) 
     config = ServerConfig(
         mode=name, hosts=(LOOPBACK,), port=0, drain_timeout_s=DRAIN_TIMEOUT_S, **settings
     )
+    holds_at_most, why = ONE_AT_A_TIME if name == "simple" else (config.max_connections, "")
     return ServerSpec(
         name=f"{name}-{suffix}" if suffix else name,
         kind="model",
@@ -141,7 +151,14 @@ def _model_spec(name: str, *, suffix: str = "", cpus: int = 1, **settings: Any) 
             *("--log-level", "info"),
         ),
         cpus=cpus,
+        # --max-connections 0 is no limit.
+        holds_at_most=holds_at_most or None,
+        holds_at_most_why=why or f"--max-connections is {config.max_connections:,}",
     )
+
+
+# The simple model accepts the next connection only once the one it serves has closed.
+ONE_AT_A_TIME = (1, "serves one connection at a time")
 
 
 # How the bench runs every model: flagged even where it is the default (the bench relies

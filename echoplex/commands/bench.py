@@ -25,6 +25,7 @@ from ..bench.report import markdown, write_results
 from ..bench.runner import INSTALL_HINT, missing_packages, selected, servers_for
 from ..bench.scenarios import ALL
 from ..bench.servers import ServerSpec, custom_server
+from ..load.config import connection_count
 
 PROG = "echoplex bench"
 # Relative to where the bench runs; from a checkout's top that is an ignored directory
@@ -52,6 +53,12 @@ def _server_list(text: str) -> tuple[str, ...]:
             f"unknown server {what} (choose from {', '.join(SERVERS)})"
         )
     return names
+
+
+def _connection_counts(text: str) -> tuple[int, ...]:
+    """`100,1000`: connection counts, each as `echoplex load -c` takes it, in order."""
+    counts = tuple(dict.fromkeys(connection_count(part.strip()) for part in text.split(",")))
+    return tuple(sorted(counts))
 
 
 def _custom_server(text: str) -> ServerSpec:
@@ -85,6 +92,15 @@ class BenchOptions:
         parse=_server_list,
         metavar="NAME,...",
         show=",".join,
+    )
+    connections: tuple[int, ...] | None = option(
+        None,
+        "--connection-counts",
+        "run each scenario's load points at these connection counts instead of its own, "
+        "comma-separated (scale: instead of 100, 1,000, 10,000 and the descriptor limit)",
+        parse=_connection_counts,
+        metavar="N,...",
+        show=lambda counts: ",".join(map(str, counts)),
     )
     servers: tuple[ServerSpec, ...] = option(
         (),
@@ -184,6 +200,7 @@ class BenchOptions:
             reference=self.reference,
             warmup_connections=self.warmup_connections,
             cross_check=self.cross_check,
+            connections=self.connections,
         )
 
 
