@@ -552,7 +552,10 @@ class ConnectionPool:
         client's own is not waited for: most never send one. (Again after a turn that
         could not send it all: the session, closed already, adds nothing.)"""
         assert connection.tls is not None
-        with contextlib.suppress(ssl.SSLWantReadError):  # ours is written, theirs not awaited
+        # Ours is written first, whatever follows: theirs is not awaited (SSLWantReadError),
+        # and input past the mark is refused (APPLICATION_DATA_AFTER_CLOSE_NOTIFY), as
+        # the discarding drops it anyway.
+        with contextlib.suppress(ssl.SSLError):
             connection.tls.session.unwrap()
         connection.owed += connection.tls.outgoing.read()
         return self._flush(connection)
