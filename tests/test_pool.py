@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
+import select
 import socket
 import ssl
 import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from echoplex import LogEvents, ServerConfig, Shutdown, run
+from echoplex.conditions import Work
+from echoplex.models import pool
 from echoplex.proxy_protocol import encode_v1
 
 from .kernel import read_by_peer, unread_by_peer
@@ -160,3 +169,142 @@ def test_clients_that_reset_before_the_tls_handshake_cost_only_themselves(
         # Nothing left open: the stop does not wait out the 30 s drain.
         assert server.stop(timeout_s=15) == 0
         assert "Traceback" not in server.stderr
+
+
+class GatedPool(pool.ConnectionPool):
+    """The pool, its workers' waits held at a gate the test opens one wait at a time,
+    and what each wait returned counted: which turns one wakeup gave is then known."""
+
+    def __init__(self, *args: Any) -> None:
+        self.parked: queue.SimpleQueue[str] = queue.SimpleQueue()  # a worker at the gate
+        self.let_through = threading.Semaphore(0)
+        self.open = False
+        self.batches: list[list[int]] = []  # the descriptors each wait returned, in order
+        super().__init__(*args)  # starts the workers
+
+    def _ready_events(self) -> list[tuple[int, int]]:
+        if not self.open:
+            self.parked.put(threading.current_thread().name)
+            self.let_through.acquire()
+        ready = super()._ready_events()
+        self.batches.append([fd for fd, _ in ready])
+        return ready
+
+    def open_gate(self) -> None:
+        """Let every wait through from now on (before the drain: it needs the workers)."""
+        if not self.open:
+            self.open = True
+            for _ in self._threads:
+                self.let_through.release()
+
+    def close(self) -> None:
+        self.open_gate()  # the workers must reach the stop
+        super().close()
+
+    def wait_until_parked(self, workers: int) -> None:
+        for _ in range(workers):
+            self.parked.get(timeout=10)
+
+    def ready_on_the_server(self, count: int) -> bool:
+        """True once `count` connections have bytes the server has not read: readable,
+        as the kernel's next wait will find them (poll(2) takes nothing from epoll)."""
+        poller = select.poll()
+        for fd in list(self.by_fd):
+            poller.register(fd, select.POLLIN)
+        return len(poller.poll(0)) == count
+
+
+@contextlib.contextmanager
+def gated_pool(
+    monkeypatch: pytest.MonkeyPatch, threads: int, **settings: Any
+) -> Iterator[tuple[tuple[str, int], GatedPool]]:
+    """A pool server in this process whose workers wait at a gate (GatedPool)."""
+    made: list[GatedPool] = []
+
+    def make(*args: Any) -> GatedPool:
+        made.append(GatedPool(*args))
+        return made[-1]
+
+    monkeypatch.setattr(pool, "ConnectionPool", make)
+    listening: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+
+    class Ready(LogEvents):
+        def listening(self, addresses: list[tuple[str, int]]) -> None:
+            listening.put(addresses[0][:2])
+
+    config = replace(ServerConfig(), mode="pool", port=0, threads=threads, **settings)
+    shutdown = Shutdown()
+    thread = threading.Thread(target=run, args=(config, Ready(), shutdown))
+    thread.start()
+    try:
+        address = listening.get(timeout=10)
+        yield address, made[0]
+    finally:
+        if made:
+            made[0].open_gate()
+        shutdown.request()
+        thread.join(timeout=15)
+        shutdown.close()
+        assert not thread.is_alive()
+
+
+def test_one_wakeup_serves_every_connection_that_is_ready(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with gated_pool(monkeypatch, threads=1, drain_timeout_s=1) as (address, gate):
+        clients = [socket.create_connection(address, timeout=10) for _ in range(8)]
+        try:
+            gate.wait_until_parked(1)
+            wait_for(lambda: len(gate.by_fd) == 8, 10, "eight connections in the pool")
+            for sock in clients:
+                sock.sendall(b"x")
+            wait_for(lambda: gate.ready_on_the_server(8), 10, "eight readable connections")
+            gate.let_through.release()  # one wait
+            gate.wait_until_parked(1)  # at the next: all it served, that one wait gave it
+            assert len(gate.batches) == 1
+            assert sorted(gate.batches[0]) == sorted(gate.by_fd)
+            for sock in clients:
+                assert recv_exactly(sock, 1) == b"x"
+        finally:
+            for sock in clients:
+                sock.close()
+
+
+def test_a_turn_that_blocks_on_work_hands_the_rest_of_its_batch_to_a_free_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    working, done = threading.Event(), threading.Event()
+
+    def work_that_holds_the_first(work: Work, *args: object) -> None:
+        """The first chunk's work lasts until the test ends it; the others' none."""
+        if not working.is_set():
+            working.set()
+            assert done.wait(30)
+
+    monkeypatch.setattr(pool, "work_on", work_that_holds_the_first)
+    settings = {"work": Work("io", 1.0), "drain_timeout_s": 1}
+    with gated_pool(monkeypatch, threads=2, **settings) as (address, gate):
+        clients = [socket.create_connection(address, timeout=10) for _ in range(2)]
+        try:
+            gate.wait_until_parked(2)
+            wait_for(lambda: len(gate.by_fd) == 2, 10, "two connections in the pool")
+            for sock in clients:
+                sock.sendall(b"x")
+            wait_for(lambda: gate.ready_on_the_server(2), 10, "two readable connections")
+            gate.let_through.release()  # one worker takes both, and works on the first
+            assert working.wait(10)
+            # Both in that one wait (and the timekeeper's wake: work opens them with one).
+            assert len(gate.batches) == 1
+            assert set(gate.by_fd) <= set(gate.batches[0])
+            gate.let_through.release()  # the other worker: the second was handed back
+            readable, _, _ = select.select(clients, [], [], 10)
+            assert len(readable) == 1, "the second connection waited behind the first's work"
+            assert recv_exactly(readable[0], 1) == b"x"
+            done.set()
+            for sock in clients:
+                if sock is not readable[0]:
+                    assert recv_exactly(sock, 1) == b"x"
+        finally:
+            done.set()
+            for sock in clients:
+                sock.close()
