@@ -3,6 +3,7 @@ non-reading client never holds a worker, so nobody waits behind it."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -201,6 +202,11 @@ class GatedPool(pool.ConnectionPool):
         self.open_gate()  # the workers must reach the stop
         super().close()
 
+    @property
+    def woken(self) -> collections.deque[pool.PooledConnection]:
+        """The connections the timekeeper woke, that no worker has taken yet."""
+        return self._woken
+
     def wait_until_parked(self, workers: int) -> None:
         for _ in range(workers):
             self.parked.get(timeout=10)
@@ -288,6 +294,15 @@ def test_a_turn_that_blocks_on_work_hands_the_rest_of_its_batch_to_a_free_worker
         try:
             gate.wait_until_parked(2)
             wait_for(lambda: len(gate.by_fd) == 2, 10, "two connections in the pool")
+            # Work opens each with a wake of the timekeeper (its first actions may be due
+            # at once): served first, one wait each, so that no wake can stand in for the
+            # hand-back below.
+            wait_for(lambda: len(gate.woken) == 2, 10, "the two wakes of their opening")
+            for _ in range(2):
+                gate.let_through.release()
+                gate.wait_until_parked(1)
+            assert not gate.woken
+            del gate.batches[:]
             for sock in clients:
                 sock.sendall(b"x")
             wait_for(lambda: gate.ready_on_the_server(2), 10, "two readable connections")
