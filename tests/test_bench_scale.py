@@ -18,7 +18,7 @@ from PIL import Image
 
 from echoplex.bench import loadgen
 from echoplex.bench.charts import chart_names, figures
-from echoplex.bench.proctree import CLOCK_TICKS_PER_S, tree_threads
+from echoplex.bench.proctree import CLOCK_TICKS_PER_S, tree_thread_cpu_ns, tree_threads
 from echoplex.bench.report import table
 from echoplex.bench.results import (
     MIN_CPU_TICKS,
@@ -27,7 +27,12 @@ from echoplex.bench.results import (
     per_connection_bytes,
     summarize,
 )
-from echoplex.bench.runner import NOFILE_MARGIN, ScenarioResult, descriptor_capacity
+from echoplex.bench.runner import (
+    NOFILE_MARGIN,
+    CpuWindow,
+    ScenarioResult,
+    descriptor_capacity,
+)
 from echoplex.bench.scenarios import SCALE_METRIC, SCENARIOS
 from echoplex.bench.servers import SERVERS
 from echoplex.load.config import MAX_CONNECTIONS
@@ -94,14 +99,46 @@ def test_memory_per_connection_only_where_nearly_all_were_held() -> None:
     assert per_connection_bytes(None, 1e6, 1000, 1000) is None
 
 
-def test_cpu_per_message_needs_enough_clock_ticks() -> None:
+def test_cpu_per_message_needs_enough_units_of_its_clock() -> None:
     enough = MIN_CPU_TICKS / CLOCK_TICKS_PER_S
-    rows = summarize(
-        [_run("asyncio", 100, server_cpu_s=enough), _run("pool", 100, server_cpu_s=enough / 2)],
-        SCALE_METRIC,
-        None,
-    )
-    assert [cpu_measurable(row) for row in rows] == [True, False]
+    runs = [
+        _run("asyncio", 100, server_cpu_s=enough),
+        _run("pool", 100, server_cpu_s=enough / 2),
+        # Counted per thread in ns: a few ms is plenty.
+        _run("threads", 100, server_cpu_s=enough / 2, cpu_resolution_s=1e-9),
+        _run("ref-uvloop", 100),
+    ]
+    rows = summarize(runs, SCALE_METRIC, None)
+    assert [cpu_measurable(row) for row in rows] == [True, False, True, False]
+
+
+def _window(before: dict[int, int], after: dict[int, int]) -> CpuWindow:
+    return CpuWindow(1.0, 1.5, 2.0, None, None, None, before, after)
+
+
+def test_cpu_is_counted_per_thread_in_ns_unless_a_thread_ended() -> None:
+    # A thread born in the window counts all it ran.
+    assert _window({1: 10**9}, {1: 3 * 10**9, 2: 5 * 10**8}).exact_server_cpu_s() == 2.5
+    # One that ended took its count along; one that starts from less is a reused id.
+    assert _window({1: 10**9, 2: 1}, {1: 3 * 10**9}).exact_server_cpu_s() is None
+    assert _window({1: 10**9}, {1: 10}).exact_server_cpu_s() is None
+    # No schedstat: the clock ticks then.
+    assert _window({}, {}).exact_server_cpu_s() is None
+
+
+def test_a_busy_thread_runs_up_its_nanoseconds() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        first = wait_for(lambda: tree_thread_cpu_ns(proc.pid), 10, "a schedstat")
+        assert list(first) == [proc.pid]
+        wait_for(
+            lambda: tree_thread_cpu_ns(proc.pid)[proc.pid] > first[proc.pid] + 10**7,
+            10,
+            "10 ms more of CPU",
+        )
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def test_threads_are_counted_over_the_tree() -> None:

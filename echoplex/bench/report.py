@@ -208,8 +208,8 @@ SCALE_COLUMNS: list[Column] = [
     ("threads", lambda row: _fmt(row.figure("server_threads"), ",.0f")),
     ("other load %", lambda row: _fmt(row.figure("foreign_cpu_pct"), ",.0f")),
     ("errors", lambda row: f"{row.errors_total:,}"),
-    ("KiB/conn vs ref", _vs_ref),
-    ("CPU/msg vs ref", _cpu_vs_ref),
+    ("vs ref", _vs_ref),
+    ("CPU/req vs ref", _cpu_vs_ref),
 ]
 
 
@@ -243,8 +243,9 @@ def _scale_lines(result: ScenarioResult) -> list[str]:
     if result.scenario.metric != SCALE_METRIC:
         return []
     return [
-        "`KiB/conn`: the server's peak resident memory (its whole process tree) over its "
-        "own once it listened, idle, divided by the connections alive at the end (only "
+        "A request is a message here. `KiB/conn`: the server's peak resident memory (its "
+        "whole process tree) over its own once it listened, idle, divided by the "
+        "connections alive at the end (only "
         f"where at least {HELD_SHARE:.0%} were). `CPU µs/msg`: server CPU over the measured "
         "window per message echoed in it, left out (`-`) where the window held fewer than "
         f"{MIN_CPU_TICKS} clock ticks of CPU, too few to divide. Latency is measured from "

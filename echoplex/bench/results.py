@@ -30,6 +30,7 @@ MEDIAN_FIELDS = (
     "max_us",
     "connections_alive",
     "server_cpu_s",
+    "cpu_resolution_s",
     "server_cpu_pct",
     "cpu_us_per_request",
     "foreign_cpu_pct",
@@ -45,8 +46,8 @@ MEDIAN_FIELDS = (
 # Memory per connection is only figured where (nearly) every connection stayed open: a
 # server that kept 32 of 10,000 would divide its whole footprint by 32.
 HELD_SHARE = 0.9
-# Fewer clock ticks of server CPU than this in a run's window: no CPU per message (one
-# tick either way is then at most 5%).
+# Fewer units of its clock (`cpu_resolution_s`) of server CPU than this in a run's
+# window: no CPU per message (one unit either way is then at most 5%).
 MIN_CPU_TICKS = 20
 # `echoplex load` error kinds that mean the server echoed what it was not sent.
 WRONG_ECHO_ERRORS = ("extra bytes",)
@@ -90,6 +91,9 @@ class RunResult:
     server's, it shows which of the two sets the pace."""
     server_cpu_s: float | None = None
     """Server CPU (user + system, whole process tree) over the measured window."""
+    cpu_resolution_s: float | None = None
+    """The unit `server_cpu_s` was counted in: 1 ns per thread where no thread exited in
+    the window, else the clock tick of `/proc/PID/stat` (10 ms)."""
     cpu_window_s: float | None = None
     server_cpu_pct: float | None = None
     cpu_us_per_request: float | None = None
@@ -246,10 +250,12 @@ def per_connection_bytes(
 
 
 def cpu_measurable(row: Row) -> bool:
-    """Whether the server's CPU over the window is enough clock ticks to divide: at a
-    trickle to 100 connections it may be 2 ticks of 10 ms, a figure off by half."""
+    """Whether the server's CPU over the window is enough units of the clock it was
+    counted in to divide: at a trickle to 100 connections a window may hold 2 clock
+    ticks of 10 ms, a figure off by half (none such where it was counted in ns)."""
     cpu_s = row.figure("server_cpu_s")
-    return cpu_s is not None and cpu_s * CLOCK_TICKS_PER_S >= MIN_CPU_TICKS
+    resolution_s = row.figure("cpu_resolution_s") or 1 / CLOCK_TICKS_PER_S
+    return cpu_s is not None and cpu_s >= MIN_CPU_TICKS * resolution_s
 
 
 def median(values: Iterable[float | None]) -> float | None:

@@ -48,6 +48,7 @@ from .proctree import (
     tree_peak_rss_bytes,
     tree_pids,
     tree_rss_bytes,
+    tree_thread_cpu_ns,
     tree_threads,
 )
 from .results import (
@@ -444,6 +445,20 @@ class CpuWindow:
     ours_after: tuple[float, float] | None
     server_threads: int | None = None
     """The server tree's threads as the window opened."""
+    exact_before: dict[int, int] | None = None
+    exact_after: dict[int, int] | None = None
+    """CPU ns of every server thread at each end (`proctree.tree_thread_cpu_ns`)."""
+
+    def exact_server_cpu_s(self) -> float | None:
+        """The server's CPU over the window in nanoseconds, summed per thread, if every
+        thread there at its start was there at its end (one that exited took its count
+        along, and a reused thread id starts again from zero); else None."""
+        before, after = self.exact_before, self.exact_after
+        if not before or not after or self.server_before_s is None:
+            return None
+        if any(after.get(tid, -1) < ns for tid, ns in before.items()):
+            return None
+        return (sum(after.values()) - sum(before.values())) / 1e9
 
 
 def measure(
@@ -535,17 +550,22 @@ def _cpu_window(
     # Now, with every connection open and the load under way: by the window's end a late
     # bench may find the load over, its connections (and their threads) gone.
     threads = tree_threads(server.pid)
+    exact_before = tree_thread_cpu_ns(server.pid)
     cpu_before, started = tree_cpu_s(server.pid), time.monotonic()
     ours_before = _own_cpu_s(cpu_before, run.proc.pid, pinned_cpus)
     overran = run.wait(load.duration_s * CPU_WINDOW_SHARE)
     cpu_after, window_s = tree_cpu_s(server.pid), time.monotonic() - started
+    exact_after = tree_thread_cpu_ns(server.pid)
     ours_after = _own_cpu_s(cpu_after, run.proc.pid, pinned_cpus)
     if overran:
         # The load ended inside the window (the bench was late on a busy machine): the
         # window's CPU rate would mix load and idle. No figure.
         log.warning("%s: the CPU window outlasted the load: no CPU figure", server.spec.name)
         cpu_before = None
-    return CpuWindow(cpu_before, cpu_after, window_s, ours_before, ours_after, threads)
+    return CpuWindow(
+        *(cpu_before, cpu_after, window_s, ours_before, ours_after),
+        *(threads, exact_before, exact_after),
+    )
 
 
 def _record_cpu(result: RunResult, window: CpuWindow, pinned_cpu_count: int) -> None:
@@ -554,7 +574,9 @@ def _record_cpu(result: RunResult, window: CpuWindow, pinned_cpu_count: int) -> 
     before, after, window_s = window.server_before_s, window.server_after_s, window.seconds
     if before is None or after is None or window_s <= 0:
         return
-    result.server_cpu_s = after - before
+    exact = window.exact_server_cpu_s()
+    result.server_cpu_s = after - before if exact is None else exact
+    result.cpu_resolution_s = 1 / CLOCK_TICKS_PER_S if exact is None else 1e-9
     result.cpu_window_s = window_s
     cpu_rate = result.server_cpu_s / window_s
     result.server_cpu_pct = 100 * cpu_rate

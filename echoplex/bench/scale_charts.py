@@ -11,13 +11,14 @@ reference server (the uvloop echo) black and dashed. Written beside the others:
 - `scale-threads.png`: threads the server holds under the load.
 
 A point is drawn only where the figure is there and above zero (a log axis has no
-zero); a server that served fewer connections than offered gets no latency point there,
-and one that cannot hold N at all (`simple`) no point anywhere: the notes under the
-panels name both, with the reason.
+zero); a server that served fewer connections than offered gets no latency or CPU point
+there, and one that cannot hold N at all (`simple`) no point anywhere: the notes under
+the panels name both, with the reason and the errors.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ PANEL_HEIGHT_IN = 4.6
 LEGEND_WIDTH_IN = 3.2
 MIN_WIDTH_IN = 13.0  # the title and the key beside one panel
 NOTE_HEIGHT_IN = 0.3
+NOTE_WIDTH = 150  # characters a line of the notes under the panels
 REFERENCE_STYLE = {"color": "black", "linestyle": "--", "linewidth": 2.5}
 OTHER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
@@ -48,10 +50,13 @@ class Panel:
     scale: float = 1.0
     """The figure is divided by this before it is drawn (bytes to KiB)."""
     latency: bool = False
-    """Left out where the server served fewer connections than offered (see Row)."""
+    """A latency, in µs."""
+    held_only: bool = False
+    """Left out where the server served fewer connections than offered (see Row): the
+    latency or CPU of the few it served would look best for failing most."""
 
     def value(self, row: Row) -> float | None:
-        if row.cannot_hold or not row.verified or (self.latency and row.served_fewer):
+        if row.cannot_hold or not row.verified or (self.held_only and row.served_fewer):
             return None
         if self.field == "cpu_us_per_request" and not cpu_measurable(row):
             return None
@@ -65,7 +70,7 @@ class Panel:
 
 
 def _latency(field: str, name: str, title: str) -> Panel:
-    return Panel(field, name, title, "latency (log scale)", latency=True)
+    return Panel(field, name, title, "latency (log scale)", latency=True, held_only=True)
 
 
 CHARTS: dict[str, tuple[str, tuple[Panel, ...]]] = {
@@ -89,6 +94,7 @@ CHARTS: dict[str, tuple[str, tuple[Panel, ...]]] = {
                 "CPU per message",
                 "server CPU (whole process tree) per echoed message",
                 "CPU µs per message (log scale)",
+                held_only=True,
             ),
         ),
     ),
@@ -175,7 +181,7 @@ def _chart(plt: Any, view: ScenarioView, what: str, panels: Sequence[Panel]) -> 
     fig.suptitle(f"scale: {what} against connections held{every} (log axes)")
     if notes:
         # Handle-less legend entries: constrained layout keeps them clear of the panels.
-        blank = [Patch(visible=False, label=note) for note in notes]
+        blank = [Patch(visible=False, label=textwrap.fill(note, NOTE_WIDTH)) for note in notes]
         fig.legend(
             handles=blank,
             loc="outside lower left",
@@ -220,7 +226,7 @@ def _draw_panel(ax: Any, view: ScenarioView, panel: Panel, counts: Sequence[int]
     # Minor ticks labelled too (as plain numbers, not 2x10^3): an axis within one decade
     # may have no major tick but its ends.
     ax.yaxis.set_major_formatter(FuncFormatter(panel.ticks()))
-    ax.yaxis.set_minor_formatter(FuncFormatter(_minor(panel)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(_minor(panel, *ax.get_ylim())))
     if counts:
         ax.set_xlim(counts[0] / 1.5, counts[-1] * 1.5)
     ax.set_title(panel.title)
@@ -230,13 +236,14 @@ def _draw_panel(ax: Any, view: ScenarioView, panel: Panel, counts: Sequence[int]
     ax.grid(True, which="minor", axis="y", alpha=0.12)
 
 
-def _minor(panel: Panel) -> Callable[[float, Any], str]:
-    """Minor ticks at 2x and 5x each decade labelled, the others not (they would crowd)."""
+def _minor(panel: Panel, low: float, high: float) -> Callable[[float, Any], str]:
+    """Minor ticks labelled: every one on an axis within a decade (it may have one major
+    tick, or none), else those at 2x and 5x each decade (all would crowd)."""
     major = panel.ticks()
+    labelled = "123456789" if high < 10 * low else "25"
 
     def label(value: float, position: Any) -> str:
-        leading = f"{value:.0e}"[0]
-        return major(value, position) if leading in "25" else ""
+        return major(value, position) if f"{value:.0e}"[0] in labelled else ""
 
     return label
 
@@ -249,33 +256,50 @@ def _interval(view: ScenarioView) -> str:
 
 
 def _notes(view: ScenarioView, panels: Sequence[Panel]) -> list[str]:
-    """Why a server has no point, or fewer points, than N values: one line each."""
+    """Why a server has fewer points than there are N values: who was not run, who held
+    fewer connections than offered (with its errors), and which figures are missing
+    where, one line per reason."""
+    rows = view.result.rows
     notes: list[str] = []
-    cannot: dict[str, list[str]] = {}
-    for row in view.result.rows:
+    not_run: dict[str, list[Row]] = {}
+    for row in rows:
         if row.cannot_hold:
-            cannot.setdefault(row.server, []).append(f"{row.connections:,}")
-    for server, counts in cannot.items():
-        reason = next(
-            r.cannot_hold for r in view.result.rows if r.server == server and r.cannot_hold
-        )
-        why = (reason or "").partition(": ")[2]
-        notes.append(f"{server}: not run at {', '.join(counts)} connections: {why}")
-    for row in view.result.rows:
+            not_run.setdefault(row.server, []).append(row)
+    for server, held in not_run.items():
+        counts = ", ".join(f"{row.connections:,}" for row in held)
+        why = (held[0].cannot_hold or "").partition(": ")[2]
+        notes.append(f"{server}: not run at {counts} connections: {why}")
+    missing: dict[str, list[str]] = {}
+    for row in rows:
         if row.cannot_hold:
             continue
         if trouble := view.trouble(row):
-            notes.append(f"{row.server} at {row.connections:,}: {trouble}")
-        elif any(panel.value(row) is None for panel in panels):
-            missing = [
-                panel.title.partition(":")[0] for panel in panels if panel.value(row) is None
-            ]
+            kinds = ", ".join(f"{kind} {count:,}" for kind, count in row.errors_by_kind.items())
             notes.append(
-                f"{row.server} at {row.connections:,}: no {', '.join(missing)} figure "
-                f"(none measured, or for CPU fewer than {MIN_CPU_TICKS} clock ticks of "
-                f"{1000 / CLOCK_TICKS_PER_S:g} ms in the window, too few to divide)"
+                f"{row.server} at {row.connections:,}: {trouble}" + (f" ({kinds})" if kinds else "")
             )
+        if row.served_fewer:
+            continue
+        for panel in panels:
+            if panel.value(row) is None:
+                missing.setdefault(_why_missing(panel, row), []).append(
+                    f"{row.server} at {row.connections:,}"
+                )
+    notes += [f"no {what}: {', '.join(where)}" for what, where in missing.items()]
     return notes
+
+
+def _why_missing(panel: Panel, row: Row) -> str:
+    if panel.field == "cpu_us_per_request":
+        if row.figure("server_cpu_s") is None:
+            return "CPU figure (the load ended inside the bench's CPU window: a late bench)"
+        if not cpu_measurable(row):
+            return (
+                f"CPU figure (fewer than {MIN_CPU_TICKS} clock ticks of "
+                f"{1000 / CLOCK_TICKS_PER_S:g} ms in the window, too few to divide; a "
+                "thread ended in it, so it was not counted per thread in ns)"
+            )
+    return f"{panel.name} figure (none measured, or 0)"
 
 
 __all__ = ["CHARTS", "METRIC", "chart_names", "figures"]
