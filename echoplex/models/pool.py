@@ -5,11 +5,11 @@ One epoll set watches every admitted connection, each armed for one event at a t
 owed) the kernel wakes one free worker blocked in epoll_wait and hands it up to a batch
 of them; for each in turn the worker does the work that is ready without blocking
 (reads and echoes until the socket has nothing more, or its turn's budget is spent)
-and arms the connection again, and only then waits again: one wakeup serves them all. An idle client therefore
-holds no thread, and N threads serve any number of clients: the tutorial's
-one-at-a-time problem, one level up, is what a pool of blocking handlers would bring
-back. ONESHOT also keeps a connection in one worker's hands at a time: no other
-worker hears of it until that one re-arms it, and only that one closes it.
+and arms the connection again, and only then waits again: one wakeup serves them all.
+An idle client therefore holds no thread, and N threads serve any number of clients:
+the tutorial's one-at-a-time problem, one level up, is what a pool of blocking handlers
+would bring back. ONESHOT also keeps a connection in one worker's hands at a time: no
+other worker hears of it until that one re-arms it, and only that one closes it.
 
 Backpressure as in every model: echo the client has not taken yet (at most one
 buffer) is kept, and the connection is armed for writing alone, so it is not read
