@@ -247,14 +247,15 @@ def _scale_lines(result: ScenarioResult) -> list[str]:
         "whole process tree) over its own once it listened, idle, divided by the "
         "connections alive at the end (only "
         f"where at least {HELD_SHARE:.0%} were). `CPU µs/msg`: server CPU over the measured "
-        "window per message echoed in it, left out (`-`) where the window held fewer than "
-        f"{MIN_CPU_TICKS} clock ticks of CPU, too few to divide. Latency is measured from "
+        "window per message echoed in it, counted per thread in ns (or, where a server "
+        "thread ended in the window, in 10 ms clock ticks, and left out (`-`) below "
+        f"{MIN_CPU_TICKS} of them, too few to divide). Latency is measured from "
         "each message's due time (open loop: a stall shows, it cannot hide). `max`: the "
         "longest any message waited for its echo; `echoplex load` reports no gap per "
         "connection, so this is the largest gap's bound: no connection went longer than "
         "its interval plus `max` without an echo. `threads`: the server tree's threads "
-        "under the load. A server that cannot hold N at once is not run there; its row "
-        "says why.",
+        "with every connection open, as the CPU window opened. A server that cannot hold "
+        "N at once is not run there; its row says why.",
     ]
 
 

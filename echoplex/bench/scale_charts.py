@@ -238,9 +238,10 @@ def _draw_panel(ax: Any, view: ScenarioView, panel: Panel, counts: Sequence[int]
 
 def _minor(panel: Panel, low: float, high: float) -> Callable[[float, Any], str]:
     """Minor ticks labelled: every one on an axis within a decade (it may have one major
-    tick, or none), else those at 2x and 5x each decade (all would crowd)."""
+    tick, or none), those at 2x and 5x each decade within two, none beyond (they would
+    crowd the major ones)."""
     major = panel.ticks()
-    labelled = "123456789" if high < 10 * low else "25"
+    labelled = "123456789" if high < 10 * low else "25" if high < 100 * low else ""
 
     def label(value: float, position: Any) -> str:
         return major(value, position) if f"{value:.0e}"[0] in labelled else ""
