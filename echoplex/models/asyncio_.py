@@ -19,7 +19,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
@@ -60,6 +60,12 @@ class _Server:
         )
         self.live = plan.conditions  # what new chunks are checked against (`version`)
         self.changed = asyncio.Event()
+        # The connections in their PROXY, TLS or connect step, with the task taking them
+        # through it: here, not on each protocol, which then needs one slot less.
+        self.adopting: dict[EchoProtocol, asyncio.Task[None]] = {}
+        # Each server's own protocol class carries it (`protocol_class`): one slot less.
+        base = DataLoggingEchoProtocol if plan.config.log_data else EchoProtocol
+        self.protocol_class = type(base.__name__, (base,), {"__slots__": (), "server": self})
 
     async def changes(self, timeout_s: float | None) -> None:
         """Wait for the next change, at most `timeout_s`."""
@@ -70,15 +76,17 @@ class _Server:
 
 
 class EchoProtocol(asyncio.Protocol):
-    __slots__ = ("adopting", "purpose", "received", "record", "server", "transport")
+    # Every slot is 8 bytes of each idle connection: what can live elsewhere does.
+    __slots__ = ("purpose", "received", "record", "transport")
 
-    def __init__(self, server: _Server, peer: Any) -> None:
-        self.server = server
+    server: ClassVar[_Server]
+    """Set on each server's own subclass (`_Server.protocol_class`)."""
+
+    def __init__(self, peer: Any) -> None:
         self.received = 0  # here, not on the record: one attribute less per chunk
         self.transport: asyncio.Transport | None = None
-        self.adopting: asyncio.Task[None] | None = None  # while in its PROXY or TLS step
         self.purpose: _OnPurpose | None = None  # conditions or work, once made
-        self.record = server.connections.admitted(peer, self)
+        self.record = self.server.connections.admitted(peer, self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -158,8 +166,9 @@ class EchoProtocol(asyncio.Protocol):
         """End it for a deadline or a drain: gracefully if nothing is waiting to be sent.
         Not made yet, it is in its PROXY or TLS step: that step is cancelled."""
         if self.transport is None:
-            if self.adopting is not None:
-                self.adopting.cancel()
+            adopting = self.server.adopting.get(self)
+            if adopting is not None:
+                adopting.cancel()
             return
         if self.transport.get_write_buffer_size():
             self.transport.abort()
@@ -377,9 +386,6 @@ class _Serving:
         self.connections = server.connections
         self.shutdown = shutdown
         self.acceptor = self.connections.acceptor()
-        self.protocol_class = (
-            DataLoggingEchoProtocol if server.plan.config.log_data else EchoProtocol
-        )
         self.adopting: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -443,8 +449,9 @@ class _Serving:
     async def _adopt(self, conn: socket.socket, peer: Any) -> None:
         """Take a connection through its steps, until the loop has it as a transport."""
         connections = self.connections
-        protocol = self.protocol_class(self.server, peer)
-        protocol.adopting = asyncio.current_task()
+        protocol = self.server.protocol_class(peer)
+        adopting = self.server.adopting
+        adopting[protocol] = asyncio.current_task()  # type: ignore[assignment]
         record = protocol.record
         conn.setblocking(False)
         try:
@@ -460,7 +467,7 @@ class _Serving:
         except Exception:
             connections.failed(record)
         finally:
-            protocol.adopting = None
+            del adopting[protocol]
         if record.outcome is not None and protocol.transport is None:
             conn.close()
             protocol.connection_lost(None)
