@@ -43,7 +43,8 @@ class Outcome(StrEnum):
     RESET_AFTER = "reset-after"
     """Reset on purpose (an RST) after `--reset-after` bytes of echo."""
     REJECTED = "rejected"
-    """The client a PROXY header named is over a limit; the detail names the limit."""
+    """The client a PROXY header named is over a limit, the detail naming the limit; or
+    (`no thread`) `threads` could not start a thread for it: the system's limit."""
     ERROR = "error"
     """Anything else: the detail is the errno's name, `tls`, or `handler` (a bug)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import resource
@@ -346,6 +347,33 @@ def test_a_failing_handler_costs_that_connection_alone(
             assert recv_exactly(newcomer, 5) == b"hello"
     tracebacks = [r for r in caplog.records if r.exc_info and "handler bug" in str(r.exc_info[1])]
     assert len(tracebacks) == 1
+
+
+def test_a_connection_threads_cannot_start_a_thread_for_is_refused_and_others_served(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The system's thread limit cannot be reached for root (RLIMIT_NPROC does not hold
+    # it), so the start of the next connection's thread fails as CPython says it does.
+    refusals = [1]
+
+    class Unstartable(threading.Thread):
+        def start(self) -> None:
+            target = getattr(self, "_target", None)
+            if getattr(target, "__name__", "") == "serve" and refusals:
+                refusals.pop()
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    caplog.set_level(logging.INFO, logger="echoplex")
+    with in_process_server("threads", LogEvents()) as address:
+        monkeypatch.setattr(threading, "Thread", Unstartable)
+        with socket.create_connection(address, timeout=10) as refused:
+            assert closed_by_server(refused)
+        with socket.create_connection(address, timeout=10) as served:
+            served.sendall(b"hello")
+            assert recv_exactly(served, 5) == b"hello"
+    closes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("close ")]
+    assert "outcome=rejected:no thread" in closes[0], closes
 
 
 @pytest.mark.parametrize(
