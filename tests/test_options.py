@@ -91,6 +91,7 @@ BENCH_FLAGS: dict[str, list[str]] = {
     "warmup_connections": ["--warmup-connections", "0"],
     "cross_check": ["--cross-check"],
     "repeat": ["--repeat", "3"],
+    "connections": ["--connection-counts", "10,50"],
     "reference": ["--reference", "asyncio"],
     "no_pin": ["--no-pin"],
     "out": ["--out", "bench/results/x"],

@@ -38,7 +38,6 @@ Redraw the charts from a results.json without rerunning the bench:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -48,26 +47,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .._cli_util import Parser, fail
-from .results import MEDIAN_FIELDS, WRONG_ECHO_ERRORS, Row, RunResult
+from .chart_view import (
+    DPI,
+    STYLE,
+    MissingDependency,
+    ScenarioView,
+    check_available,
+    format_latency,
+    pyplot,
+)
+from .results import MEDIAN_FIELDS, Row, RunResult
 from .runner import BenchReport, ScenarioResult
-from .scenarios import LoadPoint, Scenario, format_size
-from .servers import SERVERS
+from .scenarios import LoadPoint, Scenario
 
-INSTALL_HINT = "matplotlib is needed for the charts: pip install 'echoplex[bench]'"
 PROG = "python -m echoplex.bench.charts"
-# 150 dpi and 12 pt text: a 1,800 px wide chart that GitHub shows at half size keeps
-# its text about 12 px high.
-DPI = 150
-STYLE = {
-    "font.size": 12,
-    "axes.titlesize": 12,
-    "axes.labelsize": 12,
-    "xtick.labelsize": 11,
-    "ytick.labelsize": 12,
-    "legend.fontsize": 11,
-    "figure.titlesize": 15,
-    "hatch.linewidth": 1.5,
-}
 PANEL_WIDTH_IN = 6.0
 ROW_HEIGHT_IN = 0.4
 PANEL_MARGIN_IN = 1.1  # title, tick labels and axis label of one panel
@@ -129,25 +122,6 @@ def kind_style(kind: str) -> KindStyle:
     return KIND_STYLES.get(kind) or KindStyle(f"{kind} server", "tab:orange", "..", "dotted", ":")
 
 
-class MissingDependency(Exception):
-    pass
-
-
-def check_available() -> None:
-    if importlib.util.find_spec("matplotlib") is None:
-        raise MissingDependency(INSTALL_HINT)
-
-
-def _pyplot() -> Any:
-    check_available()
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_charts(report: BenchReport, out_dir: Path) -> dict[str, list[Path]]:
     """Draw every scenario that ran; returns the PNG paths by scenario name."""
     return draw_scenarios(report.scenarios, report.machine, out_dir)
@@ -158,7 +132,7 @@ def draw_scenarios(
 ) -> dict[str, list[Path]]:
     """The charts of each scenario that ran, into `out_dir`; `machine` is the report's
     (its `pinning` says which CPU the load generator had)."""
-    plt = _pyplot()
+    plt = pyplot()
     written: dict[str, list[Path]] = {}
     for result in results:
         if result.skipped or not result.rows:
@@ -180,7 +154,7 @@ def figures(result: ScenarioResult, machine: dict[str, Any]) -> dict[str, Any]:
     metric = result.scenario.metric
     if metric == scale_charts.METRIC:
         return scale_charts.figures(result, machine)
-    plt = _pyplot()
+    plt = pyplot()
     view = ScenarioView(result, machine)
     names = chart_names(result.scenario.name, metric)
     with plt.rc_context(STYLE):
@@ -205,113 +179,11 @@ def chart_names(scenario: str, metric: str) -> list[str]:
     return [f"{scenario}-{what}.png" for what in ("throughput", "cpu", "latency")]
 
 
-class ScenarioView:
-    """One scenario's rows arranged for charts: load points, servers, their kinds,
-    what went wrong, and which servers shared the load generator's CPU."""
-
-    def __init__(self, result: ScenarioResult, machine: dict[str, Any]) -> None:
-        self.result = result
-        self.points = list(dict.fromkeys(row.point for row in result.rows))
-        self.servers = list(dict.fromkeys([*result.servers, *(r.server for r in result.rows)]))
-        self._rows = {(row.point, row.server): row for row in result.rows}
-        self.runs = max(row.runs for row in result.rows)
-        self.shared_cpu, self.cpu_notes = _cpu_sharing(result.rows, machine)
-
-    def row(self, point: str, server: str) -> Row | None:
-        return self._rows.get((point, server))
-
-    def kind(self, server: str) -> str:
-        """The kind the results record; else the bench's own servers' kind; else a
-        reference server by its `ref-` name, or a server from the command line."""
-        for row in self.result.rows:
-            if row.server == server and row.kind:
-                return row.kind
-        if server in SERVERS:
-            return SERVERS[server].kind
-        return "baseline" if server.startswith("ref-") else "custom"
-
-    def kinds(self) -> list[str]:
-        return list(dict.fromkeys(self.kind(server) for server in self.servers))
-
-    def server_label(self, server: str) -> str:
-        return f"{server} †" if server in self.shared_cpu else server
-
-    def trouble(self, row: Row) -> str:
-        """What went wrong for a server at a point, over all repeats; empty if nothing."""
-        wrong = row.wrong_echoes
-        failed = len(row.failures)
-        errors = max(row.errors_total - row.mismatches_total - failed, 0)
-        errors -= row.wrong_echo_errors
-        # One kind of error is named (`2,997 timeout errors`); several are just counted.
-        kinds = [kind for kind in row.errors_by_kind if kind not in WRONG_ECHO_ERRORS]
-        noun = f"{kinds[0]} error" if len(kinds) == 1 else "error"
-        parts = [
-            # The connections it did not serve are (nearly all) its errors: one mark for
-            # both keeps the label short enough to fit beside its bar.
-            row.served_fewer or _count(errors, noun),
-            _count(wrong, "wrong echo", "wrong echoes"),
-            _count(failed, "failed run"),
-        ]
-        return ", ".join(part for part in parts if part)
-
-    def not_ranked(self, row: Row) -> str:
-        """Why the server's figures are not drawn, if it echoed wrong bytes (here or at
-        another load point): speed bought with wrong answers is no competitor."""
-        if row.verified:
-            return ""
-        wrong = _count(row.wrong_echoes, "wrong echo", "wrong echoes")
-        return f"not ranked: {wrong or 'wrong echoes at another load point'}"
-
-    def has_trouble(self) -> bool:
-        return any(self.trouble(row) for row in self.result.rows)
-
-    def point_title(self, point: str) -> str:
-        row = next(row for row in self.result.rows if row.point == point)
-        connections = _count(row.connections, "connection") or "0 connections"
-        noun = "writes" if row.pattern == "stream" else "messages"
-        return f"{row.pattern}: {connections}, {format_size(row.size_bytes)} {noun}"
-
-
-def _count(number: int, singular: str, plural: str | None = None) -> str:
-    if not number:
-        return ""
-    return f"{number:,} {singular if number == 1 else plural or singular + 's'}"
-
-
-def _cpu_sharing(rows: Sequence[Row], machine: dict[str, Any]) -> tuple[set[str], list[str]]:
-    """The servers that ran on the load generator's CPU, and the notes that say so.
-    Results without a `pinning` entry say nothing of it: no note."""
-    if "pinning" not in machine:
-        return set(), []
-    pinning = machine["pinning"]
-    if not pinning:
-        return set(), ["not pinned: every server shared the CPUs with the load generator"]
-    load_cpu = pinning["load_cpu"]
-    shared: dict[str, list[int]] = {}
-    for row in rows:
-        if row.server_cpus and load_cpu in row.server_cpus:
-            shared.setdefault(row.server, row.server_cpus)
-    notes = [
-        f"† {server} ran on CPUs {', '.join(map(str, cpus))}: it shared CPU {load_cpu} "
-        "with the load generator"
-        for server, cpus in shared.items()
-    ]
-    return set(shared), notes
-
-
 def _format_value(value: float) -> str:
     """Three significant figures or more: 104,875 / 56.7 / 1.43 / 0.0641."""
     if value >= 100:
         return f"{value:,.0f}"
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
-
-
-def _format_latency(value_us: float) -> str:
-    """Microseconds in the unit a reader thinks in: 42 µs, 1.46 ms, 268 ms, 1.2 s."""
-    for unit, scale in (("s", 1e6), ("ms", 1e3)):
-        if value_us >= scale:
-            return f"{value_us / scale:.3g} {unit}"
-    return f"{value_us:.3g} µs"
 
 
 def _grid(count: int) -> tuple[int, int]:
@@ -556,9 +428,9 @@ def _latency_chart(plt: Any, view: ScenarioView) -> Any:
             for value, (_, _, marker, color) in zip(values, PERCENTILES, strict=True):
                 if value:
                     ax.plot(value, index, marker, color=color, markersize=7)
-            texts.append(_point_label(ax, min(present), index, _format_latency(min(present)), -8))
+            texts.append(_point_label(ax, min(present), index, format_latency(min(present)), -8))
             trouble = view.trouble(row) if row else ""
-            right = _format_latency(max(present)) + (f"  ({trouble})" if trouble else "")
+            right = format_latency(max(present)) + (f"  ({trouble})" if trouble else "")
             label = _point_label(ax, max(present), index, right, 8)
             if trouble:
                 label.set_color(ERROR_COLOR)
@@ -566,7 +438,7 @@ def _latency_chart(plt: Any, view: ScenarioView) -> Any:
             texts.append(label)
         _server_axis(ax, view)
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: _format_latency(value)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: format_latency(value)))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(view.point_title(point))
         ax.grid(True, axis="x", which="major", alpha=0.35)

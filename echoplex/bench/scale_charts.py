@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .charts import STYLE, ScenarioView, _format_latency, _pyplot
+from .chart_view import STYLE, ScenarioView, format_latency, pyplot
 from .proctree import CLOCK_TICKS_PER_S
 from .results import MIN_CPU_TICKS, Row, cpu_measurable
 from .runner import ScenarioResult
@@ -65,7 +65,7 @@ class Panel:
 
     def ticks(self) -> Callable[[float, Any], str]:
         if self.latency:
-            return lambda value, _: _format_latency(value)
+            return lambda value, _: format_latency(value)
         return lambda value, _: f"{value:,g}"
 
 
@@ -127,7 +127,7 @@ def chart_names() -> list[str]:
 
 def figures(result: ScenarioResult, machine: dict[str, Any]) -> dict[str, Any]:
     """The scale scenario's figures by file name; the caller saves and closes them."""
-    plt = _pyplot()
+    plt = pyplot()
     view = ScenarioView(result, machine)
     with plt.rc_context(STYLE):
         return {name: _chart(plt, view, what, panels) for name, (what, panels) in CHARTS.items()}
