@@ -61,13 +61,13 @@ async def read_header(conn: socket.socket) -> ProxyResult:
         try:
             result = take_header(conn, reader)
         except BlockingIOError:
-            await _readable(loop, conn)
+            await readable(loop, conn)
             continue
         if result is not None:
             return result
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+async def readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
     ready: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:

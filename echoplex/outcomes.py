@@ -79,9 +79,24 @@ _CLIENT_CERTIFICATE_REASONS = {
 }
 
 
+NOT_TLS = "NOT_TLS"
+_HANDSHAKE_RECORD = 0x16  # the content type of the record every TLS handshake opens with
+
+
+def not_a_client_hello(first: bytes) -> tuple[Outcome, str] | None:
+    """How the TLS step ends when the client's first byte cannot begin a handshake: at
+    once, as `tls-handshake-failed:NOT_TLS`, where OpenSSL would wait for a whole record
+    header (5 bytes), which a short plaintext message never completes, until the
+    handshake timeout. None when it may be TLS, or when nothing came (the client left:
+    the handshake says so)."""
+    if first and first[0] != _HANDSHAKE_RECORD:
+        return Outcome.TLS_HANDSHAKE_FAILED, NOT_TLS
+    return None
+
+
 def handshake_outcome(exc: BaseException) -> tuple[Outcome, str | None]:
     """How a failed TLS handshake ended, and why, the same in every model: OpenSSL's
-    reason (`tls-handshake-failed:WRONG_VERSION_NUMBER`), `tls-client-cert:missing` or
+    reason (`tls-handshake-failed:UNSUPPORTED_PROTOCOL`), `tls-client-cert:missing` or
     `tls-client-cert:untrusted` under mutual TLS, or `closed` when the client went away
     during it (closed or reset: an event loop cannot tell which)."""
     if isinstance(exc, TimeoutError):

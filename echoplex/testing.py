@@ -57,8 +57,11 @@ is skipped when none of its checks is selected (`checks=`, names from `CHECKS`).
    - `tls-handshake-timeout`: a client that connects and sends nothing is cut off at
      the handshake deadline (`tls-handshake-timeout`);
    - `tls-handshake-failed`: garbage instead of a ClientHello ends the connection with
-     `tls-handshake-failed:WHY`, WHY being OpenSSL's reason (not `closed`: the client
-     is still there).
+     `tls-handshake-failed:WHY`, WHY saying why (`NOT_TLS`, or OpenSSL's reason; not
+     `closed`: the client is still there);
+   - `tls-plaintext`: a plaintext message shorter than a TLS record header (`hi`) ends
+     the handshake at once as `tls-handshake-failed:NOT_TLS`, not at its deadline, so a
+     plain client is told at once.
 5. PROXY protocol from `127.0.0.1/32` (`proxy_protocol`, `trusted_proxies`),
    `proxy_header_timeout_s=0.3`, `max_per_ip=1`, `max_buffer_bytes=16 KiB`. The kit's
    clients from 127.0.0.1 are the trusted proxy; clients it binds to other loopback
@@ -827,6 +830,13 @@ def _check_tls_handshake_failed(client: _Client) -> None:
     )
 
 
+def _check_tls_plaintext(client: _Client) -> None:
+    sock = client.connect()
+    sock.sendall(b"hi")  # under the 5 bytes of a record header OpenSSL would wait for
+    _recv_until_closed(sock)
+    client.expect_outcome(sock, "tls-handshake-failed:NOT_TLS", "plaintext client")
+
+
 def _check_proxy_v1(client: _Client) -> None:
     _check_proxied(client, lambda named, server: encode_v1(named, server), NAMED_V1, "v1")
 
@@ -1210,6 +1220,7 @@ def _runs(concurrent: bool) -> tuple[_Run, ...]:
                 ("tls-echo", _check_tls_echo),
                 ("tls-handshake-timeout", _check_tls_handshake_timeout),
                 ("tls-handshake-failed", _check_tls_handshake_failed),
+                ("tls-plaintext", _check_tls_plaintext),
             ),
             tls=True,
         ),

@@ -221,4 +221,4 @@ def test_an_unknown_check_is_a_value_error_naming_the_known_ones() -> None:
         check_model("threads", checks=["streams", "tls"])
     with pytest.raises(ValueError, match="a collection of names, not one name"):
         check_model("threads", checks="streams")
-    assert len(set(CHECKS)) == len(CHECKS) == 29
+    assert len(set(CHECKS)) == len(CHECKS) == 30

@@ -31,7 +31,7 @@ from .._net import Listeners
 from ..conditions import Close, ConnectionConditions, Finish, Reset, Send, Work
 from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import Connections, OnPurpose, Step
-from ..outcomes import Outcome, handshake_outcome, outcome_of
+from ..outcomes import Outcome, handshake_outcome, not_a_client_hello, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
 from . import _splice
@@ -120,6 +120,10 @@ class BlockingServer:
         cut off by the sweep, which has recorded why before the handshake fails.)"""
         assert self.plan.tls is not None
         try:
+            not_tls = not_a_client_hello(conn.recv(1, socket.MSG_PEEK))
+            if not_tls is not None:
+                record.finish(*not_tls)
+                return None
             return self.plan.tls.wrap_socket(conn.dup(), server_side=True)
         except (ssl.SSLError, OSError) as exc:
             record.finish(*handshake_outcome(exc))

@@ -23,11 +23,12 @@ from typing import Any, ClassVar, cast
 
 from .._accept import ACCEPT_BACKOFF_S
 from .._net import Listeners
+from .._proxy_accept import readable
 from ..conditions import Close, Reset, Send
 from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import Connections, OnPurpose, Step
 from ..limits import Admission
-from ..outcomes import Outcome, handshake_outcome, outcome_of
+from ..outcomes import Outcome, handshake_outcome, not_a_client_hello, outcome_of
 from ..plan import ServerPlan
 from ..shutdown import Shutdown
 from ._blocking import arrange_reset, do_work
@@ -459,7 +460,8 @@ class _Serving:
                 if step is Step.PROXY_HEADER:
                     await connections.proxy.read(conn, record)
                 elif step is Step.TLS_HANDSHAKE:
-                    await self._connect(protocol, conn, self.server.plan.tls)
+                    if await self._client_hello_may_come(conn, record):
+                        await self._connect(protocol, conn, self.server.plan.tls)
                 elif protocol.transport is None:
                     await self._connect(protocol, conn, None)
         except asyncio.CancelledError:
@@ -471,6 +473,18 @@ class _Serving:
         if record.outcome is not None and protocol.transport is None:
             conn.close()
             protocol.connection_lost(None)
+
+    async def _client_hello_may_come(self, conn: socket.socket, record: ConnectionRecord) -> bool:
+        """Whether the client's first byte may begin a TLS handshake; if not, the record
+        says so (see `not_a_client_hello`)."""
+        await readable(self.loop, conn)
+        try:
+            not_tls = not_a_client_hello(conn.recv(1, socket.MSG_PEEK))
+        except OSError:
+            return True  # gone already: the handshake finds out how
+        if not_tls is not None:
+            record.finish(*not_tls)
+        return not_tls is None
 
     async def _connect(
         self, protocol: EchoProtocol, conn: socket.socket, context: ssl.SSLContext | None

@@ -43,7 +43,7 @@ from ..conditions import Close, Finish, Reset, Send
 from ..errors import StartupError
 from ..events import ConnectionRecord, ServerEvents
 from ..lifecycle import OnPurpose, Step
-from ..outcomes import Outcome, handshake_outcome, outcome_of
+from ..outcomes import Outcome, handshake_outcome, not_a_client_hello, outcome_of
 from ..plan import ServerPlan
 from ..proxy_protocol import ProxyHeaderReader
 from ..shutdown import Shutdown
@@ -68,13 +68,14 @@ READY_PER_WAIT = 32
 class TlsSession:
     """A server-side TLS session over two memory buffers: ciphertext in, ciphertext out."""
 
-    __slots__ = ("handshaking", "incoming", "outgoing", "session")
+    __slots__ = ("handshaking", "heard", "incoming", "outgoing", "session")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.session = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.handshaking = True
+        self.heard = False  # whether any ciphertext came: its first byte is checked
 
     def buffered(self) -> bool:
         """Bytes wait inside the session (ciphertext or plaintext): epoll cannot see them."""
@@ -403,6 +404,11 @@ class ConnectionPool:
             if not ciphertext:
                 connection.record.finish(*handshake_outcome(EOFError()))
                 return None
+            not_tls = None if session.heard else not_a_client_hello(ciphertext)
+            if not_tls is not None:
+                connection.record.finish(*not_tls)
+                return None
+            session.heard = True
             session.incoming.write(ciphertext)
 
     def _echo(
