@@ -166,11 +166,14 @@ def test_io_work_holds_the_threads_of_simple_and_pool(
 
 @pytest.mark.parametrize("mode", ["threads", "pool", "asyncio"])
 def test_cpu_work_is_serialized_by_the_gil_in_one_process(mode: str) -> None:
-    # Two clients, each chunk 0.3 s of CPU: one process computes one at a time, however
-    # many threads it has, so the second echo cannot come before 0.6 s of CPU.
+    # Two clients, each chunk 0.3 s of its thread's CPU time: one process computes one
+    # at a time, however many threads it has, so both take about 0.6 s, where two cores
+    # would take 0.3. Not exactly 0.6 from below: each thread's CPU clock also counts
+    # the C code it runs while handing the GIL over, as the other already computes
+    # (a CI run saw 0.59993 s), so the bound sits between the two shapes.
     with Server("--work", f"cpu:{WORK_S}s", mode=mode) as server:
         took_s = echo_all_at_once(server, 2)
-        assert took_s >= 2 * WORK_S, f"2 clients' CPU work done in {took_s:.3f} s"
+        assert took_s >= 1.5 * WORK_S, f"2 clients' CPU work done in {took_s:.3f} s"
         assert server.stop() == 0
 
 
