@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,3 +47,18 @@ def unix_path(tmp_path: Path) -> Iterator[str]:
     short = Path(f"/tmp/echoplex-test-{os.getpid()}-{tmp_path.name[-20:]}.sock")
     yield str(short)
     short.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def trusted_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """A certificate for 127.0.0.1 from a fresh CA: the server's flags, and a client
+    context that trusts it."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    yield {"args": ["--tls-cert", str(cert), "--tls-key", str(key)], "client": client}

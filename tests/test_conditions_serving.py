@@ -13,7 +13,6 @@ import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,20 +30,6 @@ ALL = list(MODELS)
 WORK_S = 0.3
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    issued.cert_chain_pems[0].write_to_path(str(cert))
-    issued.private_key_pem.write_to_path(str(key))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    yield {"args": ["--tls-cert", str(cert), "--tls-key", str(key)], "client": client}
-
-
 def until_closed(sock: socket.socket) -> tuple[bytes, str]:
     """What comes back until the server ends the connection, and how it ended."""
     got = bytearray()
@@ -58,11 +43,11 @@ def until_closed(sock: socket.socket) -> tuple[bytes, str]:
 
 @pytest.mark.parametrize("mode", ALL)
 def test_over_tls_a_sliced_delayed_echo_closes_after_its_bytes_of_plaintext(
-    mode: str, certificate: dict[str, object]
+    mode: str, trusted_tls: dict[str, object]
 ) -> None:
-    args = [*certificate["args"], "--latency", "50ms", "--slice", "7", "--close-after", "20"]  # type: ignore[misc]
+    args = [*trusted_tls["args"], "--latency", "50ms", "--slice", "7", "--close-after", "20"]  # type: ignore[misc]
     with Server(*args, "--workers", "1", mode=mode) as server:
-        context = certificate["client"]
+        context = trusted_tls["client"]
         assert isinstance(context, ssl.SSLContext)
         with socket.create_connection(server.address, timeout=10) as raw:
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:

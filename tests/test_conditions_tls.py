@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,20 +17,6 @@ from .procs import Server
 pytestmark = pytest.mark.timeout(60)
 
 CLOSE_AFTER = 20
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    issued.cert_chain_pems[0].write_to_path(str(cert))
-    issued.private_key_pem.write_to_path(str(key))
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    yield {"args": ["--tls-cert", str(cert), "--tls-key", str(key)], "client": client}
 
 
 def read_strictly(sock: ssl.SSLSocket) -> tuple[bytes, str]:
@@ -59,10 +44,10 @@ def read_strictly(sock: ssl.SSLSocket) -> tuple[bytes, str]:
     ids=["one-chunk", "then-more", "records-past-the-mark"],
 )
 def test_close_after_over_tls_is_a_clean_eof_after_exactly_its_bytes(
-    mode: str, sent: list[int], certificate: dict[str, object]
+    mode: str, sent: list[int], trusted_tls: dict[str, object]
 ) -> None:
-    args = [*certificate["args"], "--close-after", str(CLOSE_AFTER), "--workers", "1"]  # type: ignore[misc]
-    context = certificate["client"]
+    args = [*trusted_tls["args"], "--close-after", str(CLOSE_AFTER), "--workers", "1"]  # type: ignore[misc]
+    context = trusted_tls["client"]
     assert isinstance(context, ssl.SSLContext)
     chunks = [bytes(index % 256 for index in range(size)) for size in sent]
     with Server(*args, mode=mode) as server:
